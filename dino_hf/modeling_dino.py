@@ -1,0 +1,382 @@
+"""The Vision Transformer of DINO (Caron et al. 2021, "Emerging Properties in Self-Supervised Vision
+Transformers"), in transformers format.
+
+Weight names are those of transformers' ViT checkpoints on disk (`embeddings.*`, `encoder.layer.{i}.*`,
+`layernorm`), so a facebook/dino-* checkpoint loads by a plain rename-free copy. The model differs from
+`ViTModel` where DINO differs: LayerNorm eps 1e-6, stochastic depth, no pooler layer (the DINO feature
+is the CLS token after the final LayerNorm), and the reference's bicubic interpolation of the position
+grid, so that 224 px global crops and 96 px local crops go through the same weights.
+
+This file imports only torch and transformers: it is copied next to saved weights so that
+`AutoModel.from_pretrained(folder, trust_remote_code=True)` works without dino_hf installed.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import BitImageProcessor, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.image_utils import PILImageResampling
+
+from .configuration_dino import PRESETS, DinoConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def dino_image_processor(image_size: int = 224) -> BitImageProcessor:
+    """DINO's evaluation transform as a stock transformers image processor.
+
+    Resize the shortest edge to 256 (bicubic), centre-crop 224, scale to [0, 1] and normalise with the
+    ImageNet mean and std (SPEC "Evaluation protocols"). Other sizes keep the 256 / 224 ratio.
+    """
+    return BitImageProcessor(
+        do_resize=True,
+        size={"shortest_edge": round(image_size * 256 / 224)},
+        resample=PILImageResampling.BICUBIC,
+        do_center_crop=True,
+        crop_size={"height": image_size, "width": image_size},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(IMAGENET_MEAN),
+        image_std=list(IMAGENET_STD),
+        do_convert_rgb=True,
+    )
+
+
+class DinoPatchEmbeddings(nn.Module):
+    """Non-overlapping patches of size `patch_size`, linearly embedded by a strided convolution."""
+
+    def __init__(self, config: DinoConfig):
+        super().__init__()
+        self.patch_size = config.patch_size
+        self.num_channels = config.num_channels
+        self.projection = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+        )
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values (B, C, H, W) -> patch tokens (B, H/p * W/p, D)."""
+        _, channels, height, width = pixel_values.shape
+        if channels != self.num_channels:
+            raise ValueError(f"expected {self.num_channels} input channels, got {channels} (pixel_values {tuple(pixel_values.shape)})")
+        p = self.patch_size
+        if height % p or width % p:
+            raise ValueError(
+                f"image size {height}x{width} is not a multiple of the patch size {p}; "
+                f"resize or crop to a multiple such as {max(p, height - height % p)}x{max(p, width - width % p)}"
+            )
+        return self.projection(pixel_values).flatten(2).transpose(1, 2)  # (B, N, D)
+
+
+class DinoEmbeddings(nn.Module):
+    """CLS token + patch embeddings + learned absolute position embeddings, interpolated to any size."""
+
+    def __init__(self, config: DinoConfig):
+        super().__init__()
+        grid = config.image_size // config.patch_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.position_embeddings = nn.Parameter(torch.zeros(1, grid * grid + 1, config.hidden_size))
+        self.patch_embeddings = DinoPatchEmbeddings(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.patch_size = config.patch_size
+
+    def interpolate_pos_encoding(self, height: int, width: int) -> torch.Tensor:
+        """Position embeddings for an input of `height` x `width` pixels: (1, 1 + h*w, D).
+
+        As the reference: bicubic interpolation of the sqrt(N) x sqrt(N) grid with scale factors
+        ((h + 0.1) / sqrt(N), (w + 0.1) / sqrt(N)), where h, w are the new grid sizes (the 0.1 avoids
+        a floating point error in the output size), no antialiasing, the CLS position kept.
+        """
+        pos = self.position_embeddings
+        num_positions = pos.shape[1] - 1
+        grid_h, grid_w = height // self.patch_size, width // self.patch_size
+        if grid_h * grid_w == num_positions and grid_h == grid_w:
+            return pos
+        side = math.isqrt(num_positions)
+        dim = pos.shape[-1]
+        patch_pos = pos[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)  # (1, D, side, side)
+        patch_pos = F.interpolate(
+            patch_pos.float(),
+            scale_factor=((grid_h + 0.1) / side, (grid_w + 0.1) / side),
+            mode="bicubic",
+            align_corners=False,
+        ).to(pos.dtype)  # (1, D, grid_h, grid_w)
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, dim)  # (1, h*w, D)
+        return torch.cat((pos[:, :1], patch_pos), dim=1)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values (B, C, H, W) -> tokens (B, 1 + N, D), CLS first."""
+        batch_size, _, height, width = pixel_values.shape
+        patches = self.patch_embeddings(pixel_values)  # (B, N, D)
+        cls = self.cls_token.expand(batch_size, -1, -1)  # (B, 1, D)
+        tokens = torch.cat((cls, patches), dim=1)  # (B, 1 + N, D)
+        tokens = tokens + self.interpolate_pos_encoding(height, width)
+        return self.dropout(tokens)
+
+
+class DinoSelfAttention(nn.Module):
+    """Multi-head self-attention: fused SDPA kernel, or an explicit softmax when weights are requested."""
+
+    def __init__(self, config: DinoConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scale = self.head_dim**-0.5
+        self.dropout_prob = config.attention_probs_dropout_prob
+        self.query = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+
+    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
+        """hidden_states (B, N, D) -> context (B, N, D), attention weights (B, heads, N, N) or None."""
+        batch_size, seq_len, dim = hidden_states.shape
+        shape = (batch_size, seq_len, self.num_heads, self.head_dim)
+        q = self.query(hidden_states).view(shape).transpose(1, 2)  # (B, heads, N, head_dim)
+        k = self.key(hidden_states).view(shape).transpose(1, 2)  # (B, heads, N, head_dim)
+        v = self.value(hidden_states).view(shape).transpose(1, 2)  # (B, heads, N, head_dim)
+        dropout = self.dropout_prob if self.training else 0.0
+        if output_attentions:
+            weights = torch.softmax((q @ k.transpose(-2, -1)) * self.scale, dim=-1)  # (B, heads, N, N)
+            context = F.dropout(weights, p=dropout, training=self.training) @ v  # (B, heads, N, head_dim)
+        else:
+            weights = None
+            context = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.scale)
+        context = context.transpose(1, 2).reshape(batch_size, seq_len, dim)  # (B, N, D)
+        return context, weights
+
+
+class DinoSelfOutput(nn.Module):
+    """Output projection of the attention block."""
+
+    def __init__(self, config: DinoConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.dense(hidden_states))
+
+
+class DinoAttention(nn.Module):
+    def __init__(self, config: DinoConfig):
+        super().__init__()
+        self.attention = DinoSelfAttention(config)
+        self.output = DinoSelfOutput(config)
+
+    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
+        context, weights = self.attention(hidden_states, output_attentions)
+        return self.output(context), weights
+
+
+class DinoIntermediate(nn.Module):
+    def __init__(self, config: DinoConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.act(self.dense(hidden_states))
+
+
+class DinoOutput(nn.Module):
+    def __init__(self, config: DinoConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.dense(hidden_states))
+
+
+class DinoDropPath(nn.Module):
+    """Stochastic depth: drops the residual branch of whole samples with probability `drop_prob`."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)  # (B, 1, 1)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+class DinoLayer(GradientCheckpointingLayer):
+    """Pre-norm transformer block: x + drop_path(attn(norm(x))), then x + drop_path(mlp(norm(x)))."""
+
+    def __init__(self, config: DinoConfig, drop_path: float = 0.0):
+        super().__init__()
+        self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = DinoAttention(config)
+        self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.intermediate = DinoIntermediate(config)
+        self.output = DinoOutput(config)
+        self.drop_path = DinoDropPath(drop_path)
+
+    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
+        """hidden_states (B, N, D) -> (B, N, D), attention weights (B, heads, N, N) or None."""
+        attended, weights = self.attention(self.layernorm_before(hidden_states), output_attentions)
+        hidden_states = hidden_states + self.drop_path(attended)
+        mlp = self.output(self.intermediate(self.layernorm_after(hidden_states)))
+        hidden_states = hidden_states + self.drop_path(mlp)
+        return hidden_states, weights
+
+
+class DinoEncoder(nn.Module):
+    def __init__(self, config: DinoConfig):
+        super().__init__()
+        # Stochastic depth grows linearly from 0 at the first block to drop_path_rate at the last.
+        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        self.layer = nn.ModuleList([DinoLayer(config, rate) for rate in rates])
+
+
+class DinoPreTrainedModel(PreTrainedModel):
+    config_class = DinoConfig
+    config: DinoConfig
+    base_model_prefix = "dino"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DinoEmbeddings", "DinoLayer"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """The reference's init: trunc_normal(0.02) for Linear weights and the CLS / position
+        embeddings, zero biases, LayerNorm 1 / 0; the patch convolution keeps PyTorch's default."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            bound = 1 / math.sqrt(module.weight[0].numel())
+            init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, DinoEmbeddings):
+            init.trunc_normal_(module.position_embeddings, std=std)
+            init.trunc_normal_(module.cls_token, std=std)
+
+
+class DinoModel(DinoPreTrainedModel):
+    """DINO's ViT backbone. The feature used downstream (`pooler_output`) is the CLS token after the
+    final LayerNorm.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from dino_hf import DinoConfig, DinoModel
+    >>> model = DinoModel(DinoConfig.from_preset("vit_small_patch16")).eval()
+    >>> out = model(torch.randn(1, 3, 224, 224))
+    >>> out.pooler_output.shape
+    torch.Size([1, 384])
+    ```
+    """
+
+    def __init__(self, config: DinoConfig):
+        super().__init__(config)
+        self.embeddings = DinoEmbeddings(config)
+        self.encoder = DinoEncoder(config)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.patch_embeddings
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple:
+        """
+        Args:
+            pixel_values (B, 3, H, W): images normalised with the ImageNet mean and std; H and W any
+                multiples of the patch size.
+            output_attentions: also return each block's attention weights, (B, heads, 1+N, 1+N) each.
+            output_hidden_states: also return the embeddings and each block's output, (B, 1+N, D) each.
+
+        Returns:
+            `BaseModelOutputWithPooling` with `last_hidden_state` (B, 1+N, D) after the final LayerNorm
+            and `pooler_output` (B, D), its CLS token: the DINO feature.
+        """
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
+
+        hidden_states = self.embeddings(pixel_values)  # (B, 1 + N, D)
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for layer in self.encoder.layer:
+            hidden_states, weights = layer(hidden_states, output_attentions)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (weights,)
+        sequence_output = self.layernorm(hidden_states)  # (B, 1 + N, D)
+        pooled_output = sequence_output[:, 0]  # (B, D)
+
+        if not return_dict:
+            extras = tuple(x for x in (all_hidden_states, all_attentions) if x is not None)
+            return (sequence_output, pooled_output) + extras
+        return BaseModelOutputWithPooling(
+            last_hidden_state=sequence_output,
+            pooler_output=pooled_output,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+        )
+
+    def get_intermediate_layers(self, pixel_values: torch.Tensor, n: int = 1) -> tuple[torch.Tensor, ...]:
+        """Outputs of the last `n` blocks, each passed through the final LayerNorm, as the reference's
+        linear evaluation uses them: a tuple of n tensors (B, 1 + N, D), oldest first."""
+        if not 1 <= n <= self.config.num_hidden_layers:
+            raise ValueError(f"n must be between 1 and num_hidden_layers={self.config.num_hidden_layers}, got {n}")
+        hidden_states = self.embeddings(pixel_values.to(self.layernorm.weight.dtype))
+        outputs = []
+        first_kept = self.config.num_hidden_layers - n
+        for index, layer in enumerate(self.encoder.layer):
+            hidden_states, _ = layer(hidden_states)
+            if index >= first_kept:
+                outputs.append(self.layernorm(hidden_states))
+        return tuple(outputs)
+
+    def get_last_selfattention(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Attention weights of the last block, (B, heads, 1 + N, 1 + N); row 0 is the CLS query, the
+        one DINO's attention maps show (paper Fig. 1 and 3)."""
+        hidden_states = self.embeddings(pixel_values.to(self.layernorm.weight.dtype))
+        *blocks, last = self.encoder.layer
+        for layer in blocks:
+            hidden_states, _ = layer(hidden_states)
+        _, weights = last(hidden_states, output_attentions=True)
+        return weights
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """Write `config.json`, `model.safetensors` and `preprocessor_config.json` (DINO's evaluation
+        transform), so `AutoImageProcessor` and `pipeline("image-feature-extraction")` load the folder."""
+        if kwargs.get("is_main_process", True):
+            dino_image_processor(self.config.image_size).save_pretrained(save_directory)
+        super().save_pretrained(save_directory, *args, **kwargs)
+
+
+__all__ = ["DinoModel", "DinoPreTrainedModel", "PRESETS", "dino_image_processor"]

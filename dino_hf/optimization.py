@@ -1,0 +1,149 @@
+"""Optimisers of DINO and what the reference does to gradients before a step.
+
+- Parameter groups: weight decay only on the regularised group (every trainable parameter except
+  biases and 1-D tensors such as norm weights); frozen parameters are left out.
+- Gradient clipping per parameter: each parameter's gradient is scaled to norm <= clip (3.0), not
+  one global norm.
+- The student head's last layer gets no gradient during the first `freeze_last_layer` epochs.
+- AdamW for ViTs (default), SGD and LARS for ResNet-50.
+"""
+
+import torch
+from torch import nn
+
+OPTIMIZERS = ("adamw", "sgd", "lars")
+
+
+def get_param_groups(model: nn.Module) -> list[dict]:
+    """Two groups: `{"params": regularised, "regularized": True}` and
+    `{"params": not regularised, "weight_decay": 0.0, "regularized": False}`.
+
+    The `regularized` key tells `train_step` which group follows the weight decay schedule. Biases
+    (names ending in `.bias`) and 1-D tensors are not regularised; parameters with
+    `requires_grad=False` (e.g. the frozen `last_layer.weight_g`) are left out.
+    """
+    regularized, not_regularized = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.endswith(".bias") or param.ndim == 1:
+            not_regularized.append(param)
+        else:
+            regularized.append(param)
+    return [
+        {"params": regularized, "regularized": True},
+        {"params": not_regularized, "weight_decay": 0.0, "regularized": False},
+    ]
+
+
+@torch.no_grad()
+def clip_gradients_(model: nn.Module, clip: float) -> torch.Tensor | None:
+    """Scale each parameter's gradient to L2 norm <= `clip`, in place (reference `clip_gradients`).
+
+    The coefficient is `clip / (norm + 1e-6)`, applied where it is below 1. `clip=0` turns clipping
+    off. Returns the norms before clipping, one per parameter with a gradient, as a tensor `(P,)`
+    (or `None` when off or when no parameter has a gradient).
+    """
+    if clip < 0:
+        raise ValueError(f"clip must be >= 0 (0 turns clipping off), got {clip}")
+    if clip == 0:
+        return None
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    norms = torch.stack([norm.float() for norm in torch._foreach_norm(grads)])  # (P,)
+    coefficients = (clip / (norms + 1e-6)).clamp(max=1.0)  # 1.0 leaves a gradient as it is
+    torch._foreach_mul_(grads, coefficients.tolist())
+    return norms
+
+
+def cancel_last_layer_gradients_(model: nn.Module, epoch: int, freeze_last_layer: int) -> None:
+    """Drop the gradients of the head's `last_layer` while `epoch < freeze_last_layer` (1 epoch by
+    default): the optimiser then skips those parameters entirely, as the reference."""
+    if epoch >= freeze_last_layer:
+        return
+    for name, param in model.named_parameters():
+        if "last_layer" in name:
+            param.grad = None
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017), as the reference's.
+
+    For parameters that are not 1-D: weight decay is added to the gradient, which is then scaled by
+    the trust ratio `eta * ||p|| / ||update||` (1 where either norm is 0). 1-D parameters (biases,
+    norm weights) get neither. Then `mu = momentum * mu + update; p -= lr * mu`.
+
+    Args:
+        params: parameters or parameter groups.
+        lr (`float`, defaults to 0): set each step by the schedule.
+        weight_decay (`float`, defaults to 0): set each step by the schedule.
+        momentum (`float`, defaults to 0.9).
+        eta (`float`, defaults to 0.001): trust coefficient.
+    """
+
+    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9, eta: float = 0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if p.ndim != 1:
+                    update = update.add(p, alpha=group["weight_decay"])
+                    param_norm = torch.norm(p)
+                    update_norm = torch.norm(update)
+                    one = torch.ones_like(param_norm)
+                    trust = torch.where(
+                        param_norm > 0.0,
+                        torch.where(update_norm > 0, group["eta"] * param_norm / update_norm, one),
+                        one,
+                    )
+                    update = update.mul(trust)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                mu = state["mu"]
+                mu.mul_(group["momentum"]).add_(update)
+                p.add_(mu, alpha=-group["lr"])
+        return loss
+
+
+def build_optimizer(
+    name: str,
+    param_groups: list[dict],
+    lr: float = 0.0,
+    *,
+    weight_decay: float = 0.0,
+    momentum: float = 0.9,
+) -> torch.optim.Optimizer:
+    """The optimiser of the reference by name: `"adamw"` (ViTs; betas 0.9/0.999, eps 1e-8), `"sgd"`
+    or `"lars"` (ResNet-50; momentum 0.9).
+
+    `lr` and the regularised group's `weight_decay` are overwritten each step by the schedules
+    (`train_step`); the groups from `get_param_groups` keep their own `weight_decay=0.0`.
+    """
+    if name == "adamw":
+        return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(param_groups, lr=lr, weight_decay=weight_decay, momentum=momentum)
+    if name == "lars":
+        return LARS(param_groups, lr=lr, weight_decay=weight_decay, momentum=momentum)
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+__all__ = [
+    "LARS",
+    "OPTIMIZERS",
+    "build_optimizer",
+    "cancel_last_layer_gradients_",
+    "clip_gradients_",
+    "get_param_groups",
+]

@@ -1,0 +1,89 @@
+"""Student and teacher networks of DINO: multi-crop forward, teacher construction and its EMA.
+
+Both networks are backbone + head behind a `MultiCropWrapper`, as the reference, so their state dict
+keys are `backbone.*` and `head.*`. The teacher is built from the student and never receives
+gradients: it follows the student by an exponential moving average of the parameters
+(paper Sec. 3.1 "Teacher network"), theta_t = m * theta_t + (1 - m) * theta_s.
+"""
+
+import copy
+
+import torch
+from torch import nn
+
+
+class MultiCropWrapper(nn.Module):
+    """Backbone + head over a list of crops of possibly different resolutions.
+
+    Consecutive crops of the same resolution (the same last dimension, as the reference) are
+    concatenated and passed through the backbone in one call; the head then runs once on the
+    features of all crops.
+
+    Args:
+        backbone (`nn.Module`): maps `(B, 3, H, W)` to features `(B, D)` (see `build_backbone`).
+        head (`nn.Module`): maps `(B, D)` to `(B, K)` (a `DinoHead`).
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, crops: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """`crops`: list of `(B, 3, H_i, W_i)` -> `(len(crops) * B, K)`, rows in crop order
+        [crop 1 batch, crop 2 batch, ...] (for DINO: global 1, global 2, local 1, ...)."""
+        if isinstance(crops, torch.Tensor):
+            crops = [crops]
+        widths = torch.tensor([crop.shape[-1] for crop in crops])
+        _, counts = torch.unique_consecutive(widths, return_counts=True)
+        features, start = [], 0
+        for count in counts.tolist():
+            features.append(self.backbone(torch.cat(crops[start : start + count])))  # (count * B, D)
+            start += count
+        return self.head(torch.cat(features))  # (len(crops) * B, K)
+
+
+def build_teacher(student: MultiCropWrapper) -> MultiCropWrapper:
+    """The teacher: a copy of the student with gradients off.
+
+    As in the reference, the teacher's head has `norm_last_layer=True` semantics (its
+    `last_layer.weight_g` is not trained; it only follows the student's through the EMA), and its
+    backbone has no stochastic depth (the reference builds the teacher without `drop_path_rate`).
+    The teacher stays in the student's train/eval mode: with BatchNorm, it normalises with the
+    statistics of its own batch, as the reference's.
+    """
+    teacher = copy.deepcopy(student)
+    for module in teacher.modules():
+        if isinstance(getattr(module, "drop_prob", None), float):
+            module.drop_prob = 0.0
+    if hasattr(teacher.head, "norm_last_layer"):
+        teacher.head.norm_last_layer = True
+    teacher.requires_grad_(False)
+    return teacher
+
+
+@torch.no_grad()
+def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """theta_t <- m * theta_t + (1 - m) * theta_s for every parameter, in place.
+
+    Parameters are paired in `parameters()` order (trainable and frozen alike, as the reference);
+    buffers (BatchNorm statistics, the loss center) are not averaged. Uses fused multi-tensor ops.
+
+    Args:
+        teacher (`nn.Module`): updated in place.
+        student (`nn.Module`): the same architecture, unwrapped (not the DDP wrapper).
+        momentum (`float`): m of this step (`teacher_momentum_at`), in [0, 1]; 1 leaves the teacher
+            unchanged.
+    """
+    teacher_params = list(teacher.parameters())
+    student_params = [p.detach() for p in student.parameters()]
+    if len(teacher_params) != len(student_params):
+        raise ValueError(
+            f"teacher has {len(teacher_params)} parameters and student {len(student_params)}; build the "
+            "teacher with build_teacher(student) and pass the unwrapped student (accelerator.unwrap_model)"
+        )
+    torch._foreach_mul_(teacher_params, momentum)
+    torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
+
+
+__all__ = ["MultiCropWrapper", "build_teacher", "ema_update_"]

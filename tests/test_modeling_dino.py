@@ -1,0 +1,276 @@
+import json
+import math
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, pipeline
+
+from dino_hf import PRESETS, DinoConfig, DinoModel
+
+
+def tiny_config(**overrides) -> DinoConfig:
+    fields = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        drop_path_rate=0.0,
+    )
+    fields.update(overrides)
+    return DinoConfig(**fields)
+
+
+@pytest.fixture
+def model() -> DinoModel:
+    torch.manual_seed(0)
+    return DinoModel(tiny_config()).eval()
+
+
+def reference_pos_embed(pos_embed: torch.Tensor, patch_size: int, height: int, width: int) -> torch.Tensor:
+    """The reference DINO `interpolate_pos_encoding`, written as in vision_transformer.py (whose
+    `prepare_tokens` unpacks `B, nc, w, h = x.shape`, so its `w` is the height)."""
+    w, h = height, width
+    npatch = (w // patch_size) * (h // patch_size)
+    N = pos_embed.shape[1] - 1
+    if npatch == N and w == h:
+        return pos_embed
+    class_pos_embed = pos_embed[:, 0]
+    patch_pos_embed = pos_embed[:, 1:]
+    dim = pos_embed.shape[-1]
+    w0 = w // patch_size + 0.1
+    h0 = h // patch_size + 0.1
+    patch_pos_embed = F.interpolate(
+        patch_pos_embed.reshape(1, int(math.sqrt(N)), int(math.sqrt(N)), dim).permute(0, 3, 1, 2),
+        scale_factor=(w0 / math.sqrt(N), h0 / math.sqrt(N)),
+        mode="bicubic",
+    )
+    assert int(w0) == patch_pos_embed.shape[-2] and int(h0) == patch_pos_embed.shape[-1]
+    patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).view(1, -1, dim)
+    return torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1)
+
+
+def reference_vit_forward(state: dict, config: DinoConfig, x: torch.Tensor) -> torch.Tensor:
+    """An independent ViT forward from the raw weights: the reference's pre-norm blocks with a fused
+    softmax attention, returning the normalised tokens (B, 1+N, D)."""
+    eps, heads, p = config.layer_norm_eps, config.num_attention_heads, config.patch_size
+    tokens = F.conv2d(x, state["embeddings.patch_embeddings.projection.weight"],
+                      state["embeddings.patch_embeddings.projection.bias"], stride=p)
+    tokens = tokens.flatten(2).transpose(1, 2)
+    cls = state["embeddings.cls_token"].expand(x.shape[0], -1, -1)
+    tokens = torch.cat((cls, tokens), dim=1)
+    tokens = tokens + reference_pos_embed(state["embeddings.position_embeddings"], p, x.shape[2], x.shape[3])
+    B, N, D = tokens.shape
+    for i in range(config.num_hidden_layers):
+        s = lambda name: state[f"encoder.layer.{i}.{name}"]  # noqa: E731
+        h = F.layer_norm(tokens, (D,), s("layernorm_before.weight"), s("layernorm_before.bias"), eps)
+        qkv = [F.linear(h, s(f"attention.attention.{n}.weight"), s(f"attention.attention.{n}.bias"))
+               .reshape(B, N, heads, D // heads).permute(0, 2, 1, 3) for n in ("query", "key", "value")]
+        attn = ((qkv[0] @ qkv[1].transpose(-2, -1)) * (D // heads) ** -0.5).softmax(dim=-1)
+        out = (attn @ qkv[2]).transpose(1, 2).reshape(B, N, D)
+        tokens = tokens + F.linear(out, s("attention.output.dense.weight"), s("attention.output.dense.bias"))
+        h = F.layer_norm(tokens, (D,), s("layernorm_after.weight"), s("layernorm_after.bias"), eps)
+        h = F.gelu(F.linear(h, s("intermediate.dense.weight"), s("intermediate.dense.bias")))
+        tokens = tokens + F.linear(h, s("output.dense.weight"), s("output.dense.bias"))
+    return F.layer_norm(tokens, (D,), state["layernorm.weight"], state["layernorm.bias"], eps)
+
+
+def test_presets_have_the_published_sizes():
+    expected = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12), "vit_large": (1024, 24, 16)}
+    for size, (hidden, layers, heads) in expected.items():
+        for patch in (16, 8):
+            config = DinoConfig.from_preset(f"{size}_patch{patch}")
+            assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (hidden, layers, heads)
+            assert config.intermediate_size == 4 * hidden
+            assert config.patch_size == patch
+            assert config.layer_norm_eps == 1e-6 and config.qkv_bias and config.drop_path_rate == 0.1
+    assert len(PRESETS) == 8
+    assert DinoConfig.model_type not in ("vit", "dinov2", "dinov3_vit")
+
+
+def test_config_errors_name_the_problem():
+    with pytest.raises(ValueError, match="vit_small_patch16"):
+        DinoConfig.from_preset("vit_smal_patch16")
+    with pytest.raises(ValueError, match="not a multiple of patch_size 16"):
+        DinoConfig(image_size=100, patch_size=16)
+    with pytest.raises(ValueError, match="not divisible by num_attention_heads"):
+        DinoConfig(hidden_size=100, num_attention_heads=6)
+
+
+def test_forward_outputs(model):
+    x = torch.randn(2, 3, 32, 32)
+    out = model(x, output_attentions=True, output_hidden_states=True)
+    assert out.last_hidden_state.shape == (2, 17, 32)
+    torch.testing.assert_close(out.pooler_output, out.last_hidden_state[:, 0], rtol=0, atol=0)
+    assert len(out.hidden_states) == 3 and len(out.attentions) == 2
+    assert out.attentions[0].shape == (2, 2, 17, 17)
+    torch.testing.assert_close(out.attentions[-1].sum(-1), torch.ones(2, 2, 17))
+    # The explicit attention path (taken when weights are requested) equals the SDPA path.
+    plain = model(x)
+    assert plain.attentions is None and plain.hidden_states is None
+    assert (plain.last_hidden_state - out.last_hidden_state).abs().max() <= 1e-5
+    as_tuple = model(x, return_dict=False)
+    torch.testing.assert_close(as_tuple[1], plain.pooler_output)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (16, 16), (24, 40), (40, 16)])
+def test_forward_matches_independent_reference_at_any_size(model, size):
+    x = torch.randn(2, 3, *size)
+    expected = reference_vit_forward(model.state_dict(), model.config, x)
+    got = model(x).last_hidden_state
+    assert got.shape == expected.shape == (2, 1 + (size[0] // 8) * (size[1] // 8), 32)
+    assert (got - expected).abs().max() <= 1e-5
+
+
+def test_position_interpolation_matches_reference_at_96px_and_non_square():
+    torch.manual_seed(0)
+    model = DinoModel(tiny_config(image_size=224, patch_size=16, hidden_size=24, num_attention_heads=2)).eval()
+    pos = model.embeddings.position_embeddings.detach()
+    for height, width in [(96, 96), (224, 224), (96, 160), (160, 96), (480, 224)]:
+        ours = model.embeddings.interpolate_pos_encoding(height, width)
+        theirs = reference_pos_embed(pos, 16, height, width)
+        assert ours.shape == theirs.shape == (1, 1 + (height // 16) * (width // 16), 24)
+        assert (ours - theirs).abs().max() <= 1e-6
+    assert torch.equal(model.embeddings.interpolate_pos_encoding(224, 224), pos)
+
+
+def test_patch_size_must_divide_the_input(model):
+    with pytest.raises(ValueError, match=r"30x32 is not a multiple of the patch size 8"):
+        model(torch.randn(1, 3, 30, 32))
+
+
+def test_intermediate_layers_and_last_attention(model):
+    x = torch.randn(2, 3, 32, 32)
+    out = model(x, output_hidden_states=True, output_attentions=True)
+    layers = model.get_intermediate_layers(x, n=2)
+    assert len(layers) == 2
+    for got, hidden in zip(layers, out.hidden_states[-2:]):
+        torch.testing.assert_close(got, model.layernorm(hidden))
+    torch.testing.assert_close(layers[-1], out.last_hidden_state)
+    torch.testing.assert_close(model.get_last_selfattention(x), out.attentions[-1])
+    with pytest.raises(ValueError, match="between 1 and num_hidden_layers=2"):
+        model.get_intermediate_layers(x, n=3)
+
+
+def test_stochastic_depth_grows_linearly_and_acts_only_in_training():
+    model = DinoModel(tiny_config(num_hidden_layers=5, drop_path_rate=0.4))
+    rates = [layer.drop_path.drop_prob for layer in model.encoder.layer]
+    assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
+    x = torch.randn(64, 3, 32, 32)
+    model.eval()
+    torch.testing.assert_close(model(x).pooler_output, model(x).pooler_output, rtol=0, atol=0)
+    model.train()
+    torch.manual_seed(1)
+    a = model(x).pooler_output
+    torch.manual_seed(2)
+    b = model(x).pooler_output
+    assert not torch.allclose(a, b)
+
+
+def test_init_follows_the_reference():
+    torch.manual_seed(0)
+    model = DinoModel(tiny_config(hidden_size=256, num_attention_heads=4, intermediate_size=1024))
+    weight = model.encoder.layer[0].intermediate.dense.weight
+    assert weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert weight.abs().max().item() <= 2.0
+    assert torch.count_nonzero(model.encoder.layer[0].intermediate.dense.bias) == 0
+    assert torch.equal(model.layernorm.weight, torch.ones(256))
+    assert torch.count_nonzero(model.layernorm.bias) == 0
+    assert model.embeddings.position_embeddings.std().item() == pytest.approx(0.02, rel=0.2)
+
+
+def test_every_parameter_gets_a_gradient(model):
+    model.train()
+    out = model(torch.randn(2, 3, 32, 32))
+    (out.last_hidden_state.square().mean()).backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert missing == []
+
+
+def test_save_load_round_trip_and_auto_classes(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json"):
+        assert (tmp_path / name).is_file()
+    saved = load_file(tmp_path / "model.safetensors")
+    for key, value in model.state_dict().items():
+        assert torch.equal(saved[key], value), key
+    assert "encoder.layer.0.attention.attention.query.weight" in saved
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "dino_vit"
+    assert config["auto_map"] == {"AutoConfig": "configuration_dino.DinoConfig", "AutoModel": "modeling_dino.DinoModel"}
+
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), DinoConfig)
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert type(loaded) is DinoModel
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    assert processor.size == {"shortest_edge": 37} and processor.crop_size == {"height": 32, "width": 32}
+    assert list(processor.image_mean) == pytest.approx([0.485, 0.456, 0.406])
+    assert list(processor.image_std) == pytest.approx([0.229, 0.224, 0.225])
+
+
+def test_default_image_processor_is_the_dino_eval_transform(tmp_path):
+    DinoModel(tiny_config(image_size=224, patch_size=16)).save_pretrained(tmp_path)
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    assert processor.size == {"shortest_edge": 256}
+    assert processor.crop_size == {"height": 224, "width": 224}
+    assert int(processor.resample) == int(Image.Resampling.BICUBIC)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8))
+    assert processor(image, return_tensors="pt")["pixel_values"].shape == (1, 3, 224, 224)
+
+
+def test_feature_extraction_pipeline(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    extractor = pipeline("image-feature-extraction", model=str(tmp_path))
+    features = torch.tensor(extractor(image))
+    assert features.shape == (1, 17, 32)
+    pixels = AutoImageProcessor.from_pretrained(tmp_path)(image, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        expected = model(pixels).last_hidden_state
+    assert (features - expected).abs().max() <= 1e-5
+    pooled = torch.tensor(extractor(image, pool=True))
+    assert (pooled - expected[:, 0]).abs().max() <= 1e-5
+
+
+def test_saved_folder_loads_without_dino_hf(model, tmp_path):
+    model.save_pretrained(tmp_path / "model")
+    x = torch.randn(1, 3, 32, 32)
+    torch.save(x, tmp_path / "x.pt")
+    with torch.no_grad():
+        torch.save(model(x).pooler_output, tmp_path / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["dino_hf"] = None  # dino_hf cannot be imported in this process
+        try:
+            import dino_hf
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("dino_hf was importable")
+        import torch
+        from transformers import AutoModel
+        model = AutoModel.from_pretrained({str(tmp_path / "model")!r}, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        x = torch.load({str(tmp_path / "x.pt")!r}, weights_only=True)
+        expected = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
+        with torch.no_grad():
+            diff = (model(x).pooler_output - expected).abs().max().item()
+        assert diff <= 1e-6, diff
+        print("OK", diff)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "OK" in result.stdout
