@@ -59,9 +59,14 @@ def clip_gradients_(model: nn.Module, clip: float) -> torch.Tensor | None:
 
 def cancel_last_layer_gradients_(model: nn.Module, epoch: int, freeze_last_layer: int) -> None:
     """Drop the gradients of the head's `last_layer` while `epoch < freeze_last_layer` (1 epoch by
-    default): the optimiser then skips those parameters entirely, as the reference."""
-    if epoch >= freeze_last_layer:
-        return
+    default), as the reference's `cancel_gradients_last_layer`."""
+    if epoch < freeze_last_layer:
+        drop_last_layer_gradients_(model)
+
+
+def drop_last_layer_gradients_(model: nn.Module) -> None:
+    """Set the gradients of every parameter under a `last_layer` module to `None`: the optimiser then
+    skips them entirely (no update, no weight decay, no moment update)."""
     for name, param in model.named_parameters():
         if "last_layer" in name:
             param.grad = None
@@ -145,5 +150,6 @@ __all__ = [
     "build_optimizer",
     "cancel_last_layer_gradients_",
     "clip_gradients_",
+    "drop_last_layer_gradients_",
     "get_param_groups",
 ]

@@ -1,0 +1,159 @@
+"""Backbones f of DINO: any timm model, or a `DinoModel`, behind one interface.
+
+`build_backbone(spec)` returns a module that maps images `(B, 3, H, W)` to features `(B, D)` (the
+CLS token after the final LayerNorm for a ViT, the pooled feature for a CNN), exposes the feature
+size as `.num_features` (read from the model, never from a dummy forward) and the underlying model
+as `.model` (what gets exported).
+
+Accepted specs:
+- `"timm:NAME"`: `timm.create_model(NAME, num_classes=0)`. Models with a fixed input size (ViTs)
+  are built with `dynamic_img_size=True`, so 96 px local crops go through a 224 px model.
+- a DinoModel preset name (`"vit_small_patch16"`, see `dino_hf.PRESETS`), a `DinoConfig`, a
+  `DinoModel`, a local folder written by `DinoModel.save_pretrained`, or a Hub id ("org/name").
+"""
+
+import copy
+import difflib
+import os
+
+import timm
+import torch
+from torch import nn
+
+from .configuration_dino import PRESETS, DinoConfig
+from .modeling_dino import DinoModel
+
+TIMM_PREFIX = "timm:"
+
+
+class TimmBackbone(nn.Module):
+    """A timm model built with `num_classes=0`: its forward already returns pooled features.
+
+    Args:
+        model (`nn.Module`): the timm model; `.num_features` is its `head_hidden_size` (the width
+            of what forward returns; equal to `num_features` except for models with a pre-logits
+            layer).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.num_features = getattr(model, "head_hidden_size", None) or model.num_features
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`pixel_values (B, 3, H, W)` -> features `(B, num_features)`."""
+        return self.model(pixel_values)
+
+
+class DinoModelBackbone(nn.Module):
+    """A `DinoModel`; the feature is `pooler_output`, the CLS token after the final LayerNorm.
+
+    Args:
+        model (`DinoModel`): the ViT; `.num_features` is `config.hidden_size`.
+    """
+
+    def __init__(self, model: DinoModel):
+        super().__init__()
+        self.model = model
+        self.num_features = model.config.hidden_size
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`pixel_values (B, 3, H, W)`, H and W multiples of the patch size -> `(B, hidden_size)`."""
+        return self.model(pixel_values, return_dict=True).pooler_output
+
+
+def build_backbone(
+    spec: str | DinoConfig | DinoModel,
+    *,
+    drop_path_rate: float = 0.1,
+    image_size: int = 224,
+    pretrained: bool = False,
+    **kwargs,
+) -> TimmBackbone | DinoModelBackbone:
+    """The backbone named by `spec` (see the module docstring), as a `(B, 3, H, W) -> (B, D)` module.
+
+    Args:
+        spec: `"timm:NAME"`, a DinoModel preset name, a `DinoConfig`, a `DinoModel`, a local folder
+            of a saved `DinoModel` or a Hub id.
+        drop_path_rate (`float`, defaults to 0.1): stochastic depth at the last block (SPEC). Applied
+            to every spec except a `DinoModel` instance, which is taken as it is.
+        image_size (`int`, defaults to 224): size of the global crops; sets the native size of a timm
+            ViT's or a preset's position embeddings. A `DinoConfig` or saved model keeps its own.
+        pretrained (`bool`, defaults to `False`): load timm's pretrained weights (needs the Hub).
+            Saved DinoModels (folder, Hub id) always load their weights; presets and configs have none.
+        **kwargs: passed to `timm.create_model`, to `DinoConfig.from_preset` or to
+            `DinoModel.from_pretrained`.
+    """
+    if isinstance(spec, DinoModel):
+        return DinoModelBackbone(spec)
+    if isinstance(spec, DinoConfig):
+        _refuse_pretrained(pretrained, "a DinoConfig")
+        config = copy.deepcopy(spec)
+        config.drop_path_rate = drop_path_rate
+        return DinoModelBackbone(DinoModel(config))
+    if not isinstance(spec, str):
+        raise TypeError(
+            f"backbone spec should be a string, a DinoConfig or a DinoModel, got {type(spec).__name__}"
+        )
+    if spec.startswith(TIMM_PREFIX):
+        name = spec[len(TIMM_PREFIX) :]
+        return TimmBackbone(_create_timm_model(name, drop_path_rate, image_size, pretrained, **kwargs))
+    if spec in PRESETS:
+        _refuse_pretrained(pretrained, f"the preset {spec!r}")
+        config = DinoConfig.from_preset(spec, drop_path_rate=drop_path_rate, image_size=image_size, **kwargs)
+        return DinoModelBackbone(DinoModel(config))
+    if os.path.isdir(spec) or _looks_like_hub_id(spec):
+        return DinoModelBackbone(DinoModel.from_pretrained(spec, drop_path_rate=drop_path_rate, **kwargs))
+    raise ValueError(_unknown_spec_message(spec))
+
+
+def _create_timm_model(name: str, drop_path_rate: float, image_size: int, pretrained: bool, **kwargs) -> nn.Module:
+    """`timm.create_model(name, num_classes=0, ...)`; fixed-size models get `dynamic_img_size=True`."""
+    is_external = name.startswith(("hf-hub:", "hf_hub:", "local-dir:"))
+    if not is_external and not timm.is_model(name):
+        raise ValueError(_unknown_spec_message(TIMM_PREFIX + name))
+    options = dict(num_classes=0, drop_path_rate=drop_path_rate)
+    pretrained_cfg = None if is_external else timm.models.get_pretrained_cfg(name)
+    if pretrained_cfg is not None and pretrained_cfg.fixed_input_size:
+        options.update(dynamic_img_size=True, img_size=image_size)
+    options.update(kwargs)
+    try:
+        return timm.create_model(name, pretrained=pretrained, **options)
+    except TypeError as error:
+        if "dynamic_img_size" not in str(error):
+            raise
+        raise ValueError(
+            f"timm model {name!r} only takes images of one size, so it cannot see DINO's local crops "
+            "(96 px next to 224 px); choose a ViT that supports dynamic_img_size (vit_*, deit_*, eva*) "
+            "or a CNN"
+        ) from error
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    """"org/name" with exactly one slash (a path that does not exist locally is taken as a Hub id)."""
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "~"))
+
+
+def _refuse_pretrained(pretrained: bool, what: str) -> None:
+    if pretrained:
+        raise ValueError(
+            f"pretrained=True has no weights to load for {what}; pass a folder written by "
+            "DinoModel.save_pretrained or a Hub id to start from trained weights"
+        )
+
+
+def _unknown_spec_message(spec: str) -> str:
+    """Error text for an unknown backbone, with the closest timm names and presets."""
+    name = spec[len(TIMM_PREFIX) :] if spec.startswith(TIMM_PREFIX) else spec
+    display = {model: TIMM_PREFIX + model for model in timm.list_models()}  # bare name -> spec
+    display.update({preset: preset for preset in PRESETS})
+    suggestions = [display[match] for match in difflib.get_close_matches(name, display, n=5, cutoff=0.6)]
+    hint = f"; did you mean {', '.join(repr(s) for s in suggestions)}?" if suggestions else ""
+    return (
+        f"unknown backbone {spec!r}: expected 'timm:<timm model name>', a DinoModel preset "
+        f"({', '.join(PRESETS)}), a folder saved by DinoModel.save_pretrained or a Hub id 'org/name'{hint}"
+    )
+
+
+__all__ = ["DinoModelBackbone", "TimmBackbone", "build_backbone"]

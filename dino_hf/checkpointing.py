@@ -1,0 +1,223 @@
+"""Training checkpoints: written atomically, validated on resume, rotated.
+
+A checkpoint is a folder `checkpoint-<step>` holding every tensor in safetensors and the rest in JSON
+or in `torch.save` files of plain tensors and numbers that `torch.load(weights_only=True)` reads back
+(no arbitrary unpickling, unlike a pickled training state). It is first written under a temporary
+name and renamed when complete, so a crash during the write never leaves a folder that resume would
+take; `find_resume_checkpoint` also checks that each file is present and readable and falls back to
+the previous checkpoint when one is damaged.
+
+Files: `student.safetensors`, `teacher.safetensors`, `dino_loss.safetensors` (the center),
+`optimizer.pt`, `scaler.pt` (fp16 only), `rng_state_<rank>.pt`, `data_state_<rank>.pt`,
+`trainer_state.json`, `training_args.json`, and `teacher_backbone/` (the exported model folder).
+"""
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+REQUIRED_FILES = (
+    "student.safetensors",
+    "teacher.safetensors",
+    "dino_loss.safetensors",
+    "optimizer.pt",
+    "trainer_state.json",
+    "training_args.json",
+)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder is incomplete or unreadable."""
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: value.detach().contiguous().cpu() for key, value in state.items()}
+
+
+def rng_state() -> dict:
+    """Python, numpy and torch generator states as plain tensors and numbers."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": torch.tensor(py_state, dtype=torch.int64),
+        "python_version": py_version,
+        "python_gauss": py_gauss,
+        "numpy_keys": torch.from_numpy(np_keys.astype(np.int64)),
+        "numpy_pos": int(np_pos),
+        "numpy_has_gauss": int(np_has_gauss),
+        "numpy_gauss": float(np_gauss),
+        "numpy_name": np_name,
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate((state["python_version"], tuple(state["python"].tolist()), state["python_gauss"]))
+    np.random.set_state(
+        (state["numpy_name"], state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
+         state["numpy_has_gauss"], state["numpy_gauss"])
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def staging_dir(checkpoints_dir: Path, step: int) -> Path:
+    """The temporary folder a checkpoint is written to before it is renamed into place."""
+    return checkpoints_dir / f".checkpoint-{step}.tmp"
+
+
+def write_shared_state(
+    folder: Path,
+    *,
+    student_state: dict,
+    teacher_state: dict,
+    loss_state: dict,
+    optimizer_state: dict,
+    scaler_state: dict | None,
+    trainer_state: dict,
+    training_args: dict,
+) -> None:
+    """Write the state that all processes share (called on the main process only)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(_contiguous(student_state), folder / "student.safetensors")
+    save_file(_contiguous(teacher_state), folder / "teacher.safetensors")
+    save_file(_contiguous(loss_state), folder / "dino_loss.safetensors")
+    torch.save(optimizer_state, folder / "optimizer.pt")
+    if scaler_state is not None:
+        torch.save(scaler_state, folder / "scaler.pt")
+    (folder / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2, sort_keys=True) + "\n")
+    (folder / "training_args.json").write_text(json.dumps(training_args, indent=2, sort_keys=True) + "\n")
+
+
+def write_process_state(folder: Path, rank: int, data_state: dict | None) -> None:
+    """Write what differs per process: its RNG states and its position in the data stream."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(rng_state(), folder / f"rng_state_{rank}.pt")
+    if data_state is not None:
+        torch.save(data_state, folder / f"data_state_{rank}.pt")
+
+
+def finalize(staging: Path, checkpoints_dir: Path, step: int, total_limit: int) -> Path:
+    """Make a fully written staging folder the checkpoint of `step` (atomic rename), then keep only
+    the last `total_limit` checkpoints and remove stale staging folders."""
+    _fsync_tree(staging)
+    final = checkpoints_dir / f"checkpoint-{step}"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    for stale in checkpoints_dir.glob(".checkpoint-*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for old in list_checkpoints(checkpoints_dir)[:-total_limit]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """Complete checkpoint folders, oldest first."""
+    if not checkpoints_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in checkpoints_dir.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))]
+    return [path for _, path in sorted(found)]
+
+
+def check_checkpoint(folder: Path) -> None:
+    """Raise `CheckpointError` naming the first missing or unreadable file of `folder`."""
+    for name in REQUIRED_FILES:
+        path = folder / name
+        if not path.is_file() or path.stat().st_size == 0:
+            raise CheckpointError(f"{path} is missing or empty")
+    for name in ("student.safetensors", "teacher.safetensors", "dino_loss.safetensors"):
+        try:
+            with safe_open(folder / name, framework="pt") as handle:
+                for key in handle.keys():
+                    handle.get_slice(key)
+        except Exception as error:  # safetensors raises several types for a damaged header
+            raise CheckpointError(f"{folder / name} is unreadable: {error}") from error
+    for name in ("trainer_state.json", "training_args.json"):
+        try:
+            json.loads((folder / name).read_text())
+        except ValueError as error:
+            raise CheckpointError(f"{folder / name} is not valid JSON: {error}") from error
+    try:
+        torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated zip archive raises RuntimeError or EOFError
+        raise CheckpointError(f"{folder / 'optimizer.pt'} is unreadable: {error}") from error
+
+
+def find_resume_checkpoint(output_dir: Path, resume_from_checkpoint: str) -> Path | None:
+    """The checkpoint to resume from: `"latest"` is the newest valid one under
+    `output_dir/checkpoints` (damaged ones are reported and skipped; None when there is none), a path
+    is checked and used as it is."""
+    if resume_from_checkpoint != "latest":
+        folder = Path(resume_from_checkpoint)
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"--resume_from_checkpoint {folder} does not exist; pass a checkpoint-<step> folder or 'latest'"
+            )
+        check_checkpoint(folder)
+        return folder
+    for folder in reversed(list_checkpoints(output_dir / "checkpoints")):
+        try:
+            check_checkpoint(folder)
+        except CheckpointError as error:
+            logger.warning("skipping damaged checkpoint: %s", error)
+            continue
+        return folder
+    return None
+
+
+def load_checkpoint(folder: Path, rank: int) -> dict:
+    """Everything `write_*` wrote, as tensors and plain values (the caller puts them in place)."""
+    state = {
+        "student": load_file(folder / "student.safetensors"),
+        "teacher": load_file(folder / "teacher.safetensors"),
+        "dino_loss": load_file(folder / "dino_loss.safetensors"),
+        "optimizer": torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True),
+        "trainer_state": json.loads((folder / "trainer_state.json").read_text()),
+        "scaler": None,
+        "rng": None,
+        "data": None,
+    }
+    if (folder / "scaler.pt").is_file():
+        state["scaler"] = torch.load(folder / "scaler.pt", map_location="cpu", weights_only=True)
+    if (folder / f"rng_state_{rank}.pt").is_file():
+        state["rng"] = torch.load(folder / f"rng_state_{rank}.pt", map_location="cpu", weights_only=True)
+    if (folder / f"data_state_{rank}.pt").is_file():
+        state["data"] = torch.load(folder / f"data_state_{rank}.pt", map_location="cpu", weights_only=True)
+    return state
+
+
+__all__ = [
+    "CheckpointError",
+    "check_checkpoint",
+    "finalize",
+    "find_resume_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "staging_dir",
+    "write_process_state",
+    "write_shared_state",
+]

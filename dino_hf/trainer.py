@@ -1,0 +1,554 @@
+"""DINO training (Caron et al. 2021, Algorithm 1) with Accelerate.
+
+`train_step` does one optimisation step and nothing else (no data, no logging), so that it can be
+tested alone against the formulas of the paper. `train` is the whole run, in phases: accelerator ->
+data -> models -> optimiser and schedules -> resume -> loop (with checkpoints, k-NN and Hub pushes) ->
+final save.
+"""
+
+import contextlib
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import checkpointing
+from .backbones import build_backbone
+from .convert import dino_from_reference, load_checkpoint_file
+from .data import SkipReport, build_multicrop_dataloader, load_image_stream
+from .demo_data import default_demo_root, make_demo_dataset
+from .evaluation import ImageBatches, eval_transform, extract_features, find_label_column, knn_evaluate
+from .evaluation import load_feature_model
+from .heads import DinoHead
+from .hub import EvalFigure, HubPusher, export_backbone, render_model_card
+from .loss import DinoLoss, collapse_diagnostics
+from .multicrop import MultiCropTransform
+from .optimization import build_optimizer, clip_gradients_, drop_last_layer_gradients_, get_param_groups
+from .schedules import (
+    learning_rate_at,
+    scaled_learning_rate,
+    teacher_momentum_at,
+    teacher_temperature_at,
+    weight_decay_at,
+)
+from .teacher import MultiCropWrapper, build_teacher, ema_update_
+from .training_args import DinoTrainingArguments
+
+logger = logging.getLogger(__name__)
+
+NONFINITE_HINTS = (
+    "likely causes: fp16 overflow (the reference's known NaN on ViT-S/8 and small data: use "
+    "--mixed_precision bf16 or no), a teacher temperature above 0.07, a learning rate too high for the "
+    "batch, or non-finite input images"
+)
+
+
+# ---------------------------------------------------------------------------------------------------
+# One step
+
+
+def train_step(
+    student: nn.Module,
+    teacher: nn.Module,
+    dino_loss: DinoLoss,
+    optimizer: torch.optim.Optimizer,
+    crops: list[torch.Tensor],
+    *,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    teacher_temp: float,
+    clip_grad: float,
+    freeze_last_layer: bool,
+    accelerator: Accelerator | None = None,
+    accumulation_steps: int = 1,
+    freeze_backbone: bool = False,
+) -> dict[str, float]:
+    """One DINO step, in the reference's order.
+
+    1. lr on every parameter group, weight decay on the regularised group(s) only;
+    2. per micro-batch: teacher on the 2 global crops (no grad), student on all crops, loss (the
+       center is updated after it), backward of loss / accumulation_steps;
+    3. per-parameter gradient clipping, last-layer gradients dropped when `freeze_last_layer`,
+       backbone gradients dropped when `freeze_backbone`, optimiser step, zero_grad;
+    4. EMA of the teacher with `momentum`.
+
+    Args:
+        student (`nn.Module`): `MultiCropWrapper` (possibly wrapped by `accelerator.prepare`).
+        teacher (`nn.Module`): from `build_teacher(student)`.
+        dino_loss (`DinoLoss`): holds the center.
+        optimizer: built on `get_param_groups(student)` (the groups carry the `regularized` flag).
+        crops (`list[torch.Tensor]`): `[global 1 (B, 3, G, G), global 2 (B, 3, G, G), local
+            (B, 3, L, L) ...]`, already on the device.
+        lr, weight_decay, momentum, teacher_temp (`float`): this step's schedule values
+            (`dino_hf.schedules`).
+        clip_grad (`float`): per-parameter gradient norm limit (3.0); 0 turns clipping off.
+        freeze_last_layer (`bool`): drop the head's last-layer gradients (during the first
+            `freeze_last_layer` epochs).
+        accelerator (`accelerate.Accelerator`, optional): autocast, backward (and unscaling of fp16
+            gradients before clipping), gradient sync only on the last micro-batch, and unwrapping
+            of the models for the EMA.
+        accumulation_steps (`int`): split the batch into this many micro-batches of B / steps images,
+            one forward and backward each, then one optimiser step (gradient accumulation).
+        freeze_backbone (`bool`): train the head alone (warm-up of a fresh head on pretrained weights).
+
+    Returns:
+        `{"loss": float, **collapse_diagnostics(...)}`, averaged over the micro-batches.
+
+    Raises:
+        FloatingPointError: when a loss is not finite; no weight has changed then.
+    """
+    for group in optimizer.param_groups:
+        if "regularized" not in group:
+            raise ValueError(
+                "optimizer parameter groups carry no 'regularized' flag; build them with "
+                "dino_hf.optimization.get_param_groups(student)"
+            )
+        group["lr"] = lr
+        if group["regularized"]:
+            group["weight_decay"] = weight_decay
+
+    batch = crops[0].shape[0]
+    if batch % accumulation_steps:
+        raise ValueError(
+            f"batch of {batch} images does not split into {accumulation_steps} equal micro-batches; "
+            f"use a batch that is a multiple of {accumulation_steps}"
+        )
+    micro_batches = list(zip(*(crop.chunk(accumulation_steps) for crop in crops)))
+    totals: dict[str, float] = {}
+    for index, micro in enumerate(micro_batches):
+        last = index == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if last or accelerator is None else accelerator.no_sync(student)
+        with sync:
+            stats = _forward_backward(student, teacher, dino_loss, list(micro), teacher_temp, accelerator,
+                                      1.0 / accumulation_steps)
+        for key, value in stats.items():
+            totals[key] = totals.get(key, 0.0) + value / accumulation_steps
+
+    if accelerator is not None:
+        accelerator.unscale_gradients(optimizer)
+    clip_gradients_(student, clip_grad)
+    if freeze_last_layer:
+        drop_last_layer_gradients_(student)
+    if freeze_backbone:
+        for p in _unwrap(student, accelerator).backbone.parameters():
+            p.grad = None  # the optimiser skips parameters without a gradient
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    ema_update_(_unwrap(teacher, accelerator), _unwrap(student, accelerator), momentum)
+    return totals
+
+
+def _unwrap(model: nn.Module, accelerator: Accelerator | None) -> nn.Module:
+    return accelerator.unwrap_model(model) if accelerator is not None else model
+
+
+def _forward_backward(student, teacher, dino_loss, crops, teacher_temp, accelerator, scale) -> dict[str, float]:
+    # Mixed precision covers the forwards and the loss, as the reference's autocast block.
+    with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
+        with torch.no_grad():
+            teacher_output = teacher(crops[:2])  # (2 * B, K): only the global crops
+        student_output = student(crops)  # (ncrops * B, K)
+        diagnostics = collapse_diagnostics(
+            student_output.detach(), teacher_output, dino_loss.center, teacher_temp, dino_loss.student_temp
+        )
+        loss = dino_loss(student_output, teacher_output, teacher_temp)
+    loss_value = loss.item()
+    if not math.isfinite(loss_value):
+        raise FloatingPointError(f"DINO loss is {loss_value}; {NONFINITE_HINTS}")
+    if accelerator is not None:
+        accelerator.backward(loss * scale)
+    else:
+        (loss * scale).backward()
+    return {"loss": loss_value, **diagnostics}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class TrainResult:
+    """What a finished run leaves: where the export is, the steps done and the measured figures."""
+
+    output_dir: Path
+    export_dir: Path
+    global_step: int
+    knn: dict = field(default_factory=dict)
+    knn_random_init: dict = field(default_factory=dict)
+    skipped_samples: dict = field(default_factory=dict)
+    push_report: str | None = None
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped on a non-finite loss (see the message for the step and the last checkpoint)."""
+
+
+def build_student_teacher(args: DinoTrainingArguments) -> tuple[MultiCropWrapper, MultiCropWrapper, bool]:
+    """Student = backbone + DINO head, teacher = its copy without stochastic depth.
+
+    Returns also whether the backbone came with pretrained weights but without a head: then the
+    fresh head is trained alone for `head_warmup_steps` before the backbone joins.
+    """
+    spec = args.backbone or args.model_name_or_path or "vit_small_patch16"
+    head_state = None
+    if spec.endswith((".pth", ".pt", ".safetensors")) and os.path.isfile(spec):
+        imported = dino_from_reference(load_checkpoint_file(spec), drop_path_rate=args.drop_path_rate)
+        backbone = build_backbone(imported.model)
+        head_state = imported.head_state_dict
+        pretrained = True
+    else:
+        backbone = build_backbone(spec, drop_path_rate=args.drop_path_rate, image_size=args.global_crops_size)
+        pretrained = os.path.isdir(spec) or (args.model_name_or_path is not None and "/" in spec)
+    head = DinoHead(
+        backbone.num_features,
+        args.out_dim,
+        use_bn=args.use_bn_in_head,
+        norm_last_layer=args.norm_last_layer,
+        nlayers=args.head_nlayers,
+        hidden_dim=args.head_hidden_dim,
+        bottleneck_dim=args.head_bottleneck_dim,
+    )
+    if head_state is not None:
+        head.load_state_dict(head_state)
+    student = MultiCropWrapper(backbone, head)
+    return student, build_teacher(student), pretrained and head_state is None
+
+
+def _demo_root(args: DinoTrainingArguments) -> Path:
+    return Path(make_demo_dataset(default_demo_root()))
+
+
+def _train_source(args: DinoTrainingArguments) -> dict:
+    if args.demo:
+        return {"train_dir": str(_demo_root(args) / "train")}
+    return {
+        "dataset_name": args.dataset_name,
+        "dataset_config_name": args.dataset_config_name,
+        "split": args.train_split,
+        "train_dir": args.train_dir,
+        "data_files": args.data_files,
+    }
+
+
+def _dataset_size(stream, source: dict) -> int | None:
+    """Rows of the training data where it can be known without reading it."""
+    splits = getattr(getattr(stream, "info", None), "splits", None) or {}
+    split = source.get("split", "train")
+    if split in splits and splits[split].num_examples:
+        return splits[split].num_examples
+    folder = source.get("train_dir")
+    if folder and os.path.isdir(folder):
+        from .data import IMAGE_EXTENSIONS
+
+        return sum(
+            1
+            for _, _, names in os.walk(folder)
+            for name in names
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS and not name.startswith(".")
+        )
+    return None
+
+
+def _eval_sources(args: DinoTrainingArguments) -> tuple[dict, dict] | None:
+    """Memory-bank and query sources of the in-training k-NN, or None when none is configured."""
+    if args.eval_train_dir:
+        root = Path(args.eval_train_dir)
+        return {"train_dir": str(root / args.eval_train_split)}, {"train_dir": str(root / args.eval_split)}
+    if args.eval_dataset_name:
+        common = {"dataset_name": args.eval_dataset_name, "dataset_config_name": args.eval_dataset_config_name}
+        return {**common, "split": args.eval_train_split}, {**common, "split": args.eval_split}
+    if args.demo:
+        root = _demo_root(args)
+        return {"train_dir": str(root / "train")}, {"train_dir": str(root / "validation")}
+    return None
+
+
+@torch.no_grad()
+def knn_accuracy(backbone: nn.Module, sources: tuple[dict, dict], args: DinoTrainingArguments, device) -> dict:
+    """Weighted k-NN (k = 10, 20, 100, 200; T = 0.07) of `backbone`'s features on labelled data."""
+    was_training = backbone.training
+    model, _ = load_feature_model(backbone)
+    transform = eval_transform(args.eval_image_size or args.global_crops_size)
+    label_ids: dict = {}
+    features = []
+    for source in sources:
+        rows, image_column = load_image_stream(**source, image_column_name=args.image_column_name)
+        label_column = find_label_column(rows, args.label_column_name)
+        batches = ImageBatches(rows, image_column, transform, batch_size=64, label_column=label_column,
+                               label_ids=label_ids)
+        features.append(extract_features(model, batches, device))
+    backbone.train(was_training)
+    (train_x, train_y), (test_x, test_y) = features
+    ks = tuple(k for k in (10, 20, 100, 200) if k <= len(train_y))
+    return knn_evaluate(train_x, train_y, test_x, test_y, ks=ks, device=device)
+
+
+def train(args: DinoTrainingArguments) -> TrainResult:
+    """Run DINO pretraining as configured by `args`; returns where the result is."""
+    # ---- accelerator ------------------------------------------------------------------------
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_dir=args.output_dir,
+    )
+    output_dir = Path(args.output_dir)
+    checkpoints_dir = output_dir / "checkpoints"
+    export_dir = output_dir / "teacher_backbone"
+    if accelerator.is_main_process:
+        checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    set_seed(args.seed)
+
+    # ---- data -------------------------------------------------------------------------------
+    with accelerator.main_process_first():
+        source = _train_source(args)
+        eval_sources = _eval_sources(args)
+    stream, image_column = load_image_stream(
+        **source, image_column_name=args.image_column_name, rank=accelerator.process_index,
+        world_size=accelerator.num_processes, seed=args.seed,
+    )
+    transform = MultiCropTransform(
+        global_crops_size=args.global_crops_size,
+        local_crops_size=args.local_crops_size,
+        global_crops_scale=tuple(args.global_crops_scale),
+        local_crops_scale=tuple(args.local_crops_scale),
+        local_crops_number=args.local_crops_number,
+    )
+    batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    loader_options = {"max_pixels": args.max_image_pixels} if args.max_image_pixels else {}
+    loader = build_multicrop_dataloader(
+        stream, image_column, transform, batch_size=batch_size, num_workers=args.dataloader_num_workers,
+        seed=args.seed + accelerator.process_index, shuffle_buffer_size=args.shuffle_buffer_size, **loader_options,
+    )
+    total_batch = batch_size * accelerator.num_processes
+    samples_per_epoch = args.samples_per_epoch or _dataset_size(stream, source)
+    if samples_per_epoch is None:
+        raise ValueError(
+            "the length of this stream is unknown: pass --samples_per_epoch (images per epoch) so that the "
+            "schedules can be laid out"
+        )
+    iterations_per_epoch = max(1, samples_per_epoch // total_batch)
+    total_steps = max(2, round(args.num_train_epochs * iterations_per_epoch))
+    last_step = min(total_steps, args.max_train_steps or total_steps)
+
+    # ---- models -----------------------------------------------------------------------------
+    student, teacher, fresh_head = build_student_teacher(args)
+    head_warmup_steps = args.head_warmup_steps if fresh_head else 0
+    dino_loss = DinoLoss(args.out_dim, 2 + args.local_crops_number, args.student_temp, args.center_momentum)
+
+    # ---- optimiser and schedules ------------------------------------------------------------
+    optimizer = build_optimizer(args.optimizer, get_param_groups(student))
+    student, optimizer = accelerator.prepare(student, optimizer)
+    teacher.to(accelerator.device)
+    dino_loss.to(accelerator.device)
+    peak_lr = scaled_learning_rate(args.learning_rate, total_batch)
+    lr_warmup_steps = min(round(args.warmup_epochs * iterations_per_epoch), total_steps - 1)
+    temp_warmup_steps = round(args.warmup_teacher_temp_epochs * iterations_per_epoch)
+    freeze_last_layer_steps = round(args.freeze_last_layer * iterations_per_epoch)
+    checkpoint_every = iterations_per_epoch if args.checkpoint_every_epoch else int(args.checkpointing_steps)
+
+    # ---- resume -----------------------------------------------------------------------------
+    global_step = 0
+    state = {"global_step": 0, "nonfinite_skipped": 0, "skipped_samples": {}, "knn_random_init": {}, "knn": {}}
+    skip_report = SkipReport()
+    resume_folder = None
+    if args.resume_from_checkpoint:
+        resume_folder = checkpointing.find_resume_checkpoint(output_dir, args.resume_from_checkpoint)
+    if resume_folder is not None:
+        saved = checkpointing.load_checkpoint(resume_folder, accelerator.process_index)
+        accelerator.unwrap_model(student).load_state_dict(saved["student"])
+        teacher.load_state_dict(saved["teacher"])
+        dino_loss.load_state_dict(saved["dino_loss"])
+        optimizer.load_state_dict(saved["optimizer"])
+        if saved["scaler"] is not None and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(saved["scaler"])
+        if saved["data"] is not None:
+            loader.load_state_dict(saved["data"])
+        if saved["rng"] is not None:
+            checkpointing.set_rng_state(saved["rng"])
+        state.update(saved["trainer_state"])
+        global_step = state["global_step"]
+        skip_report.counts.update(state["skipped_samples"])
+        accelerator.print(f"resumed from {resume_folder} at step {global_step}")
+
+    pusher = None
+    if args.push_to_hub and accelerator.is_main_process:
+        pusher = HubPusher(args.hub_model_id, token=args.hub_token, private=args.hub_private_repo)
+    if args.report_to != "none":
+        accelerator.init_trackers("dino_hf", config=args.to_dict())
+
+    def save(step: int) -> Path:
+        """Checkpoint of `step` (all processes take part) and, on the main process, the export."""
+        staging = checkpointing.staging_dir(checkpoints_dir, step)
+        if accelerator.is_main_process:
+            staging.mkdir(parents=True, exist_ok=True)
+        accelerator.wait_for_everyone()
+        checkpointing.write_process_state(staging, accelerator.process_index, loader.state_dict())
+        accelerator.wait_for_everyone()
+        final = None
+        if accelerator.is_main_process:
+            state["global_step"] = step
+            state["skipped_samples"] = dict(skip_report.counts)
+            card = _model_card(args, teacher, step, iterations_per_epoch, state)
+            export_backbone(teacher.backbone, staging / "teacher_backbone", image_size=args.global_crops_size,
+                            model_card=card)
+            checkpointing.write_shared_state(
+                staging,
+                student_state=accelerator.unwrap_model(student).state_dict(),
+                teacher_state=teacher.state_dict(),
+                loss_state=dino_loss.state_dict(),
+                optimizer_state=optimizer.state_dict(),
+                scaler_state=accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                trainer_state=state,
+                training_args=args.to_dict(),
+            )
+            final = checkpointing.finalize(staging, checkpoints_dir, step, args.checkpoints_total_limit)
+            if pusher is not None:
+                pusher.push(final / "teacher_backbone", f"Training step {step}")
+        accelerator.wait_for_everyone()
+        return final
+
+    if eval_sources is not None and global_step == 0 and accelerator.is_main_process:
+        state["knn_random_init"] = knn_accuracy(teacher.backbone, eval_sources, args, accelerator.device)
+        accelerator.print(f"k-NN of the random-init teacher: {_knn_line(state['knn_random_init'])}")
+
+    # ---- loop -------------------------------------------------------------------------------
+    student.train()
+    teacher.train()
+    progress = tqdm(total=last_step, initial=global_step, disable=not accelerator.is_local_main_process,
+                    desc="DINO", dynamic_ncols=True)
+    batches = _endless(loader)
+    last_checkpoint = resume_folder
+    window_images, window_start = 0, time.perf_counter()
+    while global_step < last_step:
+        batch = next(batches)
+        skip_report.update(batch["skipped"])
+        crops = [crop.to(accelerator.device, non_blocking=True) for crop in batch["crops"]]
+        step = global_step
+        schedule = {
+            "lr": learning_rate_at(step, total_steps, peak_lr, args.min_lr, lr_warmup_steps),
+            "weight_decay": weight_decay_at(step, total_steps, args.weight_decay, args.weight_decay_end),
+            "momentum": teacher_momentum_at(step, total_steps, args.momentum_teacher),
+            "teacher_temp": teacher_temperature_at(step, temp_warmup_steps, args.warmup_teacher_temp,
+                                                   args.teacher_temp),
+        }
+        center = dino_loss.center.clone()
+        try:
+            metrics = train_step(
+                student, teacher, dino_loss, optimizer, crops, **schedule,
+                clip_grad=args.clip_grad,
+                freeze_last_layer=step < freeze_last_layer_steps,
+                accelerator=accelerator,
+                accumulation_steps=args.gradient_accumulation_steps,
+                freeze_backbone=step < head_warmup_steps,
+            )
+        except FloatingPointError as error:
+            dino_loss.center.copy_(center)
+            optimizer.zero_grad(set_to_none=True)
+            state["nonfinite_skipped"] += 1
+            if state["nonfinite_skipped"] > args.skip_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"step {step}: {error}. Last good checkpoint: "
+                    f"{last_checkpoint or 'none (no checkpoint was written yet)'}; resume with "
+                    "--resume_from_checkpoint latest after changing the setting at fault, or allow a few "
+                    "such steps with --skip_nonfinite_steps"
+                ) from error
+            logger.warning("step %d skipped (%d of %d allowed): %s", step, state["nonfinite_skipped"],
+                           args.skip_nonfinite_steps, error)
+            continue
+        global_step += 1
+        progress.update(1)
+        window_images += total_batch
+
+        if global_step % args.logging_steps == 0 or global_step == last_step:
+            elapsed = time.perf_counter() - window_start
+            logs = {**metrics, **schedule, "epoch": global_step / iterations_per_epoch,
+                    "images_per_second": window_images / max(elapsed, 1e-9)}
+            logs.update({f"skipped_{reason}": count for reason, count in skip_report.counts.items()})
+            progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{schedule['lr']:.2e}")
+            accelerator.log(logs, step=global_step)
+            accelerator.print(_log_line(global_step, logs))
+            window_images, window_start = 0, time.perf_counter()
+
+        if args.eval_steps and global_step % args.eval_steps == 0 and eval_sources is not None:
+            if accelerator.is_main_process:
+                state["knn"] = knn_accuracy(teacher.backbone, eval_sources, args, accelerator.device)
+                accelerator.log({f"eval/{k}": v for k, v in state["knn"].items()}, step=global_step)
+                accelerator.print(f"step {global_step} k-NN: {_knn_line(state['knn'])}")
+            accelerator.wait_for_everyone()
+        if global_step % checkpoint_every == 0 and global_step != last_step:
+            last_checkpoint = save(global_step)
+    progress.close()
+
+    # ---- final save -------------------------------------------------------------------------
+    if eval_sources is not None and accelerator.is_main_process:
+        state["knn"] = knn_accuracy(teacher.backbone, eval_sources, args, accelerator.device)
+        accelerator.log({f"eval/{k}": v for k, v in state["knn"].items()}, step=global_step)
+        accelerator.print(f"k-NN of the trained teacher: {_knn_line(state['knn'])}")
+    final = save(global_step)
+    result = TrainResult(output_dir, export_dir, global_step, knn=state["knn"],
+                         knn_random_init=state["knn_random_init"], skipped_samples=dict(skip_report.counts))
+    if accelerator.is_main_process:
+        export_backbone(teacher.backbone, export_dir, image_size=args.global_crops_size,
+                        model_card=_model_card(args, teacher, global_step, iterations_per_epoch, state))
+        accelerator.print(skip_report.summary())
+        if pusher is not None:
+            pusher.push(export_dir, f"End of training, step {global_step}")
+            report = pusher.finish()
+            result.push_report = str(report)
+            accelerator.print(f"Hub upload: {report}")
+        accelerator.print(f"checkpoint: {final}\nteacher backbone: {export_dir}")
+    accelerator.end_training()
+    return result
+
+
+def _endless(loader):
+    """Batches forever: each pass over the stream is a data epoch, re-shuffled by `set_epoch`."""
+    while True:
+        yielded = False
+        for batch in loader:
+            yielded = True
+            yield batch
+        if not yielded:
+            raise ValueError("the training stream gave no complete batch; use a smaller batch or more data")
+        loader.dataset.set_epoch(loader.dataset.epoch + 1)
+
+
+def _log_line(step: int, logs: dict) -> str:
+    keys = ("loss", "lr", "weight_decay", "momentum", "teacher_temp", "teacher_entropy", "teacher_max_prob",
+            "kl_teacher_student", "center_norm", "distinct_prototypes", "images_per_second")
+    parts = [f"{key}={logs[key]:.4g}" for key in keys if key in logs]
+    return f"step {step} epoch {logs['epoch']:.2f} " + " ".join(parts)
+
+
+def _knn_line(metrics: dict) -> str:
+    return ", ".join(f"{key.removeprefix('knn_')} {value:.1f}%" for key, value in metrics.items())
+
+
+def _model_card(args, teacher, step: int, iterations_per_epoch: int, state: dict):
+    figures = []
+    dataset = "dino_hf demo shapes" if args.demo else (args.eval_dataset_name or args.eval_train_dir or "")
+    for key, value in state.get("knn", {}).items():
+        if key.startswith("knn_top1@"):
+            figures.append(EvalFigure(f"k-NN top-1 (k={key.split('@')[1]})", value, dataset, args.eval_split))
+    datasets = [args.dataset_name or args.train_dir or ", ".join(args.data_files or []) or "dino_hf demo shapes"]
+    return render_model_card(
+        teacher.backbone,
+        args.hub_model_id or Path(args.output_dir).name,
+        training_args=args.to_dict(),
+        datasets=datasets,
+        steps=step,
+        epochs=round(step / iterations_per_epoch, 2),
+        evaluation=figures,
+    )
+
+
+__all__ = ["NonFiniteLossError", "TrainResult", "build_student_teacher", "knn_accuracy", "train", "train_step"]

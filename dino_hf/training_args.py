@@ -1,0 +1,237 @@
+"""The hyperparameters of a DINO pretraining run: one typed dataclass.
+
+DINO's own hyperparameters keep the names and defaults of the reference implementation (ViT-S/16,
+"vanilla" 100-epoch recipe, paper Sec. 3 and Appendix); the generic ones take the names of the Hugging
+Face example scripts. `parse_training_args` reads them like those scripts do (transformers'
+`HfArgumentParser`), with `--config FILE.yaml` setting defaults that command-line flags override.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from transformers import HfArgumentParser
+
+SECRET_FIELDS = ("hub_token",)
+
+
+@dataclass
+class DinoTrainingArguments:
+    # ---- model -------------------------------------------------------------------------------
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "DinoModel preset (e.g. vit_small_patch16), a saved DinoModel / ViT folder, a Hub id, "
+                  "or a reference DINO .pth checkpoint. Mutually exclusive with --backbone."},
+    )
+    backbone: str | None = field(
+        default=None, metadata={"help": "A timm backbone as timm:NAME (e.g. timm:resnet50, timm:vit_small_patch16_224)."}
+    )
+    drop_path_rate: float = field(default=0.1, metadata={"help": "Stochastic depth of the student (reference 0.1)."})
+    out_dim: int = field(default=65536, metadata={"help": "Number of prototypes K of the DINO head."})
+    norm_last_layer: bool = field(
+        default=True, metadata={"help": "Freeze the norm of the head's last layer at 1 (False in the boosted recipe)."}
+    )
+    use_bn_in_head: bool = field(default=False, metadata={"help": "BatchNorm after the head's hidden layers."})
+    head_hidden_dim: int = field(default=2048, metadata={"help": "Hidden width of the DINO head."})
+    head_bottleneck_dim: int = field(default=256, metadata={"help": "Bottleneck width of the DINO head."})
+    head_nlayers: int = field(default=3, metadata={"help": "Linear layers of the head before the bottleneck."})
+    head_warmup_steps: int = field(
+        default=0,
+        metadata={"help": "Continued pretraining from weights without a head: train the fresh head alone, backbone "
+                  "frozen, for this many optimisation steps before the backbone joins."},
+    )
+
+    # ---- DINO objective ----------------------------------------------------------------------
+    momentum_teacher: float = field(
+        default=0.996, metadata={"help": "Base EMA momentum of the teacher, cosine to 1 (0.9995 for batch 256)."}
+    )
+    teacher_temp: float = field(default=0.04, metadata={"help": "Teacher temperature after warm-up (<= 0.07)."})
+    warmup_teacher_temp: float = field(default=0.04, metadata={"help": "Teacher temperature at step 0."})
+    warmup_teacher_temp_epochs: float = field(default=0, metadata={"help": "Epochs of linear teacher temperature warm-up."})
+    student_temp: float = field(default=0.1, metadata={"help": "Student temperature."})
+    center_momentum: float = field(default=0.9, metadata={"help": "EMA momentum of the teacher center."})
+
+    # ---- optimisation ------------------------------------------------------------------------
+    optimizer: Literal["adamw", "sgd", "lars"] = field(default="adamw", metadata={"help": "adamw, or sgd / lars for ResNets."})
+    learning_rate: float = field(
+        default=0.0005, metadata={"help": "Peak learning rate for a total batch of 256 (linearly scaled)."}
+    )
+    min_lr: float = field(default=1e-6, metadata={"help": "Learning rate at the end of the cosine schedule."})
+    warmup_epochs: float = field(default=10, metadata={"help": "Epochs of linear learning-rate warm-up from 0."})
+    weight_decay: float = field(default=0.04, metadata={"help": "Weight decay at step 0 (cosine schedule)."})
+    weight_decay_end: float = field(default=0.4, metadata={"help": "Weight decay at the last step."})
+    clip_grad: float = field(default=3.0, metadata={"help": "Per-parameter gradient norm clip; 0 turns it off."})
+    freeze_last_layer: float = field(
+        default=1, metadata={"help": "Epochs during which the head's last layer gets no gradient."}
+    )
+    per_device_train_batch_size: int = field(default=64, metadata={"help": "Images per process per step."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimisation step."})
+    num_train_epochs: float = field(default=100, metadata={"help": "Epochs to train."})
+    max_train_steps: int | None = field(
+        default=None, metadata={"help": "Stop after this many optimisation steps (schedules still span all epochs)."}
+    )
+    samples_per_epoch: int | None = field(
+        default=None, metadata={"help": "Images per epoch for a stream of unknown length (else the dataset's size)."}
+    )
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = field(
+        default=None, metadata={"help": "Overrides accelerate's setting; bf16 or no avoid fp16's NaNs on ViT-S/8."}
+    )
+    seed: int = field(default=0, metadata={"help": "Random seed."})
+
+    # ---- multi-crop augmentation -------------------------------------------------------------
+    global_crops_size: int = field(default=224, metadata={"help": "Size of the 2 global crops."})
+    local_crops_size: int = field(default=96, metadata={"help": "Size of the local crops."})
+    global_crops_scale: list[float] = field(default_factory=lambda: [0.4, 1.0], metadata={"help": "Area range."})
+    local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.4], metadata={"help": "Area range."})
+    local_crops_number: int = field(default=8, metadata={"help": "Number of local crops."})
+
+    # ---- data --------------------------------------------------------------------------------
+    demo: bool = field(
+        default=False, metadata={"help": "Train on the procedurally generated demo dataset (made on first use)."}
+    )
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id or a local dataset script/folder."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the dataset."})
+    train_split: str = field(default="train", metadata={"help": "Split to pretrain on."})
+    train_dir: str | None = field(default=None, metadata={"help": "A folder of images (flat or class sub-folders)."})
+    data_files: list[str] | None = field(
+        default=None, metadata={"help": "Parquet / arrow files or webdataset .tar shards (local paths or hf:// URLs)."}
+    )
+    image_column_name: str | None = field(default=None, metadata={"help": "Image column (found automatically)."})
+    shuffle_buffer_size: int = field(default=10000, metadata={"help": "Shuffle buffer of the stream."})
+    dataloader_num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes per process."})
+    max_image_pixels: int | None = field(
+        default=None, metadata={"help": "Decompression-bomb limit in pixels (default: PIL's)."}
+    )
+
+    # ---- in-training k-NN evaluation ---------------------------------------------------------
+    eval_dataset_name: str | None = field(default=None, metadata={"help": "Labelled dataset for k-NN during training."})
+    eval_dataset_config_name: str | None = field(default=None, metadata={"help": "Its configuration."})
+    eval_train_dir: str | None = field(default=None, metadata={"help": "Labelled image folder for k-NN (class sub-folders)."})
+    eval_train_split: str = field(default="train", metadata={"help": "k-NN memory bank split."})
+    eval_split: str = field(default="validation", metadata={"help": "k-NN query split."})
+    label_column_name: str | None = field(default=None, metadata={"help": "Label column (found automatically)."})
+    eval_steps: int | None = field(default=None, metadata={"help": "Run k-NN every this many steps (and at the end)."})
+    eval_image_size: int | None = field(default=None, metadata={"help": "k-NN input size (default: global crop size)."})
+
+    # ---- output, checkpoints, logging --------------------------------------------------------
+    output_dir: str = field(default="outputs/dino", metadata={"help": "Where checkpoints and the export go."})
+    checkpointing_steps: str = field(
+        default="epoch", metadata={"help": "Save the training state every N steps, or 'epoch'."}
+    )
+    checkpoints_total_limit: int = field(default=3, metadata={"help": "Keep the last K checkpoints."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder."})
+    logging_steps: int = field(default=10, metadata={"help": "Log metrics every N steps."})
+    report_to: str = field(default="none", metadata={"help": "Trackers through Accelerate: none, all, tensorboard, wandb, ..."})
+    skip_nonfinite_steps: int = field(
+        default=0, metadata={"help": "Steps with a non-finite loss to skip before stopping (0: stop at the first)."}
+    )
+
+    # ---- Hub ---------------------------------------------------------------------------------
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload the teacher export at every checkpoint."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Repository, e.g. org/dino-vits16."})
+    hub_token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one). Never saved."})
+    hub_private_repo: bool = field(default=False, metadata={"help": "Create the repository as private."})
+
+    def __post_init__(self):
+        self.global_crops_scale = [float(x) for x in self.global_crops_scale]
+        self.local_crops_scale = [float(x) for x in self.local_crops_scale]
+        validate(self)
+
+    @property
+    def checkpoint_every_epoch(self) -> bool:
+        return self.checkpointing_steps == "epoch"
+
+    def to_dict(self) -> dict:
+        """The resolved configuration, secrets removed: what is saved next to every checkpoint."""
+        values = dataclasses.asdict(self)
+        for name in SECRET_FIELDS:
+            values.pop(name, None)
+        return values
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def _fail(name: str, value, allowed: str) -> None:
+    raise ValueError(f"--{name}={value!r} is not valid: {allowed}")
+
+
+def validate(args: DinoTrainingArguments) -> None:
+    """Check every field before any work starts; each error names the field, the value and what is allowed."""
+    positive = ("out_dim", "per_device_train_batch_size", "gradient_accumulation_steps", "global_crops_size",
+                "local_crops_size", "head_hidden_dim", "head_bottleneck_dim", "head_nlayers", "logging_steps",
+                "checkpoints_total_limit", "shuffle_buffer_size")
+    for name in positive:
+        if getattr(args, name) < 1:
+            _fail(name, getattr(args, name), "an integer >= 1")
+    non_negative = ("learning_rate", "min_lr", "warmup_epochs", "weight_decay", "weight_decay_end", "clip_grad",
+                    "freeze_last_layer", "warmup_teacher_temp_epochs", "head_warmup_steps", "local_crops_number",
+                    "dataloader_num_workers", "skip_nonfinite_steps")
+    for name in non_negative:
+        if getattr(args, name) < 0:
+            _fail(name, getattr(args, name), "a number >= 0")
+    for name in ("teacher_temp", "warmup_teacher_temp", "student_temp"):
+        if not 0 < getattr(args, name) <= 1:
+            _fail(name, getattr(args, name), "a temperature in (0, 1]; DINO uses 0.04-0.07 for the teacher, 0.1 for the student")
+    for name in ("momentum_teacher", "center_momentum"):
+        if not 0 <= getattr(args, name) <= 1:
+            _fail(name, getattr(args, name), "a momentum in [0, 1]")
+    if not 0 <= args.drop_path_rate < 1:
+        _fail("drop_path_rate", args.drop_path_rate, "a rate in [0, 1)")
+    if args.num_train_epochs <= 0:
+        _fail("num_train_epochs", args.num_train_epochs, "a number > 0")
+    for name in ("max_train_steps", "samples_per_epoch", "eval_steps", "eval_image_size", "max_image_pixels"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            _fail(name, value, "an integer >= 1, or leave it unset")
+    for name in ("global_crops_scale", "local_crops_scale"):
+        scale = getattr(args, name)
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+            _fail(name, scale, "two numbers 0 < low <= high <= 1, e.g. 0.4 1.0")
+    if args.checkpointing_steps != "epoch" and not (args.checkpointing_steps.isdigit() and int(args.checkpointing_steps) > 0):
+        _fail("checkpointing_steps", args.checkpointing_steps, "a number of steps >= 1, or 'epoch'")
+    if args.model_name_or_path and args.backbone:
+        _fail("backbone", args.backbone, "leave it unset when --model_name_or_path is given (they are alternatives)")
+    if args.backbone is not None and not args.backbone.startswith("timm:"):
+        _fail("backbone", args.backbone, "a timm model as timm:NAME, e.g. timm:resnet50; DinoModels go in --model_name_or_path")
+    sources = [name for name in ("dataset_name", "train_dir", "data_files") if getattr(args, name)]
+    if args.demo and sources:
+        _fail("demo", True, f"train on the demo dataset or on --{sources[0]}, not both")
+    if not args.demo and not sources:
+        raise ValueError(
+            "no training data: pass --dataset_name (a Hub id), --train_dir (a folder of images) or --data_files "
+            "(parquet / webdataset shards), or --demo to train on the generated demo dataset"
+        )
+    if args.push_to_hub and not args.hub_model_id:
+        _fail("hub_model_id", None, "a repository id such as org/dino-vits16 (required by --push_to_hub)")
+    if args.eval_steps is not None and not (args.eval_dataset_name or args.eval_train_dir or args.demo):
+        _fail("eval_steps", args.eval_steps, "set it together with --eval_dataset_name or --eval_train_dir")
+
+
+def parse_training_args(argv: list[str] | None = None) -> DinoTrainingArguments:
+    """Parse `argv` as the Hugging Face example scripts do; `--config FILE.yaml` sets the defaults.
+
+    Unknown keys in the YAML file are an error that lists them.
+    """
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, rest = pre.parse_known_args(argv)
+    parser = HfArgumentParser(DinoTrainingArguments)
+    parser.add_argument("--config", default=None, help="YAML file of defaults; command-line flags override it.")
+    if known.config:
+        defaults = yaml.safe_load(Path(known.config).read_text()) or {}
+        names = {f.name for f in dataclasses.fields(DinoTrainingArguments)}
+        unknown = sorted(set(defaults) - names)
+        if unknown:
+            raise ValueError(f"{known.config}: unknown field(s) {', '.join(unknown)}; see `scripts/pretrain.py --help`")
+        parser.set_defaults(**defaults)
+    args = parser.parse_args_into_dataclasses(args=rest, look_for_args_file=False)[0]
+    return args
+
+
+__all__ = ["DinoTrainingArguments", "parse_training_args", "validate"]

@@ -1,0 +1,62 @@
+"""Weighted k-NN evaluation of a backbone (SPEC "Evaluation protocols"; reference eval_knn.py).
+
+    python scripts/eval_knn.py --model outputs/dino/checkpoint-1000 --dataset_name imagenet-1k \
+        --train_split train --eval_split validation
+
+Features are the backbone's output (CLS token after the final LayerNorm) of resize 256 + centre-crop 224
+images, computed in batches on the accelerator when there is one; top-1 / top-5 for each k.
+"""
+
+import argparse
+import json
+
+from dino_hf.evaluation import (
+    KNN_KS,
+    KNN_TEMPERATURE,
+    ImageBatches,
+    add_dataset_arguments,
+    extract_features,
+    knn_evaluate,
+    load_feature_model,
+    load_split,
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True,
+                        help="DinoModel folder or Hub id, transformers ViT folder, timm:NAME or timm folder, "
+                             "or a training checkpoint (its teacher).")
+    add_dataset_arguments(parser)
+    parser.add_argument("--batch_size", type=int, default=128, help="Images per forward pass.")
+    parser.add_argument("--nb_knn", type=int, nargs="+", default=list(KNN_KS), help="Numbers of neighbours k.")
+    parser.add_argument("--temperature", type=float, default=KNN_TEMPERATURE, help="Vote weight exp(sim / T).")
+    parser.add_argument("--image_size", type=int, default=224, help="Centre-crop size (resize to size * 256 / 224).")
+    parser.add_argument("--chunk_size", type=int, default=128, help="Test features per similarity matrix.")
+    parser.add_argument("--num_workers", type=int, default=4, help="DataLoader processes decoding images.")
+    parser.add_argument("--output_file", help="Also write the metrics to this JSON file.")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    model, transform = load_feature_model(args.model, args.image_size)
+    label_ids = {}  # shared so that string labels get the same ids in both splits
+    features = {}
+    for which in ("train", "eval"):
+        rows, image_column, label_column = load_split(args, which)
+        batches = ImageBatches(rows, image_column, transform, args.batch_size, label_column, args.num_workers, label_ids)
+        features[which] = extract_features(model, batches)
+        print(f"{which}: {len(features[which][1])} images, {batches.skipped} skipped (unreadable)")
+    metrics = knn_evaluate(*features["train"], *features["eval"], ks=args.nb_knn, temperature=args.temperature,
+                           chunk_size=args.chunk_size)
+    for k in sorted(args.nb_knn):
+        print(f"{k}-NN classifier result: Top1: {metrics[f'knn_top1@{k}']:.2f}, Top5: {metrics[f'knn_top5@{k}']:.2f}")
+    if args.output_file:
+        with open(args.output_file, "w") as file:
+            json.dump(metrics, file, indent=2)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Linear probe on a frozen backbone (SPEC "Evaluation protocols"; reference eval_linear.py).
+
+    python scripts/eval_linear.py --model outputs/dino/checkpoint-1000 --dataset_name imagenet-1k \
+        --n_last_blocks 4                       # ViT-S: CLS of the last 4 blocks
+    python scripts/eval_linear.py ... --n_last_blocks 1 --avgpool_patchtokens   # ViT-B
+
+SGD momentum 0.9, weight decay 0, lr 0.001 x batch / 256, cosine over the epochs. By default every
+epoch recomputes the features of RandomResizedCrop + flip images, as the reference; with
+--cache_features they are computed once on the evaluation transform (far faster, no augmentation).
+"""
+
+import argparse
+import functools
+import json
+import os
+
+import datasets
+import torch
+from accelerate import PartialState
+
+from dino_hf.evaluation import (
+    ImageBatches,
+    add_dataset_arguments,
+    cached_batches,
+    evaluate_linear_probe,
+    extract_features,
+    load_feature_model,
+    load_split,
+    probe_feature_size,
+    probe_features,
+    train_linear_probe,
+    train_transform,
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True,
+                        help="DinoModel folder or Hub id, transformers ViT folder, timm:NAME or timm folder, "
+                             "or a training checkpoint (its teacher).")
+    add_dataset_arguments(parser)
+    parser.add_argument("--n_last_blocks", type=int, default=4, help="CLS tokens of this many last blocks (4 for ViT-S).")
+    parser.add_argument("--avgpool_patchtokens", action="store_true",
+                        help="Add the mean patch token of the last block (ViT-B, with --n_last_blocks 1).")
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--lr", type=float, default=0.001, help="Base lr, scaled by batch_size / 256.")
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--num_labels", type=int,
+                        help="Classes (default: from the ClassLabel feature, else the largest label + 1).")
+    parser.add_argument("--cache_features", action="store_true",
+                        help="Compute the train features once (eval transform) and train on them.")
+    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--num_workers", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shuffle_buffer_size", type=int, default=10000, help="Shuffle buffer of a streamed train set.")
+    parser.add_argument("--output_dir", help="Write the probe weights and the metrics here.")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    device = PartialState().device
+    model, transform = load_feature_model(args.model, args.image_size)
+    model.to(device)
+    feature_fn = functools.partial(probe_features, n_last_blocks=args.n_last_blocks,
+                                   avgpool_patchtokens=args.avgpool_patchtokens)
+    label_ids = {}
+    train_rows, image_column, label_column = load_split(args, "train")
+    eval_rows, eval_image_column, eval_label_column = load_split(args, "eval")
+
+    def batches(rows, column, labels, image_transform):
+        return ImageBatches(rows, column, image_transform, args.batch_size, labels, args.num_workers, label_ids)
+
+    # The eval set is fixed: its features are computed once either way.
+    eval_features, eval_labels = extract_features(
+        model, batches(eval_rows, eval_image_column, eval_label_column, transform), device, feature_fn)
+    if args.cache_features:
+        train_features, train_labels = extract_features(
+            model, batches(train_rows, image_column, label_column, transform), device, feature_fn)
+        train_batches = cached_batches(train_features, train_labels, args.batch_size, seed=args.seed)
+        num_labels = args.num_labels or int(max(train_labels.max(), eval_labels.max())) + 1
+    else:
+        augment = train_transform(args.image_size)
+
+        def train_batches(epoch):
+            rows = train_rows.shuffle(seed=args.seed + epoch, **_buffer(train_rows, args.shuffle_buffer_size))
+            for pixel_values, labels in batches(rows, image_column, label_column, augment):
+                with torch.no_grad():  # not around the yield: the probe's step needs gradients
+                    features = feature_fn(model, pixel_values.to(device))
+                yield features, labels
+
+        label_feature = (train_rows.features or {}).get(label_column)
+        class_count = label_feature.num_classes if isinstance(label_feature, datasets.ClassLabel) else None
+        num_labels = args.num_labels or class_count or int(eval_labels.max()) + 1
+    probe = train_linear_probe(
+        train_batches, probe_feature_size(model, args.n_last_blocks, args.avgpool_patchtokens), num_labels,
+        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, device=device,
+        log=lambda epoch, loss: print(f"epoch {epoch}: train loss {loss:.4f}"),
+    )
+    metrics = evaluate_linear_probe(probe, cached_batches(eval_features, eval_labels, args.batch_size, shuffle=False)(0))
+    print(f"Linear probe on {len(eval_labels)} test images: Top1: {metrics['top1']:.2f}, Top5: {metrics['top5']:.2f}")
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+        torch.save(probe.state_dict(), os.path.join(args.output_dir, "linear_probe.pth"))
+        with open(os.path.join(args.output_dir, "metrics.json"), "w") as file:
+            json.dump(metrics, file, indent=2)
+    return metrics
+
+
+def _buffer(rows, size: int) -> dict:
+    """A streamed dataset shuffles within a buffer; an in-memory one shuffles exactly."""
+    return {"buffer_size": size} if isinstance(rows, datasets.IterableDataset) else {}
+
+
+if __name__ == "__main__":
+    main()

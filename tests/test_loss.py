@@ -1,0 +1,165 @@
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from dino_hf.loss import DinoLoss, collapse_diagnostics
+
+K = 64
+B = 3
+
+
+def pairwise_loss(student_output, teacher_output, center, teacher_temp, student_temp=0.1):
+    """Independent computation: the (teacher crop, student crop) cross-entropy matrix by einsum,
+    diagonal (same view) removed, mean over the remaining entries."""
+    ncrops = len(student_output) // B
+    q = F.softmax((teacher_output - center) / teacher_temp, dim=-1).view(2, B, K)
+    log_p = F.log_softmax(student_output / student_temp, dim=-1).view(ncrops, B, K)
+    matrix = -torch.einsum("ibk,vbk->iv", q, log_p) / B  # (2, ncrops)
+    keep = ~torch.eye(2, ncrops, dtype=torch.bool)
+    return matrix[keep].mean(), int(keep.sum())
+
+
+@pytest.mark.parametrize("nlocal, nterms", [(0, 2), (1, 4), (8, 18)])
+def test_loss_equals_einsum_over_crop_pairs(nlocal, nterms):
+    torch.manual_seed(0)
+    ncrops = 2 + nlocal
+    loss_fn = DinoLoss(K, ncrops)
+    center = torch.randn(1, K) * 0.1
+    loss_fn.center.copy_(center)
+    student = torch.randn(ncrops * B, K, dtype=torch.float64)
+    teacher = torch.randn(2 * B, K, dtype=torch.float64)
+    loss_fn.double()
+
+    loss = loss_fn(student, teacher, teacher_temp=0.04)
+    expected, terms = pairwise_loss(student, teacher, center.double(), 0.04)
+
+    assert terms == nterms  # 2 * ncrops - 2, SPEC "Loss"
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_loss_gradient_flows_to_student_only():
+    torch.manual_seed(0)
+    student = torch.randn(4 * B, K, requires_grad=True)
+    teacher = torch.randn(2 * B, K, requires_grad=True)
+    DinoLoss(K, 4)(student, teacher, 0.04).backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
+    assert teacher.grad is None
+
+
+def test_center_update_follows_formula_after_the_loss():
+    torch.manual_seed(0)
+    loss_fn = DinoLoss(K, 4, center_momentum=0.9)
+    student = torch.randn(4 * B, K)
+    first, second = torch.randn(2 * B, K), torch.randn(2 * B, K)
+
+    loss_fn(student, first, 0.04)
+    center_1 = 0.1 * first.sum(0, keepdim=True) / (2 * B)
+    torch.testing.assert_close(loss_fn.center, center_1)
+
+    # The second loss uses the center from before its own update.
+    loss = loss_fn(student, second, 0.04)
+    expected, _ = pairwise_loss(student, second, center_1, 0.04)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(loss_fn.center, 0.9 * center_1 + 0.1 * second.mean(0, keepdim=True))
+
+
+def test_center_is_saved_state():
+    loss_fn = DinoLoss(K, 4)
+    loss_fn(torch.randn(4 * B, K), torch.randn(2 * B, K), 0.04)
+    restored = DinoLoss(K, 4)
+    restored.load_state_dict(loss_fn.state_dict())
+    assert list(loss_fn.state_dict()) == ["center"]
+    assert torch.equal(restored.center, loss_fn.center)
+
+
+def test_collapsed_teacher_gives_hand_derived_value():
+    # Teacher outputs all equal (and center 0): q is uniform 1/K. Student rows put logit x on one
+    # prototype and 0 elsewhere, so with u = x / 0.1:
+    # sum_k -(1/K) log p_k = log(e^u + K - 1) - u / K for every pair.
+    out_dim, x = 65536, 0.5
+    loss_fn = DinoLoss(out_dim, 4)
+    teacher = torch.full((2 * B, out_dim), 0.3, dtype=torch.float64)
+    student = torch.zeros(4 * B, out_dim, dtype=torch.float64)
+    student[torch.arange(4 * B), torch.arange(4 * B) % 7] = x
+    loss_fn.double()
+    u = x / 0.1
+    expected = math.log(math.exp(u) + out_dim - 1) - u / out_dim
+    assert loss_fn(student, teacher, 0.04).item() == pytest.approx(expected, rel=1e-12)
+
+    # The collapse plateau of SPEC: student outputs also all equal -> ln K = 11.09.
+    loss = DinoLoss(out_dim, 4)(torch.zeros(4 * B, out_dim), torch.zeros(2 * B, out_dim), 0.04)
+    assert loss.item() == pytest.approx(math.log(out_dim), rel=1e-6)
+    assert round(math.log(out_dim), 2) == 11.09
+
+
+def test_shape_errors_name_the_fix():
+    loss_fn = DinoLoss(K, 4)
+    with pytest.raises(ValueError, match="ncrops=4"):
+        loss_fn(torch.randn(3 * B, K), torch.randn(2 * B, K), 0.04)
+    with pytest.raises(ValueError, match="out_dim"):
+        loss_fn(torch.randn(4 * B, K + 1), torch.randn(2 * B, K + 1), 0.04)
+    with pytest.raises(ValueError, match="at least 2"):
+        DinoLoss(K, 1)
+
+
+def test_diagnostics_of_uniform_and_one_hot_teacher():
+    student = torch.randn(4 * B, K)
+    center = torch.zeros(1, K)
+    uniform = collapse_diagnostics(student, torch.zeros(2 * B, K), center, 0.04)
+    assert uniform["teacher_entropy"] == pytest.approx(math.log(K), rel=1e-6)
+    assert uniform["teacher_max_prob"] == pytest.approx(1 / K, rel=1e-6)
+
+    one_hot = torch.zeros(2 * B, K)
+    one_hot[:, 5] = 10.0
+    collapsed = collapse_diagnostics(student, one_hot, center, 0.04)
+    assert collapsed["distinct_prototypes"] == 1.0
+    assert collapsed["teacher_max_prob"] == pytest.approx(1.0, abs=1e-6)
+    assert collapsed["teacher_entropy"] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_diagnostics_kl_is_loss_minus_teacher_entropy():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(6 * B, K, dtype=torch.float64), torch.randn(2 * B, K, dtype=torch.float64)
+    center = torch.randn(1, K, dtype=torch.float64) * 0.1
+    loss_fn = DinoLoss(K, 6).double()
+    loss_fn.center.copy_(center)
+    stats = collapse_diagnostics(student, teacher, center, 0.07)
+    loss = loss_fn(student, teacher, 0.07).item()
+
+    q = F.softmax((teacher - center) / 0.07, dim=-1)
+    entropy = -(q * q.log()).sum(-1).mean().item()
+    assert stats["teacher_entropy"] == pytest.approx(entropy, rel=1e-5)
+    # Each teacher crop meets the same number of student crops, so the mean KL over the loss's
+    # pairs is the loss minus the mean teacher entropy.
+    assert stats["kl_teacher_student"] == pytest.approx(loss - entropy, rel=1e-5)
+    assert stats["center_norm"] == pytest.approx(center.norm().item())
+    assert stats["distinct_prototypes"] == float(len(set(q.argmax(-1).tolist())))
+
+
+def _center_in_process(rank, world_size, init_file, results):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(rank)
+        teacher = torch.randn(2 * B, K)
+        loss_fn = DinoLoss(K, 2)
+        loss_fn(torch.randn(2 * B, K), teacher, 0.04)
+        results[rank] = (teacher, loss_fn.center.clone())
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_center_is_mean_over_processes(tmp_path):
+    world_size = 2
+    with torch.multiprocessing.Manager() as manager:
+        results = manager.dict()
+        torch.multiprocessing.spawn(
+            _center_in_process, args=(world_size, str(tmp_path / "init"), results), nprocs=world_size
+        )
+        results = dict(results)
+    all_teacher = torch.cat([results[rank][0] for rank in range(world_size)])
+    expected = 0.1 * all_teacher.sum(0, keepdim=True) / (2 * B * world_size)
+    for rank in range(world_size):
+        torch.testing.assert_close(results[rank][1], expected)

@@ -1,0 +1,89 @@
+import math
+
+import numpy as np
+import pytest
+
+from dino_hf.schedules import (
+    cosine_schedule_value,
+    learning_rate_at,
+    scaled_learning_rate,
+    teacher_momentum_at,
+    teacher_temperature_at,
+    weight_decay_at,
+)
+
+
+def reference_cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0, start_warmup_value=0):
+    """The reference's `utils.cosine_scheduler`, verbatim."""
+    warmup_schedule = np.array([])
+    warmup_iters = warmup_epochs * niter_per_ep
+    if warmup_epochs > 0:
+        warmup_schedule = np.linspace(start_warmup_value, base_value, warmup_iters)
+    iters = np.arange(epochs * niter_per_ep - warmup_iters)
+    schedule = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / len(iters)))
+    schedule = np.concatenate((warmup_schedule, schedule))
+    assert len(schedule) == epochs * niter_per_ep
+    return schedule
+
+
+@pytest.mark.parametrize("warmup_epochs", [0, 1, 3])
+def test_matches_reference_scheduler_at_every_step(warmup_epochs):
+    epochs, niter = 10, 7
+    reference = reference_cosine_scheduler(0.002, 1e-6, epochs, niter, warmup_epochs, start_warmup_value=1e-4)
+    ours = [
+        cosine_schedule_value(step, epochs * niter, 0.002, 1e-6, warmup_epochs * niter, warmup_start=1e-4)
+        for step in range(epochs * niter)
+    ]
+    np.testing.assert_allclose(ours, reference, rtol=1e-13, atol=0)
+
+
+def test_linear_scaling_rule():
+    assert scaled_learning_rate(0.0005, 1024) == pytest.approx(0.002)  # paper: 16 GPUs x 64
+    assert scaled_learning_rate(0.0005, 256) == 0.0005
+
+
+def test_learning_rate_pinned_values():
+    # 100 steps, 10 of warm-up from 0 to 0.002, then cosine over N = 90 steps to 1e-6.
+    kwargs = dict(total_steps=100, peak_lr=0.002, min_lr=1e-6, warmup_steps=10)
+    assert learning_rate_at(0, **kwargs) == 0.0
+    assert learning_rate_at(1, **kwargs) == pytest.approx(0.002 / 9)  # linspace step: 0.002 / (10 - 1)
+    assert learning_rate_at(9, **kwargs) == 0.002  # end of warm-up (np.linspace includes the end)
+    assert learning_rate_at(10, **kwargs) == pytest.approx(0.002, rel=1e-12)  # cosine i = 0
+    assert learning_rate_at(55, **kwargs) == pytest.approx(1e-6 + 0.5 * (0.002 - 1e-6), rel=1e-12)  # i = N/2
+    last = 1e-6 + 0.5 * (0.002 - 1e-6) * (1 - math.cos(math.pi / 90))  # i = 89: cos(89 pi / 90) = -cos(pi / 90)
+    assert learning_rate_at(99, **kwargs) == pytest.approx(last, rel=1e-9)
+    assert learning_rate_at(99, **kwargs) == pytest.approx(1.60886e-6, rel=1e-5)
+
+
+def test_weight_decay_pinned_values():
+    assert weight_decay_at(0, 200) == pytest.approx(0.04, rel=1e-12)
+    assert weight_decay_at(100, 200) == pytest.approx(0.22, rel=1e-12)
+    assert weight_decay_at(199, 200) == pytest.approx(0.4 - 0.18 * (1 - math.cos(math.pi / 200)), rel=1e-12)
+    assert 0.3999 < weight_decay_at(199, 200) < 0.4
+
+
+def test_teacher_momentum_pinned_values():
+    assert teacher_momentum_at(0, 1000) == pytest.approx(0.996, rel=1e-12)
+    assert teacher_momentum_at(500, 1000) == pytest.approx(0.998, rel=1e-12)
+    assert teacher_momentum_at(999, 1000) == pytest.approx(1 - 0.002 * (1 - math.cos(math.pi / 1000)), rel=1e-12)
+    assert teacher_momentum_at(0, 1000, momentum_teacher=0.9995) == pytest.approx(0.9995, rel=1e-12)
+
+
+def test_teacher_temperature_pinned_values():
+    # Paper recipe: 0.04 -> 0.07 over 30 (epochs), then constant.
+    reference = np.concatenate((np.linspace(0.04, 0.07, 30), np.ones(70) * 0.07))
+    ours = [teacher_temperature_at(step, 30, 0.04, 0.07) for step in range(100)]
+    assert ours == reference.tolist()
+    assert ours[0] == 0.04 and ours[29] == 0.07 and ours[99] == 0.07
+    assert ours[15] == pytest.approx(0.04 + 0.03 * 15 / 29)
+    # Reference defaults: no warm-up.
+    assert teacher_temperature_at(0, 0) == 0.04
+
+
+def test_out_of_range_steps_are_refused():
+    with pytest.raises(ValueError, match="outside the schedule"):
+        learning_rate_at(100, 100, 0.002)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        learning_rate_at(0, 10, 0.002, warmup_steps=10)
+    with pytest.raises(ValueError, match="non-negative"):
+        teacher_temperature_at(-1, 10)
