@@ -15,6 +15,31 @@ AutoModel.register(DinoConfig, DinoModel, exist_ok=True)
 DinoConfig.register_for_auto_class()
 DinoModel.register_for_auto_class("AutoModel")
 
+# The training side is imported on first use, so that `import dino_hf` stays light for inference.
+_LAZY = {
+    "DinoHead": "heads",
+    "DinoLoss": "loss",
+    "MultiCropWrapper": "teacher",
+    "build_teacher": "teacher",
+    "build_backbone": "backbones",
+    "MultiCropTransform": "multicrop",
+    "load_image_stream": "data",
+    "DinoTrainingArguments": "training_args",
+    "train": "trainer",
+    "train_step": "trainer",
+    "load_feature_model": "evaluation",
+    "knn_evaluate": "evaluation",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'dino_hf' has no attribute {name!r}")
+
+
 __version__ = "0.1.0"
 
-__all__ = ["DinoConfig", "DinoModel", "PRESETS", "dino_image_processor"]
+__all__ = ["DinoConfig", "DinoModel", "PRESETS", "dino_image_processor", *_LAZY]

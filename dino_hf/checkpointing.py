@@ -4,12 +4,19 @@ A checkpoint is a folder `checkpoint-<step>` holding every tensor in safetensors
 or in `torch.save` files of plain tensors and numbers that `torch.load(weights_only=True)` reads back
 (no arbitrary unpickling, unlike a pickled training state). It is first written under a temporary
 name and renamed when complete, so a crash during the write never leaves a folder that resume would
-take; `find_resume_checkpoint` also checks that each file is present and readable and falls back to
-the previous checkpoint when one is damaged.
+take. The last file written is `manifest.json`, the size of every other file; `check_checkpoint`
+compares the folder with it (a missing or truncated file is named) and reads each state file, and
+`find_resume_checkpoint` falls back to the previous checkpoint when the newest is damaged.
 
 Files: `student.safetensors`, `teacher.safetensors`, `dino_loss.safetensors` (the center),
-`optimizer.pt`, `scaler.pt` (fp16 only), `rng_state_<rank>.pt`, `data_state_<rank>.pt`,
-`trainer_state.json`, `training_args.json`, and `teacher_backbone/` (the exported model folder).
+`optimizer.pt`, `scaler.pt` (fp16 only), `rng_state_<rank>.pt` and `data_state_<rank>.pt` (one per
+process: its RNG states and its position in the data stream), `trainer_state.json` (step, counters,
+`num_processes`), `training_args.json` (the resolved configuration, without secrets),
+`teacher_backbone/` (the exported model folder) and `manifest.json`.
+
+Two helpers of the loop make a resume exact and timely: `EndlessBatches`, the batch stream whose
+state (data epoch and position) goes into `data_state_<rank>.pt`, and `PreemptionSignals`, which
+turns a scheduler's SIGTERM / SIGUSR1 into a checkpoint at the end of the current step.
 """
 
 import json
@@ -18,6 +25,8 @@ import os
 import random
 import re
 import shutil
+import signal
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +45,7 @@ REQUIRED_FILES = (
     "trainer_state.json",
     "training_args.json",
 )
+MANIFEST = "manifest.json"
 
 
 class CheckpointError(RuntimeError):
@@ -84,6 +94,20 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(handle.fileno())
 
 
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename inside `folder` durable."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _write_manifest(folder: Path) -> None:
+    sizes = {str(path.relative_to(folder)): path.stat().st_size for path in sorted(folder.rglob("*")) if path.is_file()}
+    (folder / MANIFEST).write_text(json.dumps(sizes, indent=2, sort_keys=True) + "\n")
+
+
 def staging_dir(checkpoints_dir: Path, step: int) -> Path:
     """The temporary folder a checkpoint is written to before it is renamed into place."""
     return checkpoints_dir / f".checkpoint-{step}.tmp"
@@ -121,13 +145,21 @@ def write_process_state(folder: Path, rank: int, data_state: dict | None) -> Non
 
 
 def finalize(staging: Path, checkpoints_dir: Path, step: int, total_limit: int) -> Path:
-    """Make a fully written staging folder the checkpoint of `step` (atomic rename), then keep only
-    the last `total_limit` checkpoints and remove stale staging folders."""
+    """Make a fully written staging folder the checkpoint of `step`: write its manifest, flush it to
+    disk, rename it into place; then keep only the last `total_limit` checkpoints and remove stale
+    staging folders. A crash at any point leaves either the old checkpoints or the new one complete."""
+    _write_manifest(staging)
     _fsync_tree(staging)
     final = checkpoints_dir / f"checkpoint-{step}"
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(staging, final)
+    if final.exists():  # the same step saved again (a resumed run that had nothing left to do)
+        replaced = checkpoints_dir / f".checkpoint-{step}.replaced"
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(final, replaced)
+        os.replace(staging, final)
+        shutil.rmtree(replaced, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+    _fsync_dir(checkpoints_dir)
     for stale in checkpoints_dir.glob(".checkpoint-*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
     for old in list_checkpoints(checkpoints_dir)[:-total_limit]:
@@ -144,11 +176,21 @@ def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
 
 
 def check_checkpoint(folder: Path) -> None:
-    """Raise `CheckpointError` naming the first missing or unreadable file of `folder`."""
+    """Raise `CheckpointError` naming the first missing, truncated or unreadable file of `folder`."""
+    manifest = folder / MANIFEST
+    try:
+        sizes = json.loads(manifest.read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{manifest} is missing or unreadable ({error}): the checkpoint is incomplete") from error
     for name in REQUIRED_FILES:
+        if name not in sizes:
+            raise CheckpointError(f"{manifest} does not list {name}: the checkpoint is incomplete")
+    for name, size in sizes.items():
         path = folder / name
-        if not path.is_file() or path.stat().st_size == 0:
-            raise CheckpointError(f"{path} is missing or empty")
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing")
+        if path.stat().st_size != size:
+            raise CheckpointError(f"{path} has {path.stat().st_size} bytes, {size} were written: it is damaged")
     for name in ("student.safetensors", "teacher.safetensors", "dino_loss.safetensors"):
         try:
             with safe_open(folder / name, framework="pt") as handle:
@@ -161,10 +203,13 @@ def check_checkpoint(folder: Path) -> None:
             json.loads((folder / name).read_text())
         except ValueError as error:
             raise CheckpointError(f"{folder / name} is not valid JSON: {error}") from error
-    try:
-        torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
-    except Exception as error:  # a truncated zip archive raises RuntimeError or EOFError
-        raise CheckpointError(f"{folder / 'optimizer.pt'} is unreadable: {error}") from error
+    num_processes = json.loads((folder / "trainer_state.json").read_text()).get("num_processes", 1)
+    per_process = [f"{kind}_{rank}.pt" for rank in range(num_processes) for kind in ("rng_state", "data_state")]
+    for name in ["optimizer.pt", *per_process]:
+        try:
+            torch.load(folder / name, map_location="cpu", weights_only=True)
+        except Exception as error:  # a missing file, a truncated zip archive (RuntimeError, EOFError), ...
+            raise CheckpointError(f"{folder / name} is unreadable: {error}") from error
 
 
 def find_resume_checkpoint(output_dir: Path, resume_from_checkpoint: str) -> Path | None:
@@ -179,11 +224,11 @@ def find_resume_checkpoint(output_dir: Path, resume_from_checkpoint: str) -> Pat
             )
         check_checkpoint(folder)
         return folder
-    for folder in reversed(list_checkpoints(output_dir / "checkpoints")):
+    for folder in reversed(list_checkpoints(Path(output_dir) / "checkpoints")):
         try:
             check_checkpoint(folder)
         except CheckpointError as error:
-            logger.warning("skipping damaged checkpoint: %s", error)
+            logger.warning("skipping the damaged checkpoint %s: %s", folder, error)
             continue
         return folder
     return None
@@ -210,8 +255,83 @@ def load_checkpoint(folder: Path, rank: int) -> dict:
     return state
 
 
+class PreemptionSignals:
+    """Notes SIGTERM and SIGUSR1 (what cluster schedulers send before they stop a job) instead of
+    dying on them; the loop then checkpoints at the end of the current step and returns.
+
+    A context manager: the previous handlers are restored on exit. Outside the main thread (where
+    Python cannot install handlers) it does nothing.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict = {}
+
+    def _note(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self) -> "PreemptionSignals":
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._note)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+
+class EndlessBatches:
+    """The batches of a resumable loader, pass after pass; each pass over the stream is one data
+    epoch, re-shuffled through `set_epoch`.
+
+    `state_dict()` (the data epoch and the loader's position) is what each process saves in a
+    checkpoint, so that a resumed run reads the same batches as an uninterrupted one, also when it
+    stopped right after the last batch of a pass.
+    """
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.epoch = 0
+        self._batches = None
+
+    def __iter__(self) -> "EndlessBatches":
+        return self
+
+    def __next__(self) -> dict:
+        if self._batches is None:
+            self._batches = iter(self.loader)
+        try:
+            return next(self._batches)
+        except StopIteration:
+            pass  # the pass is over (a resumed one may have had nothing left): start the next data epoch
+        self.epoch += 1
+        self.loader.dataset.set_epoch(self.epoch)
+        self._batches = iter(self.loader)
+        try:
+            return next(self._batches)
+        except StopIteration:
+            raise ValueError(
+                "the training stream gave no complete batch; use a smaller batch or more data"
+            ) from None
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "loader": self.loader.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = state["epoch"]
+        self.loader.dataset.set_epoch(self.epoch)
+        self.loader.load_state_dict(state["loader"])
+        self._batches = None
+
+
 __all__ = [
     "CheckpointError",
+    "EndlessBatches",
+    "PreemptionSignals",
     "check_checkpoint",
     "finalize",
     "find_resume_checkpoint",

@@ -7,9 +7,11 @@ final save.
 """
 
 import contextlib
+import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,7 @@ from tqdm.auto import tqdm
 
 from . import checkpointing
 from .backbones import build_backbone
+from .configuration_dino import PRESETS
 from .convert import dino_from_reference, load_checkpoint_file
 from .data import SkipReport, build_multicrop_dataloader, load_image_stream
 from .demo_data import default_demo_root, make_demo_dataset
@@ -40,7 +43,7 @@ from .schedules import (
     weight_decay_at,
 )
 from .teacher import MultiCropWrapper, build_teacher, ema_update_
-from .training_args import DinoTrainingArguments
+from .training_args import DinoTrainingArguments, check_crop_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +52,8 @@ NONFINITE_HINTS = (
     "--mixed_precision bf16 or no), a teacher temperature above 0.07, a learning rate too high for the "
     "batch, or non-finite input images"
 )
+# Seconds a run stopped by a signal waits for its last Hub upload: schedulers kill soon after.
+PREEMPTION_PUSH_TIMEOUT = 20.0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -75,8 +80,9 @@ def train_step(
     """One DINO step, in the reference's order.
 
     1. lr on every parameter group, weight decay on the regularised group(s) only;
-    2. per micro-batch: teacher on the 2 global crops (no grad), student on all crops, loss (the
-       center is updated after it), backward of loss / accumulation_steps;
+    2. per micro-batch: teacher on the 2 global crops (no grad), student on all crops, loss, backward
+       of loss / accumulation_steps; the center is updated once, after the last micro-batch, with
+       the mean teacher output of the whole batch (so 2 x B/2 computes what 1 x B does);
     3. per-parameter gradient clipping, last-layer gradients dropped when `freeze_last_layer`,
        backbone gradients dropped when `freeze_backbone`, optimiser step, zero_grad;
     4. EMA of the teacher with `momentum`.
@@ -101,10 +107,12 @@ def train_step(
         freeze_backbone (`bool`): train the head alone (warm-up of a fresh head on pretrained weights).
 
     Returns:
-        `{"loss": float, **collapse_diagnostics(...)}`, averaged over the micro-batches.
+        `{"loss": float, **collapse_diagnostics(...)}`, averaged over the micro-batches; the loss is
+        also averaged over the processes.
 
     Raises:
-        FloatingPointError: when a loss is not finite; no weight has changed then.
+        FloatingPointError: when a loss is not finite on any process; no weight has changed then
+            (the center has: the caller restores it, see `train`).
     """
     for group in optimizer.param_groups:
         if "regularized" not in group:
@@ -123,15 +131,24 @@ def train_step(
             f"use a batch that is a multiple of {accumulation_steps}"
         )
     micro_batches = list(zip(*(crop.chunk(accumulation_steps) for crop in crops)))
+    step_center = dino_loss.center.clone()
+    teacher_outputs = []
     totals: dict[str, float] = {}
     for index, micro in enumerate(micro_batches):
+        if accumulation_steps > 1:
+            dino_loss.center.copy_(step_center)  # every micro-batch is scored against the step's center
         last = index == len(micro_batches) - 1
         sync = contextlib.nullcontext() if last or accelerator is None else accelerator.no_sync(student)
         with sync:
-            stats = _forward_backward(student, teacher, dino_loss, list(micro), teacher_temp, accelerator,
-                                      1.0 / accumulation_steps)
+            stats, teacher_output = _forward_backward(student, teacher, dino_loss, list(micro), teacher_temp,
+                                                      accelerator, 1.0 / accumulation_steps)
+        teacher_outputs.append(teacher_output)
         for key, value in stats.items():
             totals[key] = totals.get(key, 0.0) + value / accumulation_steps
+    if accumulation_steps > 1:
+        # One center update per optimisation step, with the mean over the whole batch, as 1 x B does.
+        dino_loss.center.copy_(step_center)
+        dino_loss.update_center(torch.cat(teacher_outputs))
 
     if accelerator is not None:
         accelerator.unscale_gradients(optimizer)
@@ -151,7 +168,9 @@ def _unwrap(model: nn.Module, accelerator: Accelerator | None) -> nn.Module:
     return accelerator.unwrap_model(model) if accelerator is not None else model
 
 
-def _forward_backward(student, teacher, dino_loss, crops, teacher_temp, accelerator, scale) -> dict[str, float]:
+def _forward_backward(student, teacher, dino_loss, crops, teacher_temp, accelerator, scale):
+    """Forward, loss and backward of one micro-batch; returns its statistics and the teacher output
+    `(2 * B, K)`."""
     # Mixed precision covers the forwards and the loss, as the reference's autocast block.
     with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
         with torch.no_grad():
@@ -161,14 +180,23 @@ def _forward_backward(student, teacher, dino_loss, crops, teacher_temp, accelera
             student_output.detach(), teacher_output, dino_loss.center, teacher_temp, dino_loss.student_temp
         )
         loss = dino_loss(student_output, teacher_output, teacher_temp)
-    loss_value = loss.item()
+    loss_value = _mean_over_processes(loss, accelerator)
     if not math.isfinite(loss_value):
         raise FloatingPointError(f"DINO loss is {loss_value}; {NONFINITE_HINTS}")
     if accelerator is not None:
         accelerator.backward(loss * scale)
     else:
         (loss * scale).backward()
-    return {"loss": loss_value, **diagnostics}
+    return {"loss": loss_value, **diagnostics}, teacher_output.detach()
+
+
+def _mean_over_processes(loss: torch.Tensor, accelerator: Accelerator | None) -> float:
+    """The loss averaged over the processes. A non-finite loss on one process is then seen by all,
+    so that all of them skip or stop at the same step (a process that went on to the backward alone
+    would wait forever for the others' gradients)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return loss.item()
+    return accelerator.reduce(loss.detach().float(), reduction="mean").item()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -177,15 +205,21 @@ def _forward_backward(student, teacher, dino_loss, crops, teacher_temp, accelera
 
 @dataclass
 class TrainResult:
-    """What a finished run leaves: where the export is, the steps done and the measured figures."""
+    """What a run leaves: where the export is, the steps done and the measured figures.
+
+    `stopped_by` names the signal (SIGTERM, SIGUSR1) that stopped the run before its last step; the
+    checkpoint of `global_step` was written then, and no final export or evaluation was made.
+    """
 
     output_dir: Path
     export_dir: Path
     global_step: int
+    checkpoint: Path | None = None
     knn: dict = field(default_factory=dict)
     knn_random_init: dict = field(default_factory=dict)
     skipped_samples: dict = field(default_factory=dict)
     push_report: str | None = None
+    stopped_by: str | None = None
 
 
 class NonFiniteLossError(RuntimeError):
@@ -195,8 +229,13 @@ class NonFiniteLossError(RuntimeError):
 def build_student_teacher(args: DinoTrainingArguments) -> tuple[MultiCropWrapper, MultiCropWrapper, bool]:
     """Student = backbone + DINO head, teacher = its copy without stochastic depth.
 
-    Returns also whether the backbone came with pretrained weights but without a head: then the
-    fresh head is trained alone for `head_warmup_steps` before the backbone joins.
+    Returns also whether the backbone came with trained weights but without a head (a saved
+    DinoModel folder, a Hub id, a backbone-only reference file): then the fresh head is trained
+    alone for `head_warmup_steps` before the backbone joins, so that a random head does not wreck
+    the features. Presets and timm names start from random weights: no warm-up.
+
+    Raises:
+        ValueError: the crop sizes are not multiples of the backbone's patch size.
     """
     spec = args.backbone or args.model_name_or_path or "vit_small_patch16"
     head_state = None
@@ -204,10 +243,10 @@ def build_student_teacher(args: DinoTrainingArguments) -> tuple[MultiCropWrapper
         imported = dino_from_reference(load_checkpoint_file(spec), drop_path_rate=args.drop_path_rate)
         backbone = build_backbone(imported.model)
         head_state = imported.head_state_dict
-        pretrained = True
     else:
         backbone = build_backbone(spec, drop_path_rate=args.drop_path_rate, image_size=args.global_crops_size)
-        pretrained = os.path.isdir(spec) or (args.model_name_or_path is not None and "/" in spec)
+    pretrained = args.model_name_or_path is not None and spec not in PRESETS
+    check_crop_sizes(args, _patch_size(backbone))
     head = DinoHead(
         backbone.num_features,
         args.out_dim,
@@ -221,6 +260,17 @@ def build_student_teacher(args: DinoTrainingArguments) -> tuple[MultiCropWrapper
         head.load_state_dict(head_state)
     student = MultiCropWrapper(backbone, head)
     return student, build_teacher(student), pretrained and head_state is None
+
+
+def _patch_size(backbone: nn.Module) -> int | None:
+    """The patch size of a ViT backbone (DinoModel or timm), None for a CNN."""
+    config = getattr(backbone.model, "config", None)
+    if config is not None and hasattr(config, "patch_size"):
+        return int(config.patch_size)
+    size = getattr(getattr(backbone.model, "patch_embed", None), "patch_size", None)
+    if size is None:
+        return None
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
 def _demo_root(args: DinoTrainingArguments) -> Path:
@@ -293,7 +343,22 @@ def knn_accuracy(backbone: nn.Module, sources: tuple[dict, dict], args: DinoTrai
 
 
 def train(args: DinoTrainingArguments) -> TrainResult:
-    """Run DINO pretraining as configured by `args`; returns where the result is."""
+    """Run DINO pretraining as configured by `args`; returns where the result is.
+
+    SIGTERM and SIGUSR1 are caught while it runs (`checkpointing.PreemptionSignals`): the run
+    checkpoints at the end of the current step and returns with `stopped_by` set; the previous
+    handlers are restored when it returns.
+
+    Raises:
+        NonFiniteLossError: more non-finite losses than `skip_nonfinite_steps` allows.
+        checkpointing.CheckpointError: a checkpoint could not be written (the previous one is
+            intact) or the one named by `resume_from_checkpoint` is damaged.
+    """
+    with checkpointing.PreemptionSignals() as signals:
+        return _train(args, signals)
+
+
+def _train(args: DinoTrainingArguments, signals: checkpointing.PreemptionSignals) -> TrainResult:
     # ---- accelerator ------------------------------------------------------------------------
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
@@ -303,9 +368,20 @@ def train(args: DinoTrainingArguments) -> TrainResult:
     output_dir = Path(args.output_dir)
     checkpoints_dir = output_dir / "checkpoints"
     export_dir = output_dir / "teacher_backbone"
+    set_seed(args.seed)
+
+    # ---- models (first: a backbone that cannot take the crop sizes fails before any other work)
+    student, teacher, fresh_head = build_student_teacher(args)
+    head_warmup_steps = args.head_warmup_steps if fresh_head else 0
+    if fresh_head and not head_warmup_steps:
+        logger.warning(
+            "%s has trained weights but no DINO head: the random head's first gradients reach the backbone; "
+            "consider --head_warmup_steps (e.g. one epoch of steps) to train the head alone first",
+            args.model_name_or_path,
+        )
+    dino_loss = DinoLoss(args.out_dim, 2 + args.local_crops_number, args.student_temp, args.center_momentum)
     if accelerator.is_main_process:
         checkpoints_dir.mkdir(parents=True, exist_ok=True)
-    set_seed(args.seed)
 
     # ---- data -------------------------------------------------------------------------------
     with accelerator.main_process_first():
@@ -328,6 +404,11 @@ def train(args: DinoTrainingArguments) -> TrainResult:
         stream, image_column, transform, batch_size=batch_size, num_workers=args.dataloader_num_workers,
         seed=args.seed + accelerator.process_index, shuffle_buffer_size=args.shuffle_buffer_size, **loader_options,
     )
+    # Each pass over the loader draws a worker seed from the generator; a private one keeps the global
+    # RNG (stochastic depth) independent of how many passes were started, so a resumed run matches.
+    # The samples' augmentations are seeded by their position, not by this generator.
+    loader.generator = torch.Generator().manual_seed(args.seed + accelerator.process_index)
+    batches = checkpointing.EndlessBatches(loader)
     total_batch = batch_size * accelerator.num_processes
     samples_per_epoch = args.samples_per_epoch or _dataset_size(stream, source)
     if samples_per_epoch is None:
@@ -339,14 +420,9 @@ def train(args: DinoTrainingArguments) -> TrainResult:
     total_steps = max(2, round(args.num_train_epochs * iterations_per_epoch))
     last_step = min(total_steps, args.max_train_steps or total_steps)
 
-    # ---- models -----------------------------------------------------------------------------
-    student, teacher, fresh_head = build_student_teacher(args)
-    head_warmup_steps = args.head_warmup_steps if fresh_head else 0
-    dino_loss = DinoLoss(args.out_dim, 2 + args.local_crops_number, args.student_temp, args.center_momentum)
-
     # ---- optimiser and schedules ------------------------------------------------------------
     optimizer = build_optimizer(args.optimizer, get_param_groups(student))
-    student, optimizer = accelerator.prepare(student, optimizer)
+    student, optimizer = accelerator.prepare(student, optimizer)  # DDP for the student only
     teacher.to(accelerator.device)
     dino_loss.to(accelerator.device)
     peak_lr = scaled_learning_rate(args.learning_rate, total_batch)
@@ -357,11 +433,14 @@ def train(args: DinoTrainingArguments) -> TrainResult:
 
     # ---- resume -----------------------------------------------------------------------------
     global_step = 0
-    state = {"global_step": 0, "nonfinite_skipped": 0, "skipped_samples": {}, "knn_random_init": {}, "knn": {}}
+    state = {"global_step": 0, "nonfinite_skipped": 0, "skipped_samples": {}, "knn_random_init": {}, "knn": {},
+             "num_processes": accelerator.num_processes}
     skip_report = SkipReport()
     resume_folder = None
     if args.resume_from_checkpoint:
         resume_folder = checkpointing.find_resume_checkpoint(output_dir, args.resume_from_checkpoint)
+        if resume_folder is None:
+            accelerator.print(f"no checkpoint to resume from in {checkpoints_dir}: starting from step 0")
     if resume_folder is not None:
         saved = checkpointing.load_checkpoint(resume_folder, accelerator.process_index)
         accelerator.unwrap_model(student).load_state_dict(saved["student"])
@@ -370,11 +449,18 @@ def train(args: DinoTrainingArguments) -> TrainResult:
         optimizer.load_state_dict(saved["optimizer"])
         if saved["scaler"] is not None and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(saved["scaler"])
-        if saved["data"] is not None:
-            loader.load_state_dict(saved["data"])
-        if saved["rng"] is not None:
+        saved_processes = saved["trainer_state"].get("num_processes", accelerator.num_processes)
+        if saved_processes == accelerator.num_processes:
+            batches.load_state_dict(saved["data"])
             checkpointing.set_rng_state(saved["rng"])
+        else:
+            logger.warning(
+                "%s was written by %d processes and this run has %d: the data stream is split differently, "
+                "so it restarts from its beginning (the weights, optimiser and step are restored)",
+                resume_folder, saved_processes, accelerator.num_processes,
+            )
         state.update(saved["trainer_state"])
+        state["num_processes"] = accelerator.num_processes
         global_step = state["global_step"]
         skip_report.counts.update(state["skipped_samples"])
         accelerator.print(f"resumed from {resume_folder} at step {global_step}")
@@ -384,17 +470,16 @@ def train(args: DinoTrainingArguments) -> TrainResult:
         pusher = HubPusher(args.hub_model_id, token=args.hub_token, private=args.hub_private_repo)
     if args.report_to != "none":
         accelerator.init_trackers("dino_hf", config=args.to_dict())
+    sample_log = _SampleLog(args.log_sample_ids, accelerator.process_index) if args.log_sample_ids else None
+    last_checkpoint = resume_folder
 
     def save(step: int) -> Path:
-        """Checkpoint of `step` (all processes take part) and, on the main process, the export."""
+        """Checkpoint of `step`: every process writes its part, the main process the shared state and
+        the export. Raises `CheckpointError` on every process when any of them could not write."""
         staging = checkpointing.staging_dir(checkpoints_dir, step)
-        if accelerator.is_main_process:
-            staging.mkdir(parents=True, exist_ok=True)
-        accelerator.wait_for_everyone()
-        checkpointing.write_process_state(staging, accelerator.process_index, loader.state_dict())
-        accelerator.wait_for_everyone()
-        final = None
-        if accelerator.is_main_process:
+        final = checkpoints_dir / f"checkpoint-{step}"
+
+        def shared_state() -> None:
             state["global_step"] = step
             state["skipped_samples"] = dict(skip_report.counts)
             card = _model_card(args, teacher, step, iterations_per_epoch, state)
@@ -410,10 +495,24 @@ def train(args: DinoTrainingArguments) -> TrainResult:
                 trainer_state=state,
                 training_args=args.to_dict(),
             )
-            final = checkpointing.finalize(staging, checkpoints_dir, step, args.checkpoints_total_limit)
-            if pusher is not None:
-                pusher.push(final / "teacher_backbone", f"Training step {step}")
-        accelerator.wait_for_everyone()
+            checkpointing.finalize(staging, checkpoints_dir, step, args.checkpoints_total_limit)
+
+        try:
+            _on_every_process(accelerator, lambda: staging.mkdir(parents=True, exist_ok=True),
+                              main_only=True)
+            _on_every_process(accelerator, lambda: checkpointing.write_process_state(
+                staging, accelerator.process_index, batches.state_dict()))
+            _on_every_process(accelerator, shared_state, main_only=True)
+        except OSError as error:
+            if accelerator.is_main_process:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise checkpointing.CheckpointError(
+                f"could not write the checkpoint of step {step} to {final}: {error}. The previous checkpoint "
+                f"{last_checkpoint or '(none: this was the first)'} is intact; free disk space or make "
+                f"{checkpoints_dir} writable, then resume with --resume_from_checkpoint latest"
+            ) from error
+        if pusher is not None:
+            pusher.push(final / "teacher_backbone", f"Training step {step}")
         return final
 
     if eval_sources is not None and global_step == 0 and accelerator.is_main_process:
@@ -425,12 +524,13 @@ def train(args: DinoTrainingArguments) -> TrainResult:
     teacher.train()
     progress = tqdm(total=last_step, initial=global_step, disable=not accelerator.is_local_main_process,
                     desc="DINO", dynamic_ncols=True)
-    batches = _endless(loader)
-    last_checkpoint = resume_folder
     window_images, window_start = 0, time.perf_counter()
+    stopped_by = None
     while global_step < last_step:
         batch = next(batches)
         skip_report.update(batch["skipped"])
+        if sample_log is not None:
+            sample_log.write(global_step, batch["ids"])
         crops = [crop.to(accelerator.device, non_blocking=True) for crop in batch["crops"]]
         step = global_step
         schedule = {
@@ -461,8 +561,8 @@ def train(args: DinoTrainingArguments) -> TrainResult:
                     "--resume_from_checkpoint latest after changing the setting at fault, or allow a few "
                     "such steps with --skip_nonfinite_steps"
                 ) from error
-            logger.warning("step %d skipped (%d of %d allowed): %s", step, state["nonfinite_skipped"],
-                           args.skip_nonfinite_steps, error)
+            accelerator.print(f"step {step} skipped ({state['nonfinite_skipped']} of {args.skip_nonfinite_steps} "
+                              f"allowed by --skip_nonfinite_steps): {error}")
             continue
         global_step += 1
         progress.update(1)
@@ -471,7 +571,8 @@ def train(args: DinoTrainingArguments) -> TrainResult:
         if global_step % args.logging_steps == 0 or global_step == last_step:
             elapsed = time.perf_counter() - window_start
             logs = {**metrics, **schedule, "epoch": global_step / iterations_per_epoch,
-                    "images_per_second": window_images / max(elapsed, 1e-9)}
+                    "images_per_second": window_images / max(elapsed, 1e-9),
+                    "nonfinite_skipped": state["nonfinite_skipped"]}
             logs.update({f"skipped_{reason}": count for reason, count in skip_report.counts.items()})
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{schedule['lr']:.2e}")
             accelerator.log(logs, step=global_step)
@@ -484,9 +585,26 @@ def train(args: DinoTrainingArguments) -> TrainResult:
                 accelerator.log({f"eval/{k}": v for k, v in state["knn"].items()}, step=global_step)
                 accelerator.print(f"step {global_step} k-NN: {_knn_line(state['knn'])}")
             accelerator.wait_for_everyone()
-        if global_step % checkpoint_every == 0 and global_step != last_step:
+        if global_step == last_step:
+            break
+        if global_step % checkpoint_every == 0:
             last_checkpoint = save(global_step)
+        if _on_any_process(accelerator, signals.received is not None):  # all processes stop at the same step
+            if global_step % checkpoint_every:
+                last_checkpoint = save(global_step)
+            stopped_by = signals.received or "a signal received by another process"
+            break
     progress.close()
+
+    if stopped_by is not None:
+        accelerator.print(f"{stopped_by}: stopped after step {global_step} of {last_step}; checkpoint "
+                          f"{last_checkpoint}; continue with --resume_from_checkpoint latest")
+        result = TrainResult(output_dir, export_dir, global_step, checkpoint=last_checkpoint,
+                             skipped_samples=dict(skip_report.counts), stopped_by=stopped_by)
+        if pusher is not None:
+            result.push_report = str(pusher.finish(timeout=PREEMPTION_PUSH_TIMEOUT))
+        accelerator.end_training()
+        return result
 
     # ---- final save -------------------------------------------------------------------------
     if eval_sources is not None and accelerator.is_main_process:
@@ -494,12 +612,14 @@ def train(args: DinoTrainingArguments) -> TrainResult:
         accelerator.log({f"eval/{k}": v for k, v in state["knn"].items()}, step=global_step)
         accelerator.print(f"k-NN of the trained teacher: {_knn_line(state['knn'])}")
     final = save(global_step)
-    result = TrainResult(output_dir, export_dir, global_step, knn=state["knn"],
+    result = TrainResult(output_dir, export_dir, global_step, checkpoint=final, knn=state["knn"],
                          knn_random_init=state["knn_random_init"], skipped_samples=dict(skip_report.counts))
     if accelerator.is_main_process:
         export_backbone(teacher.backbone, export_dir, image_size=args.global_crops_size,
                         model_card=_model_card(args, teacher, global_step, iterations_per_epoch, state))
         accelerator.print(skip_report.summary())
+        if state["nonfinite_skipped"]:
+            accelerator.print(f"steps skipped on a non-finite loss: {state['nonfinite_skipped']}")
         if pusher is not None:
             pusher.push(export_dir, f"End of training, step {global_step}")
             report = pusher.finish()
@@ -510,16 +630,41 @@ def train(args: DinoTrainingArguments) -> TrainResult:
     return result
 
 
-def _endless(loader):
-    """Batches forever: each pass over the stream is a data epoch, re-shuffled by `set_epoch`."""
-    while True:
-        yielded = False
-        for batch in loader:
-            yielded = True
-            yield batch
-        if not yielded:
-            raise ValueError("the training stream gave no complete batch; use a smaller batch or more data")
-        loader.dataset.set_epoch(loader.dataset.epoch + 1)
+def _on_any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """Whether `flag` is true on at least one process (a collective: every process must call it)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.gather(torch.tensor([int(flag)], device=accelerator.device)).any())
+
+
+def _on_every_process(accelerator: Accelerator, action, main_only: bool = False) -> None:
+    """Run `action` (on the main process only if `main_only`), then agree: raise `OSError` on every
+    process when it failed on any, so that no process waits for one that gave up."""
+    error = None
+    if accelerator.is_main_process or not main_only:
+        try:
+            action()
+        except OSError as caught:
+            error = caught
+    if _on_any_process(accelerator, error is not None):
+        raise error or OSError("another process could not write its part of the checkpoint")
+
+
+class _SampleLog:
+    """`--log_sample_ids FILE`: one JSON line per batch, `{"step", "process", "ids"}` (a step retried
+    after a non-finite loss appears twice). All processes append to the same file, one write each."""
+
+    def __init__(self, path: str, process: int):
+        self.path = path
+        self.process = process
+
+    def write(self, step: int, ids: list[str]) -> None:
+        line = json.dumps({"step": step, "process": self.process, "ids": list(ids)}) + "\n"
+        descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(descriptor, line.encode())
+        finally:
+            os.close(descriptor)
 
 
 def _log_line(step: int, logs: dict) -> str:
@@ -551,4 +696,11 @@ def _model_card(args, teacher, step: int, iterations_per_epoch: int, state: dict
     )
 
 
-__all__ = ["NonFiniteLossError", "TrainResult", "build_student_teacher", "knn_accuracy", "train", "train_step"]
+__all__ = [
+    "NonFiniteLossError",
+    "TrainResult",
+    "build_student_teacher",
+    "knn_accuracy",
+    "train",
+    "train_step",
+]

@@ -8,14 +8,21 @@ Face example scripts. `parse_training_args` reads them like those scripts do (tr
 
 import argparse
 import dataclasses
+import difflib
+import glob
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import timm
 import yaml
+from accelerate.utils import LoggerType
 from transformers import HfArgumentParser
+
+from .configuration_dino import PRESETS, DinoConfig
+from .optimization import OPTIMIZERS
 
 SECRET_FIELDS = ("hub_token",)
 
@@ -130,6 +137,12 @@ class DinoTrainingArguments:
     skip_nonfinite_steps: int = field(
         default=0, metadata={"help": "Steps with a non-finite loss to skip before stopping (0: stop at the first)."}
     )
+    log_sample_ids: str | None = field(
+        default=None,
+        metadata={"help": "Append the ids of every batch to this file, one JSON line per step and process "
+                  '({"step", "process", "ids"}): to check which samples each process saw, and that a resumed '
+                  "run reads on where the stopped one was."},
+    )
 
     # ---- Hub ---------------------------------------------------------------------------------
     push_to_hub: bool = field(default=False, metadata={"help": "Upload the teacher export at every checkpoint."})
@@ -161,8 +174,26 @@ def _fail(name: str, value, allowed: str) -> None:
     raise ValueError(f"--{name}={value!r} is not valid: {allowed}")
 
 
+def check_crop_sizes(args: DinoTrainingArguments, patch_size: int | None) -> None:
+    """Both crop sizes must be multiples of the ViT's patch size (`None`: a CNN, any size goes)."""
+    if not patch_size:
+        return
+    sizes = [("global_crops_size", args.global_crops_size)]
+    if args.local_crops_number:
+        sizes.append(("local_crops_size", args.local_crops_size))
+    for name, size in sizes:
+        if size % patch_size:
+            _fail(name, size, f"a multiple of the backbone's patch size {patch_size}, e.g. "
+                  f"{max(patch_size, size - size % patch_size)}")
+
+
 def validate(args: DinoTrainingArguments) -> None:
-    """Check every field before any work starts; each error names the field, the value and what is allowed."""
+    """Check every field before any work starts; each error names the field, the value and what is allowed.
+
+    Checks what can be known without building the model or reading data: ranges and choices, that
+    local folders and files exist, that a backbone name is known, and the crop sizes against the
+    patch size of a preset or saved DinoModel (`train` checks other backbones once built).
+    """
     positive = ("out_dim", "per_device_train_batch_size", "gradient_accumulation_steps", "global_crops_size",
                 "local_crops_size", "head_hidden_dim", "head_bottleneck_dim", "head_nlayers", "logging_steps",
                 "checkpoints_total_limit", "shuffle_buffer_size")
@@ -193,12 +224,54 @@ def validate(args: DinoTrainingArguments) -> None:
         scale = getattr(args, name)
         if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
             _fail(name, scale, "two numbers 0 < low <= high <= 1, e.g. 0.4 1.0")
+    if args.optimizer not in OPTIMIZERS:
+        _fail("optimizer", args.optimizer, f"one of {', '.join(OPTIMIZERS)}")
+    if args.mixed_precision not in (None, "no", "fp16", "bf16"):
+        _fail("mixed_precision", args.mixed_precision, "no, fp16 or bf16 (or unset: accelerate's setting)")
+    trackers = [name.strip() for name in args.report_to.split(",")]
+    known_trackers = ["none"] + [tracker.value for tracker in LoggerType]
+    if any(name not in known_trackers for name in trackers) or ("none" in trackers and len(trackers) > 1):
+        _fail("report_to", args.report_to, f"none, or a comma-separated list of {', '.join(known_trackers[1:])}")
     if args.checkpointing_steps != "epoch" and not (args.checkpointing_steps.isdigit() and int(args.checkpointing_steps) > 0):
         _fail("checkpointing_steps", args.checkpointing_steps, "a number of steps >= 1, or 'epoch'")
+    if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
+        _fail("resume_from_checkpoint", args.resume_from_checkpoint,
+              "'latest' (the newest valid checkpoint under --output_dir) or an existing checkpoint-<step> folder")
+    _validate_model(args)
+    _validate_data(args)
+    if args.push_to_hub and not args.hub_model_id:
+        _fail("hub_model_id", None, "a repository id such as org/dino-vits16 (required by --push_to_hub)")
+
+
+def _validate_model(args: DinoTrainingArguments) -> None:
     if args.model_name_or_path and args.backbone:
         _fail("backbone", args.backbone, "leave it unset when --model_name_or_path is given (they are alternatives)")
-    if args.backbone is not None and not args.backbone.startswith("timm:"):
-        _fail("backbone", args.backbone, "a timm model as timm:NAME, e.g. timm:resnet50; DinoModels go in --model_name_or_path")
+    if args.backbone is not None:
+        name = args.backbone.removeprefix("timm:")
+        if not args.backbone.startswith("timm:"):
+            _fail("backbone", args.backbone, "a timm model as timm:NAME, e.g. timm:resnet50; DinoModels go in --model_name_or_path")
+        if not name.startswith(("hf-hub:", "hf_hub:", "local-dir:")) and not timm.is_model(name):
+            close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+            hint = f" (closest: {', '.join('timm:' + match for match in close)})" if close else ""
+            _fail("backbone", args.backbone, f"a model name that timm knows, see timm.list_models(){hint}")
+        return
+    spec = args.model_name_or_path or "vit_small_patch16"
+    if spec in PRESETS:
+        check_crop_sizes(args, DinoConfig.from_preset(spec).patch_size)
+    elif os.path.isdir(spec):
+        config_file = Path(spec) / "config.json"
+        if not config_file.is_file():
+            _fail("model_name_or_path", spec, "a folder written by DinoModel.save_pretrained (this one has no config.json)")
+        check_crop_sizes(args, json.loads(config_file.read_text()).get("patch_size"))
+    elif os.path.isfile(spec):
+        if not spec.endswith((".pth", ".pt", ".safetensors")):
+            _fail("model_name_or_path", spec, "a reference DINO checkpoint file ending in .pth, .pt or .safetensors")
+    elif len(spec.split("/")) != 2 or spec.startswith((".", "/", "~")) or not all(spec.split("/")):
+        _fail("model_name_or_path", spec, f"a DinoModel preset ({', '.join(PRESETS)}), an existing folder or "
+              "checkpoint file, or a Hub id org/name")
+
+
+def _validate_data(args: DinoTrainingArguments) -> None:
     sources = [name for name in ("dataset_name", "train_dir", "data_files") if getattr(args, name)]
     if args.demo and sources:
         _fail("demo", True, f"train on the demo dataset or on --{sources[0]}, not both")
@@ -207,8 +280,18 @@ def validate(args: DinoTrainingArguments) -> None:
             "no training data: pass --dataset_name (a Hub id), --train_dir (a folder of images) or --data_files "
             "(parquet / webdataset shards), or --demo to train on the generated demo dataset"
         )
-    if args.push_to_hub and not args.hub_model_id:
-        _fail("hub_model_id", None, "a repository id such as org/dino-vits16 (required by --push_to_hub)")
+    if len(sources) > 1:
+        _fail(sources[1], getattr(args, sources[1]), f"leave it unset when --{sources[0]} is given (one source)")
+    if args.train_dir and not os.path.isdir(args.train_dir):
+        _fail("train_dir", args.train_dir, "an existing folder of images")
+    for pattern in args.data_files or []:
+        if "://" not in pattern and not glob.glob(pattern, recursive=True):
+            _fail("data_files", pattern, "paths or globs that match existing files (or hf:// URLs)")
+    if args.eval_train_dir:
+        for split in (args.eval_train_split, args.eval_split):
+            if not os.path.isdir(os.path.join(args.eval_train_dir, split)):
+                _fail("eval_train_dir", args.eval_train_dir,
+                      f"a folder holding the sub-folders {args.eval_train_split}/ and {args.eval_split}/ of labelled images")
     if args.eval_steps is not None and not (args.eval_dataset_name or args.eval_train_dir or args.demo):
         _fail("eval_steps", args.eval_steps, "set it together with --eval_dataset_name or --eval_train_dir")
 
@@ -234,4 +317,4 @@ def parse_training_args(argv: list[str] | None = None) -> DinoTrainingArguments:
     return args
 
 
-__all__ = ["DinoTrainingArguments", "parse_training_args", "validate"]
+__all__ = ["DinoTrainingArguments", "check_crop_sizes", "parse_training_args", "validate"]

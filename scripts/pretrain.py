@@ -2,28 +2,51 @@
 
 With no arguments it trains the tiny demo recipe (configs/demo.yaml) on a generated image dataset,
 on the CPU in a few minutes, and prints the k-NN accuracy of the random-init and the trained teacher.
+
+SIGTERM or SIGUSR1 (a scheduler's preemption notice) make it checkpoint at the end of the current
+step and exit with status 0; run the same command with `--resume_from_checkpoint latest` to go on.
+A wrong setting exits with status 2, a run stopped by a non-finite loss or a failed checkpoint
+write with status 1, each with a message that says what to change.
 """
 
 import sys
 from pathlib import Path
 
-from dino_hf.trainer import train
+from accelerate import PartialState
+
+from dino_hf.checkpointing import CheckpointError
+from dino_hf.trainer import NonFiniteLossError, train
 from dino_hf.training_args import parse_training_args
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str]) -> int:
     if not argv:
         argv = ["--config", str(DEMO_CONFIG)]
-    args = parse_training_args(argv)
-    result = train(args)
+    try:
+        args = parse_training_args(argv)
+    except ValueError as error:
+        print(f"pretrain.py: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        result = train(args)
+    except (NonFiniteLossError, CheckpointError) as error:
+        print(f"pretrain.py: training stopped: {error}", file=sys.stderr)
+        return 1
+    if not PartialState().is_main_process:
+        return 0
+    if result.stopped_by is not None:
+        print(f"Stopped by {result.stopped_by} after step {result.global_step}; the training state is in "
+              f"{result.checkpoint}. Resume with the same command and --resume_from_checkpoint latest.")
+        return 0
     if result.knn_random_init and result.knn:
         print(f"k-NN top-1 (k=20): random-init teacher {result.knn_random_init.get('knn_top1@20', float('nan')):.1f}% "
               f"-> trained teacher {result.knn.get('knn_top1@20', float('nan')):.1f}%")
     print(f"The trained teacher backbone is in {result.export_dir}. Load it with:")
     print(f'    import dino_hf; from transformers import AutoModel; model = AutoModel.from_pretrained("{result.export_dir}")')
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

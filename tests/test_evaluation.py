@@ -1,3 +1,4 @@
+import inspect
 import io
 import math
 
@@ -7,10 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torchvision.transforms import InterpolationMode
 
 from dino_hf import DinoConfig, DinoModel, dino_image_processor
 from dino_hf.convert import save_as_timm, save_as_vit, to_timm_model
 from dino_hf.evaluation import (
+    KNN_KS,
+    KNN_TEMPERATURE,
+    MASK_THRESHOLD,
     DinoFeatureModel,
     ImageBatches,
     LinearProbe,
@@ -281,7 +286,17 @@ def test_eval_transform_matches_dino_image_processor():
     processor = dino_image_processor(32)(image, return_tensors="pt")["pixel_values"][0]
     assert ours.shape == processor.shape == (3, 32, 32)
     torch.testing.assert_close(ours, processor, atol=0.05, rtol=0)
-    assert eval_transform(224).transforms[0].size == 256  # resize 256, crop 224 (SPEC)
+    resize, crop = eval_transform(224).transforms[:2]
+    assert resize.size == 256 and crop.size == (224, 224)  # resize 256 bicubic, crop 224 (SPEC)
+    assert resize.interpolation == InterpolationMode.BICUBIC
+
+
+def test_protocol_defaults_are_the_papers():
+    assert KNN_KS == (10, 20, 100, 200) and KNN_TEMPERATURE == 0.07 and MASK_THRESHOLD == 0.6
+    defaults = {name: p.default for name, p in inspect.signature(train_linear_probe).parameters.items()}
+    assert (defaults["epochs"], defaults["lr"], defaults["batch_size"]) == (100, 0.001, 128)
+    defaults = {name: p.default for name, p in inspect.signature(probe_features).parameters.items()}
+    assert (defaults["n_last_blocks"], defaults["avgpool_patchtokens"]) == (4, False)  # ViT-S setting
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,187 @@
+"""One DINO training step of ViT-S/16 with 2 x 224 + 8 x 96 crops: dino_hf's vs a plain baseline.
+
+Ours: `dino_hf.trainer.train_step` (one backbone call per crop resolution, the head once on all
+crops, SDPA attention, multi-tensor EMA) with the fused AdamW of `dino_hf.speed`, and on a GPU bf16
+autocast through Accelerate (plus `--torch_compile` if asked).
+Baseline, written here from SPEC.md alone: one backbone call per crop, attention through an explicit
+softmax (DinoModel's `output_attentions=True` path), the loss as a Python loop over crop pairs,
+per-parameter clipping in a loop, PyTorch's for-loop AdamW, an EMA in a Python loop, fp32.
+
+Both run on the same random crops (data loading is not part of the step), each in its own
+subprocess so that peak memory is its own, alternately `--repeats` times (best kept, against the
+noise of shared CPUs): on CPU the rise of the peak RSS (getrusage) during the
+steps over the peak after building the models, on GPU `torch.cuda.max_memory_allocated` over the
+memory held before the first step. Images are source images (10 crops each) per second.
+
+    python benchmarks/train_step.py                  # CPU: batch 4, 2 x (1 warm-up + 1 timed step)
+    python benchmarks/train_step.py --batch 128      # GPU (bf16): defaults batch 128, 5 + 20 steps
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+from dino_hf.backbones import build_backbone
+from dino_hf.heads import DinoHead
+from dino_hf.loss import DinoLoss
+from dino_hf.optimization import get_param_groups
+from dino_hf.speed import apply_speed_options, build_fast_optimizer
+from dino_hf.teacher import MultiCropWrapper, build_teacher
+from dino_hf.trainer import train_step
+
+SCHEDULE = dict(lr=5e-4, weight_decay=0.04, momentum=0.996, teacher_temp=0.04, clip_grad=3.0)
+
+
+def build(args, device):
+    torch.manual_seed(0)
+    backbone = build_backbone(args.model, drop_path_rate=0.1)
+    student = MultiCropWrapper(backbone, DinoHead(backbone.num_features, args.out_dim)).to(device)
+    teacher = build_teacher(student)
+    dino_loss = DinoLoss(args.out_dim, 2 + args.local_crops).to(device)
+    generator = torch.Generator(device).manual_seed(0)
+    crops = [torch.randn(args.batch, 3, 224, 224, device=device, generator=generator) for _ in range(2)]
+    crops += [torch.randn(args.batch, 3, 96, 96, device=device, generator=generator) for _ in range(args.local_crops)]
+    return student, teacher, dino_loss, crops
+
+
+def ours(args, device):
+    """A function doing one step with dino_hf's train_step and speed options."""
+    student, teacher, dino_loss, crops = build(args, device)
+    apply_speed_options(student, teacher, torch_compile=args.torch_compile)
+    optimizer = build_fast_optimizer("adamw", get_param_groups(student), device)
+    accelerator = None
+    if device.type == "cuda":
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(mixed_precision="bf16")
+        student, optimizer = accelerator.prepare(student, optimizer)
+    return lambda: train_step(student, teacher, dino_loss, optimizer, crops, freeze_last_layer=False,
+                              accelerator=accelerator, **SCHEDULE)
+
+
+def baseline(args, device):
+    """A function doing one step as SPEC.md describes it, with nothing fused or grouped."""
+    student, teacher, dino_loss, crops = build(args, device)
+    center = dino_loss.center
+    optimizer = torch.optim.AdamW(get_param_groups(student), foreach=False)
+
+    def features(model, crop):  # one backbone call per crop, attention weights computed explicitly
+        return model.head(model.backbone.model(crop, output_attentions=True).pooler_output)
+
+    def step():
+        for group in optimizer.param_groups:
+            group["lr"] = SCHEDULE["lr"]
+            if group["regularized"]:
+                group["weight_decay"] = SCHEDULE["weight_decay"]
+        with torch.no_grad():
+            teacher_out = [features(teacher, crop) for crop in crops[:2]]
+        student_out = [features(student, crop) for crop in crops]
+        total, terms = 0.0, 0
+        for iq, t in enumerate(teacher_out):
+            q = torch.softmax((t - center) / SCHEDULE["teacher_temp"], dim=-1)
+            for v, s in enumerate(student_out):
+                if v != iq:
+                    total = total + torch.sum(-q * torch.log_softmax(s / 0.1, dim=-1), dim=-1).mean()
+                    terms += 1
+        loss = total / terms
+        loss.backward()
+        for p in student.parameters():
+            if p.grad is not None:
+                coefficient = SCHEDULE["clip_grad"] / (p.grad.norm() + 1e-6)
+                if coefficient < 1:
+                    p.grad.mul_(coefficient)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            m = SCHEDULE["momentum"]
+            for pt, ps in zip(teacher.parameters(), student.parameters()):
+                pt.mul_(m).add_((1 - m) * ps.detach())
+            center.mul_(0.9).add_(0.1 * torch.cat(teacher_out).mean(dim=0, keepdim=True))
+        return loss.item()
+
+    return step
+
+
+def worker(args):
+    """Runs one variant and prints a JSON line: images/s, step seconds, peak memory in MiB."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    step = (ours if args.worker == "ours" else baseline)(args, device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(args.warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / args.steps
+    if cuda:
+        memory = (torch.cuda.max_memory_allocated() - held) / 2**20
+    else:
+        memory = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024
+    print(json.dumps({"images_per_second": args.batch / seconds, "step_seconds": seconds, "memory_mib": memory}))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="vit_small_patch16", help="a DinoModel preset")
+    parser.add_argument("--batch", type=int, default=None, help="images per step (CPU 4, GPU 128)")
+    parser.add_argument("--local_crops", type=int, default=8)
+    parser.add_argument("--out_dim", type=int, default=65536)
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps (CPU 1, GPU 5)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (CPU 1, GPU 20)")
+    parser.add_argument("--repeats", type=int, default=None, help="runs of each variant, alternating (CPU 2, GPU 1)")
+    parser.add_argument("--torch_compile", action="store_true", help="compile our backbone and head")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (CPU default 1: on shared cores more threads wait on each other)")
+    parser.add_argument("--worker", choices=["ours", "baseline"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    args.batch = args.batch or (128 if cuda else 4)
+    args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
+    args.steps = args.steps or (20 if cuda else 1)
+    args.repeats = args.repeats or (1 if cuda else 2)
+    args.threads = args.threads or (None if cuda else 1)
+    if args.worker:
+        return worker(args)
+
+    hardware = torch.cuda.get_device_name() if cuda else f"CPU, {args.threads} thread(s)"
+    precision = "bf16 autocast" if cuda else "fp32"
+    print(f"{args.model}, 2 x 224 + {args.local_crops} x 96 crops, out_dim {args.out_dim}, batch {args.batch}, "
+          f"best of {args.repeats} x ({args.warmup} warm-up + {args.steps} timed steps), {hardware}; ours {precision}"
+          f"{' + torch.compile' if args.torch_compile else ''}, baseline fp32")
+    results = {}
+    for _ in range(args.repeats):
+        for variant in ("ours", "baseline"):
+            command = [sys.executable, __file__, "--worker", variant] + sys.argv[1:]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode:
+                sys.exit(f"{variant} failed:\n{done.stderr[-3000:]}")
+            run = json.loads(done.stdout.strip().splitlines()[-1])
+            if variant not in results or run["step_seconds"] < results[variant]["step_seconds"]:
+                results[variant] = run
+    memory = "peak GPU memory of the step (MiB)" if cuda else "peak RSS rise during the steps (MiB)"
+    rows = [("images/s", "images_per_second", "{:.2f}"), ("seconds/step", "step_seconds", "{:.3f}"),
+            (memory, "memory_mib", "{:.0f}")]
+    print(f"{'':38s} {'dino_hf':>10s} {'baseline':>10s} {'ratio':>7s}")
+    for label, key, fmt in rows:
+        a, b = results["ours"][key], results["baseline"][key]
+        print(f"{label:38s} {fmt.format(a):>10s} {fmt.format(b):>10s} {a / b if b else float('nan'):6.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""scripts/pretrain.py end to end, as subprocesses: `accelerate launch` with 1 and 2 CPU processes,
+a Hub push to a local fake Hub, SIGKILL and SIGTERM followed by a resume.
+
+Every run trains a tiny DinoModel (32 px, hidden 32, 2 layers) on 24 generated images: batches of
+4, 16 samples per epoch, 2 epochs = 8 steps, a checkpoint every 2 steps.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hub_server import FakeHub
+from PIL import Image
+from safetensors.torch import load_file
+
+from dino_hf import DinoConfig, DinoModel
+from dino_hf.checkpointing import check_checkpoint, list_checkpoints
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = str(Path(__file__).resolve().parent.parent / "scripts" / "pretrain.py")
+TOKEN = "hf_pretrainTESTtoken0123456789"
+TINY = [
+    "--global_crops_size", "32", "--local_crops_size", "16", "--local_crops_number", "2", "--out_dim", "64",
+    "--head_hidden_dim", "32", "--head_bottleneck_dim", "16", "--per_device_train_batch_size", "4",
+    "--dataloader_num_workers", "0", "--samples_per_epoch", "16", "--shuffle_buffer_size", "8",
+    "--num_train_epochs", "2", "--checkpointing_steps", "2", "--logging_steps", "1",
+]
+# One thread per process: the same float results whatever the machine's core count, and two
+# processes do not fight over two cores.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    (root / "images").mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(24):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(root / "images" / f"{index:03d}.png")
+    torch.manual_seed(0)
+    DinoModel(DinoConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                         image_size=32, patch_size=8)).save_pretrained(root / "model")
+    return root
+
+
+def arguments(data: Path, output_dir: Path, *extra: str) -> list[str]:
+    return [*TINY, "--train_dir", str(data / "images"), "--model_name_or_path", str(data / "model"),
+            "--output_dir", str(output_dir), "--log_sample_ids", str(output_dir.parent / f"{output_dir.name}.jsonl"),
+            *extra]
+
+
+def python(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, SCRIPT, *args], env=ENV, capture_output=True, text=True, timeout=300,
+                          **kwargs)
+
+
+def read_ids(path: Path) -> dict:
+    """step -> ids that step trained on (the last reading, for steps that a killed run also did)."""
+    return {row["step"]: row["ids"] for row in map(json.loads, path.read_text().splitlines())}
+
+
+def teacher(output_dir: Path, step: int = 8) -> dict:
+    return load_file(output_dir / "checkpoints" / f"checkpoint-{step}" / "teacher.safetensors")
+
+
+def assert_same_teacher(got: dict, expected: dict) -> None:
+    assert got.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name  # deterministic CPU run: bit for bit
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """The uninterrupted run, through `accelerate launch` with one CPU process, pushing to a fake Hub."""
+    root = tmp_path_factory.mktemp("reference")
+    with FakeHub(root / "hub") as hub:
+        command = ["accelerate", "launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT,
+                   *arguments(data, root / "out", "--push_to_hub", "--hub_model_id", "org/dino-tiny",
+                              "--hub_token", TOKEN)]
+        completed = subprocess.run(command, env={**ENV, "HF_ENDPOINT": hub.url}, capture_output=True, text=True,
+                                   timeout=300)
+        requests = list(hub.requests)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return root, completed, requests
+
+
+def test_one_process_writes_checkpoints_export_and_card(data, reference):
+    root, completed, requests = reference
+    out = root / "out"
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-4", "checkpoint-6", "checkpoint-8"]
+    for folder in list_checkpoints(out / "checkpoints"):
+        check_checkpoint(folder)
+        assert {p.name for p in folder.iterdir()} == {
+            "student.safetensors", "teacher.safetensors", "dino_loss.safetensors", "optimizer.pt",
+            "rng_state_0.pt", "data_state_0.pt", "trainer_state.json", "training_args.json", "teacher_backbone",
+            "manifest.json"}
+    last = out / "checkpoints" / "checkpoint-8"
+    assert json.loads((last / "trainer_state.json").read_text())["global_step"] == 8
+    saved_args = json.loads((last / "training_args.json").read_text())
+    assert (saved_args["out_dim"], saved_args["hub_model_id"], saved_args["train_dir"]) == (
+        64, "org/dino-tiny", str(data / "images"))
+    assert "hub_token" not in saved_args
+
+    import dino_hf  # noqa: F401  (registers DinoModel with AutoModel)
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(out / "teacher_backbone")
+    assert type(model).__name__ == "DinoModel"
+    teacher_state = teacher(out)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, teacher_state[f"backbone.model.{name}"]), name  # the export is the teacher
+    card = (out / "teacher_backbone" / "README.md").read_text()
+    assert "AutoModel" in card and "org/dino-tiny" in card
+    assert f'AutoModel.from_pretrained("{out / "teacher_backbone"}")' in completed.stdout
+
+    uploaded = root / "hub" / "org" / "dino-tiny"
+    assert (uploaded / "model.safetensors").read_bytes() == (out / "teacher_backbone" / "model.safetensors").read_bytes()
+    assert any(auth == f"Bearer {TOKEN}" for _, _, auth in requests)  # the token was used ...
+
+
+def test_token_appears_in_no_file_or_log(reference):
+    root, completed, _ = reference
+    assert TOKEN not in completed.stdout and TOKEN not in completed.stderr  # ... and written nowhere
+    scanned = 0
+    for path in root.rglob("*"):
+        if path.is_file():
+            assert TOKEN.encode() not in path.read_bytes(), path
+            scanned += 1
+    assert scanned > 30  # checkpoints, exports, cards, the uploaded copy, the sample log
+
+
+def test_two_processes_see_disjoint_samples(data, tmp_path):
+    command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT, *arguments(data, tmp_path / "out")]
+    completed = subprocess.run(command, env={**ENV, "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True,
+                               timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.count("The trained teacher backbone is in") == 1  # printed by the main process only
+
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    # a total batch of 8 (4 per process), 16 samples per epoch: 2 steps per epoch, 4 steps
+    assert sorted((row["step"], row["process"]) for row in rows) == [(s, p) for s in range(4) for p in (0, 1)]
+    by_process = {p: [i for row in rows if row["process"] == p for i in row["ids"]] for p in (0, 1)}
+    # One pass over the data is 12 images per process (the 24 files are dealt into shards, split
+    # between the processes once: split_dataset_by_node, no second split by Accelerate), so the
+    # first 3 steps of each process are one pass: 12 different images, none shared, all 24 seen.
+    first_pass = [set(by_process[p][:12]) for p in (0, 1)]
+    assert [len(ids) for ids in first_pass] == [12, 12]
+    assert not first_pass[0] & first_pass[1]
+    assert len(first_pass[0] | first_pass[1]) == 24
+    for step in range(4):  # in the next pass too, the two processes' batches never share an image
+        ids = [set(row["ids"]) for row in rows if row["step"] == step]
+        assert not ids[0] & ids[1], step
+
+    last = tmp_path / "out" / "checkpoints" / "checkpoint-4"
+    check_checkpoint(last)
+    assert json.loads((last / "trainer_state.json").read_text())["num_processes"] == 2
+    assert {"rng_state_0.pt", "rng_state_1.pt", "data_state_0.pt", "data_state_1.pt"} <= {p.name for p in last.iterdir()}
+    DinoModel.from_pretrained(tmp_path / "out" / "teacher_backbone")
+
+
+def start(data: Path, output_dir: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, SCRIPT, *arguments(data, output_dir, *extra)], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.01)
+
+
+def test_sigkill_then_resume_ends_with_the_same_teacher(data, reference, tmp_path):
+    out = tmp_path / "out"
+    process = start(data, out)
+    staging = out / "checkpoints" / ".checkpoint-4.tmp"
+    wait_for(staging, process)
+    process.send_signal(signal.SIGKILL)  # while checkpoint 4 is being written (or just after)
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL
+    assert not (out / "checkpoints" / "checkpoint-8").exists()
+    complete = list_checkpoints(out / "checkpoints")
+    for folder in complete:
+        check_checkpoint(folder)  # never a partial folder under a checkpoint's name
+    interrupted_write = staging.exists()
+    expected_start = 2 if interrupted_write else int(complete[-1].name.split("-")[1])
+
+    resumed = python(*arguments(data, out, "--resume_from_checkpoint", "latest"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoints' / f'checkpoint-{expected_start}'} at step {expected_start}" in resumed.stdout
+    assert not list((out / "checkpoints").glob(".checkpoint-*"))  # the partial write was cleaned up
+    assert_same_teacher(teacher(out), teacher(reference[0] / "out"))
+    assert read_ids(tmp_path / "out.jsonl") == read_ids(reference[0] / "out.jsonl")  # the same batches
+
+
+def test_sigterm_checkpoints_exits_cleanly_and_resumes(data, reference, tmp_path):
+    out = tmp_path / "out"
+    process = start(data, out)
+    wait_for(out / "checkpoints" / "checkpoint-2", process)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=240)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "Traceback" not in stderr
+    line = next(line for line in stdout.splitlines() if line.startswith("Stopped by SIGTERM after step "))
+    step = int(line.split("after step ")[1].split(";")[0])
+    assert 2 <= step < 8
+    assert f"checkpoint-{step}" in line
+    check_checkpoint(out / "checkpoints" / f"checkpoint-{step}")
+    assert max(int(p.name.split("-")[1]) for p in list_checkpoints(out / "checkpoints")) == step
+    assert not (out / "teacher_backbone").exists()  # stopped early: no final export
+
+    resumed = python(*arguments(data, out, "--resume_from_checkpoint", "latest"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoints' / f'checkpoint-{step}'} at step {step}" in resumed.stdout
+    assert_same_teacher(teacher(out), teacher(reference[0] / "out"))
+
+
+def test_wrong_setting_exits_with_status_2_before_any_work(data, tmp_path):
+    completed = python(*arguments(data, tmp_path / "out", "--local_crops_size", "12"))
+    assert completed.returncode == 2
+    assert "--local_crops_size=12 is not valid: a multiple of the backbone's patch size 8" in completed.stderr
+    assert "Traceback" not in completed.stderr
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,144 @@
+"""Every speed option keeps the numbers of one training step (dino_hf/speed.py and the options
+that are always on: SDPA attention, bf16 autocast)."""
+
+import copy
+
+import pytest
+import torch
+
+from dino_hf.backbones import build_backbone
+from dino_hf.configuration_dino import DinoConfig
+from dino_hf.heads import DinoHead
+from dino_hf.loss import DinoLoss
+from dino_hf.optimization import build_optimizer, get_param_groups
+from dino_hf.speed import apply_speed_options, build_fast_optimizer, optimizer_speed_options
+from dino_hf.teacher import MultiCropWrapper, build_teacher
+from dino_hf.trainer import train_step
+
+K, B, NCROPS = 64, 2, 4
+STEP = dict(lr=0.01, weight_decay=0.04, momentum=0.9, teacher_temp=0.04, clip_grad=3.0, freeze_last_layer=False)
+TINY_VIT = DinoConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                      image_size=32, patch_size=8)
+
+
+def setup(backbone: str = "vit"):
+    """Student (no stochastic depth, so runs are comparable), a teacher that differs from it, a
+    non-zero center and fixed crops (2 x 32 px + 2 x 16 px)."""
+    torch.manual_seed(0)
+    spec = TINY_VIT if backbone == "vit" else "timm:test_resnet"
+    student_backbone = build_backbone(spec, drop_path_rate=0.0)
+    student = MultiCropWrapper(student_backbone, DinoHead(student_backbone.num_features, out_dim=K, hidden_dim=48,
+                                                          bottleneck_dim=16))
+    teacher = build_teacher(student)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    dino_loss = DinoLoss(K, NCROPS)
+    dino_loss.center.copy_(0.1 * torch.randn(1, K))
+    crops = [torch.randn(B, 3, 32, 32) for _ in range(2)] + [torch.randn(B, 3, 16, 16) for _ in range(2)]
+    return student, teacher, dino_loss, crops
+
+
+def one_step(models, crops, optimizer, accelerator=None):
+    student, teacher, dino_loss = models
+    return train_step(student, teacher, dino_loss, optimizer, crops, accelerator=accelerator, **STEP)
+
+
+def assert_same_networks(a, b, atol):
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(x, y, atol=atol, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_fused_optimizer_step_equals_the_default_step(name):
+    student, teacher, dino_loss, crops = setup()
+    fast = [copy.deepcopy(x) for x in (student, teacher, dino_loss)]
+    plain_stats = one_step((student, teacher, dino_loss), crops, build_optimizer(name, get_param_groups(student)))
+    optimizer = build_fast_optimizer(name, get_param_groups(fast[0]), "cpu")
+    assert optimizer.defaults.get("fused") or optimizer.defaults.get("foreach")
+    fast_stats = one_step(fast, crops, optimizer)
+    assert fast_stats == plain_stats
+    assert_same_networks(fast[0], student, atol=1e-6)
+    assert_same_networks(fast[1], teacher, atol=1e-6)
+    assert not torch.equal(fast[0].head.mlp[0].weight, setup()[0].head.mlp[0].weight)  # the step did move
+
+
+def test_optimizer_options_per_device():
+    assert optimizer_speed_options("adamw", "cuda") == {"fused": True}
+    assert optimizer_speed_options("sgd", torch.device("cuda", 0)) == {"fused": True}
+    assert optimizer_speed_options("adamw", "meta") == {"foreach": True}  # no fused kernels there
+    assert optimizer_speed_options("lars", "cuda") == {}
+    student = setup()[0]
+    assert type(build_fast_optimizer("lars", get_param_groups(student), "cpu")).__name__ == "LARS"
+
+
+def test_sdpa_step_equals_eager_attention_step():
+    student, teacher, dino_loss, crops = setup()
+    eager = [copy.deepcopy(x) for x in (student, teacher, dino_loss)]
+    for model in eager[:2]:
+        vit = model.backbone.model  # DinoModel's explicit softmax path, taken when weights are requested
+        model.backbone.forward = lambda pixels, vit=vit: vit(pixels, output_attentions=True).pooler_output
+    one_step((student, teacher, dino_loss), crops, build_optimizer("sgd", get_param_groups(student)))
+    one_step(eager, crops, build_optimizer("sgd", get_param_groups(eager[0])))
+    assert_same_networks(eager[0], student, atol=1e-6)
+    assert_same_networks(eager[1], teacher, atol=1e-6)
+    torch.testing.assert_close(eager[2].center, dino_loss.center, atol=1e-6, rtol=0)
+
+
+def test_bf16_autocast_step_is_close_to_the_fp32_step():
+    accelerate = pytest.importorskip("accelerate")
+    student, teacher, dino_loss, crops = setup()
+    before = copy.deepcopy(student)
+    bf16 = [copy.deepcopy(x) for x in (student, teacher, dino_loss)]
+    fp32_stats = one_step((student, teacher, dino_loss), crops, build_optimizer("sgd", get_param_groups(student)))
+    accelerator = accelerate.Accelerator(cpu=True, mixed_precision="bf16")
+    try:
+        optimizer = build_fast_optimizer("sgd", get_param_groups(bf16[0]), accelerator.device)
+        prepared, optimizer = accelerator.prepare(bf16[0], optimizer)
+        bf16_stats = one_step((prepared, bf16[1], bf16[2]), crops, optimizer, accelerator)
+    finally:
+        accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)
+    assert bf16_stats["loss"] == pytest.approx(fp32_stats["loss"], rel=2e-2)
+    assert all(p.dtype == torch.float32 for p in bf16[0].parameters())
+    # The student's update: same direction and size within bf16's precision.
+    bf16_delta = torch.cat([(p - q).flatten() for p, q in zip(bf16[0].parameters(), before.parameters())])
+    fp32_delta = torch.cat([(p - q).flatten() for p, q in zip(student.parameters(), before.parameters())])
+    assert torch.nn.functional.cosine_similarity(bf16_delta, fp32_delta, dim=0) > 0.99
+    assert (bf16_delta.norm() / fp32_delta.norm()).item() == pytest.approx(1.0, abs=0.05)
+    assert_same_networks(bf16[1], teacher, atol=1e-3)
+
+
+def test_channels_last_step_equals_the_default_step():
+    student, teacher, dino_loss, crops = setup("resnet")
+    fast = [copy.deepcopy(x) for x in (student, teacher, dino_loss)]
+    apply_speed_options(fast[0], fast[1], channels_last=True)
+    convs = [m.weight for m in fast[0].modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert any(not w.is_contiguous() for w in convs)  # 1 x 1 kernels are contiguous in both layouts
+    one_step((student, teacher, dino_loss), crops, build_optimizer("sgd", get_param_groups(student)))
+    one_step(fast, crops, build_fast_optimizer("sgd", get_param_groups(fast[0]), "cpu"))
+    assert_same_networks(fast[0], student, atol=1e-5)
+    assert_same_networks(fast[1], teacher, atol=1e-5)
+
+
+def test_compile_keeps_modules_and_state_dict_keys():
+    student, teacher, _, _ = setup()
+    keys = list(student.state_dict()), list(teacher.state_dict())
+    apply_speed_options(student, teacher, torch_compile=True)
+    assert (list(student.state_dict()), list(teacher.state_dict())) == keys
+    for model in (student, teacher):
+        assert model.backbone._compiled_call_impl is not None and model.head._compiled_call_impl is not None
+    with pytest.raises(TypeError, match="MultiCropWrapper"):
+        apply_speed_options(student.backbone, teacher.backbone, torch_compile=True)
+
+
+@pytest.mark.slow
+def test_compiled_step_equals_the_eager_step():
+    student, teacher, dino_loss, crops = setup()
+    compiled = [copy.deepcopy(x) for x in (student, teacher, dino_loss)]
+    apply_speed_options(compiled[0], compiled[1], torch_compile=True)
+    eager_stats = one_step((student, teacher, dino_loss), crops, build_optimizer("sgd", get_param_groups(student)))
+    compiled_stats = one_step(compiled, crops, build_fast_optimizer("sgd", get_param_groups(compiled[0]), "cpu"))
+    assert compiled_stats["loss"] == pytest.approx(eager_stats["loss"], rel=1e-5)
+    assert_same_networks(compiled[0], student, atol=1e-5)
+    assert_same_networks(compiled[1], teacher, atol=1e-5)

@@ -1,0 +1,141 @@
+import json
+
+import pytest
+
+from dino_hf import DinoConfig, DinoModel
+from dino_hf.training_args import DinoTrainingArguments, check_crop_sizes, parse_training_args
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    (folder / "a.png").write_bytes(b"")  # validation only checks that the folder exists
+    return str(folder)
+
+
+def make(image_dir, **overrides):
+    return DinoTrainingArguments(train_dir=image_dir, **overrides)
+
+
+def test_defaults_are_the_reference_recipe(image_dir):
+    args = make(image_dir)
+    assert (args.out_dim, args.momentum_teacher, args.teacher_temp, args.warmup_teacher_temp) == (65536, 0.996, 0.04, 0.04)
+    assert (args.learning_rate, args.min_lr, args.warmup_epochs, args.weight_decay, args.weight_decay_end) == (
+        0.0005, 1e-6, 10, 0.04, 0.4)
+    assert (args.clip_grad, args.freeze_last_layer, args.drop_path_rate, args.local_crops_number) == (3.0, 1, 0.1, 8)
+    assert (args.global_crops_scale, args.local_crops_scale) == ([0.4, 1.0], [0.05, 0.4])
+    assert (args.global_crops_size, args.local_crops_size, args.per_device_train_batch_size) == (224, 96, 64)
+    assert (args.student_temp, args.center_momentum, args.optimizer, args.norm_last_layer) == (0.1, 0.9, "adamw", True)
+
+
+@pytest.mark.parametrize(
+    "overrides, field, allowed",
+    [
+        ({"out_dim": 0}, "out_dim", "an integer >= 1"),
+        ({"per_device_train_batch_size": 0}, "per_device_train_batch_size", "an integer >= 1"),
+        ({"learning_rate": -1e-3}, "learning_rate", "a number >= 0"),
+        ({"weight_decay": -0.1}, "weight_decay", "a number >= 0"),
+        ({"clip_grad": -1.0}, "clip_grad", "a number >= 0"),
+        ({"teacher_temp": 0.0}, "teacher_temp", "a temperature in (0, 1]"),
+        ({"student_temp": 2.0}, "student_temp", "a temperature in (0, 1]"),
+        ({"momentum_teacher": 1.5}, "momentum_teacher", "a momentum in [0, 1]"),
+        ({"drop_path_rate": 1.0}, "drop_path_rate", "a rate in [0, 1)"),
+        ({"num_train_epochs": 0}, "num_train_epochs", "a number > 0"),
+        ({"max_train_steps": 0}, "max_train_steps", "an integer >= 1, or leave it unset"),
+        ({"global_crops_scale": [0.5, 0.2]}, "global_crops_scale", "two numbers 0 < low <= high <= 1"),
+        ({"local_crops_scale": [0.05]}, "local_crops_scale", "two numbers 0 < low <= high <= 1"),
+        ({"checkpointing_steps": "often"}, "checkpointing_steps", "a number of steps >= 1, or 'epoch'"),
+        ({"optimizer": "adam"}, "optimizer", "one of adamw, sgd, lars"),
+        ({"mixed_precision": "fp8"}, "mixed_precision", "no, fp16 or bf16"),
+        ({"report_to": "tensorbord"}, "report_to", "none, or a comma-separated list of"),
+        ({"backbone": "resnet50"}, "backbone", "a timm model as timm:NAME"),
+        ({"backbone": "timm:resnet_50"}, "backbone", "a model name that timm knows"),
+        ({"model_name_or_path": "vit_smal_patch16"}, "model_name_or_path", "a DinoModel preset (vit_tiny_patch16"),
+        ({"model_name_or_path": "vit_small_patch16", "backbone": "timm:resnet50"}, "backbone", "they are alternatives"),
+        ({"local_crops_size": 90}, "local_crops_size", "a multiple of the backbone's patch size 16, e.g. 80"),
+        ({"model_name_or_path": "vit_small_patch8", "global_crops_size": 100}, "global_crops_size",
+         "patch size 8, e.g. 96"),
+        ({"push_to_hub": True}, "hub_model_id", "a repository id such as org/dino-vits16"),
+        ({"resume_from_checkpoint": "/no/such/checkpoint-3"}, "resume_from_checkpoint", "'latest'"),
+        ({"eval_steps": 10}, "eval_steps", "--eval_dataset_name or --eval_train_dir"),
+        ({"eval_train_dir": "/no/such/folder"}, "eval_train_dir", "sub-folders train/ and validation/"),
+    ],
+)
+def test_each_wrong_value_is_named_with_what_is_allowed(image_dir, overrides, field, allowed):
+    with pytest.raises(ValueError) as error:
+        make(image_dir, **overrides)
+    message = str(error.value)
+    assert message.startswith(f"--{field}=")
+    assert allowed in message
+
+
+def test_data_sources_are_checked(image_dir, tmp_path):
+    with pytest.raises(ValueError, match="no training data: pass --dataset_name"):
+        DinoTrainingArguments()
+    with pytest.raises(ValueError, match="--train_dir='/no/such/images' is not valid: an existing folder"):
+        DinoTrainingArguments(train_dir="/no/such/images")
+    with pytest.raises(ValueError, match="--data_files='/no/\\*.parquet' is not valid: paths or globs"):
+        DinoTrainingArguments(data_files=["/no/*.parquet"])
+    with pytest.raises(ValueError, match="--demo=True is not valid: train on the demo dataset or on --train_dir"):
+        DinoTrainingArguments(demo=True, train_dir=image_dir)
+    with pytest.raises(ValueError, match="--train_dir=.*leave it unset when --dataset_name is given"):
+        DinoTrainingArguments(train_dir=image_dir, dataset_name="org/images")
+
+
+def test_saved_model_folder_is_checked_against_its_patch_size(image_dir, tmp_path):
+    config = DinoConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                        image_size=32, patch_size=8)
+    DinoModel(config).save_pretrained(tmp_path / "model")
+    make(image_dir, model_name_or_path=str(tmp_path / "model"), global_crops_size=32, local_crops_size=16)
+    with pytest.raises(ValueError, match="--local_crops_size=12 .* patch size 8, e.g. 8"):
+        make(image_dir, model_name_or_path=str(tmp_path / "model"), global_crops_size=32, local_crops_size=12)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="--model_name_or_path=.*has no config.json"):
+        make(image_dir, model_name_or_path=str(tmp_path / "empty"))
+
+
+def test_check_crop_sizes():
+    args = DinoTrainingArguments(demo=True, global_crops_size=32, local_crops_size=12, local_crops_number=0)
+    check_crop_sizes(args, 8)  # no local crops: their size does not matter
+    check_crop_sizes(args, None)  # a CNN takes any size
+    args.local_crops_number = 2
+    with pytest.raises(ValueError, match="--local_crops_size=12"):
+        check_crop_sizes(args, 8)
+
+
+def test_yaml_sets_defaults_and_flags_override(tmp_path, image_dir):
+    config = tmp_path / "recipe.yaml"
+    config.write_text(f"train_dir: {image_dir}\nout_dim: 1024\nteacher_temp: 0.07\nglobal_crops_scale: [0.3, 1.0]\n")
+    args = parse_training_args(["--config", str(config), "--out_dim", "2048"])
+    assert (args.out_dim, args.teacher_temp, args.global_crops_scale) == (2048, 0.07, [0.3, 1.0])
+
+
+def test_yaml_unknown_key_and_bad_value_are_refused(tmp_path, image_dir):
+    config = tmp_path / "recipe.yaml"
+    config.write_text(f"train_dir: {image_dir}\nout_dims: 1024\n")
+    with pytest.raises(ValueError, match="unknown field\\(s\\) out_dims"):
+        parse_training_args(["--config", str(config)])
+    config.write_text(f"train_dir: {image_dir}\nout_dim: 0\n")
+    with pytest.raises(ValueError, match="--out_dim=0 is not valid"):
+        parse_training_args(["--config", str(config)])
+
+
+def test_every_shipped_recipe_parses(image_dir):
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+    assert recipes
+    for recipe in recipes:
+        data = [] if "demo: true" in recipe.read_text() else ["--train_dir", image_dir]
+        args = parse_training_args(["--config", str(recipe), *data])
+        assert args.to_dict()["out_dim"] >= 1, recipe
+
+
+def test_token_is_never_in_the_saved_configuration(tmp_path, image_dir):
+    args = make(image_dir, hub_token="hf_secretTOKEN123", push_to_hub=True, hub_model_id="org/dino")
+    assert "hub_token" not in args.to_dict()
+    args.save(tmp_path / "args.json")
+    text = (tmp_path / "args.json").read_text()
+    assert "hf_secretTOKEN123" not in text
+    assert json.loads(text)["hub_model_id"] == "org/dino"
+    assert args.hub_token == "hf_secretTOKEN123"  # still usable by the run itself
