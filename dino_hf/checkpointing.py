@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 logger = logging.getLogger(__name__)
@@ -46,6 +46,9 @@ REQUIRED_FILES = (
     "training_args.json",
 )
 MANIFEST = "manifest.json"
+# What a failed write raises (a full disk, a read-only folder, a file size limit): OSError from open
+# and write, RuntimeError from torch.save, SafetensorError from safetensors.
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 
 class CheckpointError(RuntimeError):
@@ -77,6 +80,7 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Put back the Python, numpy and torch generator states saved by `rng_state`."""
     random.setstate((state["python_version"], tuple(state["python"].tolist()), state["python_gauss"]))
     np.random.set_state(
         (state["numpy_name"], state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
@@ -332,6 +336,7 @@ __all__ = [
     "CheckpointError",
     "EndlessBatches",
     "PreemptionSignals",
+    "WRITE_ERRORS",
     "check_checkpoint",
     "finalize",
     "find_resume_checkpoint",

@@ -5,13 +5,17 @@ files, webdataset `.tar` shards) into a `datasets.IterableDataset` whose image c
 undecoded, split across processes with `split_dataset_by_node`. `decode_image` turns one value of
 that column into an RGB PIL image or None, counting why it skipped. `build_multicrop_dataloader`
 wraps the stream in `MultiCropStream` (shuffle buffer, decoding, multi-crop) and a torchdata
-`StatefulDataLoader`, so that the stream position is part of the training state.
+`StatefulDataLoader`, so that the stream position is part of the training state. A read of the
+stream that fails for a passing reason (`is_transient_stream_error`) is retried from the last
+block's position with back-off.
 """
 
+import errno
 import io
 import logging
 import math
 import os
+import time
 import warnings
 from collections import Counter
 from itertools import islice
@@ -34,6 +38,24 @@ DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 _TABLE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".tar": "webdataset"}
 _MAX_FILES_PER_SHARD = 1024
 _MIN_SHARDS = 256
+
+# Stream read failures that `MultiCropStream` retries (see `is_transient_stream_error`).
+RETRIED_HTTP_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+_NETWORK_ERRNOS = frozenset(
+    getattr(errno, name) for name in ("ENETDOWN", "ENETUNREACH", "ENETRESET", "EHOSTDOWN", "EHOSTUNREACH") if hasattr(errno, name)
+)
+# Transport errors of the HTTP clients under fsspec, datasets and huggingface_hub, as (top-level
+# module, class name) so that none of those clients has to be installed or imported here.
+_CLIENT_TRANSPORT_ERRORS = frozenset(
+    [(client, name) for client in ("httpx", "httpx2") for name in ("TimeoutException", "NetworkError", "RemoteProtocolError")]
+    + [("requests", "ConnectionError"), ("requests", "Timeout"), ("requests", "ChunkedEncodingError")]
+    + [("aiohttp", "ClientConnectionError"), ("aiohttp", "ClientPayloadError")]
+    + [("urllib3", "ProtocolError"), ("urllib3", "ReadTimeoutError")]
+)
+# Subclasses of ConnectionError that no retry can fix.
+_PERMANENT_ERRORS = frozenset(
+    [("huggingface_hub", "OfflineModeIsEnabled"), ("datasets", "DatasetNotOnHfGcsError"), ("datasets", "MissingFilesOnHfGcsError")]
+)
 
 
 def load_image_stream(
@@ -268,6 +290,64 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.round(array).astype(np.uint8)).convert("RGB")
 
 
+class StreamReadError(RuntimeError):
+    """A stream read that still failed after `MultiCropStream`'s retries; the last failure is its `__cause__`."""
+
+
+def is_transient_stream_error(error: BaseException) -> bool:
+    """Whether a failure to read a stream may pass, so that reading again from the same position is worth it.
+
+    Transient, checked on `error` and on each explicit cause (`raise ... from`) behind it:
+    - `ConnectionError` (reset, aborted, refused, broken pipe; also what `datasets` raises when its
+      own read retries give up) and `TimeoutError` (also `socket.timeout`, `asyncio.TimeoutError`);
+    - an `OSError` with a network errno (ENETDOWN, ENETUNREACH, ENETRESET, EHOSTDOWN, EHOSTUNREACH);
+    - transport errors of the HTTP clients: httpx `TimeoutException`, `NetworkError`,
+      `RemoteProtocolError`; requests `ConnectionError`, `Timeout`, `ChunkedEncodingError`; aiohttp
+      `ClientConnectionError`, `ClientPayloadError`; urllib3 `ProtocolError`, `ReadTimeoutError`;
+    - an HTTP error (huggingface_hub's `HfHubHTTPError`, requests, httpx, aiohttp) whose status is
+      one of RETRIED_HTTP_STATUSES: 408, 429 (rate limit), 500, 502, 503, 504.
+
+    Not transient: everything else, notably missing or forbidden files (`FileNotFoundError`,
+    `PermissionError`), other 4xx statuses (a wrong dataset id or token), huggingface_hub's
+    `OfflineModeIsEnabled`, and bad data (an unreadable table; an undecodable image never gets
+    here: `decode_image` skips it).
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if _is_transient(error):
+            return True
+        error = error.__cause__
+    return False
+
+
+def _is_transient(error: BaseException) -> bool:
+    classes = {(c.__module__.split(".")[0], c.__name__) for c in type(error).__mro__}
+    if classes & _PERMANENT_ERRORS or isinstance(error, StreamReadError):
+        return False
+    if isinstance(error, (ConnectionError, TimeoutError)) or classes & _CLIENT_TRANSPORT_ERRORS:
+        return True
+    if isinstance(error, OSError) and error.errno in _NETWORK_ERRNOS:
+        return True
+    status = getattr(getattr(error, "response", None), "status_code", None)  # huggingface_hub, requests, httpx
+    if status is None and ("aiohttp", "ClientResponseError") in classes:
+        status = getattr(error, "status", None)
+    return status in RETRIED_HTTP_STATUSES
+
+
+def describe_stream(stream: IterableDataset) -> str:
+    """A short name of a stream's source for messages: dataset or builder name, config, split, shards."""
+    info = getattr(stream, "info", None)
+    name = getattr(info, "dataset_name", None) or getattr(info, "builder_name", None) or type(stream).__name__
+    config = getattr(info, "config_name", None)
+    parts = [f"config {config}"] if config and config != "default" else []
+    if getattr(stream, "split", None):
+        parts.append(f"split {stream.split}")
+    if getattr(stream, "num_shards", None):
+        parts.append(f"{stream.num_shards} shards")
+    return f"{name!r} ({', '.join(parts)})" if parts else repr(name)
+
+
 class MultiCropStream(torch.utils.data.IterableDataset):
     """Decoded, augmented samples of a stream, in an order that a checkpoint can resume exactly.
 
@@ -278,10 +358,19 @@ class MultiCropStream(torch.utils.data.IterableDataset):
     would have; each sample's augmentation is seeded by the same numbers, so it is reproduced too.
     A buffer of datasets' `shuffle` would instead lose its content on resume.
 
-    Each sample is `{"crops": [2 + N tensors], "id": str, "skipped": Counter}`, where `skipped`
-    counts the rows skipped since the previous sample of this worker (the last sample also carries
-    the trailing ones), so that counts from every worker reach the main process with the batches.
-    Use a different `seed` in each process.
+    A read of the stream that fails with a transient error (`is_transient_stream_error`: a
+    connection reset, a timeout, HTTP 429 / 5xx) is retried the same way: the stream is re-opened
+    at the state of the start of the block being read and the block is read again, so the samples
+    are those of an uninterrupted run. Before retry k (1, 2, ...) it waits
+    `min(retry_delay * 2 ** (k - 1), max_retry_delay)` seconds and logs a warning; after
+    `max_retries` failed retries of one block in a row it raises `StreamReadError` from the last
+    failure. Other errors propagate at once. (`datasets` already retries single reads of remote
+    files; these retries also cover opening a shard and failures after its own retries gave up.)
+
+    Each sample is `{"crops": [2 + N tensors], "id": str, "skipped": Counter, "stream_retries": int}`,
+    where `skipped` counts the rows skipped and `stream_retries` the retried stream reads since the
+    previous sample of this worker (the last sample also carries the trailing ones), so that counts
+    from every worker reach the main process with the batches. Use a different `seed` in each process.
     """
 
     def __init__(
@@ -294,7 +383,15 @@ class MultiCropStream(torch.utils.data.IterableDataset):
         id_column: Optional[str] = None,
         max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
         min_side: int = 1,
+        max_retries: int = 5,
+        retry_delay: float = 1.0,
+        max_retry_delay: float = 60.0,
     ):
+        if max_retries < 0 or retry_delay < 0 or max_retry_delay < 0:
+            raise ValueError(
+                f"max_retries, retry_delay and max_retry_delay must be >= 0, got {max_retries}, {retry_delay}, "
+                f"{max_retry_delay}; max_retries=0 turns the retries off"
+            )
         self.stream = stream
         self.image_column = image_column
         self.transform = transform
@@ -303,6 +400,9 @@ class MultiCropStream(torch.utils.data.IterableDataset):
         self.id_column = id_column
         self.max_pixels = max_pixels
         self.min_side = min_side
+        self.max_retries = max_retries
+        self.retry_delay = retry_delay
+        self.max_retry_delay = max_retry_delay
         self.epoch = 0
         self._resume_from = None
         self._state = self._cursor_state(None, 0, 0)
@@ -326,21 +426,23 @@ class MultiCropStream(torch.utils.data.IterableDataset):
         worker = torch.utils.data.get_worker_info()
         worker_id = worker.id if worker is not None else 0
         previous = None
-        for cursor, row, image, skipped in self._decoded_rows(worker_id):
+        for cursor, row, image, counts in self._decoded_rows(worker_id):
             if previous is not None:
-                if image is None:  # trailing skips: report them with the last sample
-                    previous[3].update(skipped)
+                if image is None:  # trailing skips and retries: report them with the last sample
+                    previous[3][0].update(counts[0])
+                    previous[3][1] += counts[1]
                     break
                 self._state = self._cursor_state(*cursor)
                 yield self._sample(worker_id, *previous)
-            previous = (cursor, row, image, skipped)
+            previous = (cursor, row, image, counts)
         if previous is not None and previous[2] is not None:
             self._state = self._cursor_state(*previous[0][:2], previous[0][2] + 1, exhausted=True)
             yield self._sample(worker_id, *previous)
 
     def _decoded_rows(self, worker_id: int):
-        """Yields `((anchor, block, position), row, image, skipped)` per decodable row, then
-        `(None, None, None, skipped)` if rows were skipped after the last one."""
+        """Yields `((anchor, block, position), row, image, [skipped, retries])` per decodable row,
+        then `(None, None, None, [skipped, retries])` if rows were skipped or reads retried after
+        the last one."""
         resume, self._resume_from = self._resume_from, None
         if resume is not None and resume["epoch"] == self.epoch:
             if resume["exhausted"]:
@@ -349,29 +451,61 @@ class MultiCropStream(torch.utils.data.IterableDataset):
         else:
             anchor, block, start = None, 0, 0
         self.stream.set_epoch(self.epoch)
-        self.stream.load_state_dict(anchor)  # None starts the epoch from its beginning
-        rows = iter(self.stream)
-        skipped = Counter()
+        rows = None  # opened by _read_block at `anchor`; None starts the epoch from its beginning
+        counts = [Counter(), 0]
         while True:
-            buffer = list(islice(rows, self.block_size))
+            rows, buffer, retries = self._read_block(rows, anchor, block)
+            counts[1] += retries
             if not buffer:
                 break
             order = np.random.default_rng([self.seed, self.epoch, worker_id, block]).permutation(len(buffer))
             for position in range(start, len(buffer)):
                 row = buffer[order[position]]
-                image = decode_image(row[self.image_column], skipped, self.max_pixels, self.min_side)
+                image = decode_image(row[self.image_column], counts[0], self.max_pixels, self.min_side)
                 if image is not None:
-                    yield (anchor, block, position), row, image, skipped
-                    skipped = Counter()
+                    yield (anchor, block, position), row, image, counts
+                    counts = [Counter(), 0]
             anchor, block, start = self.stream.state_dict(), block + 1, 0
-        if skipped:
-            yield None, None, None, skipped
+        if counts[0] or counts[1]:
+            yield None, None, None, counts
 
-    def _sample(self, worker_id: int, cursor: tuple, row: dict, image: Image.Image, skipped: Counter) -> dict:
+    def _read_block(self, rows, anchor, block: int) -> tuple:
+        """Reads the next `block_size` rows from the iterator `rows` (None: open the stream at
+        `anchor`), re-opening at `anchor` after a transient failure. Returns `(rows, block's rows,
+        number of retries)`."""
+        failures = 0
+        while True:
+            try:
+                if rows is None:
+                    self.stream.load_state_dict(anchor)
+                    rows = iter(self.stream)
+                return rows, list(islice(rows, self.block_size)), failures
+            except Exception as error:
+                if not is_transient_stream_error(error):
+                    raise
+                failures += 1
+                where = f"epoch {self.epoch}, block {block} of {self.block_size} rows"
+                if failures > self.max_retries:
+                    raise StreamReadError(
+                        f"reading the stream {describe_stream(self.stream)} failed after {failures} "
+                        f"attempt{'s' if failures > 1 else ''} in a row ({self.max_retries} retries) at {where}, last with "
+                        f"{type(error).__name__}: {error}; check the connection to the source, or allow more retries "
+                        f"(max_retries, retry_delay)"
+                    ) from error
+                delay = min(self.retry_delay * 2 ** (failures - 1), self.max_retry_delay)
+                logger.warning(
+                    f"reading the stream {describe_stream(self.stream)} failed at {where} with "
+                    f"{type(error).__name__}: {error}; retry {failures} of {self.max_retries} in {delay:g} s"
+                )
+                time.sleep(delay)
+                rows = None
+
+    def _sample(self, worker_id: int, cursor: tuple, row: dict, image: Image.Image, counts: list) -> dict:
         _, block, position = cursor
         key = np.random.SeedSequence([self.seed, self.epoch, worker_id, block, position]).generate_state(2)
         generator = torch.Generator().manual_seed(int(key[0]) << 32 | int(key[1]))
-        return {"crops": self.transform(image, generator), "id": self._sample_id(row, worker_id, block, position), "skipped": skipped}
+        crops = self.transform(image, generator)
+        return {"crops": crops, "id": self._sample_id(row, worker_id, block, position), "skipped": counts[0], "stream_retries": counts[1]}
 
     def _sample_id(self, row: dict, worker_id: int, block: int, position: int) -> str:
         if self.id_column is not None:
@@ -386,12 +520,14 @@ class MultiCropStream(torch.utils.data.IterableDataset):
 
 def collate_multicrop(samples: list) -> dict:
     """Stacks samples of `MultiCropStream`: `{"crops": [2 x (B, 3, G, G), N x (B, 3, L, L)],
-    "ids": [B str], "skipped": {reason: count}}`."""
+    "ids": [B str], "skipped": {reason: count}, "stream_retries": int}` (the retried stream reads
+    reported by these samples; samples without the key count 0)."""
     crops = [torch.stack(views) for views in zip(*(s["crops"] for s in samples))]
     skipped = Counter()
     for sample in samples:
         skipped.update(sample["skipped"])
-    return {"crops": crops, "ids": [s["id"] for s in samples], "skipped": dict(skipped)}
+    retries = sum(s.get("stream_retries", 0) for s in samples)
+    return {"crops": crops, "ids": [s["id"] for s in samples], "skipped": dict(skipped), "stream_retries": retries}
 
 
 class SkipReport:
@@ -425,15 +561,23 @@ def build_multicrop_dataloader(
     max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
     min_side: int = 1,
     pin_memory: bool = False,
+    max_retries: int = 5,
+    retry_delay: float = 1.0,
+    max_retry_delay: float = 60.0,
 ) -> StatefulDataLoader:
     """A resumable loader of multi-crop batches (see `collate_multicrop`) from `stream`.
 
     `loader.state_dict()` / `loader.load_state_dict(state)` save and restore the position, also
     with workers. Workers beyond the stream's number of shards would get no data and are not
     started. Call `loader.dataset.set_epoch(epoch)` before each epoch. `seed` should differ
-    between processes (e.g. seed + rank).
+    between processes (e.g. seed + rank). Transient read failures of the stream are retried in
+    place (`max_retries`, `retry_delay`, `max_retry_delay`: see `MultiCropStream`) and counted in
+    `batch["stream_retries"]`.
     """
-    dataset = MultiCropStream(stream, image_column, transform, seed, shuffle_buffer_size, id_column, max_pixels, min_side)
+    dataset = MultiCropStream(
+        stream, image_column, transform, seed, shuffle_buffer_size, id_column, max_pixels, min_side,
+        max_retries=max_retries, retry_delay=retry_delay, max_retry_delay=max_retry_delay,
+    )
     if num_workers > stream.num_shards:
         logger.warning(f"the stream has {stream.num_shards} shards: using {stream.num_shards} workers, not {num_workers}")
         num_workers = stream.num_shards

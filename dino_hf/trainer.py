@@ -373,7 +373,7 @@ def _train(args: DinoTrainingArguments, signals: checkpointing.PreemptionSignals
     # ---- models (first: a backbone that cannot take the crop sizes fails before any other work)
     student, teacher, fresh_head = build_student_teacher(args)
     head_warmup_steps = args.head_warmup_steps if fresh_head else 0
-    if fresh_head and not head_warmup_steps:
+    if fresh_head and not head_warmup_steps and accelerator.is_main_process:
         logger.warning(
             "%s has trained weights but no DINO head: the random head's first gradients reach the backbone; "
             "consider --head_warmup_steps (e.g. one epoch of steps) to train the head alone first",
@@ -503,7 +503,7 @@ def _train(args: DinoTrainingArguments, signals: checkpointing.PreemptionSignals
             _on_every_process(accelerator, lambda: checkpointing.write_process_state(
                 staging, accelerator.process_index, batches.state_dict()))
             _on_every_process(accelerator, shared_state, main_only=True)
-        except OSError as error:
+        except checkpointing.WRITE_ERRORS as error:
             if accelerator.is_main_process:
                 shutil.rmtree(staging, ignore_errors=True)
             raise checkpointing.CheckpointError(
@@ -638,13 +638,13 @@ def _on_any_process(accelerator: Accelerator, flag: bool) -> bool:
 
 
 def _on_every_process(accelerator: Accelerator, action, main_only: bool = False) -> None:
-    """Run `action` (on the main process only if `main_only`), then agree: raise `OSError` on every
-    process when it failed on any, so that no process waits for one that gave up."""
+    """Run `action` (on the main process only if `main_only`), then agree: a write error on any
+    process is raised on every process, so that no process waits for one that gave up."""
     error = None
     if accelerator.is_main_process or not main_only:
         try:
             action()
-        except OSError as caught:
+        except checkpointing.WRITE_ERRORS as caught:
             error = caught
     if _on_any_process(accelerator, error is not None):
         raise error or OSError("another process could not write its part of the checkpoint")

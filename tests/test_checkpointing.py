@@ -7,10 +7,15 @@ import random
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
+from dino_hf.data import build_multicrop_dataloader, load_image_stream
+from dino_hf.multicrop import MultiCropTransform
 
 from dino_hf import checkpointing
 from dino_hf.checkpointing import (
     CheckpointError,
+    EndlessBatches,
     check_checkpoint,
     finalize,
     find_resume_checkpoint,
@@ -147,3 +152,39 @@ def test_a_pickle_carrying_code_is_refused(tmp_path, monkeypatch):
     with pytest.raises(Exception):
         load_checkpoint(folder, rank=0)
     assert not (tmp_path / "pwned").exists()
+
+
+def loader_over(folder, num_workers=0):
+    stream, column = load_image_stream(train_dir=str(folder))
+    transform = MultiCropTransform(global_crops_size=16, local_crops_size=8, local_crops_number=1)
+    return build_multicrop_dataloader(stream, column, transform, batch_size=4, num_workers=num_workers,
+                                      shuffle_buffer_size=5)
+
+
+@pytest.mark.parametrize("stop_after", [3, 4])  # 3: right after the last batch of the first pass
+def test_endless_batches_resume_where_they_stopped(tmp_path, stop_after):
+    rng = np.random.default_rng(0)
+    for index in range(12):  # 3 batches of 4 per pass
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(tmp_path / f"{index:02d}.png")
+    batches = EndlessBatches(loader_over(tmp_path))
+    for _ in range(stop_after):
+        next(batches)
+    state = batches.state_dict()
+    expected = [next(batches) for _ in range(4)]
+    assert state["epoch"] == (0 if stop_after == 3 else 1)
+    assert batches.epoch == 2  # the 4 batches after the stop cross into another pass
+
+    resumed = EndlessBatches(loader_over(tmp_path))
+    resumed.load_state_dict(state)
+    for want in expected:
+        got = next(resumed)
+        assert got["ids"] == want["ids"]
+        for got_crop, want_crop in zip(got["crops"], want["crops"]):
+            assert torch.equal(got_crop, want_crop)  # the same augmentation, too
+    assert resumed.epoch == 2
+
+
+def test_endless_batches_of_a_too_small_stream(tmp_path):
+    Image.new("RGB", (20, 20)).save(tmp_path / "only.png")
+    with pytest.raises(ValueError, match="gave no complete batch; use a smaller batch or more data"):
+        next(EndlessBatches(loader_over(tmp_path)))

@@ -9,6 +9,7 @@ import copy
 import errno
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -232,27 +233,50 @@ def test_skip_nonfinite_steps_skips_up_to_k(data, tmp_path, monkeypatch, capsys)
     assert all(torch.isfinite(t).all() for t in load_file(result.checkpoint / "teacher.safetensors").values())
 
 
-@pytest.mark.parametrize("code, text", [(errno.ENOSPC, "No space left on device"), (errno.EROFS, "Read-only file system")])
-def test_failed_checkpoint_write_is_a_clear_error_and_keeps_the_previous(data, tmp_path, monkeypatch, code, text):
-    # Root ignores file permissions, so the full or read-only disk is injected where the tensors are written.
-    original = checkpointing.write_shared_state
+def test_full_disk_when_saving_is_a_clear_error_and_keeps_the_previous(data, tmp_path, monkeypatch):
+    # A file size limit makes the OS refuse writes past 100 kB (EFBIG) as a full disk would (ENOSPC);
+    # it is set after checkpoint 2, so checkpoint 4 fails inside safetensors' write of the student.
     calls = []
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
 
-    def write_shared_state(folder, **state):
-        calls.append(folder)
-        if len(calls) == 2:
-            (folder / "student.safetensors").write_bytes(b"partial")
-            raise OSError(code, text)
-        original(folder, **state)
+    def step_then_fill_the_disk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, limits[1]))
+        return train_step(*args, **kwargs)
 
-    monkeypatch.setattr(checkpointing, "write_shared_state", write_shared_state)
-    with pytest.raises(checkpointing.CheckpointError) as error:
-        run(data, tmp_path / "out")
+    monkeypatch.setattr(trainer, "train_step", step_then_fill_the_disk)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing the process
+    try:
+        with pytest.raises(checkpointing.CheckpointError) as error:
+            run(data, tmp_path / "out")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous)
     checkpoints = tmp_path / "out" / "checkpoints"
     message = str(error.value)
     assert f"could not write the checkpoint of step 4 to {checkpoints / 'checkpoint-4'}" in message
-    assert text in message and f"previous checkpoint {checkpoints / 'checkpoint-2'} is intact" in message
+    assert "File too large" in message and f"previous checkpoint {checkpoints / 'checkpoint-2'} is intact" in message
     assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2"]  # no half-written folder left
+    checkpointing.check_checkpoint(checkpoints / "checkpoint-2")
+
+
+def test_read_only_folder_when_saving_is_a_clear_error(data, tmp_path, monkeypatch):
+    # Root writes through file permissions, so the read-only file system is injected where the
+    # checkpoint's folder is created.
+    original_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self.name == ".checkpoint-4.tmp":
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return original_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    with pytest.raises(checkpointing.CheckpointError, match="Read-only file system") as error:
+        run(data, tmp_path / "out")
+    checkpoints = tmp_path / "out" / "checkpoints"
+    assert f"previous checkpoint {checkpoints / 'checkpoint-2'} is intact" in str(error.value)
+    assert f"make {checkpoints} writable" in str(error.value)
     checkpointing.check_checkpoint(checkpoints / "checkpoint-2")
 
 
@@ -271,7 +295,7 @@ def test_fresh_head_on_trained_weights_is_warmed_up_with_the_backbone_frozen(dat
     assert max(head_moves) > 1e-4
 
 
-def test_which_backbones_get_a_head_warmup(data, caplog):
+def test_which_backbones_get_a_head_warmup(data, tmp_path, caplog):
     def fresh_head(**options):
         args = DinoTrainingArguments(**{**TINY, "train_dir": str(data / "images"), **options})
         return build_student_teacher(args)[2]
@@ -290,7 +314,8 @@ def test_which_backbones_get_a_head_warmup(data, caplog):
             with pytest.MonkeyPatch.context() as patch:
                 patch.setattr(trainer, "load_image_stream", stop)
                 train(DinoTrainingArguments(**{**TINY, "train_dir": str(data / "images"),
-                                               "model_name_or_path": str(data / "model"), "output_dir": "/nonexistent/x"}))
+                                               "model_name_or_path": str(data / "model"),
+                                               "output_dir": str(tmp_path / "out")}))
     assert "consider --head_warmup_steps" in caplog.text
 
 
