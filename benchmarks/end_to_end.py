@@ -37,7 +37,8 @@ from dino_hf.heads import DinoHead
 from dino_hf.loss import DinoLoss
 from dino_hf.multicrop import MultiCropTransform
 from dino_hf.optimization import get_param_groups
-from dino_hf.speed import apply_speed_options, build_fast_optimizer
+from dino_hf.optimization import build_optimizer
+from dino_hf.speed import apply_speed_options
 from dino_hf.teacher import MultiCropWrapper, build_teacher
 from dino_hf.trainer import train_step
 
@@ -118,7 +119,7 @@ def main():
     teacher = build_teacher(student)
     apply_speed_options(student, teacher, torch_compile=args.torch_compile)
     dino_loss = DinoLoss(args.out_dim, 2 + args.local_crops).to(device)
-    optimizer = build_fast_optimizer("adamw", get_param_groups(student), device)
+    optimizer = build_optimizer("adamw", get_param_groups(student), device=device)
     student, optimizer = accelerator.prepare(student, optimizer)
 
     with tempfile.TemporaryDirectory() as folder:

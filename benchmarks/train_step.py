@@ -30,7 +30,8 @@ from dino_hf.backbones import build_backbone
 from dino_hf.heads import DinoHead
 from dino_hf.loss import DinoLoss
 from dino_hf.optimization import get_param_groups
-from dino_hf.speed import apply_speed_options, build_fast_optimizer
+from dino_hf.optimization import build_optimizer
+from dino_hf.speed import apply_speed_options
 from dino_hf.teacher import MultiCropWrapper, build_teacher
 from dino_hf.trainer import train_step
 
@@ -53,7 +54,7 @@ def ours(args, device):
     """A function doing one step with dino_hf's train_step and speed options."""
     student, teacher, dino_loss, crops = build(args, device)
     apply_speed_options(student, teacher, torch_compile=args.torch_compile)
-    optimizer = build_fast_optimizer("adamw", get_param_groups(student), device)
+    optimizer = build_optimizer("adamw", get_param_groups(student), device=device)
     accelerator = None
     if device.type == "cuda":
         from accelerate import Accelerator

@@ -54,7 +54,8 @@ _CLIENT_TRANSPORT_ERRORS = frozenset(
 )
 # Subclasses of ConnectionError that no retry can fix.
 _PERMANENT_ERRORS = frozenset(
-    [("huggingface_hub", "OfflineModeIsEnabled"), ("datasets", "DatasetNotOnHfGcsError"), ("datasets", "MissingFilesOnHfGcsError")]
+    [("huggingface_hub", "OfflineModeIsEnabled")]
+    + [("datasets", "DatasetNotOnHfGcsError"), ("datasets", "MissingFilesOnHfGcsError")]
 )
 
 
@@ -315,16 +316,16 @@ def is_transient_stream_error(error: BaseException) -> bool:
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if _is_transient(error):
+        classes = {(c.__module__.split(".")[0], c.__name__) for c in type(error).__mro__}
+        if classes & _PERMANENT_ERRORS or isinstance(error, StreamReadError):  # retries already spent
+            return False
+        if _is_transient(error, classes):
             return True
         error = error.__cause__
     return False
 
 
-def _is_transient(error: BaseException) -> bool:
-    classes = {(c.__module__.split(".")[0], c.__name__) for c in type(error).__mro__}
-    if classes & _PERMANENT_ERRORS or isinstance(error, StreamReadError):
-        return False
+def _is_transient(error: BaseException, classes: set) -> bool:
     if isinstance(error, (ConnectionError, TimeoutError)) or classes & _CLIENT_TRANSPORT_ERRORS:
         return True
     if isinstance(error, OSError) and error.errno in _NETWORK_ERRNOS:
@@ -335,7 +336,7 @@ def _is_transient(error: BaseException) -> bool:
     return status in RETRIED_HTTP_STATUSES
 
 
-def describe_stream(stream: IterableDataset) -> str:
+def _describe_stream(stream: IterableDataset) -> str:
     """A short name of a stream's source for messages: dataset or builder name, config, split, shards."""
     info = getattr(stream, "info", None)
     name = getattr(info, "dataset_name", None) or getattr(info, "builder_name", None) or type(stream).__name__
@@ -487,14 +488,14 @@ class MultiCropStream(torch.utils.data.IterableDataset):
                 where = f"epoch {self.epoch}, block {block} of {self.block_size} rows"
                 if failures > self.max_retries:
                     raise StreamReadError(
-                        f"reading the stream {describe_stream(self.stream)} failed after {failures} "
+                        f"reading the stream {_describe_stream(self.stream)} failed after {failures} "
                         f"attempt{'s' if failures > 1 else ''} in a row ({self.max_retries} retries) at {where}, last with "
                         f"{type(error).__name__}: {error}; check the connection to the source, or allow more retries "
                         f"(max_retries, retry_delay)"
                     ) from error
                 delay = min(self.retry_delay * 2 ** (failures - 1), self.max_retry_delay)
                 logger.warning(
-                    f"reading the stream {describe_stream(self.stream)} failed at {where} with "
+                    f"reading the stream {_describe_stream(self.stream)} failed at {where} with "
                     f"{type(error).__name__}: {error}; retry {failures} of {self.max_retries} in {delay:g} s"
                 )
                 time.sleep(delay)
@@ -504,8 +505,8 @@ class MultiCropStream(torch.utils.data.IterableDataset):
         _, block, position = cursor
         key = np.random.SeedSequence([self.seed, self.epoch, worker_id, block, position]).generate_state(2)
         generator = torch.Generator().manual_seed(int(key[0]) << 32 | int(key[1]))
-        crops = self.transform(image, generator)
-        return {"crops": crops, "id": self._sample_id(row, worker_id, block, position), "skipped": counts[0], "stream_retries": counts[1]}
+        sample_id = self._sample_id(row, worker_id, block, position)
+        return {"crops": self.transform(image, generator), "id": sample_id, "skipped": counts[0], "stream_retries": counts[1]}
 
     def _sample_id(self, row: dict, worker_id: int, block: int, position: int) -> str:
         if self.id_column is not None:

@@ -10,6 +10,7 @@
 
 import torch
 from torch import nn
+from torch.optim import optimizer as torch_optimizer
 
 OPTIMIZERS = ("adamw", "sgd", "lars")
 
@@ -121,6 +122,18 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
+def optimizer_kernel_options(name: str, device: torch.device | str | None) -> dict:
+    """Keyword arguments that pick PyTorch's fastest kernel of AdamW / SGD on `device`:
+    `{"fused": True}` where the device has fused kernels (CUDA, and the CPU in recent PyTorch),
+    else `{"foreach": True}` (the multi-tensor form); `{}` for LARS or when `device` is None (PyTorch's
+    default). Same update, rounding aside."""
+    if name not in ("adamw", "sgd") or device is None:
+        return {}
+    # A private helper of torch.optim that lists the devices with fused kernels; CUDA always has them.
+    supported = getattr(torch_optimizer, "_get_fused_kernels_supported_devices", lambda: ["cuda"])()
+    return {"fused": True} if torch.device(device).type in supported else {"foreach": True}
+
+
 def build_optimizer(
     name: str,
     param_groups: list[dict],
@@ -128,17 +141,21 @@ def build_optimizer(
     *,
     weight_decay: float = 0.0,
     momentum: float = 0.9,
+    device: torch.device | str | None = None,
 ) -> torch.optim.Optimizer:
     """The optimiser of the reference by name: `"adamw"` (ViTs; betas 0.9/0.999, eps 1e-8), `"sgd"`
     or `"lars"` (ResNet-50; momentum 0.9).
 
     `lr` and the regularised group's `weight_decay` are overwritten each step by the schedules
-    (`train_step`); the groups from `get_param_groups` keep their own `weight_decay=0.0`.
+    (`train_step`); the groups from `get_param_groups` keep their own `weight_decay=0.0`. With a
+    `device`, AdamW and SGD use its fused (or multi-tensor) kernels (`optimizer_kernel_options`):
+    build them on parameters that already live there.
     """
+    options = optimizer_kernel_options(name, device)
     if name == "adamw":
-        return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay)
+        return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay, **options)
     if name == "sgd":
-        return torch.optim.SGD(param_groups, lr=lr, weight_decay=weight_decay, momentum=momentum)
+        return torch.optim.SGD(param_groups, lr=lr, weight_decay=weight_decay, momentum=momentum, **options)
     if name == "lars":
         return LARS(param_groups, lr=lr, weight_decay=weight_decay, momentum=momentum)
     raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
@@ -148,6 +165,7 @@ __all__ = [
     "LARS",
     "OPTIMIZERS",
     "build_optimizer",
+    "optimizer_kernel_options",
     "cancel_last_layer_gradients_",
     "clip_gradients_",
     "drop_last_layer_gradients_",

@@ -4,11 +4,10 @@ What is always on elsewhere: SDPA attention in `DinoModel` (flash / memory-effic
 GPU), one backbone call per crop resolution in `MultiCropWrapper`, the multi-tensor EMA of
 `ema_update_`, bf16 autocast through `Accelerator(mixed_precision="bf16")`. What this file adds:
 
-- `build_fast_optimizer`: the optimiser of `optimization.build_optimizer` with PyTorch's fused
-  kernel (one kernel for all parameters) on the devices that have it (CUDA, and the CPU in
-  recent PyTorch: 5x faster than the multi-tensor form and 25x faster than the default loop for
-  ViT-S sized tensors on this project's CPU), else its multi-tensor (`foreach`) form; the same
-  update, rounding aside.
+- (in `optimization.build_optimizer(..., device=...)`) PyTorch's fused optimiser kernel (one
+  kernel for all parameters) on the devices that have it (CUDA, and the CPU in recent PyTorch: 5x
+  faster than the multi-tensor form and 25x faster than the default loop for ViT-S sized tensors
+  on this project's CPU), else its multi-tensor (`foreach`) form; the same update, rounding aside.
 - `apply_speed_options`: optional `torch.compile` of the backbones and heads (one static graph per
   crop resolution) and channels_last weights for convolutional backbones.
 
@@ -17,47 +16,6 @@ Each option is checked against the plain step in tests/test_speed_options.py.
 
 import torch
 from torch import nn
-from torch.optim import optimizer as torch_optimizer
-
-from .optimization import build_optimizer
-
-_FUSABLE = ("adamw", "sgd")
-
-
-def optimizer_speed_options(name: str, device: torch.device | str) -> dict:
-    """Keyword arguments for `torch.optim.AdamW` / `SGD` on `device`: `{"fused": True}` where
-    PyTorch has fused kernels for the device (CUDA, CPU, ...), else `{"foreach": True}` (the
-    multi-tensor form; PyTorch's CPU default is a Python loop over the parameters), `{}` for
-    optimisers without such forms (LARS)."""
-    if name not in _FUSABLE:
-        return {}
-    # A private helper of torch.optim that lists the devices with fused kernels; CUDA always has them.
-    supported = getattr(torch_optimizer, "_get_fused_kernels_supported_devices", lambda: ["cuda"])()
-    fused = torch.device(device).type in supported
-    return {"fused": True} if fused else {"foreach": True}
-
-
-def build_fast_optimizer(
-    name: str,
-    param_groups: list[dict],
-    device: torch.device | str,
-    lr: float = 0.0,
-    *,
-    weight_decay: float = 0.0,
-    momentum: float = 0.9,
-) -> torch.optim.Optimizer:
-    """`build_optimizer(name, param_groups, ...)` with the fused or foreach kernels of `device`.
-
-    Build it on parameters that already live on `device` (after `model.to(device)`, before or
-    after `accelerator.prepare`): a fused optimiser checks the device of every parameter at its
-    first step.
-    """
-    options = optimizer_speed_options(name, device)
-    if name == "adamw":
-        return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay, **options)
-    if name == "sgd":
-        return torch.optim.SGD(param_groups, lr=lr, weight_decay=weight_decay, momentum=momentum, **options)
-    return build_optimizer(name, param_groups, lr, weight_decay=weight_decay, momentum=momentum)
 
 
 def apply_speed_options(

@@ -33,6 +33,7 @@ from .evaluation import load_feature_model
 from .heads import DinoHead
 from .hub import EvalFigure, HubPusher, export_backbone, render_model_card
 from .loss import DinoLoss, collapse_diagnostics
+from .batch_multicrop import BatchMultiCrop, DecodeAndCap
 from .multicrop import MultiCropTransform
 from .optimization import build_optimizer, clip_gradients_, drop_last_layer_gradients_, get_param_groups
 from .schedules import (
@@ -42,6 +43,7 @@ from .schedules import (
     teacher_temperature_at,
     weight_decay_at,
 )
+from .speed import apply_speed_options
 from .teacher import MultiCropWrapper, build_teacher, ema_update_
 from .training_args import DinoTrainingArguments, check_crop_sizes
 
@@ -391,13 +393,21 @@ def _train(args: DinoTrainingArguments, signals: checkpointing.PreemptionSignals
         **source, image_column_name=args.image_column_name, rank=accelerator.process_index,
         world_size=accelerator.num_processes, seed=args.seed,
     )
-    transform = MultiCropTransform(
+    crop_options = dict(
         global_crops_size=args.global_crops_size,
         local_crops_size=args.local_crops_size,
         global_crops_scale=tuple(args.global_crops_scale),
         local_crops_scale=tuple(args.local_crops_scale),
         local_crops_number=args.local_crops_number,
     )
+    device_multicrop = None
+    if args.augment_on == "gpu":
+        # Workers decode and cap the size; the crops are made on the accelerator, in batch.
+        transform = DecodeAndCap(args.augment_cap_size)
+        device_multicrop = BatchMultiCrop(**crop_options)
+        crop_generator = torch.Generator(device=accelerator.device)
+    else:
+        transform = MultiCropTransform(**crop_options)
     batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
     loader_options = {"max_pixels": args.max_image_pixels} if args.max_image_pixels else {}
     loader = build_multicrop_dataloader(
@@ -421,7 +431,9 @@ def _train(args: DinoTrainingArguments, signals: checkpointing.PreemptionSignals
     last_step = min(total_steps, args.max_train_steps or total_steps)
 
     # ---- optimiser and schedules ------------------------------------------------------------
-    optimizer = build_optimizer(args.optimizer, get_param_groups(student))
+    apply_speed_options(student, teacher, torch_compile=args.torch_compile, channels_last=args.channels_last)
+    student.to(accelerator.device)
+    optimizer = build_optimizer(args.optimizer, get_param_groups(student), device=accelerator.device)
     student, optimizer = accelerator.prepare(student, optimizer)  # DDP for the student only
     teacher.to(accelerator.device)
     dino_loss.to(accelerator.device)
@@ -529,10 +541,15 @@ def _train(args: DinoTrainingArguments, signals: checkpointing.PreemptionSignals
     while global_step < last_step:
         batch = next(batches)
         skip_report.update(batch["skipped"])
+        state["stream_retries"] = state.get("stream_retries", 0) + batch.get("stream_retries", 0)
         if sample_log is not None:
             sample_log.write(global_step, batch["ids"])
         crops = [crop.to(accelerator.device, non_blocking=True) for crop in batch["crops"]]
         step = global_step
+        if device_multicrop is not None:
+            # Seeded by the step (and process), so a resumed run makes the same crops without saved state.
+            crop_generator.manual_seed(args.seed * 1_000_003 + accelerator.process_index * 10_007 + step)
+            crops = device_multicrop(crops[0], crop_generator)
         schedule = {
             "lr": learning_rate_at(step, total_steps, peak_lr, args.min_lr, lr_warmup_steps),
             "weight_decay": weight_decay_at(step, total_steps, args.weight_decay, args.weight_decay_end),
@@ -572,7 +589,7 @@ def _train(args: DinoTrainingArguments, signals: checkpointing.PreemptionSignals
             elapsed = time.perf_counter() - window_start
             logs = {**metrics, **schedule, "epoch": global_step / iterations_per_epoch,
                     "images_per_second": window_images / max(elapsed, 1e-9),
-                    "nonfinite_skipped": state["nonfinite_skipped"]}
+                    "nonfinite_skipped": state["nonfinite_skipped"], "stream_retries": state.get("stream_retries", 0)}
             logs.update({f"skipped_{reason}": count for reason, count in skip_report.counts.items()})
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{schedule['lr']:.2e}")
             accelerator.log(logs, step=global_step)

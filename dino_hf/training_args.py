@@ -137,6 +137,19 @@ class DinoTrainingArguments:
     skip_nonfinite_steps: int = field(
         default=0, metadata={"help": "Steps with a non-finite loss to skip before stopping (0: stop at the first)."}
     )
+    # ---- speed -------------------------------------------------------------------------------
+    augment_on: str = field(
+        default="cpu",
+        metadata={"help": "Where the multi-crop augmentation runs: 'cpu' (in the DataLoader workers) or 'gpu' (the "
+                  "workers only decode and cap the image size; crops, resizes and colour ops run on the "
+                  "accelerator in batch)."},
+    )
+    augment_cap_size: int = field(
+        default=288, metadata={"help": "With --augment_on gpu: side of the square images the workers send."}
+    )
+    torch_compile: bool = field(default=False, metadata={"help": "torch.compile the backbones and heads."})
+    channels_last: bool = field(default=False, metadata={"help": "channels_last memory format (CNN backbones)."})
+
     log_sample_ids: str | None = field(
         default=None,
         metadata={"help": "Append the ids of every batch to this file, one JSON line per step and process "
@@ -196,7 +209,7 @@ def validate(args: DinoTrainingArguments) -> None:
     """
     positive = ("out_dim", "per_device_train_batch_size", "gradient_accumulation_steps", "global_crops_size",
                 "local_crops_size", "head_hidden_dim", "head_bottleneck_dim", "head_nlayers", "logging_steps",
-                "checkpoints_total_limit", "shuffle_buffer_size")
+                "checkpoints_total_limit", "shuffle_buffer_size", "augment_cap_size")
     for name in positive:
         if getattr(args, name) < 1:
             _fail(name, getattr(args, name), "an integer >= 1")
@@ -224,6 +237,8 @@ def validate(args: DinoTrainingArguments) -> None:
         scale = getattr(args, name)
         if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
             _fail(name, scale, "two numbers 0 < low <= high <= 1, e.g. 0.4 1.0")
+    if args.augment_on not in ("cpu", "gpu"):
+        _fail("augment_on", args.augment_on, "cpu or gpu")
     if args.optimizer not in OPTIMIZERS:
         _fail("optimizer", args.optimizer, f"one of {', '.join(OPTIMIZERS)}")
     if args.mixed_precision not in (None, "no", "fp16", "bf16"):

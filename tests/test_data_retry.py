@@ -170,10 +170,10 @@ def requests_http_error(status):
     return requests.HTTPError(f"{status}", response=reply)
 
 
-def chained(cause):
+def chained_as(kind, cause):
     try:
-        raise RuntimeError("reading the parquet file failed") from cause
-    except RuntimeError as error:
+        raise kind("reading the parquet file failed") from cause
+    except kind as error:
         return error
 
 
@@ -199,10 +199,12 @@ def chained(cause):
         (HfHubHTTPError("401 Unauthorized", response=response(401)), False),
         (HfHubHTTPError("404 Not Found", response=response(404)), False),
         (httpx2.HTTPStatusError("504", request=response(504).request, response=response(504)), True),
-        (chained(ConnectionResetError()), True),
-        (chained(ValueError("bad table")), False),
+        (chained_as(RuntimeError, ConnectionResetError()), True),
+        (chained_as(RuntimeError, ValueError("bad table")), False),
         (OfflineModeIsEnabled("HF_HUB_OFFLINE=1"), False),
         (StreamReadError("gave up"), False),
+        (chained_as(StreamReadError, ConnectionResetError()), False),  # its retries are spent
+        (chained_as(RuntimeError, OfflineModeIsEnabled("HF_HUB_OFFLINE=1")), False),
         (FileNotFoundError(errno.ENOENT, "no such file"), False),
         (PermissionError(errno.EACCES, "denied"), False),
         (OSError("unexpected end of data"), False),

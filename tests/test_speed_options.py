@@ -10,8 +10,8 @@ from dino_hf.backbones import build_backbone
 from dino_hf.configuration_dino import DinoConfig
 from dino_hf.heads import DinoHead
 from dino_hf.loss import DinoLoss
-from dino_hf.optimization import build_optimizer, get_param_groups
-from dino_hf.speed import apply_speed_options, build_fast_optimizer, optimizer_speed_options
+from dino_hf.optimization import build_optimizer, get_param_groups, optimizer_kernel_options
+from dino_hf.speed import apply_speed_options
 from dino_hf.teacher import MultiCropWrapper, build_teacher
 from dino_hf.trainer import train_step
 
@@ -54,7 +54,7 @@ def test_fused_optimizer_step_equals_the_default_step(name):
     student, teacher, dino_loss, crops = setup()
     fast = [copy.deepcopy(x) for x in (student, teacher, dino_loss)]
     plain_stats = one_step((student, teacher, dino_loss), crops, build_optimizer(name, get_param_groups(student)))
-    optimizer = build_fast_optimizer(name, get_param_groups(fast[0]), "cpu")
+    optimizer = build_optimizer(name, get_param_groups(fast[0]), device="cpu")
     assert optimizer.defaults.get("fused") or optimizer.defaults.get("foreach")
     fast_stats = one_step(fast, crops, optimizer)
     assert fast_stats == plain_stats
@@ -64,12 +64,12 @@ def test_fused_optimizer_step_equals_the_default_step(name):
 
 
 def test_optimizer_options_per_device():
-    assert optimizer_speed_options("adamw", "cuda") == {"fused": True}
-    assert optimizer_speed_options("sgd", torch.device("cuda", 0)) == {"fused": True}
-    assert optimizer_speed_options("adamw", "meta") == {"foreach": True}  # no fused kernels there
-    assert optimizer_speed_options("lars", "cuda") == {}
+    assert optimizer_kernel_options("adamw", "cuda") == {"fused": True}
+    assert optimizer_kernel_options("sgd", torch.device("cuda", 0)) == {"fused": True}
+    assert optimizer_kernel_options("adamw", "meta") == {"foreach": True}  # no fused kernels there
+    assert optimizer_kernel_options("lars", "cuda") == {}
     student = setup()[0]
-    assert type(build_fast_optimizer("lars", get_param_groups(student), "cpu")).__name__ == "LARS"
+    assert type(build_optimizer("lars", get_param_groups(student), device="cpu")).__name__ == "LARS"
 
 
 def test_sdpa_step_equals_eager_attention_step():
@@ -93,7 +93,7 @@ def test_bf16_autocast_step_is_close_to_the_fp32_step():
     fp32_stats = one_step((student, teacher, dino_loss), crops, build_optimizer("sgd", get_param_groups(student)))
     accelerator = accelerate.Accelerator(cpu=True, mixed_precision="bf16")
     try:
-        optimizer = build_fast_optimizer("sgd", get_param_groups(bf16[0]), accelerator.device)
+        optimizer = build_optimizer("sgd", get_param_groups(bf16[0]), device=accelerator.device)
         prepared, optimizer = accelerator.prepare(bf16[0], optimizer)
         bf16_stats = one_step((prepared, bf16[1], bf16[2]), crops, optimizer, accelerator)
     finally:
@@ -116,7 +116,7 @@ def test_channels_last_step_equals_the_default_step():
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
     assert any(not w.is_contiguous() for w in convs)  # 1 x 1 kernels are contiguous in both layouts
     one_step((student, teacher, dino_loss), crops, build_optimizer("sgd", get_param_groups(student)))
-    one_step(fast, crops, build_fast_optimizer("sgd", get_param_groups(fast[0]), "cpu"))
+    one_step(fast, crops, build_optimizer("sgd", get_param_groups(fast[0]), device="cpu"))
     assert_same_networks(fast[0], student, atol=1e-5)
     assert_same_networks(fast[1], teacher, atol=1e-5)
 
@@ -138,7 +138,7 @@ def test_compiled_step_equals_the_eager_step():
     compiled = [copy.deepcopy(x) for x in (student, teacher, dino_loss)]
     apply_speed_options(compiled[0], compiled[1], torch_compile=True)
     eager_stats = one_step((student, teacher, dino_loss), crops, build_optimizer("sgd", get_param_groups(student)))
-    compiled_stats = one_step(compiled, crops, build_fast_optimizer("sgd", get_param_groups(compiled[0]), "cpu"))
+    compiled_stats = one_step(compiled, crops, build_optimizer("sgd", get_param_groups(compiled[0]), device="cpu"))
     assert compiled_stats["loss"] == pytest.approx(eager_stats["loss"], rel=1e-5)
     assert_same_networks(compiled[0], student, atol=1e-5)
     assert_same_networks(compiled[1], teacher, atol=1e-5)
