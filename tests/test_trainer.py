@@ -402,3 +402,20 @@ def test_ddp_step_matches_one_process_step(tmp_path):
 
 if __name__ == "__main__" and sys.argv[1:2] == ["ddp-worker"]:
     ddp_worker(Path(sys.argv[2]))
+
+
+def test_augment_on_device_and_speed_options_train_and_resume_exactly(data, tmp_path, monkeypatch):
+    """--augment_on gpu (here on the CPU device) with the fused optimiser: the workers send capped
+    uint8 images, the crops are made in batch on the device, and a resumed run makes the same crops
+    (they are seeded by the step) and ends with the same teacher."""
+    options = dict(augment_on="gpu", augment_cap_size=40, max_train_steps=4, checkpointing_steps="2")
+    full = run(data, tmp_path / "full", **options)
+    assert full.global_step == 4
+    resumed_dir = tmp_path / "resumed"
+    run(data, resumed_dir, **{**options, "max_train_steps": 2})
+    resumed = run(data, resumed_dir, **options, resume_from_checkpoint="latest")
+    assert resumed.global_step == 4
+    expected, got = teacher_at(tmp_path / "full", 4), teacher_at(resumed_dir, 4)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
