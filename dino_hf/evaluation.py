@@ -288,6 +288,13 @@ class ImageBatches:
         return int(label)
 
 
+def add_model_argument(parser) -> None:
+    """The `--model` option of the evaluation scripts (anything `load_feature_model` reads)."""
+    parser.add_argument("--model", required=True,
+                        help="DinoModel folder or Hub id, transformers ViT folder, timm:NAME or timm folder, "
+                             "or a training checkpoint (its teacher).")
+
+
 def add_dataset_arguments(parser, labelled: bool = True) -> None:
     """Command-line options that name the data of an evaluation script (train and eval splits)."""
     group = parser.add_argument_group("data")
@@ -439,6 +446,30 @@ def knn_evaluate(train_features, train_labels, test_features, test_labels, num_c
         metrics[f"knn_top1@{k}"] = 100.0 * correct[k][0] / start
         metrics[f"knn_top5@{k}"] = 100.0 * correct[k][1] / start
     return metrics
+
+
+@torch.no_grad()
+def knn_accuracy(backbone: nn.Module, sources: tuple[dict, dict], image_size: int, *,
+                 image_column_name: str | None = None, label_column_name: str | None = None,
+                 device=None) -> dict[str, float]:
+    """`knn_evaluate` of `backbone`'s features on two labelled sources (memory bank, queries), each a
+    dict of `load_image_stream` arguments; k = 10, 20, 100, 200 where the bank is large enough.
+    The backbone's train / eval mode is restored afterwards (it is evaluated during training)."""
+    was_training = backbone.training
+    model, _ = load_feature_model(backbone)
+    transform = eval_transform(image_size)
+    label_ids: dict = {}
+    features = []
+    for source in sources:
+        rows, image_column = load_image_stream(**source, image_column_name=image_column_name)
+        label_column = find_label_column(rows, label_column_name)
+        batches = ImageBatches(rows, image_column, transform, batch_size=64, label_column=label_column,
+                               label_ids=label_ids)
+        features.append(extract_features(model, batches, device))
+    backbone.train(was_training)
+    (train_x, train_y), (test_x, test_y) = features
+    ks = tuple(k for k in KNN_KS if k <= len(train_y))
+    return knn_evaluate(train_x, train_y, test_x, test_y, ks=ks, device=device)
 
 
 def knn_classify(train_features, train_labels, test_features, test_labels, num_classes: int, k: int = 20,

@@ -54,4 +54,4 @@ def apply_speed_options(
     return student, teacher
 
 
-__all__ = ["apply_speed_options", "build_fast_optimizer", "optimizer_speed_options"]
+__all__ = ["apply_speed_options"]

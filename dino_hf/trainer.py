@@ -23,14 +23,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import checkpointing
-from .backbones import build_backbone
-from .configuration_dino import PRESETS
-from .convert import dino_from_reference, load_checkpoint_file
 from .data import SkipReport, build_multicrop_dataloader, load_image_stream
 from .demo_data import default_demo_root, make_demo_dataset
-from .evaluation import ImageBatches, eval_transform, extract_features, find_label_column, knn_evaluate
-from .evaluation import load_feature_model
-from .heads import DinoHead
+from .evaluation import knn_accuracy
 from .hub import EvalFigure, HubPusher, export_backbone, render_model_card
 from .loss import DinoLoss, collapse_diagnostics
 from .batch_multicrop import BatchMultiCrop, DecodeAndCap
@@ -44,8 +39,8 @@ from .schedules import (
     weight_decay_at,
 )
 from .speed import apply_speed_options
-from .teacher import MultiCropWrapper, build_teacher, ema_update_
-from .training_args import DinoTrainingArguments, check_crop_sizes
+from .teacher import build_student_teacher, ema_update_
+from .training_args import DinoTrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -228,53 +223,6 @@ class NonFiniteLossError(RuntimeError):
     """Training stopped on a non-finite loss (see the message for the step and the last checkpoint)."""
 
 
-def build_student_teacher(args: DinoTrainingArguments) -> tuple[MultiCropWrapper, MultiCropWrapper, bool]:
-    """Student = backbone + DINO head, teacher = its copy without stochastic depth.
-
-    Returns also whether the backbone came with trained weights but without a head (a saved
-    DinoModel folder, a Hub id, a backbone-only reference file): then the fresh head is trained
-    alone for `head_warmup_steps` before the backbone joins, so that a random head does not wreck
-    the features. Presets and timm names start from random weights: no warm-up.
-
-    Raises:
-        ValueError: the crop sizes are not multiples of the backbone's patch size.
-    """
-    spec = args.backbone or args.model_name_or_path or "vit_small_patch16"
-    head_state = None
-    if spec.endswith((".pth", ".pt", ".safetensors")) and os.path.isfile(spec):
-        imported = dino_from_reference(load_checkpoint_file(spec), drop_path_rate=args.drop_path_rate)
-        backbone = build_backbone(imported.model)
-        head_state = imported.head_state_dict
-    else:
-        backbone = build_backbone(spec, drop_path_rate=args.drop_path_rate, image_size=args.global_crops_size)
-    pretrained = args.model_name_or_path is not None and spec not in PRESETS
-    check_crop_sizes(args, _patch_size(backbone))
-    head = DinoHead(
-        backbone.num_features,
-        args.out_dim,
-        use_bn=args.use_bn_in_head,
-        norm_last_layer=args.norm_last_layer,
-        nlayers=args.head_nlayers,
-        hidden_dim=args.head_hidden_dim,
-        bottleneck_dim=args.head_bottleneck_dim,
-    )
-    if head_state is not None:
-        head.load_state_dict(head_state)
-    student = MultiCropWrapper(backbone, head)
-    return student, build_teacher(student), pretrained and head_state is None
-
-
-def _patch_size(backbone: nn.Module) -> int | None:
-    """The patch size of a ViT backbone (DinoModel or timm), None for a CNN."""
-    config = getattr(backbone.model, "config", None)
-    if config is not None and hasattr(config, "patch_size"):
-        return int(config.patch_size)
-    size = getattr(getattr(backbone.model, "patch_embed", None), "patch_size", None)
-    if size is None:
-        return None
-    return int(size[0] if isinstance(size, (tuple, list)) else size)
-
-
 def _demo_root(args: DinoTrainingArguments) -> Path:
     return Path(make_demo_dataset(default_demo_root()))
 
@@ -322,26 +270,6 @@ def _eval_sources(args: DinoTrainingArguments) -> tuple[dict, dict] | None:
         root = _demo_root(args)
         return {"train_dir": str(root / "train")}, {"train_dir": str(root / "validation")}
     return None
-
-
-@torch.no_grad()
-def knn_accuracy(backbone: nn.Module, sources: tuple[dict, dict], args: DinoTrainingArguments, device) -> dict:
-    """Weighted k-NN (k = 10, 20, 100, 200; T = 0.07) of `backbone`'s features on labelled data."""
-    was_training = backbone.training
-    model, _ = load_feature_model(backbone)
-    transform = eval_transform(args.eval_image_size or args.global_crops_size)
-    label_ids: dict = {}
-    features = []
-    for source in sources:
-        rows, image_column = load_image_stream(**source, image_column_name=args.image_column_name)
-        label_column = find_label_column(rows, args.label_column_name)
-        batches = ImageBatches(rows, image_column, transform, batch_size=64, label_column=label_column,
-                               label_ids=label_ids)
-        features.append(extract_features(model, batches, device))
-    backbone.train(was_training)
-    (train_x, train_y), (test_x, test_y) = features
-    ks = tuple(k for k in (10, 20, 100, 200) if k <= len(train_y))
-    return knn_evaluate(train_x, train_y, test_x, test_y, ks=ks, device=device)
 
 
 def train(args: DinoTrainingArguments) -> TrainResult:
@@ -528,7 +456,7 @@ def _train(args: DinoTrainingArguments, signals: checkpointing.PreemptionSignals
         return final
 
     if eval_sources is not None and global_step == 0 and accelerator.is_main_process:
-        state["knn_random_init"] = knn_accuracy(teacher.backbone, eval_sources, args, accelerator.device)
+        state["knn_random_init"] = _knn(teacher, eval_sources, args, accelerator)
         accelerator.print(f"k-NN of the random-init teacher: {_knn_line(state['knn_random_init'])}")
 
     # ---- loop -------------------------------------------------------------------------------
@@ -598,7 +526,7 @@ def _train(args: DinoTrainingArguments, signals: checkpointing.PreemptionSignals
 
         if args.eval_steps and global_step % args.eval_steps == 0 and eval_sources is not None:
             if accelerator.is_main_process:
-                state["knn"] = knn_accuracy(teacher.backbone, eval_sources, args, accelerator.device)
+                state["knn"] = _knn(teacher, eval_sources, args, accelerator)
                 accelerator.log({f"eval/{k}": v for k, v in state["knn"].items()}, step=global_step)
                 accelerator.print(f"step {global_step} k-NN: {_knn_line(state['knn'])}")
             accelerator.wait_for_everyone()
@@ -625,7 +553,7 @@ def _train(args: DinoTrainingArguments, signals: checkpointing.PreemptionSignals
 
     # ---- final save -------------------------------------------------------------------------
     if eval_sources is not None and accelerator.is_main_process:
-        state["knn"] = knn_accuracy(teacher.backbone, eval_sources, args, accelerator.device)
+        state["knn"] = _knn(teacher, eval_sources, args, accelerator)
         accelerator.log({f"eval/{k}": v for k, v in state["knn"].items()}, step=global_step)
         accelerator.print(f"k-NN of the trained teacher: {_knn_line(state['knn'])}")
     final = save(global_step)
@@ -691,6 +619,12 @@ def _log_line(step: int, logs: dict) -> str:
     return f"step {step} epoch {logs['epoch']:.2f} " + " ".join(parts)
 
 
+def _knn(teacher, eval_sources, args: DinoTrainingArguments, accelerator: Accelerator) -> dict:
+    return knn_accuracy(teacher.backbone, eval_sources, args.eval_image_size or args.global_crops_size,
+                        image_column_name=args.image_column_name, label_column_name=args.label_column_name,
+                        device=accelerator.device)
+
+
 def _knn_line(metrics: dict) -> str:
     return ", ".join(f"{key.removeprefix('knn_')} {value:.1f}%" for key, value in metrics.items())
 
@@ -713,11 +647,4 @@ def _model_card(args, teacher, step: int, iterations_per_epoch: int, state: dict
     )
 
 
-__all__ = [
-    "NonFiniteLossError",
-    "TrainResult",
-    "build_student_teacher",
-    "knn_accuracy",
-    "train",
-    "train_step",
-]
+__all__ = ["NonFiniteLossError", "TrainResult", "train", "train_step"]

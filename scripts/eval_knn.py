@@ -15,6 +15,7 @@ from dino_hf.evaluation import (
     KNN_TEMPERATURE,
     ImageBatches,
     add_dataset_arguments,
+    add_model_argument,
     extract_features,
     knn_evaluate,
     load_feature_model,
@@ -24,9 +25,7 @@ from dino_hf.evaluation import (
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True,
-                        help="DinoModel folder or Hub id, transformers ViT folder, timm:NAME or timm folder, "
-                             "or a training checkpoint (its teacher).")
+    add_model_argument(parser)
     add_dataset_arguments(parser)
     parser.add_argument("--batch_size", type=int, default=128, help="Images per forward pass.")
     parser.add_argument("--nb_knn", type=int, nargs="+", default=list(KNN_KS), help="Numbers of neighbours k.")

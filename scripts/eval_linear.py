@@ -21,6 +21,7 @@ from accelerate import PartialState
 from dino_hf.evaluation import (
     ImageBatches,
     add_dataset_arguments,
+    add_model_argument,
     cached_batches,
     evaluate_linear_probe,
     extract_features,
@@ -35,9 +36,7 @@ from dino_hf.evaluation import (
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True,
-                        help="DinoModel folder or Hub id, transformers ViT folder, timm:NAME or timm folder, "
-                             "or a training checkpoint (its teacher).")
+    add_model_argument(parser)
     add_dataset_arguments(parser)
     parser.add_argument("--n_last_blocks", type=int, default=4, help="CLS tokens of this many last blocks (4 for ViT-S).")
     parser.add_argument("--avgpool_patchtokens", action="store_true",

@@ -10,14 +10,12 @@ dataset may be larger than memory. Read the result with `datasets.load_dataset(O
 
 import argparse
 
-from dino_hf.evaluation import add_dataset_arguments, load_feature_model, load_split, write_feature_dataset
+from dino_hf.evaluation import add_dataset_arguments, add_model_argument, load_feature_model, load_split, write_feature_dataset
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True,
-                        help="DinoModel folder or Hub id, transformers ViT folder, timm:NAME or timm folder, "
-                             "or a training checkpoint (its teacher).")
+    add_model_argument(parser)
     add_dataset_arguments(parser, labelled=False)
     parser.add_argument("--output_dir", required=True, help="Folder of the output dataset.")
     parser.add_argument("--patch_tokens", action="store_true", help="Also write every patch token (N x D per image).")

@@ -11,14 +11,12 @@ Writes `attn-head{j}.png` (heat map over the image) and `mask-head{j}.png` (the 
 import argparse
 
 from dino_hf.data import decode_image
-from dino_hf.evaluation import MASK_THRESHOLD, load_feature_model, save_attention_maps
+from dino_hf.evaluation import MASK_THRESHOLD, add_model_argument, load_feature_model, save_attention_maps
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True,
-                        help="DinoModel folder or Hub id, transformers ViT folder, timm:NAME or timm folder, "
-                             "or a training checkpoint (its teacher).")
+    add_model_argument(parser)
     parser.add_argument("--image", required=True, help="Image file.")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--image_size", type=int, default=480, help="Short side the image is resized to.")

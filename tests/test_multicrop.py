@@ -1,7 +1,6 @@
 import itertools
 import math
 
-import numpy as np
 import pytest
 import torch
 import torchvision.transforms as T

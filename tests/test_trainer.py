@@ -28,7 +28,8 @@ from dino_hf.heads import DinoHead
 from dino_hf.loss import DinoLoss
 from dino_hf.optimization import build_optimizer, get_param_groups
 from dino_hf.teacher import MultiCropWrapper, build_teacher
-from dino_hf.trainer import NonFiniteLossError, build_student_teacher, train, train_step
+from dino_hf.teacher import build_student_teacher
+from dino_hf.trainer import NonFiniteLossError, train, train_step
 from dino_hf.training_args import DinoTrainingArguments
 
 # 24 images, batch 4: a pass over the data (a data epoch) is 6 steps; an epoch of the schedules is
