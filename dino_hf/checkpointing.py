@@ -108,7 +108,8 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _write_manifest(folder: Path) -> None:
-    sizes = {str(path.relative_to(folder)): path.stat().st_size for path in sorted(folder.rglob("*")) if path.is_file()}
+    sizes = {str(path.relative_to(folder)): path.stat().st_size
+             for path in sorted(folder.rglob("*")) if path.is_file() and path.name != MANIFEST}
     (folder / MANIFEST).write_text(json.dumps(sizes, indent=2, sort_keys=True) + "\n")
 
 

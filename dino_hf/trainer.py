@@ -437,9 +437,12 @@ def _train(args: DinoTrainingArguments, signals: checkpointing.PreemptionSignals
             )
             checkpointing.finalize(staging, checkpoints_dir, step, args.checkpoints_total_limit)
 
+        def fresh_staging() -> None:  # a killed earlier attempt may have left files of its own there
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+
         try:
-            _on_every_process(accelerator, lambda: staging.mkdir(parents=True, exist_ok=True),
-                              main_only=True)
+            _on_every_process(accelerator, fresh_staging, main_only=True)
             _on_every_process(accelerator, lambda: checkpointing.write_process_state(
                 staging, accelerator.process_index, batches.state_dict()))
             _on_every_process(accelerator, shared_state, main_only=True)
