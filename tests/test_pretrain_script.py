@@ -57,8 +57,8 @@ def arguments(data: Path, output_dir: Path, *extra: str) -> list[str]:
             *extra]
 
 
-def python(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, SCRIPT, *args], env=ENV, capture_output=True, text=True, timeout=300,
+def python(*args: str, env: dict = ENV, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, SCRIPT, *args], env=env, capture_output=True, text=True, timeout=300,
                           **kwargs)
 
 
@@ -232,3 +232,21 @@ def test_wrong_setting_exits_with_status_2_before_any_work(data, tmp_path):
     assert "--local_crops_size=12 is not valid: a multiple of the backbone's patch size 8" in completed.stderr
     assert "Traceback" not in completed.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_hub_answering_errors_does_not_stop_training_and_the_final_state_arrives(data, tmp_path):
+    """The Hub answers the first pushes with 503 and 429: training goes on, the uploads are retried in
+    the background, and the teacher of the last step reaches the Hub."""
+    out = tmp_path / "out"
+    with FakeHub(tmp_path / "hub") as hub:
+        hub.fail_next(6, 503)
+        hub.fail_next(2, 429)
+        completed = python(*arguments(data, out, "--push_to_hub", "--hub_model_id", "org/dino-flaky",
+                                      "--hub_token", TOKEN), env={**ENV, "HF_ENDPOINT": hub.url})
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert (out / "checkpoints" / "checkpoint-8").is_dir()  # training was not held up by the Hub
+    uploaded = tmp_path / "hub" / "org" / "dino-flaky"
+    assert (uploaded / "model.safetensors").read_bytes() == (out / "teacher_backbone" / "model.safetensors").read_bytes()
+    assert "final state on the Hub" in completed.stdout
+    assert TOKEN not in completed.stdout + completed.stderr
