@@ -94,8 +94,8 @@ def load_checkpoint_file(path: str | Path) -> dict:
         reason = lines[0].strip()
         raise ValueError(
             f"{path} holds objects other than tensors and plain containers, which dino_hf does not "
-            f"unpickle ({reason}). If you trust the file, re-save only its weights elsewhere, e.g. "
-            f"torch.save(torch.load(path, weights_only=False)['teacher'], 'teacher.pth')"
+            f"unpickle ({reason}). If you trust the file, open it yourself with weights_only=False and "
+            "save only its state dicts (e.g. its 'teacher' entry) with torch.save or safetensors"
         ) from error
 
 
