@@ -5,10 +5,8 @@
 - `knn_evaluate` / `knn_classify`: the reference's weighted k-NN (cosine similarity, k = 10, 20, 100,
   200, votes weighted exp(sim / 0.07)), chunked over the test set so 1.28 M train features fit.
 - `LinearProbe` / `train_linear_probe`: the reference's linear evaluation on frozen features.
-- `attention_maps` / `attention_masks` / `save_attention_maps`: the last block's CLS attention per
-  head, and the masks that keep 60 % of its mass (paper Fig. 3).
-- `write_feature_dataset`: CLS / mean-patch / patch-token embeddings of a whole dataset, streamed into
-  parquet shards that keep the original columns.
+
+Attention maps are in `dino_hf.attention`, the feature dataset writer in `dino_hf.feature_export`.
 """
 
 import abc
@@ -20,13 +18,10 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import datasets
-import numpy as np
-import pyarrow.parquet as pq
 import timm
 import torch
 import torch.nn.functional as F
 from accelerate import PartialState
-from datasets.table import embed_table_storage
 from huggingface_hub import snapshot_download
 from PIL import Image
 from torch import nn
@@ -42,8 +37,6 @@ from .modeling_dino import IMAGENET_MEAN, IMAGENET_STD, DinoModel
 # Paper Sec. 4.1 / reference eval_knn.py: neighbours reported, and the temperature of the vote weights.
 KNN_KS = (10, 20, 100, 200)
 KNN_TEMPERATURE = 0.07
-# The paper's masks keep the patches holding 60 % of the CLS attention mass (Fig. 3).
-MASK_THRESHOLD = 0.6
 # Label columns looked for, in order, when the dataset has no ClassLabel column.
 LABEL_COLUMNS = ("label", "labels", "class", "target")
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # the trainer's checkpoint folders
@@ -587,147 +580,6 @@ def evaluate_linear_probe(probe: LinearProbe, batches: Iterable[tuple[torch.Tens
     return {"top1": 100.0 * top1 / total, "top5": 100.0 * top5 / total}
 
 
-# ---------------------------------------------------------------------------------------------------
-# Attention maps (reference visualize_attention.py)
-
-
-@torch.inference_mode()
-def attention_maps(model: FeatureModel, pixel_values: torch.Tensor) -> torch.Tensor:
-    """The last block's attention of the CLS query over the patches, per head: pixel_values
-    (B, 3, H, W) -> (B, heads, H / p, W / p)."""
-    batch, _, height, width = pixel_values.shape
-    attention = model.last_selfattention(pixel_values)  # (B, heads, P + N, P + N)
-    cls_attention = attention[:, :, 0, model.num_prefix_tokens :]  # (B, heads, N)
-    return cls_attention.reshape(batch, -1, height // model.patch_size, width // model.patch_size)
-
-
-def attention_masks(attention: torch.Tensor, threshold: float = MASK_THRESHOLD) -> torch.Tensor:
-    """Boolean masks (..., h, w) of the smallest set of patches holding `threshold` of each map's mass:
-    sort ascending, keep the patches whose cumulative normalised mass exceeds 1 - threshold."""
-    if not 0.0 < threshold <= 1.0:
-        raise ValueError(f"threshold is the fraction of attention mass to keep, in (0, 1]; got {threshold}")
-    flat = attention.flatten(-2)  # (..., h * w)
-    values, order = flat.sort(dim=-1)
-    mass = values.cumsum(dim=-1) / values.sum(dim=-1, keepdim=True)
-    keep = torch.empty_like(mass, dtype=torch.bool).scatter_(-1, order, mass > 1 - threshold)
-    return keep.reshape(attention.shape)
-
-
-# viridis at 0, 1/4, 1/2, 3/4, 1 (the reference saves its maps with matplotlib's default colormap).
-_VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float32)
-
-
-def _colorize(values: np.ndarray) -> np.ndarray:
-    """(H, W) in [0, 1] -> (H, W, 3) uint8 viridis."""
-    position = values * (len(_VIRIDIS) - 1)
-    low = np.clip(np.floor(position).astype(int), 0, len(_VIRIDIS) - 2)
-    fraction = (position - low)[..., None]
-    return ((1 - fraction) * _VIRIDIS[low] + fraction * _VIRIDIS[low + 1]).astype(np.uint8)
-
-
-def save_attention_maps(model: FeatureModel, image: Image.Image, output_dir: "str | os.PathLike",
-                        image_size: int = 480, threshold: float = MASK_THRESHOLD, device=None) -> list[Path]:
-    """Write `attn-head{j}.png` (heat map blended over the image) and `mask-head{j}.png` (white where
-    the patch is kept by `attention_masks`), at the image's own size.
-
-    The image is resized so that its short side is about `image_size` and both sides are multiples of
-    the patch size (the reference visualises at 480 px); the maps are upsampled back bilinearly, the
-    masks by nearest neighbour, and each heat map is scaled to its own min / max as matplotlib does.
-    """
-    if not model.has_tokens:
-        raise ValueError("attention maps need a ViT; this backbone has no attention over patches")
-    device = PartialState().device if device is None else device
-    image = image.convert("RGB")
-    width, height = image.size
-    patch = model.patch_size
-    scale = image_size / min(width, height)
-    resized = (max(patch, round(width * scale / patch) * patch), max(patch, round(height * scale / patch) * patch))
-    to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    pixel_values = to_tensor(image.resize(resized, Image.BICUBIC)).unsqueeze(0).to(device)
-    maps = attention_maps(model.to(device), pixel_values)[0].float()  # (heads, h, w)
-    masks = attention_masks(maps, threshold).float()  # (heads, h, w)
-    heat = F.interpolate(maps[None], size=(height, width), mode="bilinear", align_corners=False)[0]  # (heads, H, W)
-    masks = F.interpolate(masks[None], size=(height, width), mode="nearest")[0]  # (heads, H, W)
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    pixels = np.asarray(image, dtype=np.float32)
-    written = []
-    for head in range(maps.shape[0]):
-        values = heat[head].cpu().numpy()
-        values = (values - values.min()) / max(float(values.max() - values.min()), 1e-12)
-        blended = 0.5 * pixels + 0.5 * _colorize(values)
-        written.append(output_dir / f"attn-head{head}.png")
-        Image.fromarray(blended.astype(np.uint8)).save(written[-1])
-        written.append(output_dir / f"mask-head{head}.png")
-        Image.fromarray((masks[head].cpu().numpy() * 255).astype(np.uint8)).save(written[-1])  # mode L
-    return written
-
-
-# ---------------------------------------------------------------------------------------------------
-# Features for other programs
-
-
-def write_feature_dataset(model: FeatureModel, rows, image_column: str, output_dir: "str | os.PathLike",
-                          transform: Callable, batch_size: int = 64, rows_per_shard: int = 1000,
-                          patch_tokens: bool = False, split: str = "train", num_workers: int = 0,
-                          device=None) -> dict[str, int]:
-    """Stream `rows` through the model and write `output_dir/data/{split}-NNNNN.parquet` shards, each
-    row its original columns plus `cls_features` (D,), `mean_patch_features` (D,) and, with
-    `patch_tokens`, `patch_features` (N, D). `datasets.load_dataset(output_dir)` reads the result.
-
-    Images are written back exactly as they came (the column is read undecoded); rows whose image does
-    not decode are left out and counted. Returns `{"rows": written, "skipped": skipped, "shards": n}`.
-    """
-    if not model.has_tokens:
-        raise ValueError("write_feature_dataset needs a ViT (CLS and patch tokens); this backbone has neither")
-    device = PartialState().device if device is None else device
-    model.to(device).eval()
-    source_features = getattr(rows, "features", None)
-    if source_features is not None and isinstance(source_features.get(image_column), datasets.Image):
-        rows = rows.cast_column(image_column, datasets.Image(decode=False))
-        source_features = rows.features
-    batches = ImageBatches(rows, image_column, transform, batch_size, num_workers=num_workers)
-    output_dir = Path(output_dir) / "data"
-    output_dir.mkdir(parents=True, exist_ok=True)
-    pending, written, shards = [], 0, 0
-
-    def flush(count: int) -> None:
-        nonlocal pending, shards
-        features = None
-        if source_features is not None:
-            width, tokens = len(pending[0]["cls_features"]), pending[0].get("patch_features")
-            features = datasets.Features({
-                **source_features,
-                image_column: datasets.Image(),  # read back decoded, as images
-                "cls_features": datasets.List(datasets.Value("float32"), length=width),
-                "mean_patch_features": datasets.List(datasets.Value("float32"), length=width),
-            })
-            if tokens is not None:
-                features["patch_features"] = datasets.Array2D(shape=tokens.shape, dtype="float32")
-        table = datasets.Dataset.from_list(pending[:count], features=features).data.table
-        # Images given as local paths are embedded as bytes, so the dataset stands on its own.
-        pq.write_table(embed_table_storage(table), output_dir / f"{split}-{shards:05d}.parquet")
-        pending, shards = pending[count:], shards + 1
-
-    with torch.inference_mode():
-        for pixel_values, batch_rows in batches:
-            tokens = model.last_blocks(pixel_values.to(device), 1)[-1].float()  # (B, P + N, D)
-            patches = tokens[:, model.num_prefix_tokens :]  # (B, N, D)
-            cls, mean_patch = tokens[:, 0].cpu().numpy(), patches.mean(dim=1).cpu().numpy()
-            patches = patches.cpu().numpy() if patch_tokens else None
-            for index, row in enumerate(batch_rows):
-                row = dict(row, cls_features=cls[index], mean_patch_features=mean_patch[index])
-                if patch_tokens:
-                    row["patch_features"] = patches[index]
-                pending.append(row)
-            written += len(batch_rows)
-            while len(pending) >= rows_per_shard:
-                flush(rows_per_shard)
-    if pending:
-        flush(len(pending))
-    return {"rows": written, "skipped": batches.skipped, "shards": shards}
-
-
 __all__ = [
     "DinoFeatureModel",
     "FeatureModel",
@@ -736,11 +588,10 @@ __all__ = [
     "KNN_TEMPERATURE",
     "LABEL_COLUMNS",
     "LinearProbe",
-    "MASK_THRESHOLD",
     "TimmFeatureModel",
     "add_dataset_arguments",
-    "attention_maps",
-    "attention_masks",
+    "add_model_argument",
+    "knn_accuracy",
     "cached_batches",
     "eval_transform",
     "evaluate_linear_probe",
@@ -753,8 +604,6 @@ __all__ = [
     "load_split",
     "probe_feature_size",
     "probe_features",
-    "save_attention_maps",
     "train_linear_probe",
     "train_transform",
-    "write_feature_dataset",
 ]

@@ -10,7 +10,8 @@ dataset may be larger than memory. Read the result with `datasets.load_dataset(O
 
 import argparse
 
-from dino_hf.evaluation import add_dataset_arguments, add_model_argument, load_feature_model, load_split, write_feature_dataset
+from dino_hf.evaluation import add_dataset_arguments, add_model_argument, load_feature_model, load_split
+from dino_hf.feature_export import write_feature_dataset
 
 
 def parse_args(argv=None) -> argparse.Namespace:

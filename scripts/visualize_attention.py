@@ -11,7 +11,8 @@ Writes `attn-head{j}.png` (heat map over the image) and `mask-head{j}.png` (the 
 import argparse
 
 from dino_hf.data import decode_image
-from dino_hf.evaluation import MASK_THRESHOLD, add_model_argument, load_feature_model, save_attention_maps
+from dino_hf.attention import MASK_THRESHOLD, save_attention_maps
+from dino_hf.evaluation import add_model_argument, load_feature_model
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -12,16 +12,14 @@ from torchvision.transforms import InterpolationMode
 
 from dino_hf import DinoConfig, DinoModel, dino_image_processor
 from dino_hf.convert import save_as_timm, save_as_vit, to_timm_model
+from dino_hf.attention import MASK_THRESHOLD, attention_maps, attention_masks, save_attention_maps
 from dino_hf.evaluation import (
     KNN_KS,
     KNN_TEMPERATURE,
-    MASK_THRESHOLD,
     DinoFeatureModel,
     ImageBatches,
     LinearProbe,
     TimmFeatureModel,
-    attention_maps,
-    attention_masks,
     cached_batches,
     eval_transform,
     evaluate_linear_probe,
@@ -33,10 +31,9 @@ from dino_hf.evaluation import (
     load_feature_model,
     probe_feature_size,
     probe_features,
-    save_attention_maps,
     train_linear_probe,
-    write_feature_dataset,
 )
+from dino_hf.feature_export import write_feature_dataset
 
 CPU = torch.device("cpu")
 

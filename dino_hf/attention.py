@@ -1,0 +1,94 @@
+"""DINO's attention maps (paper Fig. 1 and 3; reference visualize_attention.py): the last block's
+self-attention of the CLS query over the patches, per head, and the masks that keep the patches
+holding 60 % of that attention mass."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import PartialState
+from PIL import Image
+from torchvision import transforms
+
+from .evaluation import FeatureModel
+from .modeling_dino import IMAGENET_MEAN, IMAGENET_STD
+
+# The paper's masks keep the patches holding 60 % of the CLS attention mass (Fig. 3).
+MASK_THRESHOLD = 0.6
+
+
+@torch.inference_mode()
+def attention_maps(model: FeatureModel, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The last block's attention of the CLS query over the patches, per head: pixel_values
+    (B, 3, H, W) -> (B, heads, H / p, W / p)."""
+    batch, _, height, width = pixel_values.shape
+    attention = model.last_selfattention(pixel_values)  # (B, heads, P + N, P + N)
+    cls_attention = attention[:, :, 0, model.num_prefix_tokens :]  # (B, heads, N)
+    return cls_attention.reshape(batch, -1, height // model.patch_size, width // model.patch_size)
+
+
+def attention_masks(attention: torch.Tensor, threshold: float = MASK_THRESHOLD) -> torch.Tensor:
+    """Boolean masks (..., h, w) of the smallest set of patches holding `threshold` of each map's mass:
+    sort ascending, keep the patches whose cumulative normalised mass exceeds 1 - threshold."""
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold is the fraction of attention mass to keep, in (0, 1]; got {threshold}")
+    flat = attention.flatten(-2)  # (..., h * w)
+    values, order = flat.sort(dim=-1)
+    mass = values.cumsum(dim=-1) / values.sum(dim=-1, keepdim=True)
+    keep = torch.empty_like(mass, dtype=torch.bool).scatter_(-1, order, mass > 1 - threshold)
+    return keep.reshape(attention.shape)
+
+
+# viridis at 0, 1/4, 1/2, 3/4, 1 (the reference saves its maps with matplotlib's default colormap).
+_VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float32)
+
+
+def _colorize(values: np.ndarray) -> np.ndarray:
+    """(H, W) in [0, 1] -> (H, W, 3) uint8 viridis."""
+    position = values * (len(_VIRIDIS) - 1)
+    low = np.clip(np.floor(position).astype(int), 0, len(_VIRIDIS) - 2)
+    fraction = (position - low)[..., None]
+    return ((1 - fraction) * _VIRIDIS[low] + fraction * _VIRIDIS[low + 1]).astype(np.uint8)
+
+
+def save_attention_maps(model: FeatureModel, image: Image.Image, output_dir: "str | os.PathLike",
+                        image_size: int = 480, threshold: float = MASK_THRESHOLD, device=None) -> list[Path]:
+    """Write `attn-head{j}.png` (heat map blended over the image) and `mask-head{j}.png` (white where
+    the patch is kept by `attention_masks`), at the image's own size.
+
+    The image is resized so that its short side is about `image_size` and both sides are multiples of
+    the patch size (the reference visualises at 480 px); the maps are upsampled back bilinearly, the
+    masks by nearest neighbour, and each heat map is scaled to its own min / max as matplotlib does.
+    """
+    if not model.has_tokens:
+        raise ValueError("attention maps need a ViT; this backbone has no attention over patches")
+    device = PartialState().device if device is None else device
+    image = image.convert("RGB")
+    width, height = image.size
+    patch = model.patch_size
+    scale = image_size / min(width, height)
+    resized = (max(patch, round(width * scale / patch) * patch), max(patch, round(height * scale / patch) * patch))
+    to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    pixel_values = to_tensor(image.resize(resized, Image.BICUBIC)).unsqueeze(0).to(device)
+    maps = attention_maps(model.to(device), pixel_values)[0].float()  # (heads, h, w)
+    masks = attention_masks(maps, threshold).float()  # (heads, h, w)
+    heat = F.interpolate(maps[None], size=(height, width), mode="bilinear", align_corners=False)[0]  # (heads, H, W)
+    masks = F.interpolate(masks[None], size=(height, width), mode="nearest")[0]  # (heads, H, W)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    pixels = np.asarray(image, dtype=np.float32)
+    written = []
+    for head in range(maps.shape[0]):
+        values = heat[head].cpu().numpy()
+        values = (values - values.min()) / max(float(values.max() - values.min()), 1e-12)
+        blended = 0.5 * pixels + 0.5 * _colorize(values)
+        written.append(output_dir / f"attn-head{head}.png")
+        Image.fromarray(blended.astype(np.uint8)).save(written[-1])
+        written.append(output_dir / f"mask-head{head}.png")
+        Image.fromarray((masks[head].cpu().numpy() * 255).astype(np.uint8)).save(written[-1])  # mode L
+    return written
+
+
+__all__ = ["MASK_THRESHOLD", "attention_maps", "attention_masks", "save_attention_maps"]

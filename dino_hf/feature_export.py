@@ -1,0 +1,79 @@
+"""Embeddings of a whole dataset for other programs: CLS, mean of the patch tokens and, optionally,
+every patch token, streamed into parquet shards that keep the dataset's original columns (so it
+works on datasets larger than memory)."""
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import datasets
+import pyarrow.parquet as pq
+import torch
+from accelerate import PartialState
+from datasets.table import embed_table_storage
+
+from .evaluation import FeatureModel, ImageBatches
+
+
+def write_feature_dataset(model: FeatureModel, rows, image_column: str, output_dir: "str | os.PathLike",
+                          transform: Callable, batch_size: int = 64, rows_per_shard: int = 1000,
+                          patch_tokens: bool = False, split: str = "train", num_workers: int = 0,
+                          device=None) -> dict[str, int]:
+    """Stream `rows` through the model and write `output_dir/data/{split}-NNNNN.parquet` shards, each
+    row its original columns plus `cls_features` (D,), `mean_patch_features` (D,) and, with
+    `patch_tokens`, `patch_features` (N, D). `datasets.load_dataset(output_dir)` reads the result.
+
+    Images are written back exactly as they came (the column is read undecoded); rows whose image does
+    not decode are left out and counted. Returns `{"rows": written, "skipped": skipped, "shards": n}`.
+    """
+    if not model.has_tokens:
+        raise ValueError("write_feature_dataset needs a ViT (CLS and patch tokens); this backbone has neither")
+    device = PartialState().device if device is None else device
+    model.to(device).eval()
+    source_features = getattr(rows, "features", None)
+    if source_features is not None and isinstance(source_features.get(image_column), datasets.Image):
+        rows = rows.cast_column(image_column, datasets.Image(decode=False))
+        source_features = rows.features
+    batches = ImageBatches(rows, image_column, transform, batch_size, num_workers=num_workers)
+    output_dir = Path(output_dir) / "data"
+    output_dir.mkdir(parents=True, exist_ok=True)
+    pending, written, shards = [], 0, 0
+
+    def flush(count: int) -> None:
+        nonlocal pending, shards
+        features = None
+        if source_features is not None:
+            width, tokens = len(pending[0]["cls_features"]), pending[0].get("patch_features")
+            features = datasets.Features({
+                **source_features,
+                image_column: datasets.Image(),  # read back decoded, as images
+                "cls_features": datasets.List(datasets.Value("float32"), length=width),
+                "mean_patch_features": datasets.List(datasets.Value("float32"), length=width),
+            })
+            if tokens is not None:
+                features["patch_features"] = datasets.Array2D(shape=tokens.shape, dtype="float32")
+        table = datasets.Dataset.from_list(pending[:count], features=features).data.table
+        # Images given as local paths are embedded as bytes, so the dataset stands on its own.
+        pq.write_table(embed_table_storage(table), output_dir / f"{split}-{shards:05d}.parquet")
+        pending, shards = pending[count:], shards + 1
+
+    with torch.inference_mode():
+        for pixel_values, batch_rows in batches:
+            tokens = model.last_blocks(pixel_values.to(device), 1)[-1].float()  # (B, P + N, D)
+            patches = tokens[:, model.num_prefix_tokens :]  # (B, N, D)
+            cls, mean_patch = tokens[:, 0].cpu().numpy(), patches.mean(dim=1).cpu().numpy()
+            patches = patches.cpu().numpy() if patch_tokens else None
+            for index, row in enumerate(batch_rows):
+                row = dict(row, cls_features=cls[index], mean_patch_features=mean_patch[index])
+                if patch_tokens:
+                    row["patch_features"] = patches[index]
+                pending.append(row)
+            written += len(batch_rows)
+            while len(pending) >= rows_per_shard:
+                flush(rows_per_shard)
+    if pending:
+        flush(len(pending))
+    return {"rows": written, "skipped": batches.skipped, "shards": shards}
+
+
+__all__ = ["write_feature_dataset"]
