@@ -34,8 +34,11 @@ class DinoLoss(nn.Module):
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
 
-    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-        """Loss of one step; updates the center afterwards.
+    def forward(
+        self, student_output: torch.Tensor, teacher_output: torch.Tensor, teacher_temp: float, update_center: bool = True
+    ) -> torch.Tensor:
+        """Loss of one step; updates the center afterwards (unless `update_center=False`: the caller
+        then calls `update_center` itself, e.g. once for all micro-batches of an accumulated step).
 
         Args:
             student_output (`torch.Tensor` of shape `(ncrops * B, K)`): student logits, crops in the
@@ -58,7 +61,8 @@ class DinoLoss(nn.Module):
                     continue
                 total_loss = total_loss + torch.sum(-q * log_p, dim=-1).mean()
                 n_loss_terms += 1
-        self.update_center(teacher_output)
+        if update_center:
+            self.update_center(teacher_output)
         return total_loss / n_loss_terms
 
     @torch.no_grad()

@@ -108,8 +108,8 @@ def train_step(
         also averaged over the processes.
 
     Raises:
-        FloatingPointError: when a loss is not finite on any process; no weight has changed then
-            (the center has: the caller restores it, see `train`).
+        FloatingPointError: when a loss is not finite on any process; no weight and not the center
+            has changed then.
     """
     for group in optimizer.param_groups:
         if "regularized" not in group:
@@ -128,12 +128,9 @@ def train_step(
             f"use a batch that is a multiple of {accumulation_steps}"
         )
     micro_batches = list(zip(*(crop.chunk(accumulation_steps) for crop in crops)))
-    step_center = dino_loss.center.clone()
     teacher_outputs = []
     totals: dict[str, float] = {}
     for index, micro in enumerate(micro_batches):
-        if accumulation_steps > 1:
-            dino_loss.center.copy_(step_center)  # every micro-batch is scored against the step's center
         last = index == len(micro_batches) - 1
         sync = contextlib.nullcontext() if last or accelerator is None else accelerator.no_sync(student)
         with sync:
@@ -142,10 +139,9 @@ def train_step(
         teacher_outputs.append(teacher_output)
         for key, value in stats.items():
             totals[key] = totals.get(key, 0.0) + value / accumulation_steps
-    if accumulation_steps > 1:
-        # One center update per optimisation step, with the mean over the whole batch, as 1 x B does.
-        dino_loss.center.copy_(step_center)
-        dino_loss.update_center(torch.cat(teacher_outputs))
+    # The center moves once per optimisation step, after the loss, with the mean over the whole batch
+    # (every micro-batch was scored against the same center, as with 1 x B); not after a non-finite loss.
+    dino_loss.update_center(torch.cat(teacher_outputs))
 
     if accelerator is not None:
         accelerator.unscale_gradients(optimizer)
@@ -176,7 +172,7 @@ def _forward_backward(student, teacher, dino_loss, crops, teacher_temp, accelera
         diagnostics = collapse_diagnostics(
             student_output.detach(), teacher_output, dino_loss.center, teacher_temp, dino_loss.student_temp
         )
-        loss = dino_loss(student_output, teacher_output, teacher_temp)
+        loss = dino_loss(student_output, teacher_output, teacher_temp, update_center=False)
     loss_value = _mean_over_processes(loss, accelerator)
     if not math.isfinite(loss_value):
         raise FloatingPointError(f"DINO loss is {loss_value}; {NONFINITE_HINTS}")
@@ -488,7 +484,6 @@ def _train(args: DinoTrainingArguments, signals: checkpointing.PreemptionSignals
             "teacher_temp": teacher_temperature_at(step, temp_warmup_steps, args.warmup_teacher_temp,
                                                    args.teacher_temp),
         }
-        center = dino_loss.center.clone()
         try:
             metrics = train_step(
                 student, teacher, dino_loss, optimizer, crops, **schedule,
@@ -499,7 +494,6 @@ def _train(args: DinoTrainingArguments, signals: checkpointing.PreemptionSignals
                 freeze_backbone=step < head_warmup_steps,
             )
         except FloatingPointError as error:
-            dino_loss.center.copy_(center)
             optimizer.zero_grad(set_to_none=True)
             state["nonfinite_skipped"] += 1
             if state["nonfinite_skipped"] > args.skip_nonfinite_steps:

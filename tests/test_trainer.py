@@ -198,12 +198,12 @@ def test_accumulation_step_updates_the_center_once_with_the_batch_mean():
 
 
 def nan_at_call(number: int, monkeypatch) -> None:
-    """The DINO loss of the `number`-th call (1-based) becomes NaN, after the center was updated."""
+    """The DINO loss of the `number`-th call (1-based) becomes NaN."""
     original = DinoLoss.forward
     calls = []
 
-    def forward(self, student_output, teacher_output, teacher_temp):
-        loss = original(self, student_output, teacher_output, teacher_temp)
+    def forward(self, student_output, teacher_output, teacher_temp, **options):
+        loss = original(self, student_output, teacher_output, teacher_temp, **options)
         calls.append(1)
         return loss * float("nan") if len(calls) == number else loss
 
