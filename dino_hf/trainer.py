@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import checkpointing
-from .data import SkipReport, build_multicrop_dataloader, load_image_stream
+from .data import IMAGE_EXTENSIONS, SkipReport, build_multicrop_dataloader, load_image_stream
 from .demo_data import default_demo_root, make_demo_dataset
 from .evaluation import knn_accuracy
 from .hub import EvalFigure, HubPusher, export_backbone, render_model_card
@@ -219,13 +219,14 @@ class NonFiniteLossError(RuntimeError):
     """Training stopped on a non-finite loss (see the message for the step and the last checkpoint)."""
 
 
-def _demo_root(args: DinoTrainingArguments) -> Path:
+def _demo_root() -> Path:
+    """The generated demo dataset (made on first use)."""
     return Path(make_demo_dataset(default_demo_root()))
 
 
 def _train_source(args: DinoTrainingArguments) -> dict:
     if args.demo:
-        return {"train_dir": str(_demo_root(args) / "train")}
+        return {"train_dir": str(_demo_root() / "train")}
     return {
         "dataset_name": args.dataset_name,
         "dataset_config_name": args.dataset_config_name,
@@ -243,8 +244,6 @@ def _dataset_size(stream, source: dict) -> int | None:
         return splits[split].num_examples
     folder = source.get("train_dir")
     if folder and os.path.isdir(folder):
-        from .data import IMAGE_EXTENSIONS
-
         return sum(
             1
             for _, _, names in os.walk(folder)
@@ -263,7 +262,7 @@ def _eval_sources(args: DinoTrainingArguments) -> tuple[dict, dict] | None:
         common = {"dataset_name": args.eval_dataset_name, "dataset_config_name": args.eval_dataset_config_name}
         return {**common, "split": args.eval_train_split}, {**common, "split": args.eval_split}
     if args.demo:
-        root = _demo_root(args)
+        root = _demo_root()
         return {"train_dir": str(root / "train")}, {"train_dir": str(root / "validation")}
     return None
 
