@@ -9,10 +9,12 @@ compares the folder with it (a missing or truncated file is named) and reads eac
 `find_resume_checkpoint` falls back to the previous checkpoint when the newest is damaged.
 
 Files: `student.safetensors`, `teacher.safetensors`, `dino_loss.safetensors` (the center),
-`optimizer.pt`, `scaler.pt` (fp16 only), `rng_state_<rank>.pt` and `data_state_<rank>.pt` (one per
+`optimizer.pt` (its state keyed by parameter name), `scaler.pt` (fp16 only), `rng_state_<rank>.pt` and `data_state_<rank>.pt` (one per
 process: its RNG states and its position in the data stream), `trainer_state.json` (step, counters,
 `num_processes`), `training_args.json` (the resolved configuration, without secrets),
-`teacher_backbone/` (the exported model folder) and `manifest.json`.
+`teacher_backbone/` (the exported model folder) and `manifest.json`. Weights and optimiser state are
+whole (gathered from the shards under FSDP, `dino_hf.sharding`), so a checkpoint resumes with any
+number of processes and under FSDP or not.
 
 Two helpers of the loop make a resume exact and timely: `EndlessBatches`, the batch stream whose
 state (data epoch and position) goes into `data_state_<rank>.pt`, and `PreemptionSignals`, which

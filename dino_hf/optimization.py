@@ -10,6 +10,7 @@
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.optim import optimizer as torch_optimizer
 
 OPTIMIZERS = ("adamw", "sgd", "lars")
@@ -53,6 +54,8 @@ def clip_gradients_(model: nn.Module, clip: float) -> torch.Tensor | None:
     if not grads:
         return None
     norms = torch.stack([norm.float() for norm in torch._foreach_norm(grads)])  # (P,)
+    if isinstance(norms, DTensor):  # FSDP: each process holds a part of every norm
+        norms = norms.full_tensor()
     coefficients = (clip / (norms + 1e-6)).clamp(max=1.0)  # 1.0 leaves a gradient as it is
     torch._foreach_mul_(grads, coefficients.tolist())
     return norms

@@ -16,6 +16,7 @@ from .backbones import build_backbone
 from .configuration_dino import PRESETS
 from .convert import dino_from_reference, load_checkpoint_file
 from .heads import DinoHead
+from .sharding import local_tensors
 from .training_args import DinoTrainingArguments, check_crop_sizes
 
 
@@ -35,6 +36,13 @@ class MultiCropWrapper(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = head
+
+    @property
+    def _no_split_modules(self) -> list[str] | None:
+        """The backbone's blocks (a DinoModel's embeddings and layers): the units that FSDP shards
+        (Accelerate's transformer-based wrap policy reads this name)."""
+        names = getattr(getattr(self.backbone, "model", None), "_no_split_modules", None)
+        return sorted(names) if names is not None else None
 
     def forward(self, crops: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
         """`crops`: list of `(B, 3, H_i, W_i)` -> `(len(crops) * B, K)`, rows in crop order
@@ -75,6 +83,7 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None
 
     Parameters are paired in `parameters()` order (trainable and frozen alike, as the reference);
     buffers (BatchNorm statistics, the loss center) are not averaged. Uses fused multi-tensor ops.
+    Under FSDP (`sharding.shard_like`) each process averages its own shards.
 
     Args:
         teacher (`nn.Module`): updated in place.
@@ -82,8 +91,8 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None
         momentum (`float`): m of this step (`teacher_momentum_at`), in [0, 1]; 1 leaves the teacher
             unchanged.
     """
-    teacher_params = list(teacher.parameters())
-    student_params = [p.detach() for p in student.parameters()]
+    teacher_params = local_tensors(list(teacher.parameters()))
+    student_params = local_tensors([p.detach() for p in student.parameters()])
     if len(teacher_params) != len(student_params):
         raise ValueError(
             f"teacher has {len(teacher_params)} parameters and student {len(student_params)}; build the "

@@ -7,6 +7,7 @@ final save.
 """
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -37,6 +38,13 @@ from .schedules import (
     teacher_momentum_at,
     teacher_temperature_at,
     weight_decay_at,
+)
+from .sharding import (
+    load_whole_optimizer_state_dict,
+    load_whole_state_dict,
+    shard_like,
+    whole_optimizer_state_dict,
+    whole_state_dict,
 )
 from .speed import apply_speed_options
 from .teacher import build_student_teacher, ema_update_
@@ -357,8 +365,18 @@ def _train(args: DinoTrainingArguments, signals: checkpointing.PreemptionSignals
     apply_speed_options(student, teacher, torch_compile=args.torch_compile, channels_last=args.channels_last)
     student.to(accelerator.device)
     optimizer = build_optimizer(args.optimizer, get_param_groups(student), device=accelerator.device)
-    student, optimizer = accelerator.prepare(student, optimizer)  # DDP for the student only
+    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+        raise ValueError(
+            "FSDP version 1 is not supported: the teacher follows the student shard by shard with FSDP2; "
+            "launch with --fsdp_version 2 (or fsdp_version: 2 in the Accelerate config)"
+        )
+    student, optimizer = accelerator.prepare(student, optimizer)  # DDP or FSDP for the student only
     teacher.to(accelerator.device)
+    # Under FSDP the teacher is sharded like the student; the main process keeps a whole copy to load
+    # the gathered weights into, for the k-NN evaluation and the export.
+    whole_teacher = copy.deepcopy(teacher) if accelerator.is_fsdp2 and accelerator.is_main_process else teacher
+    if accelerator.is_fsdp2:
+        shard_like(teacher, accelerator.unwrap_model(student), accelerator.state.fsdp_plugin.mixed_precision_policy)
     dino_loss.to(accelerator.device)
     peak_lr = scaled_learning_rate(args.learning_rate, total_batch)
     lr_warmup_steps = min(round(args.warmup_epochs * iterations_per_epoch), total_steps - 1)
@@ -378,10 +396,10 @@ def _train(args: DinoTrainingArguments, signals: checkpointing.PreemptionSignals
             accelerator.print(f"no checkpoint to resume from in {checkpoints_dir}: starting from step 0")
     if resume_folder is not None:
         saved = checkpointing.load_checkpoint(resume_folder, accelerator.process_index)
-        accelerator.unwrap_model(student).load_state_dict(saved["student"])
-        teacher.load_state_dict(saved["teacher"])
+        load_whole_state_dict(accelerator.unwrap_model(student), saved["student"])
+        load_whole_state_dict(teacher, saved["teacher"])
         dino_loss.load_state_dict(saved["dino_loss"])
-        optimizer.load_state_dict(saved["optimizer"])
+        load_whole_optimizer_state_dict(accelerator.unwrap_model(student), optimizer, saved["optimizer"])
         if saved["scaler"] is not None and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(saved["scaler"])
         saved_processes = saved["trainer_state"].get("num_processes", accelerator.num_processes)
@@ -408,24 +426,39 @@ def _train(args: DinoTrainingArguments, signals: checkpointing.PreemptionSignals
     sample_log = _SampleLog(args.log_sample_ids, accelerator.process_index) if args.log_sample_ids else None
     last_checkpoint = resume_folder
 
+    def gathered_teacher(weights: dict | None = None) -> nn.Module:
+        """The teacher as one module on the main process (a collective under FSDP, where the
+        gathered `weights` are loaded into the whole copy; they are gathered here when not given)."""
+        if not accelerator.is_fsdp2:
+            return teacher
+        weights = whole_state_dict(teacher) if weights is None else weights
+        if accelerator.is_main_process:
+            whole_teacher.load_state_dict(weights)
+        return whole_teacher
+
     def save(step: int) -> Path:
         """Checkpoint of `step`: every process writes its part, the main process the shared state and
         the export. Raises `CheckpointError` on every process when any of them could not write."""
         staging = checkpointing.staging_dir(checkpoints_dir, step)
         final = checkpoints_dir / f"checkpoint-{step}"
+        # Whole weights, on the main process (gathered from the shards under FSDP: every process calls).
+        weights = {"student": whole_state_dict(accelerator.unwrap_model(student)),
+                   "teacher": whole_state_dict(teacher),
+                   "optimizer": whole_optimizer_state_dict(accelerator.unwrap_model(student), optimizer)}
+        export_teacher = gathered_teacher(weights["teacher"])
 
         def shared_state() -> None:
             state["global_step"] = step
             state["skipped_samples"] = dict(skip_report.counts)
-            card = _model_card(args, teacher, step, iterations_per_epoch, state)
-            export_backbone(teacher.backbone, staging / "teacher_backbone", image_size=args.global_crops_size,
-                            model_card=card)
+            card = _model_card(args, export_teacher, step, iterations_per_epoch, state)
+            export_backbone(export_teacher.backbone, staging / "teacher_backbone",
+                            image_size=args.global_crops_size, model_card=card)
             checkpointing.write_shared_state(
                 staging,
-                student_state=accelerator.unwrap_model(student).state_dict(),
-                teacher_state=teacher.state_dict(),
+                student_state=weights["student"],
+                teacher_state=weights["teacher"],
                 loss_state=dino_loss.state_dict(),
-                optimizer_state=optimizer.state_dict(),
+                optimizer_state=weights["optimizer"],
                 scaler_state=accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                 trainer_state=state,
                 training_args=args.to_dict(),
@@ -454,7 +487,7 @@ def _train(args: DinoTrainingArguments, signals: checkpointing.PreemptionSignals
         return final
 
     if eval_sources is not None and global_step == 0 and accelerator.is_main_process:
-        state["knn_random_init"] = _knn(teacher, eval_sources, args, accelerator)
+        state["knn_random_init"] = _knn(whole_teacher, eval_sources, args, accelerator)
         accelerator.print(f"k-NN of the random-init teacher: {_knn_line(state['knn_random_init'])}")
 
     # ---- loop -------------------------------------------------------------------------------
@@ -521,8 +554,9 @@ def _train(args: DinoTrainingArguments, signals: checkpointing.PreemptionSignals
             window_images, window_start = 0, time.perf_counter()
 
         if args.eval_steps and global_step % args.eval_steps == 0 and eval_sources is not None:
+            evaluated = gathered_teacher()
             if accelerator.is_main_process:
-                state["knn"] = _knn(teacher, eval_sources, args, accelerator)
+                state["knn"] = _knn(evaluated, eval_sources, args, accelerator)
                 accelerator.log({f"eval/{k}": v for k, v in state["knn"].items()}, step=global_step)
                 accelerator.print(f"step {global_step} k-NN: {_knn_line(state['knn'])}")
             accelerator.wait_for_everyone()
@@ -548,16 +582,17 @@ def _train(args: DinoTrainingArguments, signals: checkpointing.PreemptionSignals
         return result
 
     # ---- final save -------------------------------------------------------------------------
+    final_teacher = gathered_teacher()
     if eval_sources is not None and accelerator.is_main_process:
-        state["knn"] = _knn(teacher, eval_sources, args, accelerator)
+        state["knn"] = _knn(final_teacher, eval_sources, args, accelerator)
         accelerator.log({f"eval/{k}": v for k, v in state["knn"].items()}, step=global_step)
         accelerator.print(f"k-NN of the trained teacher: {_knn_line(state['knn'])}")
     final = save(global_step)
     result = TrainResult(output_dir, export_dir, global_step, checkpoint=final, knn=state["knn"],
                          knn_random_init=state["knn_random_init"], skipped_samples=dict(skip_report.counts))
     if accelerator.is_main_process:
-        export_backbone(teacher.backbone, export_dir, image_size=args.global_crops_size,
-                        model_card=_model_card(args, teacher, global_step, iterations_per_epoch, state))
+        export_backbone(final_teacher.backbone, export_dir, image_size=args.global_crops_size,
+                        model_card=_model_card(args, final_teacher, global_step, iterations_per_epoch, state))
         accelerator.print(skip_report.summary())
         if state["nonfinite_skipped"]:
             accelerator.print(f"steps skipped on a non-finite loss: {state['nonfinite_skipped']}")

@@ -8,6 +8,7 @@ Every run trains a tiny DinoModel (32 px, hidden 32, 2 layers) on 24 generated i
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -138,12 +139,40 @@ def test_token_appears_in_no_file_or_log(reference):
     assert scanned > 30  # checkpoints, exports, cards, the uploaded copy, the sample log
 
 
-def test_two_processes_see_disjoint_samples(data, tmp_path):
-    command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT, *arguments(data, tmp_path / "out")]
-    completed = subprocess.run(command, env={**ENV, "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True,
-                               timeout=300)
-    assert completed.returncode == 0, completed.stderr[-3000:]
+def launch_two_processes(data: Path, output_dir: Path, machines: int = 1) -> list[subprocess.CompletedProcess]:
+    """Two CPU processes (gloo): on one machine, or one on each of two machines (two launches on
+    127.0.0.1 that meet at the main process's port, as two nodes do)."""
+    common = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", str(machines),
+              "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if machines == 1:
+        commands = [[*common, SCRIPT, *arguments(data, output_dir)]]
+    else:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        commands = [[*common, "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port",
+                     str(port), SCRIPT, *arguments(data, output_dir)] for rank in range(machines)]
+    env = {**ENV, "ACCELERATE_USE_CPU": "true"}
+    processes = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for command in commands]
+    completed = []
+    for process, command in zip(processes, commands):
+        stdout, stderr = process.communicate(timeout=300)
+        completed.append(subprocess.CompletedProcess(command, process.returncode, stdout, stderr))
+    for result in completed:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return completed
+
+
+@pytest.fixture(scope="module")
+def two_processes(data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("two_processes")
+    (completed,) = launch_two_processes(data, root / "out")
+    return root, completed
+
+
+def test_two_processes_see_disjoint_samples(data, two_processes):
+    tmp_path, completed = two_processes
     assert completed.stdout.count("The trained teacher backbone is in") == 1  # printed by the main process only
 
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
@@ -166,6 +195,17 @@ def test_two_processes_see_disjoint_samples(data, tmp_path):
     assert json.loads((last / "trainer_state.json").read_text())["num_processes"] == 2
     assert {"rng_state_0.pt", "rng_state_1.pt", "data_state_0.pt", "data_state_1.pt"} <= {p.name for p in last.iterdir()}
     DinoModel.from_pretrained(tmp_path / "out" / "teacher_backbone")
+
+
+def test_two_machines_train_as_two_processes_on_one(data, two_processes, tmp_path):
+    """Multi-node: one process on each of two "machines" (ranks from --machine_rank, the rendezvous
+    at --main_process_ip) trains as the two processes of one machine: same samples, same teacher."""
+    single_machine, _ = two_processes
+    machine0, machine1 = launch_two_processes(data, tmp_path / "out", machines=2)
+    assert (machine0.stdout + machine1.stdout).count("The trained teacher backbone is in") == 1
+    assert sorted((tmp_path / "out.jsonl").read_text().splitlines()) == sorted(
+        (single_machine / "out.jsonl").read_text().splitlines())
+    assert_same_teacher(teacher(tmp_path / "out", 4), teacher(single_machine / "out", 4))
 
 
 def start(data: Path, output_dir: Path, *extra: str) -> subprocess.Popen:
@@ -250,3 +290,29 @@ def test_hub_answering_errors_does_not_stop_training_and_the_final_state_arrives
     assert (uploaded / "model.safetensors").read_bytes() == (out / "teacher_backbone" / "model.safetensors").read_bytes()
     assert "final state on the Hub" in completed.stdout
     assert TOKEN not in completed.stdout + completed.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: Accelerate enables FSDP on accelerators only")
+def test_fsdp_run_matches_an_unsharded_run_and_resumes_without_fsdp(data, tmp_path):
+    """`accelerate launch --use_fsdp --fsdp_version 2` on one GPU: the student is sharded by Accelerate,
+    the teacher by dino_hf; the checkpoints hold whole weights, so the run ends where an unsharded one
+    ends and its checkpoint resumes without FSDP."""
+    common = ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    fsdp = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP"]
+    runs = {"fsdp": [*fsdp, *common], "plain": common}
+    for name, options in runs.items():
+        completed = subprocess.run(["accelerate", "launch", *options, SCRIPT, *arguments(data, tmp_path / name)],
+                                   env=ENV, capture_output=True, text=True, timeout=300)
+        assert completed.returncode == 0, completed.stderr[-3000:]
+    sharded, plain = teacher(tmp_path / "fsdp"), teacher(tmp_path / "plain")
+    assert sharded.keys() == plain.keys()
+    for name, tensor in plain.items():
+        torch.testing.assert_close(sharded[name], tensor, rtol=0, atol=1e-4, msg=name)
+    DinoModel.from_pretrained(tmp_path / "fsdp" / "teacher_backbone")
+
+    resumed = subprocess.run(["accelerate", "launch", *common, SCRIPT,
+                              *arguments(data, tmp_path / "fsdp", "--num_train_epochs", "3",
+                                         "--resume_from_checkpoint", "latest")],
+                             env=ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and (tmp_path / "fsdp" / "checkpoints" / "checkpoint-12").is_dir()
