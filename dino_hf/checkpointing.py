@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
@@ -335,6 +336,26 @@ class EndlessBatches:
         self._batches = None
 
 
+def on_any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """Whether `flag` is true on at least one process (a collective: every process must call it)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.gather(torch.tensor([int(flag)], device=accelerator.device)).any())
+
+
+def on_every_process(accelerator: Accelerator, action, main_only: bool = False) -> None:
+    """Run `action` (on the main process only if `main_only`), then agree: a write error on any
+    process is raised on every process, so that no process waits for one that gave up."""
+    error = None
+    if accelerator.is_main_process or not main_only:
+        try:
+            action()
+        except WRITE_ERRORS as caught:
+            error = caught
+    if on_any_process(accelerator, error is not None):
+        raise error or OSError("another process could not write its part of the checkpoint")
+
+
 __all__ = [
     "CheckpointError",
     "EndlessBatches",
@@ -345,6 +366,8 @@ __all__ = [
     "find_resume_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "on_any_process",
+    "on_every_process",
     "staging_dir",
     "write_process_state",
     "write_shared_state",

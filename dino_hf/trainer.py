@@ -1,16 +1,13 @@
 """DINO training (Caron et al. 2021, Algorithm 1) with Accelerate.
 
-`train_step` does one optimisation step and nothing else (no data, no logging), so that it can be
-tested alone against the formulas of the paper. `train` is the whole run, in phases: accelerator ->
-data -> models -> optimiser and schedules -> resume -> loop (with checkpoints, k-NN and Hub pushes) ->
-final save.
+`train` is the whole run, in phases: accelerator -> data -> models -> optimiser and schedules ->
+resume -> loop (with checkpoints, k-NN and Hub pushes) -> final save. Each step of the loop is
+`dino_hf.step.train_step`.
 """
 
-import contextlib
 import copy
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -24,14 +21,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import checkpointing
-from .data import IMAGE_EXTENSIONS, SkipReport, build_multicrop_dataloader, load_image_stream
-from .demo_data import default_demo_root, make_demo_dataset
+from .data import SkipReport, build_multicrop_dataloader, load_image_stream
 from .evaluation import knn_accuracy
 from .hub import EvalFigure, HubPusher, export_backbone, render_model_card
-from .loss import DinoLoss, collapse_diagnostics
+from .loss import DinoLoss
 from .batch_multicrop import BatchMultiCrop, DecodeAndCap
 from .multicrop import MultiCropTransform
-from .optimization import build_optimizer, clip_gradients_, drop_last_layer_gradients_, get_param_groups
+from .optimization import build_optimizer, get_param_groups
+from .run_sources import dataset_size, knn_sources, train_source
 from .schedules import (
     learning_rate_at,
     scaled_learning_rate,
@@ -47,157 +44,14 @@ from .sharding import (
     whole_state_dict,
 )
 from .speed import apply_speed_options
-from .teacher import build_student_teacher, ema_update_
+from .step import train_step
+from .teacher import build_student_teacher
 from .training_args import DinoTrainingArguments
 
 logger = logging.getLogger(__name__)
 
-NONFINITE_HINTS = (
-    "likely causes: fp16 overflow (the reference's known NaN on ViT-S/8 and small data: use "
-    "--mixed_precision bf16 or no), a teacher temperature above 0.07, a learning rate too high for the "
-    "batch, or non-finite input images"
-)
 # Seconds a run stopped by a signal waits for its last Hub upload: schedulers kill soon after.
 PREEMPTION_PUSH_TIMEOUT = 20.0
-
-
-# ---------------------------------------------------------------------------------------------------
-# One step
-
-
-def train_step(
-    student: nn.Module,
-    teacher: nn.Module,
-    dino_loss: DinoLoss,
-    optimizer: torch.optim.Optimizer,
-    crops: list[torch.Tensor],
-    *,
-    lr: float,
-    weight_decay: float,
-    momentum: float,
-    teacher_temp: float,
-    clip_grad: float,
-    freeze_last_layer: bool,
-    accelerator: Accelerator | None = None,
-    accumulation_steps: int = 1,
-    freeze_backbone: bool = False,
-) -> dict[str, float]:
-    """One DINO step, in the reference's order.
-
-    1. lr on every parameter group, weight decay on the regularised group(s) only;
-    2. per micro-batch: teacher on the 2 global crops (no grad), student on all crops, loss, backward
-       of loss / accumulation_steps; the center is updated once, after the last micro-batch, with
-       the mean teacher output of the whole batch (so 2 x B/2 computes what 1 x B does);
-    3. per-parameter gradient clipping, last-layer gradients dropped when `freeze_last_layer`,
-       backbone gradients dropped when `freeze_backbone`, optimiser step, zero_grad;
-    4. EMA of the teacher with `momentum`.
-
-    Args:
-        student (`nn.Module`): `MultiCropWrapper` (possibly wrapped by `accelerator.prepare`).
-        teacher (`nn.Module`): from `build_teacher(student)`.
-        dino_loss (`DinoLoss`): holds the center.
-        optimizer: built on `get_param_groups(student)` (the groups carry the `regularized` flag).
-        crops (`list[torch.Tensor]`): `[global 1 (B, 3, G, G), global 2 (B, 3, G, G), local
-            (B, 3, L, L) ...]`, already on the device.
-        lr, weight_decay, momentum, teacher_temp (`float`): this step's schedule values
-            (`dino_hf.schedules`).
-        clip_grad (`float`): per-parameter gradient norm limit (3.0); 0 turns clipping off.
-        freeze_last_layer (`bool`): drop the head's last-layer gradients (during the first
-            `freeze_last_layer` epochs).
-        accelerator (`accelerate.Accelerator`, optional): autocast, backward (and unscaling of fp16
-            gradients before clipping), gradient sync only on the last micro-batch, and unwrapping
-            of the models for the EMA.
-        accumulation_steps (`int`): split the batch into this many micro-batches of B / steps images,
-            one forward and backward each, then one optimiser step (gradient accumulation).
-        freeze_backbone (`bool`): train the head alone (warm-up of a fresh head on pretrained weights).
-
-    Returns:
-        `{"loss": float, **collapse_diagnostics(...)}`, averaged over the micro-batches; the loss is
-        also averaged over the processes.
-
-    Raises:
-        FloatingPointError: when a loss is not finite on any process; no weight and not the center
-            has changed then.
-    """
-    for group in optimizer.param_groups:
-        if "regularized" not in group:
-            raise ValueError(
-                "optimizer parameter groups carry no 'regularized' flag; build them with "
-                "dino_hf.optimization.get_param_groups(student)"
-            )
-        group["lr"] = lr
-        if group["regularized"]:
-            group["weight_decay"] = weight_decay
-
-    batch = crops[0].shape[0]
-    if batch % accumulation_steps:
-        raise ValueError(
-            f"batch of {batch} images does not split into {accumulation_steps} equal micro-batches; "
-            f"use a batch that is a multiple of {accumulation_steps}"
-        )
-    micro_batches = list(zip(*(crop.chunk(accumulation_steps) for crop in crops)))
-    teacher_outputs = []
-    totals: dict[str, float] = {}
-    for index, micro in enumerate(micro_batches):
-        last = index == len(micro_batches) - 1
-        sync = contextlib.nullcontext() if last or accelerator is None else accelerator.no_sync(student)
-        with sync:
-            stats, teacher_output = _forward_backward(student, teacher, dino_loss, list(micro), teacher_temp,
-                                                      accelerator, 1.0 / accumulation_steps)
-        teacher_outputs.append(teacher_output)
-        for key, value in stats.items():
-            totals[key] = totals.get(key, 0.0) + value / accumulation_steps
-    # The center moves once per optimisation step, after the loss, with the mean over the whole batch
-    # (every micro-batch was scored against the same center, as with 1 x B); not after a non-finite loss.
-    dino_loss.update_center(torch.cat(teacher_outputs))
-
-    if accelerator is not None:
-        accelerator.unscale_gradients(optimizer)
-    clip_gradients_(student, clip_grad)
-    if freeze_last_layer:
-        drop_last_layer_gradients_(student)
-    if freeze_backbone:
-        for p in _unwrap(student, accelerator).backbone.parameters():
-            p.grad = None  # the optimiser skips parameters without a gradient
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    ema_update_(_unwrap(teacher, accelerator), _unwrap(student, accelerator), momentum)
-    return totals
-
-
-def _unwrap(model: nn.Module, accelerator: Accelerator | None) -> nn.Module:
-    return accelerator.unwrap_model(model) if accelerator is not None else model
-
-
-def _forward_backward(student, teacher, dino_loss, crops, teacher_temp, accelerator, scale):
-    """Forward, loss and backward of one micro-batch; returns its statistics and the teacher output
-    `(2 * B, K)`."""
-    # Mixed precision covers the forwards and the loss, as the reference's autocast block.
-    with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
-        with torch.no_grad():
-            teacher_output = teacher(crops[:2])  # (2 * B, K): only the global crops
-        student_output = student(crops)  # (ncrops * B, K)
-        diagnostics = collapse_diagnostics(
-            student_output.detach(), teacher_output, dino_loss.center, teacher_temp, dino_loss.student_temp
-        )
-        loss = dino_loss(student_output, teacher_output, teacher_temp, update_center=False)
-    loss_value = _mean_over_processes(loss, accelerator)
-    if not math.isfinite(loss_value):
-        raise FloatingPointError(f"DINO loss is {loss_value}; {NONFINITE_HINTS}")
-    if accelerator is not None:
-        accelerator.backward(loss * scale)
-    else:
-        (loss * scale).backward()
-    return {"loss": loss_value, **diagnostics}, teacher_output.detach()
-
-
-def _mean_over_processes(loss: torch.Tensor, accelerator: Accelerator | None) -> float:
-    """The loss averaged over the processes. A non-finite loss on one process is then seen by all,
-    so that all of them skip or stop at the same step (a process that went on to the backward alone
-    would wait forever for the others' gradients)."""
-    if accelerator is None or accelerator.num_processes == 1:
-        return loss.item()
-    return accelerator.reduce(loss.detach().float(), reduction="mean").item()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -225,54 +79,6 @@ class TrainResult:
 
 class NonFiniteLossError(RuntimeError):
     """Training stopped on a non-finite loss (see the message for the step and the last checkpoint)."""
-
-
-def _demo_root() -> Path:
-    """The generated demo dataset (made on first use)."""
-    return Path(make_demo_dataset(default_demo_root()))
-
-
-def _train_source(args: DinoTrainingArguments) -> dict:
-    if args.demo:
-        return {"train_dir": str(_demo_root() / "train")}
-    return {
-        "dataset_name": args.dataset_name,
-        "dataset_config_name": args.dataset_config_name,
-        "split": args.train_split,
-        "train_dir": args.train_dir,
-        "data_files": args.data_files,
-    }
-
-
-def _dataset_size(stream, source: dict) -> int | None:
-    """Rows of the training data where it can be known without reading it."""
-    splits = getattr(getattr(stream, "info", None), "splits", None) or {}
-    split = source.get("split", "train")
-    if split in splits and splits[split].num_examples:
-        return splits[split].num_examples
-    folder = source.get("train_dir")
-    if folder and os.path.isdir(folder):
-        return sum(
-            1
-            for _, _, names in os.walk(folder)
-            for name in names
-            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS and not name.startswith(".")
-        )
-    return None
-
-
-def _eval_sources(args: DinoTrainingArguments) -> tuple[dict, dict] | None:
-    """Memory-bank and query sources of the in-training k-NN, or None when none is configured."""
-    if args.eval_train_dir:
-        root = Path(args.eval_train_dir)
-        return {"train_dir": str(root / args.eval_train_split)}, {"train_dir": str(root / args.eval_split)}
-    if args.eval_dataset_name:
-        common = {"dataset_name": args.eval_dataset_name, "dataset_config_name": args.eval_dataset_config_name}
-        return {**common, "split": args.eval_train_split}, {**common, "split": args.eval_split}
-    if args.demo:
-        root = _demo_root()
-        return {"train_dir": str(root / "train")}, {"train_dir": str(root / "validation")}
-    return None
 
 
 def train(args: DinoTrainingArguments) -> TrainResult:
@@ -318,8 +124,8 @@ def _train(args: DinoTrainingArguments, signals: checkpointing.PreemptionSignals
 
     # ---- data -------------------------------------------------------------------------------
     with accelerator.main_process_first():
-        source = _train_source(args)
-        eval_sources = _eval_sources(args)
+        source = train_source(args)
+        eval_sources = knn_sources(args)
     stream, image_column = load_image_stream(
         **source, image_column_name=args.image_column_name, rank=accelerator.process_index,
         world_size=accelerator.num_processes, seed=args.seed,
@@ -351,7 +157,7 @@ def _train(args: DinoTrainingArguments, signals: checkpointing.PreemptionSignals
     loader.generator = torch.Generator().manual_seed(args.seed + accelerator.process_index)
     batches = checkpointing.EndlessBatches(loader)
     total_batch = batch_size * accelerator.num_processes
-    samples_per_epoch = args.samples_per_epoch or _dataset_size(stream, source)
+    samples_per_epoch = args.samples_per_epoch or dataset_size(stream, source)
     if samples_per_epoch is None:
         raise ValueError(
             "the length of this stream is unknown: pass --samples_per_epoch (images per epoch) so that the "
@@ -470,10 +276,10 @@ def _train(args: DinoTrainingArguments, signals: checkpointing.PreemptionSignals
             staging.mkdir(parents=True)
 
         try:
-            _on_every_process(accelerator, fresh_staging, main_only=True)
-            _on_every_process(accelerator, lambda: checkpointing.write_process_state(
+            checkpointing.on_every_process(accelerator, fresh_staging, main_only=True)
+            checkpointing.on_every_process(accelerator, lambda: checkpointing.write_process_state(
                 staging, accelerator.process_index, batches.state_dict()))
-            _on_every_process(accelerator, shared_state, main_only=True)
+            checkpointing.on_every_process(accelerator, shared_state, main_only=True)
         except checkpointing.WRITE_ERRORS as error:
             if accelerator.is_main_process:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -564,7 +370,7 @@ def _train(args: DinoTrainingArguments, signals: checkpointing.PreemptionSignals
             break
         if global_step % checkpoint_every == 0:
             last_checkpoint = save(global_step)
-        if _on_any_process(accelerator, signals.received is not None):  # all processes stop at the same step
+        if checkpointing.on_any_process(accelerator, signals.received is not None):  # all processes stop at the same step
             if global_step % checkpoint_every:
                 last_checkpoint = save(global_step)
             stopped_by = signals.received or "a signal received by another process"
@@ -604,26 +410,6 @@ def _train(args: DinoTrainingArguments, signals: checkpointing.PreemptionSignals
         accelerator.print(f"checkpoint: {final}\nteacher backbone: {export_dir}")
     accelerator.end_training()
     return result
-
-
-def _on_any_process(accelerator: Accelerator, flag: bool) -> bool:
-    """Whether `flag` is true on at least one process (a collective: every process must call it)."""
-    if accelerator.num_processes == 1:
-        return flag
-    return bool(accelerator.gather(torch.tensor([int(flag)], device=accelerator.device)).any())
-
-
-def _on_every_process(accelerator: Accelerator, action, main_only: bool = False) -> None:
-    """Run `action` (on the main process only if `main_only`), then agree: a write error on any
-    process is raised on every process, so that no process waits for one that gave up."""
-    error = None
-    if accelerator.is_main_process or not main_only:
-        try:
-            action()
-        except checkpointing.WRITE_ERRORS as caught:
-            error = caught
-    if _on_any_process(accelerator, error is not None):
-        raise error or OSError("another process could not write its part of the checkpoint")
 
 
 class _SampleLog:

@@ -1,0 +1,62 @@
+"""The data a training run reads: its training images and the labelled splits of its k-NN evaluation.
+
+They come from the training arguments: a Hub dataset, a local folder or data files, or (`demo: true`)
+the generated demo dataset, made on first use. `dataset_size` is the number of images where it is
+known without reading the stream; an epoch has that many samples unless `--samples_per_epoch` says.
+"""
+
+import os
+from pathlib import Path
+
+from .data import IMAGE_EXTENSIONS
+from .demo_data import default_demo_root, make_demo_dataset
+from .training_args import DinoTrainingArguments
+
+
+def demo_root() -> Path:
+    """The generated demo dataset (made on first use)."""
+    return Path(make_demo_dataset(default_demo_root()))
+
+
+def train_source(args: DinoTrainingArguments) -> dict:
+    """Where the run's training images come from, as `load_image_stream` arguments."""
+    if args.demo:
+        return {"train_dir": str(demo_root() / "train")}
+    return {
+        "dataset_name": args.dataset_name,
+        "dataset_config_name": args.dataset_config_name,
+        "split": args.train_split,
+        "train_dir": args.train_dir,
+        "data_files": args.data_files,
+    }
+
+
+def dataset_size(stream, source: dict) -> int | None:
+    """Rows of the training data where it can be known without reading it."""
+    splits = getattr(getattr(stream, "info", None), "splits", None) or {}
+    split = source.get("split", "train")
+    if split in splits and splits[split].num_examples:
+        return splits[split].num_examples
+    folder = source.get("train_dir")
+    if folder and os.path.isdir(folder):
+        return sum(
+            1
+            for _, _, names in os.walk(folder)
+            for name in names
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS and not name.startswith(".")
+        )
+    return None
+
+
+def knn_sources(args: DinoTrainingArguments) -> tuple[dict, dict] | None:
+    """Memory-bank and query sources of the in-training k-NN, or None when none is configured."""
+    if args.eval_train_dir:
+        root = Path(args.eval_train_dir)
+        return {"train_dir": str(root / args.eval_train_split)}, {"train_dir": str(root / args.eval_split)}
+    if args.eval_dataset_name:
+        common = {"dataset_name": args.eval_dataset_name, "dataset_config_name": args.eval_dataset_config_name}
+        return {**common, "split": args.eval_train_split}, {**common, "split": args.eval_split}
+    if args.demo:
+        root = demo_root()
+        return {"train_dir": str(root / "train")}, {"train_dir": str(root / "validation")}
+    return None

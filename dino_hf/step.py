@@ -1,0 +1,161 @@
+"""One DINO optimisation step (Caron et al. 2021, Algorithm 1), and nothing else.
+
+No data, no logging, no schedules: `train_step` takes this step's values and the crops on the device,
+so that it can be tested alone against the formulas of the paper. `dino_hf.trainer.train` calls it
+once per step.
+"""
+
+import contextlib
+import math
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from .loss import DinoLoss, collapse_diagnostics
+from .optimization import clip_gradients_, drop_last_layer_gradients_
+from .teacher import ema_update_
+
+NONFINITE_HINTS = (
+    "likely causes: fp16 overflow (the reference's known NaN on ViT-S/8 and small data: use "
+    "--mixed_precision bf16 or no), a teacher temperature above 0.07, a learning rate too high for the "
+    "batch, or non-finite input images"
+)
+
+
+def train_step(
+    student: nn.Module,
+    teacher: nn.Module,
+    dino_loss: DinoLoss,
+    optimizer: torch.optim.Optimizer,
+    crops: list[torch.Tensor],
+    *,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    teacher_temp: float,
+    clip_grad: float,
+    freeze_last_layer: bool,
+    accelerator: Accelerator | None = None,
+    accumulation_steps: int = 1,
+    freeze_backbone: bool = False,
+) -> dict[str, float]:
+    """One DINO step, in the reference's order.
+
+    1. lr on every parameter group, weight decay on the regularised group(s) only;
+    2. per micro-batch: teacher on the 2 global crops (no grad), student on all crops, loss, backward
+       of loss / accumulation_steps; the center is updated once, after the last micro-batch, with
+       the mean teacher output of the whole batch (so 2 x B/2 computes what 1 x B does);
+    3. per-parameter gradient clipping, last-layer gradients dropped when `freeze_last_layer`,
+       backbone gradients dropped when `freeze_backbone`, optimiser step, zero_grad;
+    4. EMA of the teacher with `momentum`.
+
+    Args:
+        student (`nn.Module`): `MultiCropWrapper` (possibly wrapped by `accelerator.prepare`).
+        teacher (`nn.Module`): from `build_teacher(student)`.
+        dino_loss (`DinoLoss`): holds the center.
+        optimizer: built on `get_param_groups(student)` (the groups carry the `regularized` flag).
+        crops (`list[torch.Tensor]`): `[global 1 (B, 3, G, G), global 2 (B, 3, G, G), local
+            (B, 3, L, L) ...]`, already on the device.
+        lr, weight_decay, momentum, teacher_temp (`float`): this step's schedule values
+            (`dino_hf.schedules`).
+        clip_grad (`float`): per-parameter gradient norm limit (3.0); 0 turns clipping off.
+        freeze_last_layer (`bool`): drop the head's last-layer gradients (during the first
+            `freeze_last_layer` epochs).
+        accelerator (`accelerate.Accelerator`, optional): autocast, backward (and unscaling of fp16
+            gradients before clipping), gradient sync only on the last micro-batch, and unwrapping
+            of the models for the EMA.
+        accumulation_steps (`int`): split the batch into this many micro-batches of B / steps images,
+            one forward and backward each, then one optimiser step (gradient accumulation).
+        freeze_backbone (`bool`): train the head alone (warm-up of a fresh head on pretrained weights).
+
+    Returns:
+        `{"loss": float, **collapse_diagnostics(...)}`, averaged over the micro-batches; the loss is
+        also averaged over the processes.
+
+    Raises:
+        FloatingPointError: when a loss is not finite on any process; no weight and not the center
+            has changed then.
+    """
+    for group in optimizer.param_groups:
+        if "regularized" not in group:
+            raise ValueError(
+                "optimizer parameter groups carry no 'regularized' flag; build them with "
+                "dino_hf.optimization.get_param_groups(student)"
+            )
+        group["lr"] = lr
+        if group["regularized"]:
+            group["weight_decay"] = weight_decay
+
+    batch = crops[0].shape[0]
+    if batch % accumulation_steps:
+        raise ValueError(
+            f"batch of {batch} images does not split into {accumulation_steps} equal micro-batches; "
+            f"use a batch that is a multiple of {accumulation_steps}"
+        )
+    micro_batches = list(zip(*(crop.chunk(accumulation_steps) for crop in crops)))
+    teacher_outputs = []
+    totals: dict[str, float] = {}
+    for index, micro in enumerate(micro_batches):
+        last = index == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if last or accelerator is None else accelerator.no_sync(student)
+        with sync:
+            stats, teacher_output = _forward_backward(student, teacher, dino_loss, list(micro), teacher_temp,
+                                                      accelerator, 1.0 / accumulation_steps)
+        teacher_outputs.append(teacher_output)
+        for key, value in stats.items():
+            totals[key] = totals.get(key, 0.0) + value / accumulation_steps
+    # The center moves once per optimisation step, after the loss, with the mean over the whole batch
+    # (every micro-batch was scored against the same center, as with 1 x B); not after a non-finite loss.
+    dino_loss.update_center(torch.cat(teacher_outputs))
+
+    if accelerator is not None:
+        accelerator.unscale_gradients(optimizer)
+    clip_gradients_(student, clip_grad)
+    if freeze_last_layer:
+        drop_last_layer_gradients_(student)
+    if freeze_backbone:
+        for p in _unwrap(student, accelerator).backbone.parameters():
+            p.grad = None  # the optimiser skips parameters without a gradient
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    ema_update_(_unwrap(teacher, accelerator), _unwrap(student, accelerator), momentum)
+    return totals
+
+
+def _unwrap(model: nn.Module, accelerator: Accelerator | None) -> nn.Module:
+    return accelerator.unwrap_model(model) if accelerator is not None else model
+
+
+def _forward_backward(student, teacher, dino_loss, crops, teacher_temp, accelerator, scale):
+    """Forward, loss and backward of one micro-batch; returns its statistics and the teacher output
+    `(2 * B, K)`."""
+    # Mixed precision covers the forwards and the loss, as the reference's autocast block.
+    with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
+        with torch.no_grad():
+            teacher_output = teacher(crops[:2])  # (2 * B, K): only the global crops
+        student_output = student(crops)  # (ncrops * B, K)
+        diagnostics = collapse_diagnostics(
+            student_output.detach(), teacher_output, dino_loss.center, teacher_temp, dino_loss.student_temp
+        )
+        loss = dino_loss(student_output, teacher_output, teacher_temp, update_center=False)
+    loss_value = _mean_over_processes(loss, accelerator)
+    if not math.isfinite(loss_value):
+        raise FloatingPointError(f"DINO loss is {loss_value}; {NONFINITE_HINTS}")
+    if accelerator is not None:
+        accelerator.backward(loss * scale)
+    else:
+        (loss * scale).backward()
+    return {"loss": loss_value, **diagnostics}, teacher_output.detach()
+
+
+def _mean_over_processes(loss: torch.Tensor, accelerator: Accelerator | None) -> float:
+    """The loss averaged over the processes. A non-finite loss on one process is then seen by all,
+    so that all of them skip or stop at the same step (a process that went on to the backward alone
+    would wait forever for the others' gradients)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return loss.item()
+    return accelerator.reduce(loss.detach().float(), reduction="mean").item()
+
+
+__all__ = ["NONFINITE_HINTS", "train_step"]
