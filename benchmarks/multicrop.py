@@ -21,7 +21,8 @@ import torch
 import torchvision.transforms as T
 from PIL import Image, ImageFilter, ImageOps
 
-from dino_hf.data import build_multicrop_dataloader, decode_image, load_image_stream
+from dino_hf.data import build_multicrop_dataloader, load_image_stream
+from dino_hf.decoding import decode_image
 from dino_hf.multicrop import MultiCropTransform
 
 

@@ -27,8 +27,8 @@ _LAZY = {
     "DinoTrainingArguments": "training_args",
     "train": "trainer",
     "train_step": "trainer",
-    "load_feature_model": "evaluation",
-    "knn_evaluate": "evaluation",
+    "load_feature_model": "feature_models",
+    "knn_evaluate": "knn",
 }
 
 

@@ -12,7 +12,7 @@ from accelerate import PartialState
 from PIL import Image
 from torchvision import transforms
 
-from .evaluation import FeatureModel
+from .feature_models import FeatureModel
 from .modeling_dino import IMAGENET_MEAN, IMAGENET_STD
 
 # The paper's masks keep the patches holding 60 % of the CLS attention mass (Fig. 3).

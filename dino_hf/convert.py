@@ -1,6 +1,5 @@
-"""Conversions between `DinoModel` and the formats DINO weights come in (the outputs are the same numbers).
+"""Conversions into `DinoModel` from the formats DINO weights come in (the outputs are the same numbers).
 
-Import into `DinoModel`:
 - transformers `ViTModel` checkpoints (facebook/dino-vits16, -vits8, -vitb16, -vitb8): the same weight
   names as `DinoModel`, plus a `pooler.*` layer that DINO does not have (dropped);
 - timm `VisionTransformer` weights (the `*.dino` tags): `cls_token`, `pos_embed`, `patch_embed.proj`,
@@ -9,54 +8,33 @@ Import into `DinoModel`:
   with `teacher` / `student` (keys `[module.]backbone.*` with timm's names, `[module.]head.*`), and
   backbone-only state dicts.
 
-Export from `DinoModel`: a stock transformers `ViTModel` folder that loads with `AutoModel` alone, and a
-timm folder that loads with `timm.create_model("local-dir:PATH", pretrained=True)` and with transformers'
-`TimmWrapperModel`. All three agree at the native image size; at other sizes each library interpolates
-the position embeddings its own way (SPEC "Networks").
+`convert_checkpoint` reads any of these and writes a `DinoModel` folder, or a transformers ViT or timm
+folder (`dino_hf.export`), in one call.
 
-Weights are read with safetensors, or with `torch.load(weights_only=True)` for .pth / .bin files: no
-code is ever unpickled (the reference's `args`, an `argparse.Namespace`, is the one class allowed).
+Weights files are read with `load_checkpoint_file` (`dino_hf.weight_files`), which never unpickles code.
 """
 
-import argparse
 import json
 import math
-import pickle
 import re
 import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
-import timm
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import ViTConfig, ViTModel
+from transformers import ViTModel
 
 from .configuration_dino import PRESETS, DinoConfig
+from .export import save_as_timm, save_as_vit
 from .heads import DinoHead
-from .modeling_dino import IMAGENET_MEAN, IMAGENET_STD, DinoModel, dino_image_processor
+from .modeling_dino import DinoModel
+from .timm_weights import DINO_LAYER_NORM_EPS, dino_key_to_timm, timm_to_dino_state_dict
+from .weight_files import load_checkpoint_file
 
-# LayerNorm eps the DINO weights were trained with (SPEC "Networks"), whatever a copied config says.
-DINO_LAYER_NORM_EPS = 1e-6
 HEAD_WEIGHTS_NAME = "dino_head.safetensors"
 HEAD_CONFIG_NAME = "dino_head_config.json"
-
-# timm / reference module name -> DinoModel module name (transformers' ViT names).
-_TIMM_TOP = {
-    "cls_token": "embeddings.cls_token",
-    "pos_embed": "embeddings.position_embeddings",
-    "patch_embed.proj": "embeddings.patch_embeddings.projection",
-    "norm": "layernorm",
-}
-_TIMM_BLOCK = {
-    "norm1": "layernorm_before",
-    "attn.proj": "attention.output.dense",
-    "norm2": "layernorm_after",
-    "mlp.fc1": "intermediate.dense",
-    "mlp.fc2": "output.dense",
-}
-_QKV = ("query", "key", "value")  # order of the fused timm `attn.qkv` along dim 0
 
 
 class ImportedCheckpoint(NamedTuple):
@@ -72,31 +50,7 @@ class ImportedCheckpoint(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Reading files
-
-
-def load_checkpoint_file(path: str | Path) -> dict:
-    """Read a .safetensors file, or a .pth / .bin file with `torch.load(weights_only=True)` on the CPU.
-
-    Tensors, numbers, strings and containers load, and so does the `argparse.Namespace` the reference
-    stores as `args`. Anything else (code, arbitrary classes) is refused with a ValueError.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"checkpoint file {path} does not exist")
-    if path.suffix == ".safetensors":
-        return load_file(path, device="cpu")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        lines = [line for line in str(error).splitlines() if "GLOBAL" in line] or [str(error).strip().splitlines()[-1]]
-        reason = lines[0].strip()
-        raise ValueError(
-            f"{path} holds objects other than tensors and plain containers, which dino_hf does not "
-            f"unpickle ({reason}). If you trust the file, open it yourself with weights_only=False and "
-            "save only its state dicts (e.g. its 'teacher' entry) with torch.save or safetensors"
-        ) from error
+# Reading folders and state dicts
 
 
 def _folder_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -119,78 +73,6 @@ def _tensors(state_dict: dict, source: str) -> dict[str, torch.Tensor]:
                 f"{source}: {key!r} is a {type(value).__name__}, not a tensor; pass a state dict of the backbone"
             )
     return dict(state_dict)
-
-
-# ---------------------------------------------------------------------------------------------------
-# timm / reference names <-> DinoModel names
-
-
-def _timm_key_to_dino(key: str) -> str | None:
-    """DinoModel name of one timm key other than `attn.qkv`, or None when it has no counterpart."""
-    if key in ("cls_token", "pos_embed"):
-        return _TIMM_TOP[key]
-    module, _, param = key.rpartition(".")
-    if param not in ("weight", "bias"):
-        return None
-    if module in _TIMM_TOP:
-        return f"{_TIMM_TOP[module]}.{param}"
-    block = re.fullmatch(r"blocks\.(\d+)\.(.+)", module)
-    if block and block.group(2) in _TIMM_BLOCK:
-        return f"encoder.layer.{block.group(1)}.{_TIMM_BLOCK[block.group(2)]}.{param}"
-    return None
-
-
-def _dino_key_to_timm(key: str) -> str:
-    """timm name of one DinoModel key (query, key and value all map to the fused `attn.qkv`)."""
-    for timm_name, dino_name in _TIMM_TOP.items():
-        if key == dino_name or key.startswith(dino_name + "."):
-            return timm_name + key[len(dino_name) :]
-    layer = re.fullmatch(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias)", key)
-    block_names = {dino_name: timm_name for timm_name, dino_name in _TIMM_BLOCK.items()}
-    if layer and layer.group(2) in [f"attention.attention.{part}" for part in _QKV]:
-        return f"blocks.{layer.group(1)}.attn.qkv.{layer.group(3)}"
-    if layer and layer.group(2) in block_names:
-        return f"blocks.{layer.group(1)}.{block_names[layer.group(2)]}.{layer.group(3)}"
-    raise ValueError(f"{key!r} is not a weight of DinoModel; cannot name it in timm's format")
-
-
-def timm_to_dino_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a timm / reference ViT state dict to DinoModel's names, splitting each fused
-    `blocks.{i}.attn.qkv` `(3D, D)` into query, key, value `(D, D)` (in that order along dim 0)."""
-    converted, unknown = {}, []
-    for key, tensor in state_dict.items():
-        qkv = re.fullmatch(r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)", key)
-        if qkv:
-            if tensor.shape[0] % 3:
-                raise ValueError(f"{key!r} has shape {tuple(tensor.shape)}: dim 0 must stack q, k, v (a multiple of 3)")
-            for part, chunk in zip(_QKV, tensor.chunk(3, dim=0)):  # (D, D) or (D,) each
-                converted[f"encoder.layer.{qkv.group(1)}.attention.attention.{part}.{qkv.group(2)}"] = chunk.clone()
-        elif (name := _timm_key_to_dino(key)) is not None:
-            converted[name] = tensor
-        else:
-            unknown.append(key)
-    if unknown:
-        raise ValueError(
-            f"unknown keys {unknown[:6]}{' ...' if len(unknown) > 6 else ''}: not part of a DINO ViT backbone "
-            f"(a classifier `head.*`, register tokens, layer scale?); remove them, or build the timm model with "
-            f"num_classes=0 and no extra tokens"
-        )
-    return converted
-
-
-def dino_to_timm_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a DinoModel state dict to timm's (and the reference's) names, fusing query, key and value
-    into `blocks.{i}.attn.qkv` `(3D, D)`."""
-    converted = {}
-    for key, tensor in state_dict.items():
-        if ".attention.attention." in key:
-            if ".attention.attention.query." not in key:
-                continue  # key and value join query below
-            parts = [state_dict[key.replace(".query.", f".{part}.")] for part in _QKV]
-            converted[_dino_key_to_timm(key)] = torch.cat(parts, dim=0)  # (3D, D) or (3D,)
-        else:
-            converted[_dino_key_to_timm(key)] = tensor
-    return converted
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -256,7 +138,7 @@ def _build_dino(
     """A DinoModel holding exactly `state_dict`; every key must be known, present and of the right shape."""
 
     def name(key: str) -> str:
-        return f"{_dino_key_to_timm(key)!r} (DinoModel {key!r})" if timm_names else repr(key)
+        return f"{dino_key_to_timm(key)!r} (DinoModel {key!r})" if timm_names else repr(key)
 
     model = DinoModel(config)
     expected = model.state_dict()
@@ -440,132 +322,6 @@ def _head_config(head: dict[str, torch.Tensor], norm_last_layer: bool, source: s
 
 
 # ---------------------------------------------------------------------------------------------------
-# Export
-
-
-def save_as_vit(model: DinoModel, save_directory: str | Path) -> None:
-    """Write a transformers ViT folder that `AutoModel` loads without dino_hf: config.json (model_type
-    "vit"), model.safetensors in the on-disk names of facebook/dino-* and preprocessor_config.json
-    (DINO's evaluation transform).
-
-    The pooler is an identity Linear with a "linear" activation, so `pooler_output` is the DINO feature
-    (the CLS token after the final norm). At other image sizes `ViTModel` needs
-    `interpolate_pos_encoding=True`, which interpolates slightly differently from DINO.
-    """
-    config = model.config
-    ViTConfig(
-        hidden_size=config.hidden_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        intermediate_size=config.intermediate_size,
-        hidden_act=config.hidden_act,
-        initializer_range=config.initializer_range,
-        layer_norm_eps=config.layer_norm_eps,
-        image_size=config.image_size,
-        patch_size=config.patch_size,
-        num_channels=config.num_channels,
-        qkv_bias=config.qkv_bias,
-        pooler_act="linear",
-        architectures=["ViTModel"],
-    ).save_pretrained(save_directory)
-    tensors = {key: tensor.contiguous() for key, tensor in model.state_dict().items()}
-    tensors["pooler.dense.weight"] = torch.eye(config.hidden_size)  # (D, D): the pooler passes the CLS token through
-    tensors["pooler.dense.bias"] = torch.zeros(config.hidden_size)
-    save_file(tensors, Path(save_directory) / "model.safetensors", metadata={"format": "pt"})
-    dino_image_processor(config.image_size).save_pretrained(save_directory)
-
-
-def to_vit_model(model: DinoModel) -> ViTModel:
-    """A stock transformers `ViTModel` with the same weights, loaded from a `save_as_vit` folder."""
-    with tempfile.TemporaryDirectory() as folder:
-        save_as_vit(model, folder)
-        return ViTModel.from_pretrained(folder).eval()
-
-
-def timm_model_args(config: DinoConfig) -> dict:
-    """Keyword arguments of timm's `VisionTransformer` for the same network (num_classes aside)."""
-    if config.layer_norm_eps != DINO_LAYER_NORM_EPS or config.hidden_act != "gelu":
-        raise ValueError(
-            f"timm's ViT has LayerNorm eps 1e-6 and GELU; this model has eps {config.layer_norm_eps} and "
-            f"{config.hidden_act!r}: export it with save_as_vit instead"
-        )
-    mlp_ratio = config.intermediate_size / config.hidden_size
-    if int(config.hidden_size * mlp_ratio) != config.intermediate_size:
-        raise ValueError(f"intermediate size {config.intermediate_size} is not expressible as a timm mlp_ratio")
-    return dict(
-        embed_dim=config.hidden_size,
-        depth=config.num_hidden_layers,
-        num_heads=config.num_attention_heads,
-        patch_size=config.patch_size,
-        img_size=config.image_size,
-        in_chans=config.num_channels,
-        mlp_ratio=mlp_ratio,
-        qkv_bias=config.qkv_bias,
-        global_pool="token",
-        dynamic_img_size=True,
-    )
-
-
-def _timm_architecture(config: DinoConfig) -> str:
-    """timm's name for the preset this model matches; model_args carry the exact sizes either way."""
-    sizes = ("hidden_size", "num_hidden_layers", "num_attention_heads", "patch_size")
-    for preset in PRESETS:
-        reference = DinoConfig.from_preset(preset)
-        if all(getattr(reference, f) == getattr(config, f) for f in sizes) and timm.is_model(f"{preset}_224"):
-            return f"{preset}_224"
-    return "vit_base_patch16_224"
-
-
-def to_timm_model(model: DinoModel) -> nn.Module:
-    """A timm `VisionTransformer` (num_classes=0, dynamic image size) with the same weights."""
-    timm_model = timm.create_model(
-        _timm_architecture(model.config), pretrained=False, num_classes=0, **timm_model_args(model.config)
-    )
-    timm_model.load_state_dict(dino_to_timm_state_dict(model.state_dict()), strict=True)
-    return timm_model.eval()
-
-
-def save_as_timm(model: DinoModel, save_directory: str | Path) -> None:
-    """Write a timm folder: model.safetensors in timm's names and a config.json with `architecture`,
-    `model_args` and `pretrained_cfg` (DINO's evaluation transform: bicubic, crop 224/256, ImageNet
-    mean and std).
-
-    Unlike timm's `save_for_hf`, `model_args` leaves out `num_classes` (kept at the top level and in
-    `pretrained_cfg`): transformers' `TimmWrapperModel` passes num_classes=0 itself and fails on a
-    duplicate. The folder loads with `timm.create_model("local-dir:PATH", pretrained=True)` and with
-    `TimmWrapperModel.from_pretrained(PATH)`.
-    """
-    config = model.config
-    save_directory = Path(save_directory)
-    save_directory.mkdir(parents=True, exist_ok=True)
-    tensors = {key: tensor.contiguous() for key, tensor in dino_to_timm_state_dict(model.state_dict()).items()}
-    save_file(tensors, save_directory / "model.safetensors", metadata={"format": "pt"})
-    timm_config = {
-        "architecture": _timm_architecture(config),
-        "num_classes": 0,
-        "num_features": config.hidden_size,
-        "global_pool": "token",
-        "model_args": timm_model_args(config),
-        "pretrained_cfg": {
-            "tag": "dino",
-            "custom_load": False,
-            "input_size": [config.num_channels, config.image_size, config.image_size],
-            "fixed_input_size": False,
-            "interpolation": "bicubic",
-            "crop_pct": 224 / 256,
-            "crop_mode": "center",
-            "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD),
-            "num_classes": 0,
-            "pool_size": None,
-            "first_conv": "patch_embed.proj",
-            "classifier": "head",
-        },
-    }
-    (save_directory / "config.json").write_text(json.dumps(timm_config, indent=2) + "\n")
-
-
-# ---------------------------------------------------------------------------------------------------
 # One call per command line
 
 
@@ -625,13 +381,5 @@ __all__ = [
     "dino_from_reference",
     "dino_from_timm",
     "dino_from_vit",
-    "dino_to_timm_state_dict",
-    "load_checkpoint_file",
     "load_dino_folder",
-    "save_as_timm",
-    "save_as_vit",
-    "timm_model_args",
-    "timm_to_dino_state_dict",
-    "to_timm_model",
-    "to_vit_model",
 ]

@@ -14,10 +14,11 @@ from torch import nn
 
 from .backbones import build_backbone
 from .configuration_dino import PRESETS
-from .convert import dino_from_reference, load_checkpoint_file
+from .convert import dino_from_reference
 from .heads import DinoHead
 from .sharding import local_tensors
 from .training_args import DinoTrainingArguments, check_crop_sizes
+from .weight_files import load_checkpoint_file
 
 
 class MultiCropWrapper(nn.Module):

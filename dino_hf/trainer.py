@@ -23,7 +23,9 @@ from tqdm.auto import tqdm
 from . import checkpointing
 from .data import SkipReport, build_multicrop_dataloader, load_image_stream
 from .evaluation import knn_accuracy
-from .hub import EvalFigure, HubPusher, export_backbone, render_model_card
+from .export import export_backbone
+from .hub import HubPusher
+from .model_card import EvalFigure, render_model_card
 from .loss import DinoLoss
 from .batch_multicrop import BatchMultiCrop, DecodeAndCap
 from .multicrop import MultiCropTransform

@@ -10,17 +10,9 @@ images, computed in batches on the accelerator when there is one; top-1 / top-5 
 import argparse
 import json
 
-from dino_hf.evaluation import (
-    KNN_KS,
-    KNN_TEMPERATURE,
-    ImageBatches,
-    add_dataset_arguments,
-    add_model_argument,
-    extract_features,
-    knn_evaluate,
-    load_feature_model,
-    load_split,
-)
+from dino_hf.evaluation import ImageBatches, add_dataset_arguments, add_model_argument, extract_features, load_split
+from dino_hf.feature_models import load_feature_model
+from dino_hf.knn import KNN_KS, KNN_TEMPERATURE, knn_evaluate
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -18,15 +18,11 @@ import datasets
 import torch
 from accelerate import PartialState
 
-from dino_hf.evaluation import (
-    ImageBatches,
-    add_dataset_arguments,
-    add_model_argument,
+from dino_hf.evaluation import ImageBatches, add_dataset_arguments, add_model_argument, extract_features, load_split
+from dino_hf.feature_models import load_feature_model
+from dino_hf.linear_probe import (
     cached_batches,
     evaluate_linear_probe,
-    extract_features,
-    load_feature_model,
-    load_split,
     probe_feature_size,
     probe_features,
     train_linear_probe,

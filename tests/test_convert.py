@@ -1,5 +1,6 @@
-"""Tests of dino_hf/convert.py: parity with transformers' ViTModel and timm's VisionTransformer, exports
-that load without dino_hf, the reference checkpoint format, safe loading and the error messages."""
+"""Tests of dino_hf/convert.py, export.py, timm_weights.py and weight_files.py: parity with transformers'
+ViTModel and timm's VisionTransformer, exports that load without dino_hf, the reference checkpoint
+format, safe loading and the error messages."""
 
 import argparse
 import json
@@ -16,20 +17,10 @@ from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModel, TimmWrapperModel, ViTConfig, ViTModel
 
 from dino_hf import DinoConfig, DinoModel
-from dino_hf.convert import (
-    convert_checkpoint,
-    dino_from_reference,
-    dino_from_timm,
-    dino_from_vit,
-    dino_to_timm_state_dict,
-    load_checkpoint_file,
-    load_dino_folder,
-    save_as_timm,
-    save_as_vit,
-    timm_to_dino_state_dict,
-    to_timm_model,
-    to_vit_model,
-)
+from dino_hf.convert import convert_checkpoint, dino_from_reference, dino_from_timm, dino_from_vit, load_dino_folder
+from dino_hf.export import save_as_timm, save_as_vit, to_timm_model, to_vit_model
+from dino_hf.timm_weights import dino_to_timm_state_dict, timm_to_dino_state_dict
+from dino_hf.weight_files import load_checkpoint_file
 from dino_hf.heads import DinoHead
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

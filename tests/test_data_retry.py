@@ -1,4 +1,5 @@
-"""Transient stream failures in `dino_hf/data.py`: retried from the block's position, with back-off."""
+"""Transient stream failures (`dino_hf/stream_errors.py`) in `dino_hf/multicrop_stream.py`: retried from the
+block's position, with back-off."""
 
 import errno
 import logging
@@ -15,8 +16,9 @@ import torch
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from PIL import Image
 
-import dino_hf.data as data
-from dino_hf.data import StreamReadError, build_multicrop_dataloader, is_transient_stream_error, load_image_stream
+import dino_hf.multicrop_stream as multicrop_stream
+from dino_hf.data import build_multicrop_dataloader, load_image_stream
+from dino_hf.stream_errors import StreamReadError, is_transient_stream_error
 from dino_hf.multicrop import MultiCropTransform
 
 TINY = dict(global_crops_size=32, local_crops_size=16, local_crops_number=2)
@@ -73,7 +75,7 @@ def folder(tmp_path):
 def sleeps(monkeypatch):
     """Records the back-off delays instead of sleeping (in this process)."""
     recorded = []
-    monkeypatch.setattr(data, "time", types.SimpleNamespace(sleep=recorded.append))
+    monkeypatch.setattr(multicrop_stream, "time", types.SimpleNamespace(sleep=recorded.append))
     return recorded
 
 
@@ -105,7 +107,7 @@ def test_resets_mid_block_are_retried_and_the_samples_are_those_of_an_uninterrup
     assert len(ids) == 20 and retries == 0 and skipped == {"zero_byte": 1, "not_an_image": 1}
     # 5 rows into block 0, twice more on re-opening (in a row), then 6 rows into block 1 (22 rows, 8 per block).
     flaky = FlakyStream(stream, fail_at=[5, 5, 5, 19])
-    with caplog.at_level(logging.WARNING, logger="dino_hf.data"):
+    with caplog.at_level(logging.WARNING, logger="dino_hf.multicrop_stream"):
         got = run(flaky, column, retry_delay=1.0, max_retry_delay=1.5)
     assert got[0] == ids and got[2] == skipped and got[3] == 4
     assert_same_crops(got[1], crops)  # augmentations too

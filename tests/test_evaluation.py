@@ -11,29 +11,20 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from dino_hf import DinoConfig, DinoModel, dino_image_processor
-from dino_hf.convert import save_as_timm, save_as_vit, to_timm_model
 from dino_hf.attention import MASK_THRESHOLD, attention_maps, attention_masks, save_attention_maps
-from dino_hf.evaluation import (
-    KNN_KS,
-    KNN_TEMPERATURE,
-    DinoFeatureModel,
-    ImageBatches,
+from dino_hf.evaluation import ImageBatches, extract_features, find_label_column
+from dino_hf.export import save_as_timm, save_as_vit, to_timm_model
+from dino_hf.feature_export import write_feature_dataset
+from dino_hf.feature_models import DinoFeatureModel, TimmFeatureModel, eval_transform, load_feature_model
+from dino_hf.knn import KNN_KS, KNN_TEMPERATURE, knn_class_scores, knn_classify, knn_evaluate
+from dino_hf.linear_probe import (
     LinearProbe,
-    TimmFeatureModel,
     cached_batches,
-    eval_transform,
     evaluate_linear_probe,
-    extract_features,
-    find_label_column,
-    knn_class_scores,
-    knn_classify,
-    knn_evaluate,
-    load_feature_model,
     probe_feature_size,
     probe_features,
     train_linear_probe,
 )
-from dino_hf.feature_export import write_feature_dataset
 
 CPU = torch.device("cpu")
 
@@ -382,7 +373,7 @@ def test_load_feature_model_leaves_a_given_instance_trainable():
 
 def test_timm_cnn_folder_gives_its_pooled_feature(tmp_path):
     from dino_hf.backbones import build_backbone
-    from dino_hf.hub import export_backbone
+    from dino_hf.export import export_backbone
 
     torch.manual_seed(0)
     backbone = build_backbone("timm:resnet10t", drop_path_rate=0.0).eval()

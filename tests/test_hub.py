@@ -1,4 +1,5 @@
-"""Tests of dino_hf/hub.py: exports that load, model cards, and uploads to a fake Hub on 127.0.0.1."""
+"""Tests of dino_hf/export.py, model_card.py and hub.py: exports that load, model cards, and uploads to a
+fake Hub on 127.0.0.1."""
 
 import hashlib
 import json
@@ -23,7 +24,9 @@ from transformers import AutoImageProcessor, AutoModel, TimmWrapperModel, pipeli
 import dino_hf  # noqa: F401  (registers DinoModel with AutoModel)
 from dino_hf import DinoConfig, DinoModel
 from dino_hf.backbones import build_backbone
-from dino_hf.hub import EvalFigure, HubPusher, export_backbone, model_card_template_path, render_model_card
+from dino_hf.export import export_backbone
+from dino_hf.hub import HubPusher
+from dino_hf.model_card import EvalFigure, model_card_template_path, render_model_card
 from hub_server import FakeHub
 
 TOKEN = "hf_dinoTestToken0123456789abcdef"
@@ -190,7 +193,7 @@ def test_timm_card_loads_with_timm_and_templates_resolve():
     assert not PLACEHOLDERS.search(text), PLACEHOLDERS.search(text)
     assert ModelCard(text).data.library_name == "timm"
     assert f'timm.create_model("hf-hub:{REPO}", pretrained=True)' in text
-    assert "Patch size" not in text and "dino_hf.convert" not in text
+    assert "Patch size" not in text and "dino_hf.export" not in text
     assert "| Input | 32 x 32 px" in text
     assert model_card_template_path() == Path(__file__).resolve().parent.parent / "model_cards" / "backbone.md"
 

@@ -266,6 +266,35 @@ def test_sigterm_checkpoints_exits_cleanly_and_resumes(data, reference, tmp_path
     assert_same_teacher(teacher(out), teacher(reference[0] / "out"))
 
 
+def test_sigterm_to_a_two_process_launch_checkpoints_once_and_resumes(data, tmp_path):
+    """The launcher forwards SIGTERM to both processes; they agree on the step to stop at, write one
+    checkpoint with both processes' states, and a launch with --resume_from_checkpoint goes on."""
+    out = tmp_path / "out"
+    command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT]
+    env = {**ENV, "ACCELERATE_USE_CPU": "true"}
+    long_run = arguments(data, out, "--num_train_epochs", "8")  # 16 steps: the signal comes well before the end
+    process = subprocess.Popen([*command, *long_run], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    wait_for(out / "checkpoints" / "checkpoint-2", process)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=240)
+    # The launcher itself (torchrun) reports the signal it got; its workers stopped cleanly.
+    stops = [line for line in stdout.splitlines() if line.startswith("Stopped by SIGTERM after step ")]
+    assert len(stops) == 1, stdout[-3000:] + stderr[-3000:]
+    step = int(stops[0].split("after step ")[1].split(";")[0])
+    assert 2 <= step < 16
+    last = out / "checkpoints" / f"checkpoint-{step}"
+    check_checkpoint(last)
+    assert {"rng_state_0.pt", "rng_state_1.pt", "data_state_0.pt", "data_state_1.pt"} <= {p.name for p in last.iterdir()}
+
+    resumed = subprocess.run([*command, *long_run, "--resume_from_checkpoint", "latest", "--max_train_steps",
+                              str(step + 1)], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {last} at step {step}" in resumed.stdout
+    check_checkpoint(out / "checkpoints" / f"checkpoint-{step + 1}")
+
+
 def test_wrong_setting_exits_with_status_2_before_any_work(data, tmp_path):
     completed = python(*arguments(data, tmp_path / "out", "--local_crops_size", "12"))
     assert completed.returncode == 2

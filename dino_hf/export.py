@@ -1,0 +1,263 @@
+"""Model folders that load without dino_hf's training code.
+
+- `export_backbone` writes a trained backbone (a `DinoModel` or a timm model) as a folder: a DinoModel
+  through `save_pretrained` (`AutoModel`, `pipeline("image-feature-extraction")`), a timm model as a
+  timm folder (`timm.create_model("local-dir:PATH")` and transformers' `TimmWrapperModel`), both with
+  DINO's evaluation transform as their image preprocessing.
+- `save_as_vit` writes a `DinoModel` as a stock transformers `ViTModel` folder that loads with
+  `AutoModel` alone; `to_vit_model` returns that `ViTModel`.
+- `save_as_timm` writes a `DinoModel` as a timm folder that loads with
+  `timm.create_model("local-dir:PATH", pretrained=True)` and with `TimmWrapperModel`; `to_timm_model`
+  returns that timm `VisionTransformer`.
+
+All of them compute the same features at the native image size; at other sizes each library
+interpolates the position embeddings its own way (SPEC "Networks").
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import timm
+import torch
+from huggingface_hub import ModelCard
+from safetensors.torch import save_file
+from torch import nn
+from transformers import ViTConfig, ViTModel
+
+from .backbones import DinoModelBackbone, TimmBackbone
+from .configuration_dino import PRESETS, DinoConfig
+from .modeling_dino import IMAGENET_MEAN, IMAGENET_STD, DinoModel, dino_image_processor
+from .timm_weights import DINO_LAYER_NORM_EPS, dino_to_timm_state_dict
+
+# Keys of a timm `pretrained_cfg` that describe the exported weights and their preprocessing; the others
+# (tag, license, origin_url, paper_ids, ...) describe the weights the architecture was published with.
+_TIMM_CFG_KEYS = (
+    "custom_load", "input_size", "min_input_size", "fixed_input_size", "interpolation", "crop_pct",
+    "crop_mode", "mean", "std", "num_classes", "pool_size", "first_conv", "classifier",
+)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A trained backbone, as it is
+
+
+def export_backbone(
+    backbone_model: nn.Module, output_dir: str | Path, *, image_size: int = 224, model_card: ModelCard | None = None
+) -> Path:
+    """Write `backbone_model` (a `DinoModel`, a timm model, or their `build_backbone` wrappers) to the
+    folder `output_dir`, replacing it whole.
+
+    DINO's evaluation transform at `image_size` (resize 256/224 x `image_size` bicubic, centre crop,
+    ImageNet mean and std) goes with the weights. A DinoModel folder holds config.json,
+    model.safetensors, its modeling code and preprocessor_config.json. A timm folder holds
+    model.safetensors and config.json (`architecture`, `num_classes: 0`, `num_features`, `model_args`,
+    and the transform as `pretrained_cfg`, which both timm and transformers' `AutoImageProcessor`
+    read for timm models). README.md is written when `model_card` is given. The folder is written
+    under a temporary name and renamed, so an interrupted export never leaves a half-written folder.
+    Returns `output_dir`.
+    """
+    model = backbone_model.model if isinstance(backbone_model, (TimmBackbone, DinoModelBackbone)) else backbone_model
+    output_dir = Path(output_dir).resolve()
+    staging = output_dir.with_name(f".{output_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        if isinstance(model, DinoModel):
+            model.save_pretrained(staging)
+            dino_image_processor(image_size).save_pretrained(staging)
+        elif is_timm_model(model):
+            _save_timm_folder(model, staging, image_size)
+        else:
+            raise TypeError(
+                f"cannot export a {type(model).__name__}: expected a DinoModel or a timm model "
+                "(or the TimmBackbone / DinoModelBackbone that build_backbone returns)"
+            )
+        if model_card is not None:
+            model_card.save(staging / "README.md")
+        _replace_folder(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def is_timm_model(model: nn.Module) -> bool:
+    """Whether `model` is a timm model (it has a `pretrained_cfg` dict and `num_features`)."""
+    return isinstance(getattr(model, "pretrained_cfg", None), dict) and hasattr(model, "num_features")
+
+
+def _save_timm_folder(model: nn.Module, folder: Path, image_size: int) -> None:
+    """timm's own `save_for_hf` (safetensors), with the config made loadable by transformers too.
+
+    `model_args` loses `num_classes` (kept at the top level and in `pretrained_cfg`): transformers'
+    `TimmWrapperModel` passes num_classes=0 itself and fails on a duplicate. `pretrained_cfg` is DINO's
+    evaluation transform (bicubic, crop 224/256, ImageNet mean and std), as in `save_as_timm`.
+    """
+    if model.num_classes != 0:
+        raise ValueError(
+            f"the timm model has a {model.num_classes}-class classifier; DINO backbones are built with "
+            "num_classes=0 (build_backbone does this): export the backbone, not a classifier"
+        )
+    data_config = dict(
+        input_size=(3, image_size, image_size), interpolation="bicubic", crop_pct=224 / 256, crop_mode="center",
+        mean=IMAGENET_MEAN, std=IMAGENET_STD,
+    )
+    timm.models.save_for_hf(model, folder, safe_serialization=True, data_config=data_config)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config.get("model_args", {}).pop("num_classes", None)
+    source_cfg = config["pretrained_cfg"]
+    config["pretrained_cfg"] = {"tag": "dino", **{key: source_cfg[key] for key in _TIMM_CFG_KEYS if key in source_cfg}}
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    """Put the complete folder `new` at `target`; an older `target` is removed once replaced."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+        new.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        new.rename(target)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A DinoModel, as transformers' ViT or as timm's VisionTransformer
+
+
+def save_as_vit(model: DinoModel, save_directory: str | Path) -> None:
+    """Write a transformers ViT folder that `AutoModel` loads without dino_hf: config.json (model_type
+    "vit"), model.safetensors in the on-disk names of facebook/dino-* and preprocessor_config.json
+    (DINO's evaluation transform).
+
+    The pooler is an identity Linear with a "linear" activation, so `pooler_output` is the DINO feature
+    (the CLS token after the final norm). At other image sizes `ViTModel` needs
+    `interpolate_pos_encoding=True`, which interpolates slightly differently from DINO.
+    """
+    config = model.config
+    ViTConfig(
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        intermediate_size=config.intermediate_size,
+        hidden_act=config.hidden_act,
+        initializer_range=config.initializer_range,
+        layer_norm_eps=config.layer_norm_eps,
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+        num_channels=config.num_channels,
+        qkv_bias=config.qkv_bias,
+        pooler_act="linear",
+        architectures=["ViTModel"],
+    ).save_pretrained(save_directory)
+    tensors = {key: tensor.contiguous() for key, tensor in model.state_dict().items()}
+    tensors["pooler.dense.weight"] = torch.eye(config.hidden_size)  # (D, D): the pooler passes the CLS token through
+    tensors["pooler.dense.bias"] = torch.zeros(config.hidden_size)
+    save_file(tensors, Path(save_directory) / "model.safetensors", metadata={"format": "pt"})
+    dino_image_processor(config.image_size).save_pretrained(save_directory)
+
+
+def to_vit_model(model: DinoModel) -> ViTModel:
+    """A stock transformers `ViTModel` with the same weights, loaded from a `save_as_vit` folder."""
+    with tempfile.TemporaryDirectory() as folder:
+        save_as_vit(model, folder)
+        return ViTModel.from_pretrained(folder).eval()
+
+
+def timm_model_args(config: DinoConfig) -> dict:
+    """Keyword arguments of timm's `VisionTransformer` for the same network (num_classes aside)."""
+    if config.layer_norm_eps != DINO_LAYER_NORM_EPS or config.hidden_act != "gelu":
+        raise ValueError(
+            f"timm's ViT has LayerNorm eps 1e-6 and GELU; this model has eps {config.layer_norm_eps} and "
+            f"{config.hidden_act!r}: export it with save_as_vit instead"
+        )
+    mlp_ratio = config.intermediate_size / config.hidden_size
+    if int(config.hidden_size * mlp_ratio) != config.intermediate_size:
+        raise ValueError(f"intermediate size {config.intermediate_size} is not expressible as a timm mlp_ratio")
+    return dict(
+        embed_dim=config.hidden_size,
+        depth=config.num_hidden_layers,
+        num_heads=config.num_attention_heads,
+        patch_size=config.patch_size,
+        img_size=config.image_size,
+        in_chans=config.num_channels,
+        mlp_ratio=mlp_ratio,
+        qkv_bias=config.qkv_bias,
+        global_pool="token",
+        dynamic_img_size=True,
+    )
+
+
+def _timm_architecture(config: DinoConfig) -> str:
+    """timm's name for the preset this model matches; model_args carry the exact sizes either way."""
+    sizes = ("hidden_size", "num_hidden_layers", "num_attention_heads", "patch_size")
+    for preset in PRESETS:
+        reference = DinoConfig.from_preset(preset)
+        if all(getattr(reference, f) == getattr(config, f) for f in sizes) and timm.is_model(f"{preset}_224"):
+            return f"{preset}_224"
+    return "vit_base_patch16_224"
+
+
+def to_timm_model(model: DinoModel) -> nn.Module:
+    """A timm `VisionTransformer` (num_classes=0, dynamic image size) with the same weights."""
+    timm_model = timm.create_model(
+        _timm_architecture(model.config), pretrained=False, num_classes=0, **timm_model_args(model.config)
+    )
+    timm_model.load_state_dict(dino_to_timm_state_dict(model.state_dict()), strict=True)
+    return timm_model.eval()
+
+
+def save_as_timm(model: DinoModel, save_directory: str | Path) -> None:
+    """Write a timm folder: model.safetensors in timm's names and a config.json with `architecture`,
+    `model_args` and `pretrained_cfg` (DINO's evaluation transform: bicubic, crop 224/256, ImageNet
+    mean and std).
+
+    Unlike timm's `save_for_hf`, `model_args` leaves out `num_classes` (kept at the top level and in
+    `pretrained_cfg`): transformers' `TimmWrapperModel` passes num_classes=0 itself and fails on a
+    duplicate. The folder loads with `timm.create_model("local-dir:PATH", pretrained=True)` and with
+    `TimmWrapperModel.from_pretrained(PATH)`.
+    """
+    config = model.config
+    save_directory = Path(save_directory)
+    save_directory.mkdir(parents=True, exist_ok=True)
+    tensors = {key: tensor.contiguous() for key, tensor in dino_to_timm_state_dict(model.state_dict()).items()}
+    save_file(tensors, save_directory / "model.safetensors", metadata={"format": "pt"})
+    timm_config = {
+        "architecture": _timm_architecture(config),
+        "num_classes": 0,
+        "num_features": config.hidden_size,
+        "global_pool": "token",
+        "model_args": timm_model_args(config),
+        "pretrained_cfg": {
+            "tag": "dino",
+            "custom_load": False,
+            "input_size": [config.num_channels, config.image_size, config.image_size],
+            "fixed_input_size": False,
+            "interpolation": "bicubic",
+            "crop_pct": 224 / 256,
+            "crop_mode": "center",
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+            "num_classes": 0,
+            "pool_size": None,
+            "first_conv": "patch_embed.proj",
+            "classifier": "head",
+        },
+    }
+    (save_directory / "config.json").write_text(json.dumps(timm_config, indent=2) + "\n")
+
+
+__all__ = [
+    "export_backbone",
+    "is_timm_model",
+    "save_as_timm",
+    "save_as_vit",
+    "timm_model_args",
+    "to_timm_model",
+    "to_vit_model",
+]

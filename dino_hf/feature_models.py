@@ -1,0 +1,191 @@
+"""Any backbone dino_hf can read, as a frozen feature extractor for the evaluations.
+
+`load_feature_model(spec)` reads a `DinoModel` folder or Hub id, a transformers ViT folder, timm's
+pretrained weights or a timm folder, a training checkpoint (its teacher) or a model instance, and
+returns it behind one `FeatureModel` interface (the DINO feature, the last blocks' tokens, the last
+self-attention), with DINO's evaluation transform (`eval_transform`).
+"""
+
+import abc
+import json
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import timm
+import torch
+from huggingface_hub import snapshot_download
+from PIL import Image
+from torch import nn
+from torchvision import transforms
+
+from .backbones import DinoModelBackbone, TimmBackbone, build_backbone
+from .convert import dino_from_vit
+from .modeling_dino import IMAGENET_MEAN, IMAGENET_STD, DinoModel
+
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # the trainer's checkpoint folders
+
+
+class FeatureModel(nn.Module, abc.ABC):
+    """A backbone in eval mode. `forward(pixel_values (B, 3, H, W)) -> (B, num_features)` is the DINO feature
+    (CLS token after the final LayerNorm for a ViT, pooled feature for a CNN).
+
+    Attributes: `model` (the wrapped network), `num_features`, `has_tokens` (ViTs: `last_blocks` and
+    `last_selfattention` work), `patch_size` and `num_prefix_tokens` (CLS and any register tokens).
+    """
+
+    has_tokens = True
+
+    @abc.abstractmethod
+    def last_blocks(self, pixel_values: torch.Tensor, n: int = 1) -> tuple[torch.Tensor, ...]:
+        """Outputs of the last `n` blocks after the final LayerNorm: n tensors (B, P + N, D), oldest first."""
+
+    @abc.abstractmethod
+    def last_selfattention(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Attention weights of the last block, (B, heads, P + N, P + N)."""
+
+
+class DinoFeatureModel(FeatureModel):
+    """A `DinoModel` (also what ViT folders and timm DINO folders are converted to)."""
+
+    def __init__(self, model: DinoModel):
+        super().__init__()
+        self.model = model.eval()
+        self.num_features = model.config.hidden_size
+        self.patch_size = model.config.patch_size
+        self.num_prefix_tokens = 1
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values, return_dict=True).pooler_output  # (B, D)
+
+    def last_blocks(self, pixel_values: torch.Tensor, n: int = 1) -> tuple[torch.Tensor, ...]:
+        return self.model.get_intermediate_layers(pixel_values, n)
+
+    def last_selfattention(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.get_last_selfattention(pixel_values)
+
+
+class TimmFeatureModel(FeatureModel):
+    """A timm model built with `num_classes=0`. ViTs (`VisionTransformer`) expose their tokens and
+    attention; other models (CNNs) only their pooled feature."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model.eval()
+        self.num_features = getattr(model, "head_hidden_size", None) or model.num_features
+        self.has_tokens = isinstance(model, timm.models.vision_transformer.VisionTransformer)
+        self.patch_size = model.patch_embed.patch_size[0] if self.has_tokens else None
+        self.num_prefix_tokens = model.num_prefix_tokens if self.has_tokens else 0
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values)  # (B, D)
+
+    def _require_tokens(self, what: str) -> None:
+        if not self.has_tokens:
+            raise ValueError(f"{what} needs a ViT's tokens; {type(self.model).__name__} only has a pooled feature")
+
+    def last_blocks(self, pixel_values: torch.Tensor, n: int = 1) -> tuple[torch.Tensor, ...]:
+        self._require_tokens("last_blocks")
+        outputs = self.model.forward_intermediates(
+            pixel_values, indices=n, return_prefix_tokens=True, norm=True, output_fmt="NLC", intermediates_only=True
+        )  # n pairs (patches (B, N, D), prefix (B, P, D))
+        return tuple(torch.cat((prefix, patches), dim=1) for patches, prefix in outputs)
+
+    def last_selfattention(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Read the softmaxed weights as they enter the last block's attention dropout (the fused kernel
+        never materialises them, so it is switched off for this call)."""
+        self._require_tokens("last_selfattention")
+        attention = self.model.blocks[-1].attn
+        captured = []
+        hook = attention.attn_drop.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0]))
+        fused, attention.fused_attn = attention.fused_attn, False
+        try:
+            self.model.forward_features(pixel_values)
+        finally:
+            attention.fused_attn = fused
+            hook.remove()
+        return captured[0]  # (B, heads, P + N, P + N)
+
+
+def load_feature_model(
+    spec: "str | os.PathLike | nn.Module", image_size: int | None = None
+) -> tuple[FeatureModel, Callable[[Image.Image], torch.Tensor]]:
+    """The backbone named by `spec` in eval mode (frozen when read from disk), with DINO's evaluation
+    transform. A model instance is used as it is: its parameters are left trainable or not.
+
+    Args:
+        spec: a folder written by `DinoModel.save_pretrained` or its Hub id; a transformers ViT folder
+            or Hub id (converted to `DinoModel` with LayerNorm eps 1e-6, see `convert.dino_from_vit`);
+            `"timm:NAME"` (timm's pretrained weights) or a timm folder (`config.json` with
+            `architecture`); a training checkpoint `checkpoint-<step>/` (its `teacher_backbone/`) or a
+            training output folder (its latest checkpoint); or a model instance (`DinoModel`, timm
+            model, or a backbone of `build_backbone`).
+        image_size: crop size of the transform; defaults to the model's native size.
+
+    Returns:
+        `(FeatureModel, transform)` where `transform(PIL image) -> (3, S, S)` is `eval_transform`.
+    """
+    if isinstance(spec, nn.Module):
+        model = spec.model if isinstance(spec, (DinoModelBackbone, TimmBackbone)) else spec
+    elif str(spec).startswith("timm:"):
+        model = build_backbone(str(spec), pretrained=True, drop_path_rate=0.0).model.requires_grad_(False)
+    else:
+        folder = _model_folder(spec)
+        config = json.loads((folder / "config.json").read_text())
+        if "architecture" in config:
+            model = timm.create_model(f"local-dir:{folder}", pretrained=True, num_classes=0)
+        elif config.get("model_type") == "dino_vit":
+            model = DinoModel.from_pretrained(folder, drop_path_rate=0.0)
+        elif config.get("model_type") == "vit":
+            model = dino_from_vit(folder)
+        else:
+            raise ValueError(
+                f"{folder}/config.json has model_type {config.get('model_type')!r}; load_feature_model reads "
+                "DinoModel ('dino_vit'), transformers ViT ('vit') and timm folders ('architecture')"
+            )
+        model.requires_grad_(False)  # read from disk: nothing of it is trained here
+    if isinstance(model, DinoModel):
+        feature_model = DinoFeatureModel(model)
+        native_size = model.config.image_size
+    else:
+        feature_model = TimmFeatureModel(model)
+        native_size = model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
+    return feature_model, eval_transform(image_size or native_size)
+
+
+def _model_folder(spec: "str | os.PathLike") -> Path:
+    """Local folder holding the model's config.json: a checkpoint's teacher, a run's latest checkpoint,
+    or a Hub snapshot."""
+    folder = Path(spec)
+    if not folder.is_dir():
+        parts = str(spec).split("/")
+        if len(parts) != 2 or not all(parts) or str(spec).startswith((".", "~")):
+            raise ValueError(f"{spec} is neither a folder nor a Hub id 'org/name'; check the path")
+        return Path(snapshot_download(str(spec)))
+    if (folder / "teacher_backbone").is_dir():
+        return folder / "teacher_backbone"
+    if not (folder / "config.json").is_file():
+        steps = {int(match[1]): path for path in folder.iterdir() if (match := _CHECKPOINT_NAME.match(path.name))}
+        checkpoints = [steps[step] for step in sorted(steps)]
+        if checkpoints and (checkpoints[-1] / "teacher_backbone").is_dir():
+            return checkpoints[-1] / "teacher_backbone"
+        raise ValueError(
+            f"{folder} has no config.json, no teacher_backbone/ and no checkpoint-<step>/teacher_backbone/; "
+            "pass a model folder, a training checkpoint folder or a training output folder"
+        )
+    return folder
+
+
+def eval_transform(image_size: int = 224) -> transforms.Compose:
+    """DINO's evaluation transform: resize the short side to 256 (bicubic), centre-crop 224, ImageNet
+    normalisation; other sizes keep the 256 / 224 ratio. PIL image -> (3, S, S)."""
+    return transforms.Compose([
+        transforms.Resize(round(image_size * 256 / 224), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(image_size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+__all__ = ["DinoFeatureModel", "FeatureModel", "TimmFeatureModel", "eval_transform", "load_feature_model"]

@@ -1,0 +1,93 @@
+"""The reference's weighted k-NN classifier on frozen features (paper Sec. 4.1; reference eval_knn.py).
+
+Features are L2-normalised, so that similarity is the cosine; each test feature takes the k nearest
+train features (k = 10, 20, 100, 200) and their labels vote with weights exp(sim / 0.07). The test
+set is processed in chunks, so that 1.28 M train features fit on one device.
+"""
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from accelerate import PartialState
+
+# Paper Sec. 4.1 / reference eval_knn.py: neighbours reported, and the temperature of the vote weights.
+KNN_KS = (10, 20, 100, 200)
+KNN_TEMPERATURE = 0.07
+
+
+def _knn_chunks(train_features, train_labels, test_features, k: int, chunk_size: int, device):
+    """Per chunk of test features: similarities of the k nearest train features (c, k), sorted
+    descending, and their labels (c, k). Features are L2-normalised here, so cosine = dot product."""
+    if k > train_features.shape[0]:
+        raise ValueError(f"k={k} is larger than the {train_features.shape[0]} train features; use a smaller k")
+    train = F.normalize(train_features.to(device, torch.float32), dim=1)  # (N_train, D)
+    train_labels = train_labels.to(device)
+    for start in range(0, test_features.shape[0], chunk_size):
+        chunk = F.normalize(test_features[start : start + chunk_size].to(device, torch.float32), dim=1)  # (c, D)
+        similarity, indices = (chunk @ train.T).topk(k, dim=1, largest=True, sorted=True)  # (c, k)
+        yield similarity, train_labels[indices]
+
+
+def _knn_scores(similarity: torch.Tensor, neighbour_labels: torch.Tensor, k: int, num_classes: int, temperature: float):
+    """Class scores (c, C): the one-hot labels of the k nearest neighbours, weighted exp(sim / T), summed
+    (a scatter-add, the same sum as the reference's one-hot product)."""
+    weights = (similarity[:, :k] / temperature).exp()  # (c, k)
+    scores = torch.zeros(similarity.shape[0], num_classes, device=similarity.device)
+    return scores.scatter_add_(1, neighbour_labels[:, :k], weights)  # (c, C)
+
+
+def knn_class_scores(train_features, train_labels, test_features, num_classes: int, k: int = 20,
+                     temperature: float = KNN_TEMPERATURE, chunk_size: int = 128, device=None) -> torch.Tensor:
+    """Weighted k-NN votes per class: train (N, D), labels (N,), test (Q, D) -> scores (Q, C) on the CPU."""
+    device = PartialState().device if device is None else device
+    chunks = _knn_chunks(train_features, train_labels, test_features, k, chunk_size, device)
+    return torch.cat([_knn_scores(sim, labels, k, num_classes, temperature).cpu() for sim, labels in chunks])
+
+
+def knn_evaluate(train_features, train_labels, test_features, test_labels, num_classes: int | None = None,
+                 ks: Iterable[int] = KNN_KS, temperature: float = KNN_TEMPERATURE, chunk_size: int = 128,
+                 device=None) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (%) of the weighted k-NN for every k in `ks`, in one pass over the test set.
+
+    Args:
+        train_features (N, D), train_labels (N,), test_features (Q, D), test_labels (Q,): features need
+            not be normalised. `num_classes` defaults to the largest label + 1.
+        chunk_size: test features per similarity matrix (chunk_size x N floats on the device).
+
+    Returns:
+        `{"knn_top1@k": ..., "knn_top5@k": ...}` for each k. Top-5 counts the first min(5, k) classes
+        as the reference; ties between classes go to the lower class id.
+    """
+    ks = sorted(set(ks))
+    device = PartialState().device if device is None else device
+    if num_classes is None:
+        num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    correct = {k: [0, 0] for k in ks}
+    start = 0
+    chunks = _knn_chunks(train_features, train_labels, test_features, ks[-1], chunk_size, device)
+    for similarity, neighbour_labels in chunks:
+        targets = test_labels[start : start + similarity.shape[0]].to(device).view(-1, 1)  # (c, 1)
+        start += similarity.shape[0]
+        for k in ks:
+            scores = _knn_scores(similarity, neighbour_labels, k, num_classes, temperature)
+            ranked = scores.sort(dim=1, descending=True, stable=True).indices  # (c, C)
+            hits = ranked[:, : min(5, k, num_classes)] == targets  # (c, 5)
+            correct[k][0] += hits[:, 0].sum().item()
+            correct[k][1] += hits.sum().item()
+    metrics = {}
+    for k in ks:
+        metrics[f"knn_top1@{k}"] = 100.0 * correct[k][0] / start
+        metrics[f"knn_top5@{k}"] = 100.0 * correct[k][1] / start
+    return metrics
+
+
+def knn_classify(train_features, train_labels, test_features, test_labels, num_classes: int, k: int = 20,
+                 temperature: float = KNN_TEMPERATURE, chunk_size: int = 128, device=None) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy (%) of the weighted k-NN with one k (reference `knn_classifier`)."""
+    metrics = knn_evaluate(train_features, train_labels, test_features, test_labels, num_classes, (k,),
+                           temperature, chunk_size, device)
+    return metrics[f"knn_top1@{k}"], metrics[f"knn_top5@{k}"]
+
+
+__all__ = ["KNN_KS", "KNN_TEMPERATURE", "knn_class_scores", "knn_classify", "knn_evaluate"]
