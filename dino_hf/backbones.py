@@ -10,11 +10,15 @@ Accepted specs:
   are built with `dynamic_img_size=True`, so 96 px local crops go through a 224 px model.
 - a DinoModel preset name (`"vit_small_patch16"`, see `dino_hf.PRESETS`), a `DinoConfig`, a
   `DinoModel`, a local folder written by `DinoModel.save_pretrained`, or a Hub id ("org/name").
+- a local folder saved by timm (its `config.json` names an `architecture`): that timm model with the
+  folder's weights.
 """
 
 import copy
 import difflib
+import json
 import os
+from pathlib import Path
 
 import timm
 import torch
@@ -80,7 +84,8 @@ def build_backbone(
         image_size (`int`, defaults to 224): size of the global crops; sets the native size of a timm
             ViT's or a preset's position embeddings. A `DinoConfig` or saved model keeps its own.
         pretrained (`bool`, defaults to `False`): load timm's pretrained weights (needs the Hub).
-            Saved DinoModels (folder, Hub id) always load their weights; presets and configs have none.
+            Saved models (DinoModel or timm folder, Hub id) always load their weights; presets and configs
+            have none.
         **kwargs: passed to `timm.create_model`, to `DinoConfig.from_preset` or to
             `DinoModel.from_pretrained`.
     """
@@ -102,6 +107,8 @@ def build_backbone(
         _refuse_pretrained(pretrained, f"the preset {spec!r}")
         config = DinoConfig.from_preset(spec, drop_path_rate=drop_path_rate, image_size=image_size, **kwargs)
         return DinoModelBackbone(DinoModel(config))
+    if os.path.isdir(spec) and is_timm_folder(spec):
+        return TimmBackbone(_create_timm_model(f"local-dir:{spec}", drop_path_rate, image_size, True, **kwargs))
     if os.path.isdir(spec) or _looks_like_hub_id(spec):
         return DinoModelBackbone(DinoModel.from_pretrained(spec, drop_path_rate=drop_path_rate, **kwargs))
     raise ValueError(_unknown_spec_message(spec))
@@ -127,6 +134,12 @@ def _create_timm_model(name: str, drop_path_rate: float, image_size: int, pretra
             "(96 px next to 224 px); choose a ViT that supports dynamic_img_size (vit_*, deit_*, eva*) "
             "or a CNN"
         ) from error
+
+
+def is_timm_folder(folder: str | os.PathLike) -> bool:
+    """Whether `folder` holds a model saved by timm (`config.json` with an `architecture`)."""
+    config_file = Path(folder) / "config.json"
+    return config_file.is_file() and "architecture" in json.loads(config_file.read_text())
 
 
 def _looks_like_hub_id(spec: str) -> bool:

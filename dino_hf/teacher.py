@@ -12,7 +12,7 @@ import os
 import torch
 from torch import nn
 
-from .backbones import build_backbone
+from .backbones import TIMM_PREFIX, build_backbone
 from .configuration_dino import PRESETS
 from .convert import dino_from_reference
 from .heads import DinoHead
@@ -121,7 +121,10 @@ def build_student_teacher(args: DinoTrainingArguments) -> tuple[MultiCropWrapper
         backbone = build_backbone(imported.model)
         head_state = imported.head_state_dict
     else:
-        backbone = build_backbone(spec, drop_path_rate=args.drop_path_rate, image_size=args.global_crops_size)
+        # A timm model named by --model_name_or_path comes with its trained weights; by --backbone, without.
+        from_timm_weights = args.model_name_or_path is not None and spec.startswith(TIMM_PREFIX)
+        backbone = build_backbone(spec, drop_path_rate=args.drop_path_rate, image_size=args.global_crops_size,
+                                  pretrained=from_timm_weights)
     pretrained = args.model_name_or_path is not None and spec not in PRESETS
     check_crop_sizes(args, _patch_size(backbone))
     head = DinoHead(

@@ -33,7 +33,8 @@ class DinoTrainingArguments:
     model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "DinoModel preset (e.g. vit_small_patch16), a saved DinoModel / ViT folder, a Hub id, "
-                  "or a reference DINO .pth checkpoint. Mutually exclusive with --backbone."},
+                  "a reference DINO .pth checkpoint, or trained timm weights: timm:NAME (e.g. "
+                  "timm:vit_small_patch16_224.dino) or a folder saved by timm. Mutually exclusive with --backbone."},
     )
     backbone: str | None = field(
         default=None, metadata={"help": "A timm backbone as timm:NAME (e.g. timm:resnet50, timm:vit_small_patch16_224)."}
@@ -262,16 +263,14 @@ def _validate_model(args: DinoTrainingArguments) -> None:
     if args.model_name_or_path and args.backbone:
         _fail("backbone", args.backbone, "leave it unset when --model_name_or_path is given (they are alternatives)")
     if args.backbone is not None:
-        name = args.backbone.removeprefix("timm:")
         if not args.backbone.startswith("timm:"):
             _fail("backbone", args.backbone, "a timm model as timm:NAME, e.g. timm:resnet50; DinoModels go in --model_name_or_path")
-        if not name.startswith(("hf-hub:", "hf_hub:", "local-dir:")) and not timm.is_model(name):
-            close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
-            hint = f" (closest: {', '.join('timm:' + match for match in close)})" if close else ""
-            _fail("backbone", args.backbone, f"a model name that timm knows, see timm.list_models(){hint}")
+        _check_timm_name("backbone", args.backbone)
         return
     spec = args.model_name_or_path or "vit_small_patch16"
-    if spec in PRESETS:
+    if spec.startswith("timm:"):
+        _check_timm_name("model_name_or_path", spec)
+    elif spec in PRESETS:
         check_crop_sizes(args, DinoConfig.from_preset(spec).patch_size)
     elif os.path.isdir(spec):
         config_file = Path(spec) / "config.json"
@@ -284,6 +283,15 @@ def _validate_model(args: DinoTrainingArguments) -> None:
     elif len(spec.split("/")) != 2 or spec.startswith((".", "/", "~")) or not all(spec.split("/")):
         _fail("model_name_or_path", spec, f"a DinoModel preset ({', '.join(PRESETS)}), an existing folder or "
               "checkpoint file, or a Hub id org/name")
+
+
+def _check_timm_name(field_name: str, spec: str) -> None:
+    """`spec` is timm:NAME with a NAME that timm knows (or a hf-hub: / local-dir: reference)."""
+    name = spec.removeprefix("timm:")
+    if not name.startswith(("hf-hub:", "hf_hub:", "local-dir:")) and not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+        hint = f" (closest: {', '.join('timm:' + match for match in close)})" if close else ""
+        _fail(field_name, spec, f"a model name that timm knows, see timm.list_models(){hint}")
 
 
 def _validate_data(args: DinoTrainingArguments) -> None:

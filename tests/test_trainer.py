@@ -23,7 +23,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from dino_hf import DinoConfig, DinoModel, checkpointing, trainer
-from dino_hf.backbones import build_backbone
+from dino_hf.backbones import TimmBackbone, build_backbone
+from dino_hf.export import save_as_timm
 from dino_hf.heads import DinoHead
 from dino_hf.loss import DinoLoss
 from dino_hf.optimization import build_optimizer, get_param_groups
@@ -318,6 +319,25 @@ def test_which_backbones_get_a_head_warmup(data, tmp_path, caplog):
                                                "model_name_or_path": str(data / "model"),
                                                "output_dir": str(tmp_path / "out")}))
     assert "consider --head_warmup_steps" in caplog.text
+
+
+def test_trained_timm_weights_continue_pretraining_with_a_head_warmup(data, tmp_path):
+    """--model_name_or_path on a folder saved by timm (what timm:NAME pretrained weights are once
+    downloaded): the backbone is that timm model with those weights, and its head is fresh."""
+    save_as_timm(DinoModel.from_pretrained(data / "model"), tmp_path / "timm")
+    args = DinoTrainingArguments(**{**TINY, "train_dir": str(data / "images"),
+                                    "model_name_or_path": str(tmp_path / "timm")})
+    student, teacher, fresh_head = build_student_teacher(args)
+    assert fresh_head and isinstance(student.backbone, TimmBackbone)
+    saved = load_file(tmp_path / "timm" / "model.safetensors")
+    weights = student.backbone.model.state_dict()
+    assert saved.keys() == weights.keys()
+    for name, tensor in saved.items():
+        assert torch.equal(weights[name], tensor), name
+    with pytest.raises(ValueError, match="--model_name_or_path='timm:vit_smal_patch16_224.dino' is not valid: a "
+                       "model name that timm knows.*closest: timm:vit_small_patch16_224"):
+        DinoTrainingArguments(**{**TINY, "train_dir": str(data / "images"),
+                                 "model_name_or_path": "timm:vit_smal_patch16_224.dino"})
 
 
 def test_crop_size_against_a_timm_patch_size_fails_before_any_work(data, tmp_path):
