@@ -5,6 +5,7 @@ import torch
 from torch.nn import functional as F
 
 from dino_hf.loss import DinoLoss, collapse_diagnostics
+from processes import run_in_processes
 
 K = 64
 B = 3
@@ -138,27 +139,18 @@ def test_diagnostics_kl_is_loss_minus_teacher_entropy():
     assert stats["distinct_prototypes"] == float(len(set(q.argmax(-1).tolist())))
 
 
-def _center_in_process(rank, world_size, init_file, results):
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        torch.manual_seed(rank)
-        teacher = torch.randn(2 * B, K)
-        loss_fn = DinoLoss(K, 2)
-        loss_fn(torch.randn(2 * B, K), teacher, 0.04)
-        results[rank] = (teacher, loss_fn.center.clone())
-    finally:
-        torch.distributed.destroy_process_group()
+def _center_in_process(rank, world_size, results):
+    torch.manual_seed(rank)
+    teacher = torch.randn(2 * B, K)
+    loss_fn = DinoLoss(K, 2)
+    loss_fn(torch.randn(2 * B, K), teacher, 0.04)
+    results[rank] = (teacher, loss_fn.center.clone())
 
 
 @pytest.mark.slow
 def test_center_is_mean_over_processes(tmp_path):
     world_size = 2
-    with torch.multiprocessing.Manager() as manager:
-        results = manager.dict()
-        torch.multiprocessing.spawn(
-            _center_in_process, args=(world_size, str(tmp_path / "init"), results), nprocs=world_size
-        )
-        results = dict(results)
+    results = run_in_processes(_center_in_process, world_size, tmp_path)
     all_teacher = torch.cat([results[rank][0] for rank in range(world_size)])
     expected = 0.1 * all_teacher.sum(0, keepdim=True) / (2 * B * world_size)
     for rank in range(world_size):

@@ -29,6 +29,7 @@ from dino_hf.sharding import (
 )
 from dino_hf.teacher import MultiCropWrapper, build_teacher
 from dino_hf.trainer import train_step
+from processes import assert_trains_as_one_process, run_in_processes
 
 K = 64
 # clip_grad 0.05 is below the gradients' norms, so the per-parameter clipping acts on sharded norms.
@@ -58,49 +59,45 @@ def shard_as_accelerate(model, mesh):
     fully_shard(model, mesh=mesh)
 
 
-def _sharded_training(rank, world_size, init_file, results):
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        mesh = init_device_mesh("cpu", (world_size,))
-        student, teacher, dino_loss, batches = setup()
-        shard_as_accelerate(student, mesh)
-        shard_like(teacher, student)
-        units = sorted(name for name, module in teacher.named_modules() if isinstance(module, FSDPModule))
-        assert units == sorted(name for name, module in student.named_modules() if isinstance(module, FSDPModule))
-        assert len(units) == 4 and is_sharded(teacher)  # embeddings, 2 layers, root
-        optimizer = build_optimizer("sgd", get_param_groups(student))
-        losses = []
-        for crops in batches:
-            local = [crop.chunk(world_size)[rank] for crop in crops]
-            losses.append(train_step(student, teacher, dino_loss, optimizer, local, **STEP)["loss"])
-        losses = torch.tensor(losses)  # this process's half; the mean of the halves is the batch's loss
-        torch.distributed.all_reduce(losses)
-        losses = (losses / world_size).tolist()
-        teacher_state = whole_state_dict(teacher)
-        student_state = whole_state_dict(student)
-        optimizer_state = whole_optimizer_state_dict(student, optimizer)
+def _sharded_training(rank, world_size, results):
+    mesh = init_device_mesh("cpu", (world_size,))
+    student, teacher, dino_loss, batches = setup()
+    shard_as_accelerate(student, mesh)
+    shard_like(teacher, student)
+    units = sorted(name for name, module in teacher.named_modules() if isinstance(module, FSDPModule))
+    assert units == sorted(name for name, module in student.named_modules() if isinstance(module, FSDPModule))
+    assert len(units) == 4 and is_sharded(teacher)  # embeddings, 2 layers, root
+    optimizer = build_optimizer("sgd", get_param_groups(student))
+    losses = []
+    for crops in batches:
+        local = [crop.chunk(world_size)[rank] for crop in crops]
+        losses.append(train_step(student, teacher, dino_loss, optimizer, local, **STEP)["loss"])
+    losses = torch.tensor(losses)  # this process's half; the mean of the halves is the batch's loss
+    torch.distributed.all_reduce(losses)
+    losses = (losses / world_size).tolist()
+    teacher_state = whole_state_dict(teacher)
+    student_state = whole_state_dict(student)
+    optimizer_state = whole_optimizer_state_dict(student, optimizer)
 
-        # Whole weights back into freshly sharded networks: every process gets its shards again.
-        fresh, _, _, _ = setup()
-        shard_as_accelerate(fresh, mesh)
-        fresh_optimizer = build_optimizer("sgd", get_param_groups(fresh))
-        everywhere = [student_state, optimizer_state]
-        torch.distributed.broadcast_object_list(everywhere, src=0)
-        load_whole_state_dict(fresh, everywhere[0])
-        load_whole_optimizer_state_dict(fresh, fresh_optimizer, everywhere[1])
-        for (name, p), q in zip(student.named_parameters(), fresh.parameters()):
-            assert isinstance(q, DTensor) and torch.equal(p.to_local(), q.to_local()), name
-        reloaded = whole_optimizer_state_dict(fresh, fresh_optimizer)
-        if rank == 0:
-            results["teacher"] = teacher_state
-            results["center"] = dino_loss.center.clone()
-            results["losses"] = losses
-            results["optimizer"] = optimizer_state
-            results["reloaded_optimizer"] = reloaded
-        else:
-            assert teacher_state == {} and student_state == {}  # whole weights reach the main process only
-    finally:
-        torch.distributed.destroy_process_group()
+    # Whole weights back into freshly sharded networks: every process gets its shards again.
+    fresh, _, _, _ = setup()
+    shard_as_accelerate(fresh, mesh)
+    fresh_optimizer = build_optimizer("sgd", get_param_groups(fresh))
+    everywhere = [student_state, optimizer_state]
+    torch.distributed.broadcast_object_list(everywhere, src=0)
+    load_whole_state_dict(fresh, everywhere[0])
+    load_whole_optimizer_state_dict(fresh, fresh_optimizer, everywhere[1])
+    for (name, p), q in zip(student.named_parameters(), fresh.parameters()):
+        assert isinstance(q, DTensor) and torch.equal(p.to_local(), q.to_local()), name
+    reloaded = whole_optimizer_state_dict(fresh, fresh_optimizer)
+    if rank == 0:
+        results["teacher"] = teacher_state
+        results["center"] = dino_loss.center.clone()
+        results["losses"] = losses
+        results["optimizer"] = optimizer_state
+        results["reloaded_optimizer"] = reloaded
+    else:
+        assert teacher_state == {} and student_state == {}  # whole weights reach the main process only
 
 
 @pytest.mark.slow
@@ -111,24 +108,8 @@ def test_sharded_student_and_teacher_train_as_one_process(tmp_path):
     shards, the gradients are averaged by FSDP's reduce-scatter and the center all-reduced: the
     gathered teacher equals the unsharded one to float rounding (1e-6, far below the 3 steps' move).
     """
-    world_size = 2
-    with torch.multiprocessing.Manager() as manager:
-        results = manager.dict()
-        torch.multiprocessing.spawn(
-            _sharded_training, args=(world_size, str(tmp_path / "init"), results), nprocs=world_size
-        )
-        results = dict(results)
-
-    student, teacher, dino_loss, batches = setup()
-    initial = copy.deepcopy(teacher.state_dict())
-    optimizer = build_optimizer("sgd", get_param_groups(student))
-    losses = [train_step(student, teacher, dino_loss, optimizer, crops, **STEP)["loss"] for crops in batches]
-    assert results["losses"] == pytest.approx(losses, rel=1e-5)
-    torch.testing.assert_close(results["center"], dino_loss.center, rtol=0, atol=1e-6)
-    assert results["teacher"].keys() == teacher.state_dict().keys()
-    for name, tensor in teacher.state_dict().items():
-        torch.testing.assert_close(results["teacher"][name], tensor, rtol=0, atol=1e-6, msg=name)
-    assert max((teacher.state_dict()[k] - v).abs().max().item() for k, v in initial.items()) > 1e-4
+    results = run_in_processes(_sharded_training, 2, tmp_path)
+    student, optimizer = assert_trains_as_one_process(results, setup, STEP)
 
     # The optimiser's state is keyed by parameter name, so the sharded run's loads into a plain one.
     expected = whole_optimizer_state_dict(student, optimizer)

@@ -32,6 +32,7 @@ from dino_hf.teacher import MultiCropWrapper, build_teacher
 from dino_hf.teacher import build_student_teacher
 from dino_hf.trainer import NonFiniteLossError, train, train_step
 from dino_hf.training_args import DinoTrainingArguments
+from processes import assert_trains_as_one_process
 
 # 24 images, batch 4: a pass over the data (a data epoch) is 6 steps; an epoch of the schedules is
 # 16 samples = 4 steps, so 2 epochs = 8 steps, and step 6 ends a pass mid-epoch.
@@ -410,15 +411,7 @@ def test_ddp_step_matches_one_process_step(tmp_path):
         assert torch.equal(rank1["teacher"][name], tensor), name  # the replicas stay identical
     assert torch.equal(rank0["center"], rank1["center"])
 
-    student, teacher, dino_loss, batches = ddp_setup()
-    initial = copy.deepcopy(teacher.state_dict())
-    optimizer = build_optimizer("sgd", get_param_groups(student))
-    losses = [train_step(student, teacher, dino_loss, optimizer, crops, **DDP_STEP)["loss"] for crops in batches]
-    assert rank0["losses"] == pytest.approx(losses, rel=1e-5)
-    torch.testing.assert_close(rank0["center"], dino_loss.center, rtol=0, atol=1e-6)
-    for name, tensor in teacher.state_dict().items():
-        torch.testing.assert_close(rank0["teacher"][name], tensor, rtol=0, atol=1e-6, msg=name)
-    assert max((teacher.state_dict()[k] - v).abs().max().item() for k, v in initial.items()) > 1e-4
+    assert_trains_as_one_process(rank0, ddp_setup, DDP_STEP)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["ddp-worker"]:
