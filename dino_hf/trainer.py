@@ -249,11 +249,14 @@ def _train(args: DinoTrainingArguments, signals: checkpointing.PreemptionSignals
         the export. Raises `CheckpointError` on every process when any of them could not write."""
         staging = checkpointing.staging_dir(checkpoints_dir, step)
         final = checkpoints_dir / f"checkpoint-{step}"
-        # Whole weights, on the main process (gathered from the shards under FSDP: every process calls).
-        weights = {"student": whole_state_dict(accelerator.unwrap_model(student)),
-                   "teacher": whole_state_dict(teacher),
-                   "optimizer": whole_optimizer_state_dict(accelerator.unwrap_model(student), optimizer)}
-        export_teacher = gathered_teacher(weights["teacher"])
+        # Whole weights for the main process to write: gathered from the shards under FSDP (every process
+        # takes part), copied by the main process alone otherwise.
+        weights = {}
+        if accelerator.is_fsdp2 or accelerator.is_main_process:
+            weights = {"student": whole_state_dict(accelerator.unwrap_model(student)),
+                       "teacher": whole_state_dict(teacher),
+                       "optimizer": whole_optimizer_state_dict(accelerator.unwrap_model(student), optimizer)}
+        export_teacher = gathered_teacher(weights.get("teacher"))
 
         def shared_state() -> None:
             state["global_step"] = step
