@@ -27,6 +27,7 @@ from dino_hf.checkpointing import check_checkpoint, list_checkpoints
 pytestmark = pytest.mark.slow
 
 SCRIPT = str(Path(__file__).resolve().parent.parent / "scripts" / "pretrain.py")
+FSDP_ON_CPU = str(Path(__file__).resolve().parent / "fsdp_on_cpu.py")
 TOKEN = "hf_pretrainTESTtoken0123456789"
 TINY = [
     "--global_crops_size", "32", "--local_crops_size", "16", "--local_crops_number", "2", "--out_dim", "64",
@@ -139,13 +140,14 @@ def test_token_appears_in_no_file_or_log(reference):
     assert scanned > 30  # checkpoints, exports, cards, the uploaded copy, the sample log
 
 
-def launch_two_processes(data: Path, output_dir: Path, machines: int = 1) -> list[subprocess.CompletedProcess]:
+def launch_two_processes(data: Path, output_dir: Path, *extra: str, machines: int = 1,
+                         script: str = SCRIPT) -> list[subprocess.CompletedProcess]:
     """Two CPU processes (gloo): on one machine, or one on each of two machines (two launches on
     127.0.0.1 that meet at the main process's port, as two nodes do)."""
     common = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", str(machines),
               "--mixed_precision", "no", "--dynamo_backend", "no"]
     if machines == 1:
-        commands = [[*common, SCRIPT, *arguments(data, output_dir)]]
+        commands = [[*common, script, *arguments(data, output_dir, *extra)]]
     else:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
@@ -206,6 +208,28 @@ def test_two_machines_train_as_two_processes_on_one(data, two_processes, tmp_pat
     assert sorted((tmp_path / "out.jsonl").read_text().splitlines()) == sorted(
         (single_machine / "out.jsonl").read_text().splitlines())
     assert_same_teacher(teacher(tmp_path / "out", 4), teacher(single_machine / "out", 4))
+
+
+def test_fsdp_trains_as_ddp_and_resumes_sharded(data, two_processes, tmp_path):
+    """The trainer under Accelerate's FSDP2 (2 CPU processes, see tests/fsdp_on_cpu.py): the student
+    sharded by Accelerate and the teacher sharded like it end where the DDP run ends (float rounding:
+    reduce-scatter and all-reduce sum in different orders), the export is whole, and a sharded run
+    resumed from its checkpoint ends where the uninterrupted one does."""
+    ddp, _ = two_processes
+    (completed,) = launch_two_processes(data, tmp_path / "fsdp", script=FSDP_ON_CPU)
+    assert completed.stdout.count("The trained teacher backbone is in") == 1
+    sharded = teacher(tmp_path / "fsdp", 4)
+    for name, tensor in teacher(ddp / "out", 4).items():
+        torch.testing.assert_close(sharded[name], tensor, rtol=0, atol=1e-6, msg=name)
+    export = DinoModel.from_pretrained(tmp_path / "fsdp" / "teacher_backbone").state_dict()
+    for name, tensor in export.items():
+        assert torch.equal(tensor, sharded[f"backbone.model.{name}"]), name
+
+    launch_two_processes(data, tmp_path / "resumed", "--max_train_steps", "2", script=FSDP_ON_CPU)
+    (resumed,) = launch_two_processes(data, tmp_path / "resumed", "--resume_from_checkpoint", "latest",
+                                      script=FSDP_ON_CPU)
+    assert "at step 2" in resumed.stdout
+    assert_same_teacher(teacher(tmp_path / "resumed", 4), sharded)
 
 
 def start(data: Path, output_dir: Path, *extra: str) -> subprocess.Popen:
