@@ -40,7 +40,7 @@ from dino_hf.optimization import get_param_groups
 from dino_hf.optimization import build_optimizer
 from dino_hf.speed import apply_speed_options
 from dino_hf.teacher import MultiCropWrapper, build_teacher
-from dino_hf.trainer import train_step
+from dino_hf.step import train_step
 
 SCHEDULE = dict(lr=5e-4, weight_decay=0.04, momentum=0.996, teacher_temp=0.04, clip_grad=3.0)
 

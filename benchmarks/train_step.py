@@ -1,8 +1,9 @@
 """One DINO training step of ViT-S/16 with 2 x 224 + 8 x 96 crops: dino_hf's vs a plain baseline.
 
-Ours: `dino_hf.trainer.train_step` (one backbone call per crop resolution, the head once on all
-crops, SDPA attention, multi-tensor EMA) with the fused AdamW of `dino_hf.speed`, and on a GPU bf16
-autocast through Accelerate (plus `--torch_compile` if asked).
+Ours: `dino_hf.step.train_step` (one backbone call per crop resolution, the head once on all
+crops, SDPA attention, multi-tensor EMA) with fused AdamW kernels where the device has them
+(`build_optimizer(..., device=)`), and on a GPU bf16 autocast through Accelerate (plus
+`--torch_compile` if asked).
 Baseline, written here from SPEC.md alone: one backbone call per crop, attention through an explicit
 softmax (DinoModel's `output_attentions=True` path), the loss as a Python loop over crop pairs,
 per-parameter clipping in a loop, PyTorch's for-loop AdamW, an EMA in a Python loop, fp32.
@@ -33,7 +34,7 @@ from dino_hf.optimization import get_param_groups
 from dino_hf.optimization import build_optimizer
 from dino_hf.speed import apply_speed_options
 from dino_hf.teacher import MultiCropWrapper, build_teacher
-from dino_hf.trainer import train_step
+from dino_hf.step import train_step
 
 SCHEDULE = dict(lr=5e-4, weight_decay=0.04, momentum=0.996, teacher_temp=0.04, clip_grad=3.0)
 

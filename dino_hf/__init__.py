@@ -26,7 +26,7 @@ _LAZY = {
     "load_image_stream": "data",
     "DinoTrainingArguments": "training_args",
     "train": "trainer",
-    "train_step": "trainer",
+    "train_step": "step",
     "load_feature_model": "feature_models",
     "knn_evaluate": "knn",
 }

@@ -469,4 +469,4 @@ def _model_card(args, teacher, step: int, iterations_per_epoch: int, state: dict
     )
 
 
-__all__ = ["NonFiniteLossError", "TrainResult", "train", "train_step"]
+__all__ = ["NonFiniteLossError", "TrainResult", "train"]

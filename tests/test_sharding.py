@@ -28,7 +28,7 @@ from dino_hf.sharding import (
     whole_state_dict,
 )
 from dino_hf.teacher import MultiCropWrapper, build_teacher
-from dino_hf.trainer import train_step
+from dino_hf.step import train_step
 from processes import assert_trains_as_one_process, run_in_processes
 
 K = 64

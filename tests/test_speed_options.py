@@ -13,7 +13,7 @@ from dino_hf.loss import DinoLoss
 from dino_hf.optimization import build_optimizer, get_param_groups, optimizer_kernel_options
 from dino_hf.speed import apply_speed_options
 from dino_hf.teacher import MultiCropWrapper, build_teacher
-from dino_hf.trainer import train_step
+from dino_hf.step import train_step
 
 K, B, NCROPS = 64, 2, 4
 STEP = dict(lr=0.01, weight_decay=0.04, momentum=0.9, teacher_temp=0.04, clip_grad=3.0, freeze_last_layer=False)

@@ -30,7 +30,8 @@ from dino_hf.loss import DinoLoss
 from dino_hf.optimization import build_optimizer, get_param_groups
 from dino_hf.teacher import MultiCropWrapper, build_teacher
 from dino_hf.teacher import build_student_teacher
-from dino_hf.trainer import NonFiniteLossError, train, train_step
+from dino_hf.step import train_step
+from dino_hf.trainer import NonFiniteLossError, train
 from dino_hf.training_args import DinoTrainingArguments
 from processes import assert_trains_as_one_process
 
