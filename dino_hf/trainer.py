@@ -244,9 +244,10 @@ def _train(args: DinoTrainingArguments, signals: checkpointing.PreemptionSignals
             whole_teacher.load_state_dict(weights)
         return whole_teacher
 
-    def save(step: int) -> Path:
+    def save(step: int, teacher_state: dict | None = None) -> Path:
         """Checkpoint of `step`: every process writes its part, the main process the shared state and
-        the export. Raises `CheckpointError` on every process when any of them could not write."""
+        the export. `teacher_state`: the teacher's whole weights when they were gathered already.
+        Raises `CheckpointError` on every process when any of them could not write."""
         staging = checkpointing.staging_dir(checkpoints_dir, step)
         final = checkpoints_dir / f"checkpoint-{step}"
         # Whole weights for the main process to write: gathered from the shards under FSDP (every process
@@ -254,7 +255,7 @@ def _train(args: DinoTrainingArguments, signals: checkpointing.PreemptionSignals
         weights = {}
         if accelerator.is_fsdp2 or accelerator.is_main_process:
             weights = {"student": whole_state_dict(accelerator.unwrap_model(student)),
-                       "teacher": whole_state_dict(teacher),
+                       "teacher": whole_state_dict(teacher) if teacher_state is None else teacher_state,
                        "optimizer": whole_optimizer_state_dict(accelerator.unwrap_model(student), optimizer)}
         export_teacher = gathered_teacher(weights.get("teacher"))
 
@@ -393,12 +394,14 @@ def _train(args: DinoTrainingArguments, signals: checkpointing.PreemptionSignals
         return result
 
     # ---- final save -------------------------------------------------------------------------
-    final_teacher = gathered_teacher()
+    # The teacher's whole weights, gathered once (under FSDP) for the k-NN, the checkpoint and the export.
+    final_state = whole_state_dict(teacher) if accelerator.is_fsdp2 else None
+    final_teacher = gathered_teacher(final_state)
     if eval_sources is not None and accelerator.is_main_process:
         state["knn"] = _knn(final_teacher, eval_sources, args, accelerator)
         accelerator.log({f"eval/{k}": v for k, v in state["knn"].items()}, step=global_step)
         accelerator.print(f"k-NN of the trained teacher: {_knn_line(state['knn'])}")
-    final = save(global_step)
+    final = save(global_step, final_state)
     result = TrainResult(output_dir, export_dir, global_step, checkpoint=final, knn=state["knn"],
                          knn_random_init=state["knn_random_init"], skipped_samples=dict(skip_report.counts))
     if accelerator.is_main_process:
