@@ -92,11 +92,21 @@ class ImageBatches:
         return int(label)
 
 
-def add_model_argument(parser) -> None:
-    """The `--model` option of the evaluation scripts (anything `load_feature_model` reads)."""
+def add_model_argument(parser, image_size_help: str = "Centre-crop size (resize to size * 256 / 224).") -> None:
+    """The `--model` and `--image_size` options of the evaluation scripts (`--model`: anything
+    `load_feature_model` reads; `--image_size`: the model's own size when not given)."""
     parser.add_argument("--model", required=True,
                         help="DinoModel folder or Hub id, transformers ViT folder, timm:NAME or timm folder, "
                              "or a training checkpoint (its teacher).")
+    parser.add_argument("--image_size", type=int, default=None,
+                        help=f"{image_size_help} Default: the model's own, i.e. the crop size of its saved image "
+                             "processor, timm's pretrained_cfg or the training resolution of its checkpoint; 224 "
+                             "when the model names none.")
+
+
+def image_size_line(model) -> str:
+    """The line the evaluation scripts print to say at which size they evaluate `model`."""
+    return f"image size: {model.image_size} px ({model.image_size_source})"
 
 
 def add_dataset_arguments(parser, labelled: bool = True) -> None:
@@ -213,6 +223,7 @@ __all__ = [
     "add_model_argument",
     "extract_features",
     "find_label_column",
+    "image_size_line",
     "knn_accuracy",
     "load_split",
 ]

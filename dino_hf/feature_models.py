@@ -32,7 +32,8 @@ class FeatureModel(nn.Module, abc.ABC):
     (CLS token after the final LayerNorm for a ViT, pooled feature for a CNN).
 
     Attributes: `model` (the wrapped network), `num_features`, `has_tokens` (ViTs: `last_blocks` and
-    `last_selfattention` work), `patch_size` and `num_prefix_tokens` (CLS and any register tokens).
+    `last_selfattention` work), `patch_size` and `num_prefix_tokens` (CLS and any register tokens);
+    `image_size` and `image_size_source` once `load_feature_model` chose the evaluation crop size.
     """
 
     has_tokens = True
@@ -121,11 +122,13 @@ def load_feature_model(
             `architecture`); a training checkpoint `checkpoint-<step>/` (its `teacher_backbone/`) or a
             training output folder (its latest checkpoint); or a model instance (`DinoModel`, timm
             model, or a backbone of `build_backbone`).
-        image_size: crop size of the transform; defaults to the model's native size.
+        image_size: crop size of the transform; by default the model's own (`native_image_size`).
 
     Returns:
-        `(FeatureModel, transform)` where `transform(PIL image) -> (3, S, S)` is `eval_transform`.
+        `(FeatureModel, transform)` where `transform(PIL image) -> (3, S, S)` is `eval_transform`. The
+        feature model's `image_size` is S and its `image_size_source` says where S came from.
     """
+    folder = None
     if isinstance(spec, nn.Module):
         model = spec.model if isinstance(spec, (DinoModelBackbone, TimmBackbone)) else spec
     elif str(spec).startswith("timm:"):
@@ -145,13 +148,41 @@ def load_feature_model(
                 "DinoModel ('dino_vit'), transformers ViT ('vit') and timm folders ('architecture')"
             )
         model.requires_grad_(False)  # read from disk: nothing of it is trained here
-    if isinstance(model, DinoModel):
-        feature_model = DinoFeatureModel(model)
-        native_size = model.config.image_size
+    feature_model = DinoFeatureModel(model) if isinstance(model, DinoModel) else TimmFeatureModel(model)
+    if image_size is None:
+        image_size, source = native_image_size(model, folder)
     else:
-        feature_model = TimmFeatureModel(model)
-        native_size = model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
-    return feature_model, eval_transform(image_size or native_size)
+        source = "given"
+    feature_model.image_size, feature_model.image_size_source = image_size, source
+    return feature_model, eval_transform(image_size)
+
+
+def native_image_size(model: nn.Module, folder: Path | None = None) -> tuple[int, str]:
+    """The crop size a model is evaluated at by default, and where it was read.
+
+    In this order: the crop size of the image processor saved with the model
+    (`preprocessor_config.json`), the training resolution of the checkpoint the folder belongs to
+    (`training_args.json`), timm's `pretrained_cfg` input size, a `DinoModel` instance's configured
+    image size; 224 when the model says nothing.
+    """
+    if folder is not None:
+        processor_file = folder / "preprocessor_config.json"
+        if processor_file.is_file():
+            crop = json.loads(processor_file.read_text()).get("crop_size")
+            crop = crop.get("height") if isinstance(crop, dict) else crop
+            if crop:
+                return int(crop), "the crop size of its image processor"
+        training_args = folder.parent / "training_args.json"
+        if training_args.is_file():
+            size = json.loads(training_args.read_text()).get("global_crops_size")
+            if size:
+                return int(size), "the training resolution of its checkpoint"
+    if isinstance(model, DinoModel):
+        return model.config.image_size, "its config"
+    input_size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+    if input_size:
+        return int(input_size[-1]), "timm's pretrained_cfg"
+    return 224, "the default: the model names no size"
 
 
 def _model_folder(spec: "str | os.PathLike") -> Path:
@@ -188,4 +219,11 @@ def eval_transform(image_size: int = 224) -> transforms.Compose:
     ])
 
 
-__all__ = ["DinoFeatureModel", "FeatureModel", "TimmFeatureModel", "eval_transform", "load_feature_model"]
+__all__ = [
+    "DinoFeatureModel",
+    "FeatureModel",
+    "TimmFeatureModel",
+    "eval_transform",
+    "load_feature_model",
+    "native_image_size",
+]

@@ -31,6 +31,19 @@ def train_source(args: DinoTrainingArguments) -> dict:
     }
 
 
+def describe_source(source: dict, demo: bool = False) -> str:
+    """One line naming the training data of `source` (a `train_source` result), for the run's log."""
+    if demo:
+        return f"the generated demo dataset in {source['train_dir']}"
+    if source.get("dataset_name"):
+        config = f" ({source['dataset_config_name']})" if source.get("dataset_config_name") else ""
+        return f"dataset {source['dataset_name']}{config}, split {source.get('split', 'train')}"
+    if source.get("train_dir"):
+        return f"the images under {source['train_dir']}"
+    files = source["data_files"]
+    return f"data files {', '.join(files) if isinstance(files, list | tuple) else files}"
+
+
 def dataset_size(stream, source: dict) -> int | None:
     """Rows of the training data where it can be known without reading it."""
     splits = getattr(getattr(stream, "info", None), "splits", None) or {}

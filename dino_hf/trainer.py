@@ -30,7 +30,7 @@ from .loss import DinoLoss
 from .batch_multicrop import BatchMultiCrop, DecodeAndCap
 from .multicrop import MultiCropTransform
 from .optimization import build_optimizer, get_param_groups
-from .run_sources import dataset_size, knn_sources, train_source
+from .run_sources import dataset_size, describe_source, knn_sources, train_source
 from .schedules import (
     learning_rate_at,
     scaled_learning_rate,
@@ -128,6 +128,7 @@ def _train(args: DinoTrainingArguments, signals: checkpointing.PreemptionSignals
     with accelerator.main_process_first():
         source = train_source(args)
         eval_sources = knn_sources(args)
+    accelerator.print(f"training data: {describe_source(source, args.demo)}")
     stream, image_column = load_image_stream(
         **source, image_column_name=args.image_column_name, rank=accelerator.process_index,
         world_size=accelerator.num_processes, seed=args.seed,

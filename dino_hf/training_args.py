@@ -25,6 +25,8 @@ from .configuration_dino import PRESETS, DinoConfig
 from .optimization import OPTIMIZERS
 
 SECRET_FIELDS = ("hub_token",)
+# The fields that name training data; any of them replaces the demo dataset that a config file asks for.
+DATA_SOURCE_FIELDS = ("dataset_name", "train_dir", "data_files")
 
 
 @dataclass
@@ -100,7 +102,9 @@ class DinoTrainingArguments:
 
     # ---- data --------------------------------------------------------------------------------
     demo: bool = field(
-        default=False, metadata={"help": "Train on the procedurally generated demo dataset (made on first use)."}
+        default=False,
+        metadata={"help": "Train on the procedurally generated demo dataset (made on first use). In a config file it "
+                  "gives way to --dataset_name, --train_dir or --data_files."},
     )
     dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id or a local dataset script/folder."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the dataset."})
@@ -295,7 +299,7 @@ def _check_timm_name(field_name: str, spec: str) -> None:
 
 
 def _validate_data(args: DinoTrainingArguments) -> None:
-    sources = [name for name in ("dataset_name", "train_dir", "data_files") if getattr(args, name)]
+    sources = [name for name in DATA_SOURCE_FIELDS if getattr(args, name)]
     if args.demo and sources:
         _fail("demo", True, f"train on the demo dataset or on --{sources[0]}, not both")
     if not args.demo and not sources:
@@ -322,7 +326,10 @@ def _validate_data(args: DinoTrainingArguments) -> None:
 def parse_training_args(argv: list[str] | None = None) -> DinoTrainingArguments:
     """Parse `argv` as the Hugging Face example scripts do; `--config FILE.yaml` sets the defaults.
 
-    Unknown keys in the YAML file are an error that lists them.
+    Unknown keys in the YAML file are an error that lists them. A config's `demo: true` gives way to
+    a data source (`--dataset_name`, `--train_dir`, `--data_files`) named on the command line or in the
+    same file, so `--config configs/demo.yaml --train_dir ~/images` runs the demo recipe on those
+    images; `--demo` given on the command line together with a data source is an error.
     """
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
@@ -336,8 +343,14 @@ def parse_training_args(argv: list[str] | None = None) -> DinoTrainingArguments:
         if unknown:
             raise ValueError(f"{known.config}: unknown field(s) {', '.join(unknown)}; see `scripts/pretrain.py --help`")
         parser.set_defaults(**defaults)
-    args = parser.parse_args_into_dataclasses(args=rest, look_for_args_file=False)[0]
-    return args
+    namespace, unknown = parser.parse_known_args(rest)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    values = {name: getattr(namespace, name) for name in (f.name for f in dataclasses.fields(DinoTrainingArguments))}
+    demo_on_command_line = any(arg == "--demo" or arg.startswith("--demo=") for arg in rest)
+    if values["demo"] and not demo_on_command_line and any(values[name] for name in DATA_SOURCE_FIELDS):
+        values["demo"] = False  # a config's demo data gives way to data named on the command line or in the file
+    return DinoTrainingArguments(**values)
 
 
 __all__ = ["DinoTrainingArguments", "check_crop_sizes", "parse_training_args", "validate"]

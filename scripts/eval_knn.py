@@ -10,7 +10,7 @@ images, computed in batches on the accelerator when there is one; top-1 / top-5 
 import argparse
 import json
 
-from dino_hf.evaluation import ImageBatches, add_dataset_arguments, add_model_argument, extract_features, load_split
+from dino_hf.evaluation import ImageBatches, add_dataset_arguments, add_model_argument, image_size_line, extract_features, load_split
 from dino_hf.feature_models import load_feature_model
 from dino_hf.knn import KNN_KS, KNN_TEMPERATURE, knn_evaluate
 
@@ -22,7 +22,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=128, help="Images per forward pass.")
     parser.add_argument("--nb_knn", type=int, nargs="+", default=list(KNN_KS), help="Numbers of neighbours k.")
     parser.add_argument("--temperature", type=float, default=KNN_TEMPERATURE, help="Vote weight exp(sim / T).")
-    parser.add_argument("--image_size", type=int, default=224, help="Centre-crop size (resize to size * 256 / 224).")
     parser.add_argument("--chunk_size", type=int, default=128, help="Test features per similarity matrix.")
     parser.add_argument("--num_workers", type=int, default=4, help="DataLoader processes decoding images.")
     parser.add_argument("--output_file", help="Also write the metrics to this JSON file.")
@@ -32,6 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     model, transform = load_feature_model(args.model, args.image_size)
+    print(image_size_line(model))
     label_ids = {}  # shared so that string labels get the same ids in both splits
     features = {}
     for which in ("train", "eval"):

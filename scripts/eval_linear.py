@@ -18,7 +18,7 @@ import datasets
 import torch
 from accelerate import PartialState
 
-from dino_hf.evaluation import ImageBatches, add_dataset_arguments, add_model_argument, extract_features, load_split
+from dino_hf.evaluation import ImageBatches, add_dataset_arguments, add_model_argument, image_size_line, extract_features, load_split
 from dino_hf.feature_models import load_feature_model
 from dino_hf.linear_probe import (
     cached_batches,
@@ -44,7 +44,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="Classes (default: from the ClassLabel feature, else the largest label + 1).")
     parser.add_argument("--cache_features", action="store_true",
                         help="Compute the train features once (eval transform) and train on them.")
-    parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--num_workers", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shuffle_buffer_size", type=int, default=10000, help="Shuffle buffer of a streamed train set.")
@@ -57,6 +56,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     device = PartialState().device
     model, transform = load_feature_model(args.model, args.image_size)
+    print(image_size_line(model))
     model.to(device)
     feature_fn = functools.partial(probe_features, n_last_blocks=args.n_last_blocks,
                                    avgpool_patchtokens=args.avgpool_patchtokens)
@@ -76,7 +76,7 @@ def main(argv=None) -> dict:
         train_batches = cached_batches(train_features, train_labels, args.batch_size, seed=args.seed)
         num_labels = args.num_labels or int(max(train_labels.max(), eval_labels.max())) + 1
     else:
-        augment = train_transform(args.image_size)
+        augment = train_transform(model.image_size)
 
         def train_batches(epoch):
             rows = train_rows.shuffle(seed=args.seed + epoch, **_buffer(train_rows, args.shuffle_buffer_size))

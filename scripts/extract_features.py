@@ -10,7 +10,7 @@ dataset may be larger than memory. Read the result with `datasets.load_dataset(O
 
 import argparse
 
-from dino_hf.evaluation import add_dataset_arguments, add_model_argument, load_split
+from dino_hf.evaluation import add_dataset_arguments, add_model_argument, image_size_line, load_split
 from dino_hf.feature_export import write_feature_dataset
 from dino_hf.feature_models import load_feature_model
 
@@ -23,7 +23,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--patch_tokens", action="store_true", help="Also write every patch token (N x D per image).")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--rows_per_shard", type=int, default=1000, help="Rows per parquet file.")
-    parser.add_argument("--image_size", type=int, default=224, help="Centre-crop size (resize to size * 256 / 224).")
     parser.add_argument("--num_workers", type=int, default=4)
     return parser.parse_args(argv)
 
@@ -31,6 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     model, transform = load_feature_model(args.model, args.image_size)
+    print(image_size_line(model))
     rows, image_column, _ = load_split(args, "train")
     counts = write_feature_dataset(
         model, rows, image_column, args.output_dir, transform, batch_size=args.batch_size,

@@ -12,16 +12,15 @@ import argparse
 
 from dino_hf.attention import MASK_THRESHOLD, save_attention_maps
 from dino_hf.decoding import decode_image
-from dino_hf.evaluation import add_model_argument
+from dino_hf.evaluation import add_model_argument, image_size_line
 from dino_hf.feature_models import load_feature_model
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_model_argument(parser)
+    add_model_argument(parser, image_size_help="Short side the image is resized to.")
     parser.add_argument("--image", required=True, help="Image file.")
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--image_size", type=int, default=480, help="Short side the image is resized to.")
     parser.add_argument("--threshold", type=float, default=MASK_THRESHOLD,
                         help="Attention mass the masks keep (0.6 in the paper).")
     return parser.parse_args(argv)
@@ -29,11 +28,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> list:
     args = parse_args(argv)
-    model, _ = load_feature_model(args.model)
+    model, _ = load_feature_model(args.model, args.image_size)
+    print(image_size_line(model))
     image = decode_image(args.image)  # RGB, EXIF orientation applied
     if image is None:
         raise ValueError(f"{args.image} could not be read as an image")
-    written = save_attention_maps(model, image, args.output_dir, args.image_size, args.threshold)
+    written = save_attention_maps(model, image, args.output_dir, model.image_size, args.threshold)
     print(f"wrote {len(written)} images to {args.output_dir}")
     return written
 

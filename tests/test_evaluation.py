@@ -1,4 +1,5 @@
 import inspect
+import json
 import io
 import math
 
@@ -6,7 +7,9 @@ import datasets
 import numpy as np
 import pytest
 import torch
+import timm
 import torch.nn.functional as F
+from torch import nn
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
@@ -394,3 +397,24 @@ def test_timm_cnn_folder_gives_its_pooled_feature(tmp_path):
 def test_load_feature_model_names_a_missing_folder(tmp_path):
     with pytest.raises(ValueError, match="neither a folder nor a Hub id"):
         load_feature_model(tmp_path / "missing")
+
+
+def test_the_default_evaluation_size_is_the_models_own(tmp_path):
+    """Image processor crop, then the checkpoint's training resolution, then timm's pretrained_cfg,
+    then a DinoModel's config; 224 when nothing names a size."""
+    from dino_hf.feature_models import native_image_size
+
+    model = tiny_model()
+    folder = tmp_path / "checkpoint-5" / "teacher_backbone"
+    model.save_pretrained(folder)
+    (folder / "preprocessor_config.json").unlink()  # saved at the config's size; replaced below
+    (tmp_path / "checkpoint-5" / "training_args.json").write_text(json.dumps({"global_crops_size": 48}))
+    assert native_image_size(model, folder) == (48, "the training resolution of its checkpoint")
+    (folder / "preprocessor_config.json").write_text(json.dumps({"crop_size": {"height": 40, "width": 40}}))
+    assert native_image_size(model, folder) == (40, "the crop size of its image processor")
+    loaded, transform = load_feature_model(tmp_path / "checkpoint-5")
+    assert (loaded.image_size, transform(class_image(0, 0)).shape) == (40, (3, 40, 40))
+    assert native_image_size(model) == (model.config.image_size, "its config")
+    cnn = timm.create_model("resnet10t", num_classes=0, pretrained_cfg_overlay={"input_size": (3, 56, 56)})
+    assert native_image_size(cnn) == (56, "timm's pretrained_cfg")
+    assert native_image_size(nn.Linear(2, 2)) == (224, "the default: the model names no size")

@@ -138,3 +138,30 @@ def test_visualize_attention_subprocess(workspace, tmp_path):
                "--output_dir", str(tmp_path / "attn"), "--image_size", "32")
     assert sorted(p.name for p in (tmp_path / "attn").iterdir()) == [
         "attn-head0.png", "attn-head1.png", "mask-head0.png", "mask-head1.png"]
+
+
+@pytest.fixture(scope="module")
+def model_at_24px(workspace, tmp_path_factory) -> Path:
+    """The workspace's model exported as training does: its image processor crops 24 px."""
+    from dino_hf.export import export_backbone
+
+    folder = tmp_path_factory.mktemp("model24") / "teacher_backbone"
+    export_backbone(DinoModel.from_pretrained(workspace / "model"), folder, image_size=24)
+    return folder
+
+
+@pytest.mark.parametrize("script, extra", [
+    ("eval_knn", ["--train_dir", "TRAIN", "--eval_dir", "VAL", "--nb_knn", "5"]),
+    ("eval_linear", ["--train_dir", "TRAIN", "--eval_dir", "VAL", "--epochs", "1", "--cache_features", "--n_last_blocks", "2"]),
+    ("extract_features", ["--train_dir", "VAL", "--output_dir", "OUT"]),
+    ("visualize_attention", ["--image", "IMAGE", "--output_dir", "OUT"]),
+])
+def test_scripts_evaluate_at_the_models_own_size_by_default(workspace, model_at_24px, tmp_path, capsys, script, extra):
+    where = {"TRAIN": str(workspace / "train"), "VAL": str(workspace / "val"), "OUT": str(tmp_path / "out"),
+             "IMAGE": str(workspace / "val" / "red" / "0.png")}
+    options = ["--batch_size", "4", "--num_workers", "0"] if script != "visualize_attention" else []
+    load_script(script).main(["--model", str(model_at_24px), *[where.get(arg, arg) for arg in extra], *options])
+    assert "image size: 24 px (the crop size of its image processor)" in capsys.readouterr().out
+    load_script(script).main(["--model", str(model_at_24px), *[where.get(arg, arg) for arg in extra], *options,
+                              "--image_size", "16"])
+    assert "image size: 16 px (given)" in capsys.readouterr().out

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -139,3 +140,17 @@ def test_token_is_never_in_the_saved_configuration(tmp_path, image_dir):
     assert "hf_secretTOKEN123" not in text
     assert json.loads(text)["hub_model_id"] == "org/dino"
     assert args.hub_token == "hf_secretTOKEN123"  # still usable by the run itself
+
+
+def test_a_data_source_replaces_the_demo_data_of_a_config(tmp_path, image_dir):
+    demo = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+    args = parse_training_args(["--config", str(demo), "--train_dir", image_dir])
+    assert (args.demo, args.train_dir, args.out_dim) == (False, image_dir, 1024)  # the demo recipe, the user's data
+    args = parse_training_args(["--config", str(demo), "--dataset_name=org/images"])
+    assert (args.demo, args.dataset_name) == (False, "org/images")
+    own = tmp_path / "own.yaml"
+    own.write_text(demo.read_text() + f"train_dir: {image_dir}\n")
+    assert parse_training_args(["--config", str(own)]).demo is False
+    assert parse_training_args(["--config", str(demo)]).demo is True
+    with pytest.raises(ValueError, match="--demo=True is not valid: train on the demo dataset or on --train_dir"):
+        parse_training_args(["--config", str(demo), "--demo", "--train_dir", image_dir])
