@@ -25,10 +25,8 @@ import torch
 from torch import nn
 
 from .configuration_dino import PRESETS, DinoConfig
+from .model_references import TIMM_PREFIX, is_external_timm_name, is_hub_id, is_timm_folder
 from .modeling_dino import DinoModel
-
-TIMM_PREFIX = "timm:"
-
 
 class TimmBackbone(nn.Module):
     """A timm model built with `num_classes=0`: its forward already returns pooled features.
@@ -109,14 +107,14 @@ def build_backbone(
         return DinoModelBackbone(DinoModel(config))
     if os.path.isdir(spec) and is_timm_folder(spec):
         return TimmBackbone(_create_timm_model(f"local-dir:{spec}", drop_path_rate, image_size, True, **kwargs))
-    if os.path.isdir(spec) or _looks_like_hub_id(spec):
+    if os.path.isdir(spec) or is_hub_id(spec):
         return DinoModelBackbone(DinoModel.from_pretrained(spec, drop_path_rate=drop_path_rate, **kwargs))
     raise ValueError(_unknown_spec_message(spec))
 
 
 def _create_timm_model(name: str, drop_path_rate: float, image_size: int, pretrained: bool, **kwargs) -> nn.Module:
     """`timm.create_model(name, num_classes=0, ...)`; fixed-size models get `dynamic_img_size=True`."""
-    is_external = name.startswith(("hf-hub:", "hf_hub:", "local-dir:"))
+    is_external = is_external_timm_name(name)
     if not is_external and not timm.is_model(name):
         raise ValueError(_unknown_spec_message(TIMM_PREFIX + name))
     options = dict(num_classes=0, drop_path_rate=drop_path_rate)
@@ -134,18 +132,6 @@ def _create_timm_model(name: str, drop_path_rate: float, image_size: int, pretra
             "(96 px next to 224 px); choose a ViT that supports dynamic_img_size (vit_*, deit_*, eva*) "
             "or a CNN"
         ) from error
-
-
-def is_timm_folder(folder: str | os.PathLike) -> bool:
-    """Whether `folder` holds a model saved by timm (`config.json` with an `architecture`)."""
-    config_file = Path(folder) / "config.json"
-    return config_file.is_file() and "architecture" in json.loads(config_file.read_text())
-
-
-def _looks_like_hub_id(spec: str) -> bool:
-    """"org/name" with exactly one slash (a path that does not exist locally is taken as a Hub id)."""
-    parts = spec.split("/")
-    return len(parts) == 2 and all(parts) and not spec.startswith((".", "~"))
 
 
 def _refuse_pretrained(pretrained: bool, what: str) -> None:

@@ -38,7 +38,9 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import InterpolationMode
 
-from .multicrop import _DRAWS_PER_CROP, _LUMA, MultiCropTransform, to_uint8_tensor
+from . import augment_constants as draw
+from .augment_constants import LUMA
+from .multicrop import MultiCropTransform, to_uint8_tensor
 
 # Bicubic filter of PIL and of torch's antialiased resize.
 _CUBIC_A = -0.5
@@ -161,24 +163,21 @@ class BatchMultiCrop(nn.Module):
         36 uniforms per crop, read the same way.
         """
         c = self.config
-        u = torch.rand(c.num_crops * batch, _DRAWS_PER_CROP, generator=generator, device=device)  # (crops*B, 36)
+        u = torch.rand(c.num_crops * batch, draw.DRAWS_PER_CROP, generator=generator, device=device)  # (crops*B, 36)
         crop_index = torch.arange(c.num_crops, device=u.device).repeat_interleave(batch)  # (crops*B,)
-        blur_p = torch.tensor([c.blur_p[0], c.blur_p[1]] + [c.blur_p[2]] * c.local_crops_number, device=u.device)
-        blur = u[:, 33] < blur_p[crop_index]
-        solarize = (crop_index == 1) & (u[:, 35] < c.solarize_p)
+        blur_p = torch.tensor([draw.blur_probability(index, c.blur_p) for index in range(c.num_crops)], device=u.device)
         strengths = torch.tensor([c.brightness, c.contrast, c.saturation, c.hue], device=u.device)
         low = torch.tensor([1 - c.brightness, 1 - c.contrast, 1 - c.saturation, -c.hue], device=u.device)
-        factors = low + 2 * strengths * u[:, 24:28]  # (crops*B, 4)
         flat = BatchCropParams(
             boxes=_resized_crop_boxes(height, width, u, batch, c),
-            flip=u[:, 22] < c.flip_p,
-            jitter=u[:, 23] < c.jitter_p,
-            factors=factors,
-            order=torch.argsort(u[:, 28:32], dim=1, stable=True),  # a uniform random permutation per row
-            grayscale=u[:, 32] < c.grayscale_p,
-            blur=blur,
-            sigma=c.blur_sigma[0] + (c.blur_sigma[1] - c.blur_sigma[0]) * u[:, 34],
-            solarize=solarize,
+            flip=u[:, draw.FLIP] < c.flip_p,
+            jitter=u[:, draw.JITTER] < c.jitter_p,
+            factors=low + 2 * strengths * u[:, draw.JITTER_FACTORS],  # (crops*B, 4)
+            order=torch.argsort(u[:, draw.JITTER_ORDER], dim=1, stable=True),  # a uniform random permutation per row
+            grayscale=u[:, draw.GRAYSCALE] < c.grayscale_p,
+            blur=u[:, draw.BLUR] < blur_p[crop_index],
+            sigma=c.blur_sigma[0] + (c.blur_sigma[1] - c.blur_sigma[0]) * u[:, draw.BLUR_SIGMA],
+            solarize=(crop_index == draw.SOLARIZED_CROP) & (u[:, draw.SOLARIZE] < c.solarize_p),
         )
         split = 2 * batch
         groups = [BatchCropParams(**{k: v[:split] for k, v in vars(flat).items()})]
@@ -219,7 +218,7 @@ def _resized_crop_boxes(height: int, width: int, u: torch.Tensor, batch: int, co
         torch.tensor(config.global_crops_scale, device=u.device),
         torch.tensor(config.local_crops_scale, device=u.device),
     )  # (rows, 2)
-    draws = u[:, :20].view(rows, 10, 2)  # (rows, attempt, [scale, log ratio])
+    draws = u[:, draw.BOX_ATTEMPTS].view(rows, 10, 2)  # (rows, attempt, [scale, log ratio])
     area = height * width * (scale[:, :1] + (scale[:, 1:] - scale[:, :1]) * draws[..., 0])  # (rows, 10)
     log_low, log_high = math.log(config.ratio[0]), math.log(config.ratio[1])
     aspect = torch.exp(log_low + (log_high - log_low) * draws[..., 1])  # (rows, 10)
@@ -240,8 +239,9 @@ def _resized_crop_boxes(height: int, width: int, u: torch.Tensor, batch: int, co
     found = fits.any(dim=1)
     w = torch.where(found, w, torch.full_like(w, fallback_w))
     h = torch.where(found, h, torch.full_like(h, fallback_h))
-    top = torch.minimum(torch.floor(u[:, 20] * (height - h + 1)), height - h)
-    left = torch.minimum(torch.floor(u[:, 21] * (width - w + 1)), width - w)
+    u_top, u_left = u[:, draw.BOX_POSITION].unbind(1)
+    top = torch.minimum(torch.floor(u_top * (height - h + 1)), height - h)
+    left = torch.minimum(torch.floor(u_left * (width - w + 1)), width - w)
     top = torch.where(found, top, (height - h).div(2, rounding_mode="floor"))
     left = torch.where(found, left, (width - w).div(2, rounding_mode="floor"))
     return torch.stack((top, left, h, w), dim=1)  # (rows, 4)
@@ -300,7 +300,7 @@ def resized_crops(pixels: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor,
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
     """Luma (ITU-R 601-2, as PIL) of float RGB `x (R, 3, H, W)`: `(R, 1, H, W)`."""
-    return _LUMA[0] * x[:, 0:1] + _LUMA[1] * x[:, 1:2] + _LUMA[2] * x[:, 2:3]
+    return LUMA[0] * x[:, 0:1] + LUMA[1] * x[:, 1:2] + LUMA[2] * x[:, 2:3]
 
 
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ from torchvision import transforms
 
 from .backbones import DinoModelBackbone, TimmBackbone, build_backbone
 from .convert import dino_from_vit
+from .model_references import TIMM_PREFIX, is_hub_id, is_timm_folder
 from .modeling_dino import IMAGENET_MEAN, IMAGENET_STD, DinoModel
 
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # the trainer's checkpoint folders
@@ -131,12 +132,12 @@ def load_feature_model(
     folder = None
     if isinstance(spec, nn.Module):
         model = spec.model if isinstance(spec, (DinoModelBackbone, TimmBackbone)) else spec
-    elif str(spec).startswith("timm:"):
+    elif str(spec).startswith(TIMM_PREFIX):
         model = build_backbone(str(spec), pretrained=True, drop_path_rate=0.0).model.requires_grad_(False)
     else:
         folder = _model_folder(spec)
         config = json.loads((folder / "config.json").read_text())
-        if "architecture" in config:
+        if is_timm_folder(folder):
             model = timm.create_model(f"local-dir:{folder}", pretrained=True, num_classes=0)
         elif config.get("model_type") == "dino_vit":
             model = DinoModel.from_pretrained(folder, drop_path_rate=0.0)
@@ -190,8 +191,7 @@ def _model_folder(spec: "str | os.PathLike") -> Path:
     or a Hub snapshot."""
     folder = Path(spec)
     if not folder.is_dir():
-        parts = str(spec).split("/")
-        if len(parts) != 2 or not all(parts) or str(spec).startswith((".", "~")):
+        if not is_hub_id(str(spec)):
             raise ValueError(f"{spec} is neither a folder nor a Hub id 'org/name'; check the path")
         return Path(snapshot_download(str(spec)))
     if (folder / "teacher_backbone").is_dir():

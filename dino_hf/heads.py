@@ -97,6 +97,14 @@ class DinoHead(nn.Module):
         x = F.normalize(x, dim=-1, p=2)
         return self.last_layer(x)  # (B, out_dim)
 
+    def cancel_last_layer_gradients_(self) -> None:
+        """Drop the gradients of the prototypes (`last_layer`), as the reference's
+        `cancel_gradients_last_layer` does during the first `freeze_last_layer` epochs (paper Appendix:
+        freezing the last layer in the first epoch stabilises training). The optimiser then skips them
+        entirely: no update, no weight decay, no moment update."""
+        for param in self.last_layer.parameters():
+            param.grad = None
+
 
 def _hidden_activation(hidden_dim: int, use_bn: bool) -> list[nn.Module]:
     """What follows each hidden Linear: [BatchNorm1d,] GELU."""

@@ -16,7 +16,7 @@ KNN_KS = (10, 20, 100, 200)
 KNN_TEMPERATURE = 0.07
 
 
-def _knn_chunks(train_features, train_labels, test_features, k: int, chunk_size: int, device):
+def nearest_neighbours(train_features, train_labels, test_features, k: int, chunk_size: int, device):
     """Per chunk of test features: similarities of the k nearest train features (c, k), sorted
     descending, and their labels (c, k). Features are L2-normalised here, so cosine = dot product."""
     if k > train_features.shape[0]:
@@ -29,20 +29,12 @@ def _knn_chunks(train_features, train_labels, test_features, k: int, chunk_size:
         yield similarity, train_labels[indices]
 
 
-def _knn_scores(similarity: torch.Tensor, neighbour_labels: torch.Tensor, k: int, num_classes: int, temperature: float):
+def knn_votes(similarity: torch.Tensor, neighbour_labels: torch.Tensor, k: int, num_classes: int, temperature: float):
     """Class scores (c, C): the one-hot labels of the k nearest neighbours, weighted exp(sim / T), summed
     (a scatter-add, the same sum as the reference's one-hot product)."""
     weights = (similarity[:, :k] / temperature).exp()  # (c, k)
     scores = torch.zeros(similarity.shape[0], num_classes, device=similarity.device)
     return scores.scatter_add_(1, neighbour_labels[:, :k], weights)  # (c, C)
-
-
-def knn_class_scores(train_features, train_labels, test_features, num_classes: int, k: int = 20,
-                     temperature: float = KNN_TEMPERATURE, chunk_size: int = 128, device=None) -> torch.Tensor:
-    """Weighted k-NN votes per class: train (N, D), labels (N,), test (Q, D) -> scores (Q, C) on the CPU."""
-    device = PartialState().device if device is None else device
-    chunks = _knn_chunks(train_features, train_labels, test_features, k, chunk_size, device)
-    return torch.cat([_knn_scores(sim, labels, k, num_classes, temperature).cpu() for sim, labels in chunks])
 
 
 def knn_evaluate(train_features, train_labels, test_features, test_labels, num_classes: int | None = None,
@@ -65,12 +57,12 @@ def knn_evaluate(train_features, train_labels, test_features, test_labels, num_c
         num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     correct = {k: [0, 0] for k in ks}
     start = 0
-    chunks = _knn_chunks(train_features, train_labels, test_features, ks[-1], chunk_size, device)
+    chunks = nearest_neighbours(train_features, train_labels, test_features, ks[-1], chunk_size, device)
     for similarity, neighbour_labels in chunks:
         targets = test_labels[start : start + similarity.shape[0]].to(device).view(-1, 1)  # (c, 1)
         start += similarity.shape[0]
         for k in ks:
-            scores = _knn_scores(similarity, neighbour_labels, k, num_classes, temperature)
+            scores = knn_votes(similarity, neighbour_labels, k, num_classes, temperature)
             ranked = scores.sort(dim=1, descending=True, stable=True).indices  # (c, C)
             hits = ranked[:, : min(5, k, num_classes)] == targets  # (c, 5)
             correct[k][0] += hits[:, 0].sum().item()
@@ -82,12 +74,4 @@ def knn_evaluate(train_features, train_labels, test_features, test_labels, num_c
     return metrics
 
 
-def knn_classify(train_features, train_labels, test_features, test_labels, num_classes: int, k: int = 20,
-                 temperature: float = KNN_TEMPERATURE, chunk_size: int = 128, device=None) -> tuple[float, float]:
-    """Top-1 and top-5 accuracy (%) of the weighted k-NN with one k (reference `knn_classifier`)."""
-    metrics = knn_evaluate(train_features, train_labels, test_features, test_labels, num_classes, (k,),
-                           temperature, chunk_size, device)
-    return metrics[f"knn_top1@{k}"], metrics[f"knn_top5@{k}"]
-
-
-__all__ = ["KNN_KS", "KNN_TEMPERATURE", "knn_class_scores", "knn_classify", "knn_evaluate"]
+__all__ = ["KNN_KS", "KNN_TEMPERATURE", "knn_evaluate", "knn_votes", "nearest_neighbours"]

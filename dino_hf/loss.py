@@ -6,6 +6,8 @@ crop and a student crop of a different view. Centring and sharpening together av
 (paper Sec. 5.3).
 """
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -50,20 +52,38 @@ class DinoLoss(nn.Module):
             The scalar loss: the mean over the 2 * ncrops - 2 pairs (teacher crop iq, student crop v
             != iq) of the batch mean of `sum_k -q_k log p_k`.
         """
-        self._check_shapes(student_output, teacher_output)
-        student_log_probs = F.log_softmax(student_output / self.student_temp, dim=-1).chunk(self.ncrops)
-        teacher_probs = F.softmax((teacher_output - self.center) / teacher_temp, dim=-1).detach().chunk(2)
-        total_loss = 0.0
-        n_loss_terms = 0
-        for iq, q in enumerate(teacher_probs):
-            for v, log_p in enumerate(student_log_probs):
-                if v == iq:  # same view seen by teacher and student: skipped
-                    continue
-                total_loss = total_loss + torch.sum(-q * log_p, dim=-1).mean()
-                n_loss_terms += 1
+        loss = self.terms(student_output, teacher_output, teacher_temp).loss
         if update_center:
             self.update_center(teacher_output)
-        return total_loss / n_loss_terms
+        return loss
+
+    def terms(self, student_output: torch.Tensor, teacher_output: torch.Tensor, teacher_temp: float) -> "LossTerms":
+        """The loss with what it is made of (same arguments as `forward`; the center is not updated).
+
+        The cross-entropy of every pair of a teacher crop and a student crop of a different view,
+        summed in the reference's order (a contraction over all pairs at once rounds differently, and
+        Adam's first step turns that rounding of near-zero gradients into visible weight changes).
+        """
+        self._check_shapes(student_output, teacher_output)
+        student_log_probs = F.log_softmax(student_output / self.student_temp, dim=-1).chunk(self.ncrops)
+        teacher_probs = F.softmax((teacher_output - self.center) / teacher_temp, dim=-1).detach()
+        q = teacher_probs.view(2, len(teacher_output) // 2, -1)  # (2, B, K)
+        zero = student_output.new_zeros((), dtype=student_log_probs[0].dtype)
+        rows, total_loss, n_loss_terms = [], 0.0, 0
+        for iq in range(2):
+            row = []
+            for v, log_p in enumerate(student_log_probs):
+                if v == iq:  # same view seen by teacher and student: skipped
+                    row.append(zero)
+                    continue
+                term = torch.sum(-q[iq] * log_p, dim=-1).mean()
+                total_loss = total_loss + term
+                n_loss_terms += 1
+                row.append(term)
+            rows.append(torch.stack(row))
+        cross_entropy = torch.stack(rows)  # (2, V), 0 on the same-view diagonal
+        loss = total_loss / n_loss_terms
+        return LossTerms(loss, q, cross_entropy)
 
     @torch.no_grad()
     def update_center(self, teacher_output: torch.Tensor) -> None:
@@ -95,24 +115,34 @@ class DinoLoss(nn.Module):
             )
 
 
+class LossTerms(NamedTuple):
+    """What `DinoLoss.terms` computes: `loss` (scalar), `teacher_probs (2, B, K)` (the centred,
+    sharpened teacher distributions, no gradient) and `cross_entropy (2, ncrops)` (the batch-mean
+    cross-entropy of each teacher crop against each student crop; 0 for the two same-view pairs,
+    which the loss leaves out)."""
+
+    loss: torch.Tensor
+    teacher_probs: torch.Tensor
+    cross_entropy: torch.Tensor
+
+
+def _mean_over_pairs(per_pair: torch.Tensor) -> torch.Tensor:
+    """Mean of a (2, ncrops) matrix over its 2 * ncrops - 2 pairs of different views (the diagonal,
+    where teacher and student see the same crop, is left out)."""
+    different_views = 1 - torch.eye(*per_pair.shape, dtype=per_pair.dtype, device=per_pair.device)
+    return (per_pair * different_views).sum() / (per_pair.numel() - 2)
+
+
 @torch.no_grad()
-def collapse_diagnostics(
-    student_output: torch.Tensor,
-    teacher_output: torch.Tensor,
-    center: torch.Tensor,
-    teacher_temp: float,
-    student_temp: float = 0.1,
-) -> dict[str, float]:
-    """Numbers that show collapse early (paper Sec. 5.3, Fig. 7), from the tensors of one step.
+def collapse_diagnostics(terms: LossTerms, center: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Numbers that show collapse early (paper Sec. 5.3, Fig. 7), from the loss terms of one step.
 
     Args:
-        student_output (`torch.Tensor` of shape `(ncrops * B, K)`): student logits.
-        teacher_output (`torch.Tensor` of shape `(2 * B, K)`): teacher logits on the global crops.
+        terms (`LossTerms`): from `DinoLoss.terms` (its teacher distributions and pair cross-entropies).
         center (`torch.Tensor` of shape `(1, K)`): the center the loss used.
-        teacher_temp (`float`): teacher temperature of the step.
-        student_temp (`float`, defaults to 0.1): student temperature.
 
     Returns:
+        0-dim tensors on the device, read by the caller when it logs (no host synchronisation here):
         `teacher_entropy`: mean entropy of the teacher distributions (ln K at uniform collapse, 0 at
             one-hot collapse); `teacher_max_prob`: mean largest teacher probability;
             `kl_teacher_student`: mean KL(teacher || student) over the loss's crop pairs (0 when the
@@ -120,23 +150,18 @@ def collapse_diagnostics(
             `distinct_prototypes`: number of different argmax prototypes over the teacher batch
             (1 when every image maps to the same prototype).
     """
-    teacher_probs = F.softmax((teacher_output.float() - center.float()) / teacher_temp, dim=-1)  # (2B, K)
-    teacher_log_probs = torch.log(teacher_probs.clamp_min(torch.finfo(teacher_probs.dtype).tiny))
-    entropy = -(teacher_probs * teacher_log_probs).sum(-1)  # (2B,)
-    batch = len(teacher_output) // 2
-    ncrops = len(student_output) // batch
-    q = teacher_probs.view(2, batch, -1)  # (2, B, K)
-    log_p = F.log_softmax(student_output.float() / student_temp, dim=-1).view(ncrops, batch, -1)  # (V, B, K)
-    cross_entropy = -torch.einsum("ibk,vbk->iv", q, log_p) / batch  # (2, V): batch-mean CE per pair
-    pairs = ~torch.eye(2, ncrops, dtype=torch.bool, device=q.device)
-    kl = cross_entropy - entropy.view(2, batch).mean(1, keepdim=True)  # (2, V)
+    q = terms.teacher_probs  # (2, B, K)
+    entropy = -(q * q.clamp_min(torch.finfo(q.dtype).tiny).log()).sum(-1)  # (2, B)
+    kl = terms.cross_entropy.detach() - entropy.mean(1, keepdim=True)  # (2, V): CE(q, p) - H(q) per pair
+    argmax = q.flatten(0, 1).argmax(dim=-1)  # (2B,)
+    hit = torch.zeros(q.shape[-1], dtype=q.dtype, device=q.device).index_fill_(0, argmax, 1.0)  # (K,)
     return {
-        "teacher_entropy": entropy.mean().item(),
-        "teacher_max_prob": teacher_probs.max(dim=-1).values.mean().item(),
-        "kl_teacher_student": kl[pairs].mean().item(),
-        "center_norm": center.float().norm().item(),
-        "distinct_prototypes": float(torch.unique(teacher_probs.argmax(dim=-1)).numel()),
+        "teacher_entropy": entropy.mean(),
+        "teacher_max_prob": q.max(dim=-1).values.mean(),
+        "kl_teacher_student": _mean_over_pairs(kl),
+        "center_norm": center.float().norm(),
+        "distinct_prototypes": hit.sum(),
     }
 
 
-__all__ = ["DinoLoss", "collapse_diagnostics"]
+__all__ = ["DinoLoss", "LossTerms", "collapse_diagnostics"]

@@ -19,6 +19,7 @@ from torch import nn
 
 from .backbones import DinoModelBackbone, TimmBackbone
 from .export import is_timm_model
+from .model_references import is_hub_id
 from .modeling_dino import DinoModel
 
 MODEL_CARD_TEMPLATE = "backbone.md"
@@ -98,7 +99,7 @@ def render_model_card(
     description = _describe(model, model_id)
     description["image_size"] = image_size or description["image_size"]
     title = model_id.rstrip("/").split("/")[-1]
-    hub_datasets = [name for name in datasets if _looks_like_hub_id(name)]
+    hub_datasets = [name for name in datasets if is_hub_id(name, allow_bare_name=True)]
     eval_results = [
         EvalResult(
             task_type="image-classification",
@@ -179,7 +180,7 @@ def _describe(model: nn.Module, model_id: str) -> dict[str, Any]:
         patch_size=patch_embed.patch_size[0] if patch_embed is not None else None,
         image_size=model.pretrained_cfg.get("input_size", (3, 224, 224))[-1],
         config_rows=_table_rows(timm.models.get_model_args(model, {})),
-        timm_model_name=f"hf-hub:{model_id}" if _looks_like_hub_id(model_id) else f"local-dir:{model_id}",
+        timm_model_name=f"hf-hub:{model_id}" if is_hub_id(model_id, allow_bare_name=True) else f"local-dir:{model_id}",
     )
 
 
@@ -195,14 +196,3 @@ def _table_rows(values: Mapping[str, Any] | Any) -> list[tuple[str, str]]:
             continue
         rows.append((name, ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)))
     return rows
-
-
-def _looks_like_hub_id(name: str) -> bool:
-    """"name" or "org/name" made of the characters Hub ids allow, and not an existing local path."""
-    parts = name.split("/")
-    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
-    return (
-        1 <= len(parts) <= 2
-        and all(part and set(part) <= allowed and not part.startswith(".") for part in parts)
-        and not os.path.exists(name)
-    )

@@ -20,7 +20,7 @@ from transformers import BitImageProcessor, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 from transformers.image_utils import PILImageResampling
 
 from .configuration_dino import PRESETS, DinoConfig
@@ -235,11 +235,31 @@ class DinoLayer(GradientCheckpointingLayer):
 
 
 class DinoEncoder(nn.Module):
+    """The stack of `DinoLayer`s (transformers' `ViTEncoder`, the reference's `blocks`)."""
+
     def __init__(self, config: DinoConfig):
         super().__init__()
         # Stochastic depth grows linearly from 0 at the first block to drop_path_rate at the last.
         rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
         self.layer = nn.ModuleList([DinoLayer(config, rate) for rate in rates])
+
+    def forward(
+        self, hidden_states: torch.Tensor, output_attentions: bool = False, output_hidden_states: bool = False
+    ) -> BaseModelOutput:
+        """hidden_states (B, 1 + N, D) -> `BaseModelOutput`: `last_hidden_state` (B, 1 + N, D), before the
+        final LayerNorm; `hidden_states`: the input and each block's output; `attentions`: each block's
+        weights (B, heads, 1 + N, 1 + N)."""
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for layer in self.layer:
+            hidden_states, weights = layer(hidden_states, output_attentions)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (weights,)
+        return BaseModelOutput(
+            last_hidden_state=hidden_states, hidden_states=all_hidden_states, attentions=all_attentions
+        )
 
 
 class DinoPreTrainedModel(PreTrainedModel):
@@ -325,26 +345,19 @@ class DinoModel(DinoPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
 
-        hidden_states = self.embeddings(pixel_values)  # (B, 1 + N, D)
-        all_hidden_states = (hidden_states,) if output_hidden_states else None
-        all_attentions = () if output_attentions else None
-        for layer in self.encoder.layer:
-            hidden_states, weights = layer(hidden_states, output_attentions)
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            if output_attentions:
-                all_attentions += (weights,)
-        sequence_output = self.layernorm(hidden_states)  # (B, 1 + N, D)
+        embedded = self.embeddings(pixel_values)  # (B, 1 + N, D)
+        encoded = self.encoder(embedded, output_attentions, output_hidden_states)
+        sequence_output = self.layernorm(encoded.last_hidden_state)  # (B, 1 + N, D)
         pooled_output = sequence_output[:, 0]  # (B, D)
 
         if not return_dict:
-            extras = tuple(x for x in (all_hidden_states, all_attentions) if x is not None)
+            extras = tuple(x for x in (encoded.hidden_states, encoded.attentions) if x is not None)
             return (sequence_output, pooled_output) + extras
         return BaseModelOutputWithPooling(
             last_hidden_state=sequence_output,
             pooler_output=pooled_output,
-            hidden_states=all_hidden_states,
-            attentions=all_attentions,
+            hidden_states=encoded.hidden_states,
+            attentions=encoded.attentions,
         )
 
     def get_intermediate_layers(self, pixel_values: torch.Tensor, n: int = 1) -> tuple[torch.Tensor, ...]:
@@ -353,23 +366,14 @@ class DinoModel(DinoPreTrainedModel):
         if not 1 <= n <= self.config.num_hidden_layers:
             raise ValueError(f"n must be between 1 and num_hidden_layers={self.config.num_hidden_layers}, got {n}")
         hidden_states = self.embeddings(pixel_values.to(self.layernorm.weight.dtype))
-        outputs = []
-        first_kept = self.config.num_hidden_layers - n
-        for index, layer in enumerate(self.encoder.layer):
-            hidden_states, _ = layer(hidden_states)
-            if index >= first_kept:
-                outputs.append(self.layernorm(hidden_states))
-        return tuple(outputs)
+        blocks = self.encoder(hidden_states, output_hidden_states=True).hidden_states[-n:]
+        return tuple(self.layernorm(block) for block in blocks)
 
     def get_last_selfattention(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Attention weights of the last block, (B, heads, 1 + N, 1 + N); row 0 is the CLS query, the
         one DINO's attention maps show (paper Fig. 1 and 3)."""
         hidden_states = self.embeddings(pixel_values.to(self.layernorm.weight.dtype))
-        *blocks, last = self.encoder.layer
-        for layer in blocks:
-            hidden_states, _ = layer(hidden_states)
-        _, weights = last(hidden_states, output_attentions=True)
-        return weights
+        return self.encoder(hidden_states, output_attentions=True).attentions[-1]
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
         """Write `config.json`, `model.safetensors` and `preprocessor_config.json` (DINO's evaluation

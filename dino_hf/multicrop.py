@@ -25,13 +25,10 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# ITU-R 601-2 luma, the weights of PIL's convert("L") and torchvision's rgb_to_grayscale.
-_LUMA = (0.299, 0.587, 0.114)
-# Uniform draws per crop: 10 RandomResizedCrop attempts x 2, the crop position x 2, flip, jitter
-# on/off, 4 jitter factors, 4 keys for the jitter order, grayscale, blur on/off, sigma, solarise.
-_DRAWS_PER_CROP = 36
+from . import augment_constants as draw
+from .augment_constants import LUMA
+from .modeling_dino import IMAGENET_MEAN, IMAGENET_STD
+
 
 
 @dataclass(frozen=True)
@@ -153,34 +150,34 @@ class MultiCropTransform:
 
     def sample_params(self, height: int, width: int, generator: Optional[torch.Generator] = None) -> list:
         """Draws the `CropParams` of every crop of one `height` x `width` image."""
-        draws = torch.rand(self.num_crops, _DRAWS_PER_CROP, generator=generator, dtype=torch.float64).tolist()
+        draws = torch.rand(self.num_crops, draw.DRAWS_PER_CROP, generator=generator, dtype=torch.float64).tolist()
         params = []
         for index, u in enumerate(draws):
-            is_global = index < 2
-            scale = self.global_crops_scale if is_global else self.local_crops_scale
-            blur_p = self.blur_p[index] if is_global else self.blur_p[2]
-            top, left, crop_h, crop_w = _resized_crop_box(height, width, scale, self.ratio, u[0:22])
+            scale = self.global_crops_scale if index < 2 else self.local_crops_scale
+            top, left, crop_h, crop_w = _resized_crop_box(height, width, scale, self.ratio, u[draw.BOX])
             jitter = None
-            if u[23] < self.jitter_p:
-                order = tuple(int(i) for i in np.argsort(u[28:32], kind="stable"))
+            if u[draw.JITTER] < self.jitter_p:
+                order = tuple(int(i) for i in np.argsort(u[draw.JITTER_ORDER], kind="stable"))
+                brightness, contrast, saturation, hue = u[draw.JITTER_FACTORS]
                 jitter = (
                     order,
-                    _uniform(1 - self.brightness, 1 + self.brightness, u[24]),
-                    _uniform(1 - self.contrast, 1 + self.contrast, u[25]),
-                    _uniform(1 - self.saturation, 1 + self.saturation, u[26]),
-                    _uniform(-self.hue, self.hue, u[27]),
+                    _uniform(1 - self.brightness, 1 + self.brightness, brightness),
+                    _uniform(1 - self.contrast, 1 + self.contrast, contrast),
+                    _uniform(1 - self.saturation, 1 + self.saturation, saturation),
+                    _uniform(-self.hue, self.hue, hue),
                 )
+            blurred = u[draw.BLUR] < draw.blur_probability(index, self.blur_p)
             params.append(
                 CropParams(
                     top=top,
                     left=left,
                     height=crop_h,
                     width=crop_w,
-                    flip=u[22] < self.flip_p,
+                    flip=u[draw.FLIP] < self.flip_p,
                     jitter=jitter,
-                    grayscale=u[32] < self.grayscale_p,
-                    blur_sigma=_uniform(*self.blur_sigma, u[34]) if u[33] < blur_p else None,
-                    solarize=index == 1 and u[35] < self.solarize_p,
+                    grayscale=u[draw.GRAYSCALE] < self.grayscale_p,
+                    blur_sigma=_uniform(*self.blur_sigma, u[draw.BLUR_SIGMA]) if blurred else None,
+                    solarize=index == draw.SOLARIZED_CROP and u[draw.SOLARIZE] < self.solarize_p,
                 )
             )
         return params
@@ -238,13 +235,14 @@ def _resized_crop_box(height: int, width: int, scale, ratio, u: Sequence[float])
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for attempt in range(10):
-        target_area = area * _uniform(scale[0], scale[1], u[2 * attempt])
-        aspect_ratio = math.exp(_uniform(log_ratio[0], log_ratio[1], u[2 * attempt + 1]))
+        target_area = area * _uniform(scale[0], scale[1], u[draw.BOX_ATTEMPTS][2 * attempt])
+        aspect_ratio = math.exp(_uniform(log_ratio[0], log_ratio[1], u[draw.BOX_ATTEMPTS][2 * attempt + 1]))
         w = int(round(math.sqrt(target_area * aspect_ratio)))
         h = int(round(math.sqrt(target_area / aspect_ratio)))
         if 0 < w <= width and 0 < h <= height:
-            top = min(int(u[20] * (height - h + 1)), height - h)
-            left = min(int(u[21] * (width - w + 1)), width - w)
+            u_top, u_left = u[draw.BOX_POSITION]
+            top = min(int(u_top * (height - h + 1)), height - h)
+            left = min(int(u_left * (width - w + 1)), width - w)
             return top, left, h, w
     # Fallback to a central crop with the aspect ratio clamped to the range.
     in_ratio = width / height
@@ -260,7 +258,7 @@ def _resized_crop_box(height: int, width: int, scale, ratio, u: Sequence[float])
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
     """Luma of float RGB `x (3, H, W)`: `(1, H, W)`."""
-    return _LUMA[0] * x[0:1] + _LUMA[1] * x[1:2] + _LUMA[2] * x[2:3]
+    return LUMA[0] * x[0:1] + LUMA[1] * x[1:2] + LUMA[2] * x[2:3]
 
 
 def adjust_brightness(x: torch.Tensor, factor: float) -> torch.Tensor:

@@ -4,7 +4,6 @@
   biases and 1-D tensors such as norm weights); frozen parameters are left out.
 - Gradient clipping per parameter: each parameter's gradient is scaled to norm <= clip (3.0), not
   one global norm.
-- The student head's last layer gets no gradient during the first `freeze_last_layer` epochs.
 - AdamW for ViTs (default), SGD and LARS for ResNet-50.
 """
 
@@ -59,21 +58,6 @@ def clip_gradients_(model: nn.Module, clip: float) -> torch.Tensor | None:
     coefficients = (clip / (norms + 1e-6)).clamp(max=1.0)  # 1.0 leaves a gradient as it is
     torch._foreach_mul_(grads, coefficients.tolist())
     return norms
-
-
-def cancel_last_layer_gradients_(model: nn.Module, epoch: int, freeze_last_layer: int) -> None:
-    """Drop the gradients of the head's `last_layer` while `epoch < freeze_last_layer` (1 epoch by
-    default), as the reference's `cancel_gradients_last_layer`."""
-    if epoch < freeze_last_layer:
-        drop_last_layer_gradients_(model)
-
-
-def drop_last_layer_gradients_(model: nn.Module) -> None:
-    """Set the gradients of every parameter under a `last_layer` module to `None`: the optimiser then
-    skips them entirely (no update, no weight decay, no moment update)."""
-    for name, param in model.named_parameters():
-        if "last_layer" in name:
-            param.grad = None
 
 
 class LARS(torch.optim.Optimizer):
@@ -169,8 +153,6 @@ __all__ = [
     "OPTIMIZERS",
     "build_optimizer",
     "optimizer_kernel_options",
-    "cancel_last_layer_gradients_",
     "clip_gradients_",
-    "drop_last_layer_gradients_",
     "get_param_groups",
 ]

@@ -13,7 +13,8 @@ from accelerate import Accelerator
 from torch import nn
 
 from .loss import DinoLoss, collapse_diagnostics
-from .optimization import clip_gradients_, drop_last_layer_gradients_
+from .heads import DinoHead
+from .optimization import clip_gradients_
 from .teacher import ema_update_
 
 NONFINITE_HINTS = (
@@ -113,7 +114,9 @@ def train_step(
         accelerator.unscale_gradients(optimizer)
     clip_gradients_(student, clip_grad)
     if freeze_last_layer:
-        drop_last_layer_gradients_(student)
+        for module in student.modules():
+            if isinstance(module, DinoHead):
+                module.cancel_last_layer_gradients_()
     if freeze_backbone:
         for p in _unwrap(student, accelerator).backbone.parameters():
             p.grad = None  # the optimiser skips parameters without a gradient
@@ -135,10 +138,9 @@ def _forward_backward(student, teacher, dino_loss, crops, teacher_temp, accelera
         with torch.no_grad():
             teacher_output = teacher(crops[:2])  # (2 * B, K): only the global crops
         student_output = student(crops)  # (ncrops * B, K)
-        diagnostics = collapse_diagnostics(
-            student_output.detach(), teacher_output, dino_loss.center, teacher_temp, dino_loss.student_temp
-        )
-        loss = dino_loss(student_output, teacher_output, teacher_temp, update_center=False)
+        terms = dino_loss.terms(student_output, teacher_output, teacher_temp)
+        diagnostics = {key: value.item() for key, value in collapse_diagnostics(terms, dino_loss.center).items()}
+        loss = terms.loss
     loss_value = _mean_over_processes(loss, accelerator)
     if not math.isfinite(loss_value):
         raise FloatingPointError(f"DINO loss is {loss_value}; {NONFINITE_HINTS}")

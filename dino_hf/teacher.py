@@ -12,7 +12,8 @@ import os
 import torch
 from torch import nn
 
-from .backbones import TIMM_PREFIX, build_backbone
+from .backbones import build_backbone
+from .model_references import TIMM_PREFIX
 from .configuration_dino import PRESETS
 from .convert import dino_from_reference
 from .heads import DinoHead

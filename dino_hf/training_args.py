@@ -22,6 +22,7 @@ from accelerate.utils import LoggerType
 from transformers import HfArgumentParser
 
 from .configuration_dino import PRESETS, DinoConfig
+from .model_references import TIMM_PREFIX, is_external_timm_name, is_hub_id
 from .optimization import OPTIMIZERS
 
 SECRET_FIELDS = ("hub_token",)
@@ -267,12 +268,12 @@ def _validate_model(args: DinoTrainingArguments) -> None:
     if args.model_name_or_path and args.backbone:
         _fail("backbone", args.backbone, "leave it unset when --model_name_or_path is given (they are alternatives)")
     if args.backbone is not None:
-        if not args.backbone.startswith("timm:"):
+        if not args.backbone.startswith(TIMM_PREFIX):
             _fail("backbone", args.backbone, "a timm model as timm:NAME, e.g. timm:resnet50; DinoModels go in --model_name_or_path")
         _check_timm_name("backbone", args.backbone)
         return
     spec = args.model_name_or_path or "vit_small_patch16"
-    if spec.startswith("timm:"):
+    if spec.startswith(TIMM_PREFIX):
         _check_timm_name("model_name_or_path", spec)
     elif spec in PRESETS:
         check_crop_sizes(args, DinoConfig.from_preset(spec).patch_size)
@@ -284,17 +285,17 @@ def _validate_model(args: DinoTrainingArguments) -> None:
     elif os.path.isfile(spec):
         if not spec.endswith((".pth", ".pt", ".safetensors")):
             _fail("model_name_or_path", spec, "a reference DINO checkpoint file ending in .pth, .pt or .safetensors")
-    elif len(spec.split("/")) != 2 or spec.startswith((".", "/", "~")) or not all(spec.split("/")):
+    elif not is_hub_id(spec):
         _fail("model_name_or_path", spec, f"a DinoModel preset ({', '.join(PRESETS)}), an existing folder or "
               "checkpoint file, or a Hub id org/name")
 
 
 def _check_timm_name(field_name: str, spec: str) -> None:
     """`spec` is timm:NAME with a NAME that timm knows (or a hf-hub: / local-dir: reference)."""
-    name = spec.removeprefix("timm:")
-    if not name.startswith(("hf-hub:", "hf_hub:", "local-dir:")) and not timm.is_model(name):
+    name = spec.removeprefix(TIMM_PREFIX)
+    if not is_external_timm_name(name) and not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
-        hint = f" (closest: {', '.join('timm:' + match for match in close)})" if close else ""
+        hint = f" (closest: {', '.join(TIMM_PREFIX + match for match in close)})" if close else ""
         _fail(field_name, spec, f"a model name that timm knows, see timm.list_models(){hint}")
 
 

@@ -112,3 +112,12 @@ def test_safetensors_round_trip_is_exact(tmp_path):
 def test_nlayers_zero_is_refused():
     with pytest.raises(ValueError, match="at least 1"):
         tiny_head(nlayers=0)
+
+
+def test_last_layer_gradients_are_cancelled_and_nothing_else():
+    head = tiny_head(norm_last_layer=False)
+    head(torch.randn(2, IN_DIM)).sum().backward()
+    assert head.last_layer.weight_v.grad is not None and head.last_layer.weight_g.grad is not None
+    head.cancel_last_layer_gradients_()
+    assert head.last_layer.weight_v.grad is None and head.last_layer.weight_g.grad is None
+    assert head.mlp[0].weight.grad is not None

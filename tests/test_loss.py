@@ -107,17 +107,18 @@ def test_shape_errors_name_the_fix():
 
 def test_diagnostics_of_uniform_and_one_hot_teacher():
     student = torch.randn(4 * B, K)
-    center = torch.zeros(1, K)
-    uniform = collapse_diagnostics(student, torch.zeros(2 * B, K), center, 0.04)
-    assert uniform["teacher_entropy"] == pytest.approx(math.log(K), rel=1e-6)
-    assert uniform["teacher_max_prob"] == pytest.approx(1 / K, rel=1e-6)
+    loss_fn = DinoLoss(K, 4)
+    center = loss_fn.center
+    uniform = collapse_diagnostics(loss_fn.terms(student, torch.zeros(2 * B, K), 0.04), center)
+    assert uniform["teacher_entropy"].item() == pytest.approx(math.log(K), rel=1e-6)
+    assert uniform["teacher_max_prob"].item() == pytest.approx(1 / K, rel=1e-6)
 
     one_hot = torch.zeros(2 * B, K)
     one_hot[:, 5] = 10.0
-    collapsed = collapse_diagnostics(student, one_hot, center, 0.04)
-    assert collapsed["distinct_prototypes"] == 1.0
-    assert collapsed["teacher_max_prob"] == pytest.approx(1.0, abs=1e-6)
-    assert collapsed["teacher_entropy"] == pytest.approx(0.0, abs=1e-4)
+    collapsed = collapse_diagnostics(loss_fn.terms(student, one_hot, 0.04), center)
+    assert collapsed["distinct_prototypes"].item() == 1.0
+    assert collapsed["teacher_max_prob"].item() == pytest.approx(1.0, abs=1e-6)
+    assert collapsed["teacher_entropy"].item() == pytest.approx(0.0, abs=1e-4)
 
 
 def test_diagnostics_kl_is_loss_minus_teacher_entropy():
@@ -126,7 +127,7 @@ def test_diagnostics_kl_is_loss_minus_teacher_entropy():
     center = torch.randn(1, K, dtype=torch.float64) * 0.1
     loss_fn = DinoLoss(K, 6).double()
     loss_fn.center.copy_(center)
-    stats = collapse_diagnostics(student, teacher, center, 0.07)
+    stats = {key: value.item() for key, value in collapse_diagnostics(loss_fn.terms(student, teacher, 0.07), center).items()}
     loss = loss_fn(student, teacher, 0.07).item()
 
     q = F.softmax((teacher - center) / 0.07, dim=-1)

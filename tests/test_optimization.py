@@ -6,7 +6,6 @@ from dino_hf.heads import DinoHead
 from dino_hf.optimization import (
     LARS,
     build_optimizer,
-    cancel_last_layer_gradients_,
     clip_gradients_,
     get_param_groups,
 )
@@ -55,16 +54,6 @@ def test_clip_zero_turns_clipping_off():
     assert torch.equal(p.grad, torch.tensor([30.0, 40.0]))
     with pytest.raises(ValueError, match="0 turns"):
         clip_gradients_(nn.ParameterList([p]), -1.0)
-
-
-def test_last_layer_gradients_dropped_only_during_frozen_epochs():
-    model = Tiny()
-    model.head(torch.randn(2, 3)).sum().backward()
-    cancel_last_layer_gradients_(model, epoch=1, freeze_last_layer=1)
-    assert model.head.last_layer.weight_v.grad is not None
-    cancel_last_layer_gradients_(model, epoch=0, freeze_last_layer=1)
-    assert model.head.last_layer.weight_v.grad is None
-    assert model.head.mlp[0].weight.grad is not None
 
 
 def test_lars_step_by_hand():
