@@ -4,7 +4,7 @@ Ours: `dino_hf.step.train_step` (one backbone call per crop resolution, the head
 crops, SDPA attention, multi-tensor EMA) with fused AdamW kernels where the device has them
 (`build_optimizer(..., device=)`), and on a GPU bf16 autocast through Accelerate (plus
 `--torch_compile` if asked).
-Baseline, written here from SPEC.md alone: one backbone call per crop, attention through an explicit
+Baseline, written here from the formulas of docs/recipe.md alone: one backbone call per crop, attention through an explicit
 softmax (DinoModel's `output_attentions=True` path), the loss as a Python loop over crop pairs,
 per-parameter clipping in a loop, PyTorch's for-loop AdamW, an EMA in a Python loop, fp32.
 
@@ -67,7 +67,7 @@ def ours(args, device):
 
 
 def baseline(args, device):
-    """A function doing one step as SPEC.md describes it, with nothing fused or grouped."""
+    """A function doing one step as docs/recipe.md#training-step describes it, with nothing fused or grouped."""
     student, teacher, dino_loss, crops = build(args, device)
     center = dino_loss.center
     optimizer = torch.optim.AdamW(get_param_groups(student), foreach=False)

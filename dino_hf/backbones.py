@@ -77,7 +77,7 @@ def build_backbone(
     Args:
         spec: `"timm:NAME"`, a DinoModel preset name, a `DinoConfig`, a `DinoModel`, a local folder
             of a saved `DinoModel` or a Hub id.
-        drop_path_rate (`float`, defaults to 0.1): stochastic depth at the last block (SPEC). Applied
+        drop_path_rate (`float`, defaults to 0.1): stochastic depth at the last block (docs/recipe.md#backbones). Applied
             to every spec except a `DinoModel` instance, which is taken as it is.
         image_size (`int`, defaults to 224): size of the global crops; sets the native size of a timm
             ViT's or a preset's position embeddings. A `DinoConfig` or saved model keeps its own.

@@ -21,7 +21,7 @@ The rows that take hue at a jitter position, and the rows that are blurred, are 
 `nonzero` (a few host-device synchronisations per batch); the other operations never wait.
 
 The random decisions follow the same distributions as `MultiCropTransform` (same draws per crop,
-same meaning), so the SPEC's rates hold; a test checks them over many samples and checks each
+same meaning), so the recipe's rates hold (docs/recipe.md#multi-crop-augmentation); a test checks them over many samples and checks each
 pixel operation against the CPU path. Differences from the CPU path: the crop is resampled in
 float instead of rounded to uint8, and the crop box is drawn in the S x S capped image rather than
 the whole decoded image (so the scale range is relative to the centre or random square).

@@ -8,7 +8,7 @@ that converting between the two is a rename. The defaults are DINO's ViT-S/16: L
 
 from transformers import PretrainedConfig
 
-# name -> (hidden_size, num_hidden_layers, num_attention_heads); SPEC "Networks", paper Table 1.
+# name -> (hidden_size, num_hidden_layers, num_attention_heads); docs/recipe.md#backbones, paper Table 1.
 _VIT_SIZES = {
     "vit_tiny": (192, 12, 3),
     "vit_small": (384, 12, 6),

@@ -4,7 +4,7 @@
   names as `DinoModel`, plus a `pooler.*` layer that DINO does not have (dropped);
 - timm `VisionTransformer` weights (the `*.dino` tags): `cls_token`, `pos_embed`, `patch_embed.proj`,
   `blocks.{i}.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}`, `norm`, with q, k, v fused;
-- the reference DINO checkpoints (SPEC "Checkpoint format of the reference"): full training checkpoints
+- the reference DINO checkpoints (docs/formats.md#reference-checkpoints): full training checkpoints
   with `teacher` / `student` (keys `[module.]backbone.*` with timm's names, `[module.]head.*`), and
   backbone-only state dicts.
 
@@ -173,7 +173,7 @@ def dino_from_vit(source: "ViTModel | dict | str | Path", **config_overrides) ->
     dropped).
 
     LayerNorm eps is set to 1e-6: the facebook/dino-* configs say 1e-12, but the weights were trained
-    with 1e-6 (SPEC "Checkpoint format of the reference"). `config_overrides` go to `DinoConfig`
+    with 1e-6 (docs/formats.md#layernorm-epsilon). `config_overrides` go to `DinoConfig`
     (e.g. `num_attention_heads` for a bare state dict whose width is not a multiple of 64).
     """
     vit_config = None
@@ -291,7 +291,7 @@ def dino_from_reference(
     model = _dino_from_timm_names(backbone, name, **(fields | config_overrides))
     if not head:
         return ImportedCheckpoint(model)
-    # The teacher's head is always built with norm_last_layer=True (SPEC "Networks").
+    # The teacher's head is always built with norm_last_layer=True (docs/recipe.md#student-and-teacher).
     norm_last_layer = bool(getattr(args, "norm_last_layer", True)) if use_student else True
     return ImportedCheckpoint(model, head, _head_config(head, norm_last_layer, name))
 

@@ -1,4 +1,4 @@
-"""Downstream evaluation of DINO backbones (SPEC "Evaluation protocols"; paper Sec. 4.1 and Appendix):
+"""Downstream evaluation of DINO backbones (docs/evaluation.md; paper Sec. 3.2 and Appendix):
 labelled images in, features out.
 
 - `add_model_argument` / `add_dataset_arguments` / `load_split`: the model and the train and eval

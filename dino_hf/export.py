@@ -11,7 +11,7 @@
   returns that timm `VisionTransformer`.
 
 All of them compute the same features at the native image size; at other sizes each library
-interpolates the position embeddings its own way (SPEC "Networks").
+interpolates the position embeddings its own way (docs/recipe.md#position-embedding-interpolation).
 """
 
 import json

@@ -1,4 +1,5 @@
-"""The reference's weighted k-NN classifier on frozen features (paper Sec. 4.1; reference eval_knn.py).
+"""The reference's weighted k-NN classifier on frozen features (paper Sec. 3.2; reference eval_knn.py;
+docs/evaluation.md#weighted-k-nn).
 
 Features are L2-normalised, so that similarity is the cosine; each test feature takes the k nearest
 train features (k = 10, 20, 100, 200) and their labels vote with weights exp(sim / 0.07). The test
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import PartialState
 
-# Paper Sec. 4.1 / reference eval_knn.py: neighbours reported, and the temperature of the vote weights.
+# Paper Sec. 3.2 / reference eval_knn.py: neighbours reported, and the temperature of the vote weights.
 KNN_KS = (10, 20, 100, 200)
 KNN_TEMPERATURE = 0.07
 

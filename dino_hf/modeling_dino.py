@@ -33,7 +33,7 @@ def dino_image_processor(image_size: int = 224) -> BitImageProcessor:
     """DINO's evaluation transform as a stock transformers image processor.
 
     Resize the shortest edge to 256 (bicubic), centre-crop 224, scale to [0, 1] and normalise with the
-    ImageNet mean and std (SPEC "Evaluation protocols"). Other sizes keep the 256 / 224 ratio.
+    ImageNet mean and std (docs/evaluation.md#evaluation-transform). Other sizes keep the 256 / 224 ratio.
     """
     return BitImageProcessor(
         do_resize=True,

@@ -12,7 +12,7 @@ import re
 
 import torch
 
-# LayerNorm eps the DINO weights were trained with (SPEC "Networks"), whatever a copied config says.
+# LayerNorm eps the DINO weights were trained with (docs/formats.md#layernorm-epsilon), whatever a copied config says.
 DINO_LAYER_NORM_EPS = 1e-6
 
 # timm / reference module name -> DinoModel module name (transformers' ViT names).

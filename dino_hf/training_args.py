@@ -50,7 +50,7 @@ class DinoTrainingArguments:
     use_bn_in_head: bool = field(default=False, metadata={"help": "BatchNorm after the head's hidden layers."})
     head_hidden_dim: int = field(default=2048, metadata={"help": "Hidden width of the DINO head."})
     head_bottleneck_dim: int = field(default=256, metadata={"help": "Bottleneck width of the DINO head."})
-    head_nlayers: int = field(default=3, metadata={"help": "Linear layers of the head before the bottleneck."})
+    head_nlayers: int = field(default=3, metadata={"help": "Linear layers of the head's MLP, the one into the bottleneck included (3: d -> 2048 -> 2048 -> 256)."})
     head_warmup_steps: int = field(
         default=0,
         metadata={"help": "Continued pretraining from weights without a head: train the fresh head alone, backbone "

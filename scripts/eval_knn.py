@@ -1,4 +1,4 @@
-"""Weighted k-NN evaluation of a backbone (SPEC "Evaluation protocols"; reference eval_knn.py).
+"""Weighted k-NN evaluation of a backbone (docs/evaluation.md#weighted-k-nn; reference eval_knn.py).
 
     python scripts/eval_knn.py --model outputs/dino/checkpoint-1000 --dataset_name imagenet-1k \
         --train_split train --eval_split validation

@@ -278,7 +278,7 @@ def test_eval_transform_matches_dino_image_processor():
     assert ours.shape == processor.shape == (3, 32, 32)
     torch.testing.assert_close(ours, processor, atol=0.05, rtol=0)
     resize, crop = eval_transform(224).transforms[:2]
-    assert resize.size == 256 and crop.size == (224, 224)  # resize 256 bicubic, crop 224 (SPEC)
+    assert resize.size == 256 and crop.size == (224, 224)  # resize 256 bicubic, crop 224 (docs/evaluation.md#evaluation-transform)
     assert resize.interpolation == InterpolationMode.BICUBIC
 
 

@@ -36,7 +36,7 @@ def test_loss_equals_einsum_over_crop_pairs(nlocal, nterms):
     loss = loss_fn(student, teacher, teacher_temp=0.04)
     expected, terms = pairwise_loss(student, teacher, center.double(), 0.04)
 
-    assert terms == nterms  # 2 * ncrops - 2, SPEC "Loss"
+    assert terms == nterms  # 2 * ncrops - 2, docs/recipe.md#loss
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
 
 
@@ -89,7 +89,7 @@ def test_collapsed_teacher_gives_hand_derived_value():
     expected = math.log(math.exp(u) + out_dim - 1) - u / out_dim
     assert loss_fn(student, teacher, 0.04).item() == pytest.approx(expected, rel=1e-12)
 
-    # The collapse plateau of SPEC: student outputs also all equal -> ln K = 11.09.
+    # The collapse plateau (docs/failure_modes.md#uniform-collapse): student outputs also all equal -> ln K = 11.09.
     loss = DinoLoss(out_dim, 4)(torch.zeros(4 * B, out_dim), torch.zeros(2 * B, out_dim), 0.04)
     assert loss.item() == pytest.approx(math.log(out_dim), rel=1e-6)
     assert round(math.log(out_dim), 2) == 11.09

@@ -33,7 +33,7 @@ def setup():
 
 
 def step_by_hand(student, teacher, center, crops, optimizer_name, freeze_last_layer):
-    """One step written from SPEC.md, sharing nothing with dino_hf but the networks' forward."""
+    """One step written from the formulas of docs/recipe.md#training-step, sharing nothing with dino_hf but the networks' forward."""
     with torch.no_grad():
         t = teacher(crops[:2])  # (2B, K)
     s = student(crops)  # (NCROPS * B, K)
