@@ -8,7 +8,8 @@ with `trust_remote_code=True` where dino_hf is not installed.
 from transformers import AutoConfig, AutoModel
 
 from .configuration_dino import PRESETS, DinoConfig
-from .modeling_dino import DinoModel, dino_image_processor
+from .image_processing_dino import dino_image_processor
+from .modeling_dino import DinoModel
 
 AutoConfig.register(DinoConfig.model_type, DinoConfig, exist_ok=True)
 AutoModel.register(DinoConfig, DinoModel, exist_ok=True)

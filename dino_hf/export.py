@@ -29,7 +29,8 @@ from transformers import ViTConfig, ViTModel
 
 from .backbones import DinoModelBackbone, TimmBackbone
 from .configuration_dino import PRESETS, DinoConfig
-from .modeling_dino import IMAGENET_MEAN, IMAGENET_STD, DinoModel, dino_image_processor
+from .image_processing_dino import IMAGENET_MEAN, IMAGENET_STD, dino_image_processor
+from .modeling_dino import DinoModel
 from .timm_weights import DINO_LAYER_NORM_EPS, dino_to_timm_state_dict
 
 # Keys of a timm `pretrained_cfg` that describe the exported weights and their preprocessing; the others

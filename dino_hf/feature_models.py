@@ -23,7 +23,8 @@ from torchvision import transforms
 from .backbones import DinoModelBackbone, TimmBackbone, build_backbone
 from .convert import dino_from_vit
 from .model_references import TIMM_PREFIX, is_hub_id, is_timm_folder
-from .modeling_dino import IMAGENET_MEAN, IMAGENET_STD, DinoModel
+from .image_processing_dino import IMAGENET_MEAN, IMAGENET_STD
+from .modeling_dino import DinoModel
 
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # the trainer's checkpoint folders
 

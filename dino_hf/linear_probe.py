@@ -16,7 +16,7 @@ from torch import nn
 from torchvision import transforms
 
 from .feature_models import FeatureModel
-from .modeling_dino import IMAGENET_MEAN, IMAGENET_STD
+from .image_processing_dino import IMAGENET_MEAN, IMAGENET_STD
 
 
 def train_transform(image_size: int = 224) -> transforms.Compose:

@@ -7,7 +7,8 @@ Weight names are those of transformers' ViT checkpoints on disk (`embeddings.*`,
 is the CLS token after the final LayerNorm), and the reference's bicubic interpolation of the position
 grid, so that 224 px global crops and 96 px local crops go through the same weights.
 
-This file imports only torch and transformers: it is copied next to saved weights so that
+This file and the two it imports (`configuration_dino.py`, `image_processing_dino.py`) need only torch
+and transformers: they are copied next to saved weights so that
 `AutoModel.from_pretrained(folder, trust_remote_code=True)` works without dino_hf installed.
 """
 
@@ -16,39 +17,14 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import BitImageProcessor, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
-from transformers.image_utils import PILImageResampling
 
 from .configuration_dino import PRESETS, DinoConfig
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def dino_image_processor(image_size: int = 224) -> BitImageProcessor:
-    """DINO's evaluation transform as a stock transformers image processor.
-
-    Resize the shortest edge to 256 (bicubic), centre-crop 224, scale to [0, 1] and normalise with the
-    ImageNet mean and std (docs/evaluation.md#evaluation-transform). Other sizes keep the 256 / 224 ratio.
-    """
-    return BitImageProcessor(
-        do_resize=True,
-        size={"shortest_edge": round(image_size * 256 / 224)},
-        resample=PILImageResampling.BICUBIC,
-        do_center_crop=True,
-        crop_size={"height": image_size, "width": image_size},
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=list(IMAGENET_MEAN),
-        image_std=list(IMAGENET_STD),
-        do_convert_rgb=True,
-    )
-
+from .image_processing_dino import dino_image_processor
 
 class DinoPatchEmbeddings(nn.Module):
     """Non-overlapping patches of size `patch_size`, linearly embedded by a strided convolution."""
@@ -383,4 +359,4 @@ class DinoModel(DinoPreTrainedModel):
         super().save_pretrained(save_directory, *args, **kwargs)
 
 
-__all__ = ["DinoModel", "DinoPreTrainedModel", "PRESETS", "dino_image_processor"]
+__all__ = ["DinoModel", "DinoPreTrainedModel", "PRESETS"]

@@ -27,7 +27,7 @@ from torchvision.transforms import InterpolationMode
 
 from . import augment_constants as draw
 from .augment_constants import LUMA
-from .modeling_dino import IMAGENET_MEAN, IMAGENET_STD
+from .image_processing_dino import IMAGENET_MEAN, IMAGENET_STD
 
 
 

@@ -7,6 +7,7 @@ gradients: it follows the student by an exponential moving average of the parame
 """
 
 import copy
+import itertools
 import os
 
 import torch
@@ -51,12 +52,11 @@ class MultiCropWrapper(nn.Module):
         [crop 1 batch, crop 2 batch, ...] (for DINO: global 1, global 2, local 1, ...)."""
         if isinstance(crops, torch.Tensor):
             crops = [crops]
-        widths = torch.tensor([crop.shape[-1] for crop in crops])
-        _, counts = torch.unique_consecutive(widths, return_counts=True)
-        features, start = [], 0
-        for count in counts.tolist():
-            features.append(self.backbone(torch.cat(crops[start : start + count])))  # (count * B, D)
-            start += count
+        # Grouped on the host from the shapes alone: no tensor is read back from the device.
+        features = [
+            self.backbone(torch.cat(list(group)))  # (count * B, D)
+            for _, group in itertools.groupby(crops, key=lambda crop: crop.shape[-1])
+        ]
         return self.head(torch.cat(features))  # (len(crops) * B, K)
 
 

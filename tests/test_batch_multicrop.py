@@ -11,7 +11,8 @@ from torchvision.transforms import InterpolationMode
 
 from dino_hf.batch_multicrop import BatchMultiCrop, DecodeAndCap, resized_crops
 from dino_hf.data import collate_multicrop
-from dino_hf.multicrop import IMAGENET_MEAN, IMAGENET_STD, CropParams, MultiCropTransform
+from dino_hf.image_processing_dino import IMAGENET_MEAN, IMAGENET_STD
+from dino_hf.multicrop import CropParams, MultiCropTransform
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)

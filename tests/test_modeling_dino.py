@@ -3,6 +3,7 @@ import math
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -268,6 +269,38 @@ def test_saved_folder_loads_without_dino_hf(model, tmp_path):
         with torch.no_grad():
             diff = (model(x).pooler_output - expected).abs().max().item()
         assert diff <= 1e-6, diff
+        print("OK", diff)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "OK" in result.stdout
+
+
+EXPORT_V010 = Path(__file__).resolve().parent / "fixtures" / "dino_vit_export_v0.1.0"
+
+
+def test_a_folder_exported_by_version_0_1_0_loads_with_the_same_features(tmp_path):
+    """`fixtures/dino_vit_export_v0.1.0` was written by `export_backbone` of dino_hf 0.1.0 (flat package
+    layout); it loads with dino_hf and, with its own copied code, without it."""
+    expected = load_file(str(EXPORT_V010) + ".expected.safetensors")
+    model = AutoModel.from_pretrained(EXPORT_V010).eval()
+    assert isinstance(model, DinoModel)
+    with torch.no_grad():
+        assert (model(expected["pixel_values"]).pooler_output - expected["pooler_output"]).abs().max() <= 1e-5
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["dino_hf"] = None  # dino_hf cannot be imported in this process
+        import torch
+        from safetensors.torch import load_file
+        from transformers import AutoModel
+        model = AutoModel.from_pretrained({str(EXPORT_V010)!r}, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        expected = load_file({str(EXPORT_V010) + ".expected.safetensors"!r})
+        with torch.no_grad():
+            diff = (model(expected["pixel_values"]).pooler_output - expected["pooler_output"]).abs().max().item()
+        assert diff <= 1e-5, diff
         print("OK", diff)
         """
     )
