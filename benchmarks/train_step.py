@@ -16,6 +16,12 @@ memory held before the first step. Images are source images (10 crops each) per 
 
     python benchmarks/train_step.py                  # CPU: batch 4, 2 x (1 warm-up + 1 timed step)
     python benchmarks/train_step.py --batch 128      # GPU (bf16): defaults batch 128, 5 + 20 steps
+
+Per-step overhead (Python, launches, host synchronisation) shows with a tiny model on small crops,
+where the arithmetic is negligible; steps/s is then the figure:
+
+    python benchmarks/train_step.py --model vit_tiny_patch16 --global_size 32 --local_size 16 \
+        --local_crops 2 --out_dim 1024 --batch 8 --warmup 3 --steps 30
 """
 
 import argparse
@@ -46,8 +52,10 @@ def build(args, device):
     teacher = build_teacher(student)
     dino_loss = DinoLoss(args.out_dim, 2 + args.local_crops).to(device)
     generator = torch.Generator(device).manual_seed(0)
-    crops = [torch.randn(args.batch, 3, 224, 224, device=device, generator=generator) for _ in range(2)]
-    crops += [torch.randn(args.batch, 3, 96, 96, device=device, generator=generator) for _ in range(args.local_crops)]
+    crops = [torch.randn(args.batch, 3, args.global_size, args.global_size, device=device, generator=generator)
+             for _ in range(2)]
+    crops += [torch.randn(args.batch, 3, args.local_size, args.local_size, device=device, generator=generator)
+              for _ in range(args.local_crops)]
     return student, teacher, dino_loss, crops
 
 
@@ -143,6 +151,8 @@ def main():
     parser.add_argument("--model", default="vit_small_patch16", help="a DinoModel preset")
     parser.add_argument("--batch", type=int, default=None, help="images per step (CPU 4, GPU 128)")
     parser.add_argument("--local_crops", type=int, default=8)
+    parser.add_argument("--global_size", type=int, default=224, help="side of the 2 global crops")
+    parser.add_argument("--local_size", type=int, default=96, help="side of the local crops")
     parser.add_argument("--out_dim", type=int, default=65536)
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps (CPU 1, GPU 5)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (CPU 1, GPU 20)")
@@ -163,7 +173,7 @@ def main():
 
     hardware = torch.cuda.get_device_name() if cuda else f"CPU, {args.threads} thread(s)"
     precision = "bf16 autocast" if cuda else "fp32"
-    print(f"{args.model}, 2 x 224 + {args.local_crops} x 96 crops, out_dim {args.out_dim}, batch {args.batch}, "
+    print(f"{args.model}, 2 x {args.global_size} + {args.local_crops} x {args.local_size} crops, out_dim {args.out_dim}, batch {args.batch}, "
           f"best of {args.repeats} x ({args.warmup} warm-up + {args.steps} timed steps), {hardware}; ours {precision}"
           f"{' + torch.compile' if args.torch_compile else ''}, baseline fp32")
     results = {}
@@ -177,7 +187,10 @@ def main():
             if variant not in results or run["step_seconds"] < results[variant]["step_seconds"]:
                 results[variant] = run
     memory = "peak GPU memory of the step (MiB)" if cuda else "peak RSS rise during the steps (MiB)"
-    rows = [("images/s", "images_per_second", "{:.2f}"), ("seconds/step", "step_seconds", "{:.3f}"),
+    for run in results.values():
+        run["steps_per_second"] = 1 / run["step_seconds"]
+    rows = [("images/s", "images_per_second", "{:.2f}"), ("steps/s", "steps_per_second", "{:.2f}"),
+            ("seconds/step", "step_seconds", "{:.3f}"),
             (memory, "memory_mib", "{:.0f}")]
     print(f"{'':38s} {'dino_hf':>10s} {'baseline':>10s} {'ratio':>7s}")
     for label, key, fmt in rows:
