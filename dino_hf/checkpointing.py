@@ -18,9 +18,10 @@ number of processes and under FSDP or not.
 
 Two helpers of the loop make a resume exact and timely: `EndlessBatches`, the batch stream whose
 state (data epoch and position) goes into `data_state_<rank>.pt`, and `PreemptionSignals`, which
-turns a scheduler's SIGTERM / SIGUSR1 into a checkpoint at the end of the current step.
+turns a scheduler's SIGTERM / SIGUSR1 or a Ctrl-C into a checkpoint at the end of the current step.
 """
 
+import errno
 import json
 import logging
 import os
@@ -36,6 +37,8 @@ import torch
 from accelerate import Accelerator
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from .data import STOP_SIGNALS
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +59,27 @@ WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 class CheckpointError(RuntimeError):
     """A checkpoint folder is incomplete or unreadable."""
+
+
+_OS_ERROR_CODE = re.compile(r"\(os error (\d+)\)")  # how safetensors (Rust) names the OS error it got
+
+
+def write_error_advice(error: BaseException, folder: Path) -> str:
+    """What to do about `error`, one of WRITE_ERRORS raised while writing a checkpoint under `folder`.
+
+    A full disk or quota, a folder that cannot be written and a file size limit are told apart by
+    the error's errno: an OSError's own, or the `(os error N)` in a safetensors message. Any other
+    error (torch.save's carry no errno) gets no guess: its cause is to be removed."""
+    code = getattr(error, "errno", None)
+    if code is None and (found := _OS_ERROR_CODE.search(str(error))):
+        code = int(found.group(1))
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return f"the disk of {folder} is full or over quota: free space on it"
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"make {folder} writable"
+    if code == errno.EFBIG:
+        return "a file is over the size limit of the file system or of this process (`ulimit -f`): raise the limit"
+    return "remove the cause of that error"
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -264,20 +288,27 @@ def load_checkpoint(folder: Path, rank: int) -> dict:
 
 
 class PreemptionSignals:
-    """Notes SIGTERM and SIGUSR1 (what cluster schedulers send before they stop a job) instead of
-    dying on them; the loop then checkpoints at the end of the current step and returns.
+    """Notes SIGTERM and SIGUSR1 (what cluster schedulers send before they stop a job) and SIGINT
+    (Ctrl-C) instead of dying on them; the loop then checkpoints at the end of the current step and
+    returns. A second SIGINT raises `KeyboardInterrupt` at once, without the checkpoint.
+
+    Schedulers and terminals signal every process of the job; the loader's workers ignore these
+    signals (`data.ignore_stop_signals`), so that the main process stops them itself once the
+    checkpoint is written.
 
     A context manager: the previous handlers are restored on exit. Outside the main thread (where
     Python cannot install handlers) it does nothing.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = STOP_SIGNALS
 
     def __init__(self):
         self.received: str | None = None
         self._previous: dict = {}
 
     def _note(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.received == signal.SIGINT.name:
+            raise KeyboardInterrupt
         self.received = signal.Signals(signum).name
 
     def __enter__(self) -> "PreemptionSignals":
@@ -369,6 +400,7 @@ __all__ = [
     "on_any_process",
     "on_every_process",
     "staging_dir",
+    "write_error_advice",
     "write_process_state",
     "write_shared_state",
 ]

@@ -9,9 +9,12 @@ retried reads) and a torchdata `StatefulDataLoader`, so that the stream position
 training state; `SkipReport` adds up the skipped images that the batches report.
 """
 
+import functools
 import logging
 import math
 import os
+import signal
+import threading
 from collections import Counter
 from typing import Optional, Sequence, Union
 
@@ -33,6 +36,9 @@ IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().i
 _TABLE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".tar": "webdataset"}
 _MAX_FILES_PER_SHARD = 1024
 _MIN_SHARDS = 256
+# The signals that stop a run. SLURM, `timeout` and a terminal's Ctrl-C send them to every process of
+# the job, workers included; the main process handles them (`checkpointing.PreemptionSignals`).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 def load_image_stream(
@@ -206,6 +212,29 @@ class SkipReport:
         return "skipped images: " + ", ".join(f"{reason} {n}" for reason, n in sorted(self.counts.items()))
 
 
+def ignore_stop_signals(worker_id: int, main_process: int) -> None:
+    """The loader's `worker_init_fn`: the worker ignores STOP_SIGNALS, so that a signal sent to the
+    whole job reaches the main process alone, which checkpoints and then shuts its workers down. A
+    SIGTERM from `main_process` (the pid of the main process: how it ends workers that do not stop
+    when asked, also when it exits on an error) still ends the worker, as PyTorch's own worker
+    handler does. A worker whose main process is gone exits by itself.
+
+    The signals are blocked and taken by a thread that sees their sender (`sigwaitinfo`); where
+    there is no `sigwaitinfo` (macOS), the worker keeps PyTorch's handling.
+    """
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    threading.Thread(target=_take_stop_signals, args=(main_process,), name="stop-signals", daemon=True).start()
+
+
+def _take_stop_signals(main_process: int) -> None:
+    while True:
+        received = signal.sigwaitinfo(STOP_SIGNALS)
+        if received.si_signo == signal.SIGTERM and received.si_pid == main_process:
+            os._exit(0)
+
+
 def build_multicrop_dataloader(
     stream: IterableDataset,
     image_column: str,
@@ -230,7 +259,8 @@ def build_multicrop_dataloader(
     started. Call `loader.dataset.set_epoch(epoch)` before each epoch. `seed` should differ
     between processes (e.g. seed + rank). Transient read failures of the stream are retried in
     place (`max_retries`, `retry_delay`, `max_retry_delay`: see `MultiCropStream`) and counted in
-    `batch["stream_retries"]`.
+    `batch["stream_retries"]`. Workers ignore the SIGTERM, SIGUSR1 and SIGINT that other processes
+    send them (`ignore_stop_signals`).
     """
     dataset = MultiCropStream(
         stream, image_column, transform, seed, shuffle_buffer_size, id_column, max_pixels, min_side,
@@ -246,4 +276,5 @@ def build_multicrop_dataloader(
         collate_fn=collate_multicrop,
         drop_last=drop_last,
         pin_memory=pin_memory,
+        worker_init_fn=functools.partial(ignore_stop_signals, main_process=os.getpid()),
     )

@@ -291,9 +291,10 @@ def _train(args: DinoTrainingArguments, signals: checkpointing.PreemptionSignals
             if accelerator.is_main_process:
                 shutil.rmtree(staging, ignore_errors=True)
             raise checkpointing.CheckpointError(
-                f"could not write the checkpoint of step {step} to {final}: {error}. The previous checkpoint "
-                f"{last_checkpoint or '(none: this was the first)'} is intact; free disk space or make "
-                f"{checkpoints_dir} writable, then resume with --resume_from_checkpoint latest"
+                f"could not write the checkpoint of step {step} to {final}: {str(error).rstrip('. ')}. The previous "
+                f"checkpoint {last_checkpoint or '(none: this was the first)'} is intact; "
+                f"{checkpointing.write_error_advice(error, checkpoints_dir)}, then resume with "
+                "--resume_from_checkpoint latest"
             ) from error
         if pusher is not None:
             pusher.push(final / "teacher_backbone", f"Training step {step}")

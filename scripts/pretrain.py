@@ -3,8 +3,11 @@
 With no arguments it trains the tiny demo recipe (configs/demo.yaml) on a generated image dataset,
 on the CPU in a few minutes, and prints the k-NN accuracy of the random-init and the trained teacher.
 
-SIGTERM or SIGUSR1 (a scheduler's preemption notice) make it checkpoint at the end of the current
-step and exit with status 0; run the same command with `--resume_from_checkpoint latest` to go on.
+SIGTERM or SIGUSR1 (a scheduler's preemption notice, `timeout`) and SIGINT (Ctrl-C) make it
+checkpoint at the end of the current step and exit with status 0, also when they reach every
+process of the job as schedulers and terminals send them (the data loader's workers ignore them);
+a second Ctrl-C stops at once, without that checkpoint. Run the same command with
+`--resume_from_checkpoint latest` to go on.
 A wrong setting exits with status 2, a run stopped by a non-finite loss or a failed checkpoint
 write with status 1, each with a message that says what to change.
 """

@@ -1,13 +1,22 @@
+import errno
 import json
 import logging
+import multiprocessing
 import os
 import pickle
 import random
+import resource
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 
 from dino_hf.data import build_multicrop_dataloader, load_image_stream
 from dino_hf.multicrop import MultiCropTransform
@@ -16,12 +25,14 @@ from dino_hf import checkpointing
 from dino_hf.checkpointing import (
     CheckpointError,
     EndlessBatches,
+    PreemptionSignals,
     check_checkpoint,
     finalize,
     find_resume_checkpoint,
     list_checkpoints,
     load_checkpoint,
     staging_dir,
+    write_error_advice,
     write_process_state,
     write_shared_state,
 )
@@ -188,3 +199,85 @@ def test_endless_batches_of_a_too_small_stream(tmp_path):
     Image.new("RGB", (20, 20)).save(tmp_path / "only.png")
     with pytest.raises(ValueError, match="gave no complete batch; use a smaller batch or more data"):
         next(EndlessBatches(loader_over(tmp_path)))
+
+
+FULL = "is full or over quota: free space on it"
+
+
+@pytest.mark.parametrize("error, advice", [
+    (OSError(errno.ENOSPC, "No space left on device"), FULL),
+    (OSError(errno.EDQUOT, "Disk quota exceeded"), FULL),
+    (SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"), FULL),
+    (OSError(errno.EACCES, "Permission denied"), "make {folder} writable"),
+    (OSError(errno.EROFS, "Read-only file system"), "make {folder} writable"),
+    (OSError(errno.EFBIG, "File too large"), "raise the limit"),
+    (RuntimeError("DataLoader worker (pid 12) is killed by signal: Terminated."), "remove the cause of that error"),
+    (OSError("another process could not write its part of the checkpoint"), "remove the cause of that error"),
+])
+def test_write_error_advice_follows_the_error(tmp_path, error, advice):
+    got = write_error_advice(error, tmp_path)
+    assert advice.format(folder=tmp_path) in got
+    if advice != FULL:
+        assert "space" not in got and "full" not in got
+    if "writable" not in advice:
+        assert "writable" not in got
+
+
+def test_write_error_advice_reads_the_errors_that_writes_raise(tmp_path):
+    """Past a file size limit (EFBIG), as a full disk: safetensors names the OS error in its
+    message, a plain write carries its errno, torch.save's error carries neither and gets no guess."""
+    writes = {
+        "safetensors": lambda path: save_file({"w": torch.zeros(100_000)}, path),
+        "write_bytes": lambda path: path.write_bytes(bytes(400_000)),
+        "torch.save": lambda path: torch.save({"w": torch.zeros(100_000)}, path),
+    }
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing the process
+    errors = {}
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, limits[1]))
+        for name, write in writes.items():
+            with pytest.raises(checkpointing.WRITE_ERRORS) as raised:
+                write(tmp_path / name)
+            errors[name] = raised.value
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous)
+    assert "raise the limit" in write_error_advice(errors["safetensors"], tmp_path)
+    assert "raise the limit" in write_error_advice(errors["write_bytes"], tmp_path)
+    assert write_error_advice(errors["torch.save"], tmp_path) == "remove the cause of that error"
+
+
+def test_preemption_signals_are_noted_and_a_second_ctrl_c_interrupts():
+    before = {signum: signal.getsignal(signum) for signum in PreemptionSignals.SIGNALS}
+    with PreemptionSignals() as signals:
+        received = []
+        for signum in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+            signal.raise_signal(signum)
+            received.append(signals.received)
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert received == ["SIGUSR1", "SIGTERM", "SIGINT"]
+    assert {signum: signal.getsignal(signum) for signum in PreemptionSignals.SIGNALS} == before
+
+
+def test_loader_workers_outlive_stop_signals_from_others_but_not_a_sigterm_from_the_main_process(tmp_path):
+    """A scheduler signals the loader's workers too: they ignore it. SIGTERM from the main process
+    (multiprocessing's way to end workers when it exits on an error) still ends them."""
+    rng = np.random.default_rng(0)
+    for index in range(12):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(tmp_path / f"{index:02d}.png")
+    others = set(multiprocessing.active_children())
+    batches = iter(loader_over(tmp_path, num_workers=1))
+    next(batches)
+    (worker,) = set(multiprocessing.active_children()) - others
+    send = f"import os\nfor signum in {[int(s) for s in PreemptionSignals.SIGNALS]}: os.kill({worker.pid}, signum)"
+    subprocess.run([sys.executable, "-c", send], check=True)  # sent by another process, as a scheduler does
+    time.sleep(0.5)
+    assert worker.is_alive()
+    assert len(next(batches)["ids"]) == 4
+
+    os.kill(worker.pid, signal.SIGTERM)
+    worker.join(timeout=10)
+    assert worker.exitcode == 0
+    del batches

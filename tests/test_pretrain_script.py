@@ -1,5 +1,6 @@
 """scripts/pretrain.py end to end, as subprocesses: `accelerate launch` with 1 and 2 CPU processes,
-a Hub push to a local fake Hub, SIGKILL and SIGTERM followed by a resume.
+a Hub push to a local fake Hub, SIGKILL and SIGTERM followed by a resume, also with SIGTERM and
+SIGINT sent to the whole job (loader workers included), as schedulers and terminals send them.
 
 Every run trains a tiny DinoModel (32 px, hidden 32, 2 layers) on 24 generated images: batches of
 4, 16 samples per epoch, 2 epochs = 8 steps, a checkpoint every 2 steps.
@@ -232,9 +233,9 @@ def test_fsdp_trains_as_ddp_and_resumes_sharded(data, two_processes, tmp_path):
     assert_same_teacher(teacher(tmp_path / "resumed", 4), sharded)
 
 
-def start(data: Path, output_dir: Path, *extra: str) -> subprocess.Popen:
+def start(data: Path, output_dir: Path, *extra: str, **popen) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, SCRIPT, *arguments(data, output_dir, *extra)], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
 def wait_for(path: Path, process: subprocess.Popen, timeout: float = 240) -> None:
@@ -317,6 +318,83 @@ def test_sigterm_to_a_two_process_launch_checkpoints_once_and_resumes(data, tmp_
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {last} at step {step}" in resumed.stdout
     check_checkpoint(out / "checkpoints" / f"checkpoint-{step + 1}")
+
+
+def processes_under(pid: int) -> set[int]:
+    """`pid` and the processes it started, directly or not (read from /proc)."""
+    parent_of = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent_of[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except OSError:  # the process has ended
+            continue
+    tree = {pid}
+    while grown := {child for child, parent in parent_of.items() if parent in tree} - tree:
+        tree |= grown
+    return tree
+
+
+def stopped_at(stdout: str, signal_name: str) -> int:
+    """The step of the "Stopped by ..." line (there must be exactly one)."""
+    stops = [line for line in stdout.splitlines() if line.startswith(f"Stopped by {signal_name} after step ")]
+    assert len(stops) == 1, stdout[-3000:]
+    return int(stops[0].split("after step ")[1].split(";")[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=lambda signum: signum.name)
+def test_a_signal_to_the_whole_job_checkpoints_exits_cleanly_and_resumes(data, reference, tmp_path, signum):
+    """SLURM, `timeout` (SIGTERM) and Ctrl-C in a terminal (SIGINT) signal every process of the job,
+    the loader's worker included: the worker lives on, the trainer checkpoints the current step and
+    exits with status 0, and the resumed run ends with the teacher of the uninterrupted one."""
+    out = tmp_path / "out"
+    process = start(data, out, "--dataloader_num_workers", "1", start_new_session=True)
+    wait_for(out / "checkpoints" / "checkpoint-2", process)
+    assert len(processes_under(process.pid)) >= 2  # the trainer and its loader worker, one process group
+    os.killpg(process.pid, signum)
+    stdout, stderr = process.communicate(timeout=240)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "Traceback" not in stderr
+    step = stopped_at(stdout, signum.name)
+    assert 2 <= step < 8
+    check_checkpoint(out / "checkpoints" / f"checkpoint-{step}")
+    assert max(int(p.name.split("-")[1]) for p in list_checkpoints(out / "checkpoints")) == step
+
+    resumed = python(*arguments(data, out, "--dataloader_num_workers", "1", "--resume_from_checkpoint", "latest"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoints' / f'checkpoint-{step}'} at step {step}" in resumed.stdout
+    assert_same_teacher(teacher(out), teacher(reference[0] / "out"))
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_whole_job_of_a_two_process_launch_checkpoints_and_resumes(data, tmp_path):
+    """SIGTERM to the process group of `accelerate launch` (2 processes, a loader worker each): the
+    launcher (torchrun) gets it and sends it on to the process group of each process, worker
+    included; both processes stop at the same step and write one checkpoint, and the resumed launch
+    ends with the teacher of an uninterrupted one."""
+    extra = ("--dataloader_num_workers", "1", "--num_train_epochs", "8", "--max_train_steps", "8")
+    launch_two_processes(data, tmp_path / "uninterrupted", *extra)
+    out = tmp_path / "out"
+    command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT, *arguments(data, out, *extra)]
+    process = subprocess.Popen(command, env={**ENV, "ACCELERATE_USE_CPU": "true"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for(out / "checkpoints" / "checkpoint-2", process)
+    assert len(processes_under(process.pid)) >= 5  # the launcher, 2 processes and their loader workers
+    os.killpg(process.pid, signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=240)
+    # The launcher itself (torchrun) reports the signal it got; its processes stopped cleanly.
+    assert "is killed by signal" not in stderr and "training stopped" not in stderr, stderr[-3000:]
+    step = stopped_at(stdout, "SIGTERM")
+    assert 2 <= step < 8
+    last = out / "checkpoints" / f"checkpoint-{step}"
+    check_checkpoint(last)
+    per_process = {"rng_state_0.pt", "rng_state_1.pt", "data_state_0.pt", "data_state_1.pt"}
+    assert per_process <= {p.name for p in last.iterdir()}
+
+    (resumed,) = launch_two_processes(data, out, *extra, "--resume_from_checkpoint", "latest")
+    assert f"resumed from {last} at step {step}" in resumed.stdout
+    assert_same_teacher(teacher(out), teacher(tmp_path / "uninterrupted"))
 
 
 def test_wrong_setting_exits_with_status_2_before_any_work(data, tmp_path):
