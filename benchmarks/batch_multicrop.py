@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from dino_hf.batch_multicrop import BatchMultiCrop
-from dino_hf.multicrop import MultiCropTransform
+from dino_hf.augment.batch_multicrop import BatchMultiCrop
+from dino_hf.augment.multicrop import MultiCropTransform
 
 
 def smooth_images(batch, size, seed=0):

@@ -29,18 +29,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dino_hf.backbones import build_backbone
-from dino_hf.batch_multicrop import BatchMultiCrop, DecodeAndCap
-from dino_hf.configuration_dino import DinoConfig
-from dino_hf.data import build_multicrop_dataloader, load_image_stream
-from dino_hf.heads import DinoHead
-from dino_hf.loss import DinoLoss
-from dino_hf.multicrop import MultiCropTransform
-from dino_hf.optimization import get_param_groups
-from dino_hf.optimization import build_optimizer
-from dino_hf.speed import apply_speed_options
-from dino_hf.teacher import MultiCropWrapper, build_teacher
-from dino_hf.step import train_step
+from dino_hf.augment.batch_multicrop import BatchMultiCrop, DecodeAndCap
+from dino_hf.augment.multicrop import MultiCropTransform
+from dino_hf.data.loader import build_multicrop_dataloader
+from dino_hf.data.sources import load_image_stream
+from dino_hf.models.backbones import build_backbone
+from dino_hf.models.configuration_dino import DinoConfig
+from dino_hf.models.heads import DinoHead
+from dino_hf.models.multicrop_wrapper import MultiCropWrapper
+from dino_hf.training.loss import DinoLoss
+from dino_hf.training.optimization import build_optimizer, get_param_groups
+from dino_hf.training.speed import apply_speed_options
+from dino_hf.training.step import train_step
+from dino_hf.training.teacher import build_teacher
 
 SCHEDULE = dict(lr=5e-4, weight_decay=0.04, momentum=0.996, teacher_temp=0.04, clip_grad=3.0)
 

@@ -1,6 +1,6 @@
 """Feature extraction throughput: DinoModel vs transformers' ViTModel (SDPA) with the same weights.
 
-A random ViT-S/16 (or another preset) is converted with `dino_hf.export.to_vit_model`; both models
+A random ViT-S/16 (or another preset) is converted with `dino_hf.convert.export.to_vit_model`; both models
 embed the same images of the native size in inference mode, in alternating rounds, and the best
 round of each is kept. The CLS features are compared first (they must agree). On a GPU both run
 under bf16 autocast.
@@ -15,7 +15,7 @@ import time
 import torch
 
 from dino_hf import DinoConfig, DinoModel
-from dino_hf.export import to_vit_model
+from dino_hf.convert.export import to_vit_model
 
 
 def timed(fn, pixels, batches, cuda):

@@ -21,9 +21,10 @@ import torch
 import torchvision.transforms as T
 from PIL import Image, ImageFilter, ImageOps
 
-from dino_hf.data import build_multicrop_dataloader, load_image_stream
-from dino_hf.decoding import decode_image
-from dino_hf.multicrop import MultiCropTransform
+from dino_hf.augment.multicrop import MultiCropTransform
+from dino_hf.data.decoding import decode_image
+from dino_hf.data.loader import build_multicrop_dataloader
+from dino_hf.data.sources import load_image_stream
 
 
 class ReferenceGaussianBlur:

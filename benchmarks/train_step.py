@@ -1,6 +1,6 @@
 """One DINO training step of ViT-S/16 with 2 x 224 + 8 x 96 crops: dino_hf's vs a plain baseline.
 
-Ours: `dino_hf.step.train_step` (one backbone call per crop resolution, the head once on all
+Ours: `dino_hf.training.step.train_step` (one backbone call per crop resolution, the head once on all
 crops, SDPA attention, multi-tensor EMA) with fused AdamW kernels where the device has them
 (`build_optimizer(..., device=)`), and on a GPU bf16 autocast through Accelerate (plus
 `--torch_compile` if asked).
@@ -33,14 +33,14 @@ import time
 
 import torch
 
-from dino_hf.backbones import build_backbone
-from dino_hf.heads import DinoHead
-from dino_hf.loss import DinoLoss
-from dino_hf.optimization import get_param_groups
-from dino_hf.optimization import build_optimizer
-from dino_hf.speed import apply_speed_options
-from dino_hf.teacher import MultiCropWrapper, build_teacher
-from dino_hf.step import train_step
+from dino_hf.models.backbones import build_backbone
+from dino_hf.models.heads import DinoHead
+from dino_hf.models.multicrop_wrapper import MultiCropWrapper
+from dino_hf.training.loss import DinoLoss
+from dino_hf.training.optimization import build_optimizer, get_param_groups
+from dino_hf.training.speed import apply_speed_options
+from dino_hf.training.step import train_step
+from dino_hf.training.teacher import build_teacher
 
 SCHEDULE = dict(lr=5e-4, weight_decay=0.04, momentum=0.996, teacher_temp=0.04, clip_grad=3.0)
 

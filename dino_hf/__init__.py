@@ -7,9 +7,9 @@ with `trust_remote_code=True` where dino_hf is not installed.
 
 from transformers import AutoConfig, AutoModel
 
-from .configuration_dino import PRESETS, DinoConfig
-from .image_processing_dino import dino_image_processor
-from .modeling_dino import DinoModel
+from .models.configuration_dino import PRESETS, DinoConfig
+from .models.image_processing_dino import dino_image_processor
+from .models.modeling_dino import DinoModel
 
 AutoConfig.register(DinoConfig.model_type, DinoConfig, exist_ok=True)
 AutoModel.register(DinoConfig, DinoModel, exist_ok=True)
@@ -18,18 +18,18 @@ DinoModel.register_for_auto_class("AutoModel")
 
 # The training side is imported on first use, so that `import dino_hf` stays light for inference.
 _LAZY = {
-    "DinoHead": "heads",
-    "DinoLoss": "loss",
-    "MultiCropWrapper": "teacher",
-    "build_teacher": "teacher",
-    "build_backbone": "backbones",
-    "MultiCropTransform": "multicrop",
-    "load_image_stream": "data",
-    "DinoTrainingArguments": "training_args",
-    "train": "trainer",
-    "train_step": "step",
-    "load_feature_model": "feature_models",
-    "knn_evaluate": "knn",
+    "DinoHead": "models.heads",
+    "MultiCropWrapper": "models.multicrop_wrapper",
+    "build_backbone": "models.backbones",
+    "MultiCropTransform": "augment.multicrop",
+    "load_image_stream": "data.sources",
+    "DinoLoss": "training.loss",
+    "build_teacher": "training.teacher",
+    "DinoTrainingArguments": "training.arguments",
+    "train": "training.trainer",
+    "train_step": "training.step",
+    "load_feature_model": "evaluation.feature_models",
+    "knn_evaluate": "evaluation.knn",
 }
 
 

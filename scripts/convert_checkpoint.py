@@ -15,7 +15,7 @@ Example:
 
 import argparse
 
-from dino_hf.convert import convert_checkpoint
+from dino_hf.convert.conversions import convert_checkpoint
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,9 +10,10 @@ images, computed in batches on the accelerator when there is one; top-1 / top-5 
 import argparse
 import json
 
-from dino_hf.evaluation import ImageBatches, add_dataset_arguments, add_model_argument, image_size_line, extract_features, load_split
-from dino_hf.feature_models import load_feature_model
-from dino_hf.knn import KNN_KS, KNN_TEMPERATURE, knn_evaluate
+from dino_hf.evaluation.cli import add_dataset_arguments, add_model_argument, image_size_line, load_split
+from dino_hf.evaluation.feature_models import load_feature_model
+from dino_hf.evaluation.features import ImageBatches, extract_features
+from dino_hf.evaluation.knn import KNN_KS, KNN_TEMPERATURE, knn_evaluate
 
 
 def parse_args(argv=None) -> argparse.Namespace:

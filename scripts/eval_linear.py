@@ -18,9 +18,10 @@ import datasets
 import torch
 from accelerate import PartialState
 
-from dino_hf.evaluation import ImageBatches, add_dataset_arguments, add_model_argument, image_size_line, extract_features, load_split
-from dino_hf.feature_models import load_feature_model
-from dino_hf.linear_probe import (
+from dino_hf.evaluation.cli import add_dataset_arguments, add_model_argument, image_size_line, load_split
+from dino_hf.evaluation.feature_models import load_feature_model
+from dino_hf.evaluation.features import ImageBatches, extract_features
+from dino_hf.evaluation.linear_probe import (
     cached_batches,
     evaluate_linear_probe,
     probe_feature_size,

@@ -10,9 +10,9 @@ dataset may be larger than memory. Read the result with `datasets.load_dataset(O
 
 import argparse
 
-from dino_hf.evaluation import add_dataset_arguments, add_model_argument, image_size_line, load_split
-from dino_hf.feature_export import write_feature_dataset
-from dino_hf.feature_models import load_feature_model
+from dino_hf.evaluation.cli import add_dataset_arguments, add_model_argument, image_size_line, load_split
+from dino_hf.evaluation.feature_export import write_feature_dataset
+from dino_hf.evaluation.feature_models import load_feature_model
 
 
 def parse_args(argv=None) -> argparse.Namespace:

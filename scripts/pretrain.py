@@ -17,9 +17,9 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-from dino_hf.checkpointing import CheckpointError
-from dino_hf.trainer import NonFiniteLossError, train
-from dino_hf.training_args import parse_training_args
+from dino_hf.training.arguments import parse_training_args
+from dino_hf.training.checkpoints import CheckpointError
+from dino_hf.training.trainer import NonFiniteLossError, train
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 

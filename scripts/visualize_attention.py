@@ -10,10 +10,10 @@ Writes `attn-head{j}.png` (heat map over the image) and `mask-head{j}.png` (the 
 
 import argparse
 
-from dino_hf.attention import MASK_THRESHOLD, save_attention_maps
-from dino_hf.decoding import decode_image
-from dino_hf.evaluation import add_model_argument, image_size_line
-from dino_hf.feature_models import load_feature_model
+from dino_hf.data.decoding import decode_image
+from dino_hf.evaluation.attention import MASK_THRESHOLD, save_attention_maps
+from dino_hf.evaluation.cli import add_model_argument, image_size_line
+from dino_hf.evaluation.feature_models import load_feature_model
 
 
 def parse_args(argv=None) -> argparse.Namespace:

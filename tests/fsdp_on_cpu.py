@@ -15,7 +15,7 @@ from pathlib import Path
 import accelerate
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-import dino_hf.trainer
+import dino_hf.training.trainer
 
 
 class FsdpOnCpuAccelerator(accelerate.Accelerator):
@@ -31,7 +31,7 @@ class FsdpOnCpuAccelerator(accelerate.Accelerator):
 
 
 if __name__ == "__main__":
-    dino_hf.trainer.Accelerator = FsdpOnCpuAccelerator
+    dino_hf.training.trainer.Accelerator = FsdpOnCpuAccelerator
     script = Path(__file__).resolve().parent.parent / "scripts" / "pretrain.py"
     sys.argv = [str(script), *sys.argv[1:]]
     runpy.run_path(str(script), run_name="__main__")

@@ -6,8 +6,8 @@ import copy
 import pytest
 import torch
 
-from dino_hf.optimization import build_optimizer, get_param_groups
-from dino_hf.step import train_step
+from dino_hf.training.optimization import build_optimizer, get_param_groups
+from dino_hf.training.step import train_step
 
 
 def run_in_processes(worker, world_size: int, tmp_path) -> dict:

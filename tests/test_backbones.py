@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from dino_hf import DinoConfig, DinoModel
-from dino_hf.backbones import DinoModelBackbone, TimmBackbone, build_backbone
+from dino_hf.models.backbones import DinoModelBackbone, TimmBackbone, build_backbone
 
 TINY_VIT = dict(image_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 

@@ -9,10 +9,10 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from dino_hf.batch_multicrop import BatchMultiCrop, DecodeAndCap, resized_crops
-from dino_hf.data import collate_multicrop
-from dino_hf.image_processing_dino import IMAGENET_MEAN, IMAGENET_STD
-from dino_hf.multicrop import CropParams, MultiCropTransform
+from dino_hf.augment.batch_multicrop import BatchMultiCrop, DecodeAndCap, resized_crops
+from dino_hf.augment.multicrop import CropParams, MultiCropTransform
+from dino_hf.data.loader import collate_multicrop
+from dino_hf.models.image_processing_dino import IMAGENET_MEAN, IMAGENET_STD
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)

@@ -18,14 +18,13 @@ from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from dino_hf.data import build_multicrop_dataloader, load_image_stream
-from dino_hf.multicrop import MultiCropTransform
-
-from dino_hf import checkpointing
-from dino_hf.checkpointing import (
+from dino_hf.augment.multicrop import MultiCropTransform
+from dino_hf.data.loader import build_multicrop_dataloader
+from dino_hf.data.sources import load_image_stream
+from dino_hf.training import checkpoints as checkpointing
+from dino_hf.training.batches import EndlessBatches
+from dino_hf.training.checkpoints import (
     CheckpointError,
-    EndlessBatches,
-    PreemptionSignals,
     check_checkpoint,
     finalize,
     find_resume_checkpoint,
@@ -36,6 +35,7 @@ from dino_hf.checkpointing import (
     write_process_state,
     write_shared_state,
 )
+from dino_hf.training.preemption import PreemptionSignals
 
 
 def write_checkpoint(checkpoints_dir, step, num_processes=1, total_limit=10):
@@ -128,7 +128,7 @@ def test_damaged_newest_checkpoint_is_named_and_the_previous_used(tmp_path, capl
     damage(newest)
     with pytest.raises(CheckpointError, match=named):
         check_checkpoint(newest)
-    with caplog.at_level(logging.WARNING, logger="dino_hf.checkpointing"):
+    with caplog.at_level(logging.WARNING, logger="dino_hf.training.checkpoints"):
         chosen = find_resume_checkpoint(output_dir, "latest")
     assert chosen == output_dir / "checkpoints" / "checkpoint-2"
     assert "checkpoint-4" in caplog.text and named in caplog.text

@@ -17,11 +17,17 @@ from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModel, TimmWrapperModel, ViTConfig, ViTModel
 
 from dino_hf import DinoConfig, DinoModel
-from dino_hf.convert import convert_checkpoint, dino_from_reference, dino_from_timm, dino_from_vit, load_dino_folder
-from dino_hf.export import save_as_timm, save_as_vit, to_timm_model, to_vit_model
-from dino_hf.timm_weights import dino_to_timm_state_dict, timm_to_dino_state_dict
-from dino_hf.weight_files import load_checkpoint_file
-from dino_hf.heads import DinoHead
+from dino_hf.convert.conversions import (
+    convert_checkpoint,
+    dino_from_reference,
+    dino_from_timm,
+    dino_from_vit,
+    load_dino_folder,
+)
+from dino_hf.convert.export import save_as_timm, save_as_vit, to_timm_model, to_vit_model
+from dino_hf.convert.timm_weights import dino_to_timm_state_dict, timm_to_dino_state_dict
+from dino_hf.convert.weight_files import load_checkpoint_file
+from dino_hf.models.heads import DinoHead
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5

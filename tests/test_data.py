@@ -13,9 +13,10 @@ from datasets import Dataset, Features, Value
 from datasets import Image as ImageFeature
 from PIL import Image
 
-from dino_hf.data import SkipReport, build_multicrop_dataloader, find_image_column, load_image_stream
-from dino_hf.decoding import decode_image
-from dino_hf.multicrop import MultiCropTransform
+from dino_hf.augment.multicrop import MultiCropTransform
+from dino_hf.data.decoding import decode_image
+from dino_hf.data.loader import SkipReport, build_multicrop_dataloader
+from dino_hf.data.sources import find_image_column, load_image_stream
 
 TINY = dict(global_crops_size=32, local_crops_size=16, local_crops_number=2)
 

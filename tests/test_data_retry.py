@@ -4,7 +4,6 @@ block's position, with back-off."""
 import errno
 import logging
 import os
-import socket
 import types
 from collections import Counter
 
@@ -16,10 +15,11 @@ import torch
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from PIL import Image
 
-import dino_hf.multicrop_stream as multicrop_stream
-from dino_hf.data import build_multicrop_dataloader, load_image_stream
-from dino_hf.stream_errors import StreamReadError, is_transient_stream_error
-from dino_hf.multicrop import MultiCropTransform
+import dino_hf.data.stream as multicrop_stream
+from dino_hf.augment.multicrop import MultiCropTransform
+from dino_hf.data.loader import build_multicrop_dataloader
+from dino_hf.data.sources import load_image_stream
+from dino_hf.data.stream_errors import StreamReadError, is_transient_stream_error
 
 TINY = dict(global_crops_size=32, local_crops_size=16, local_crops_number=2)
 
@@ -107,7 +107,7 @@ def test_resets_mid_block_are_retried_and_the_samples_are_those_of_an_uninterrup
     assert len(ids) == 20 and retries == 0 and skipped == {"zero_byte": 1, "not_an_image": 1}
     # 5 rows into block 0, twice more on re-opening (in a row), then 6 rows into block 1 (22 rows, 8 per block).
     flaky = FlakyStream(stream, fail_at=[5, 5, 5, 19])
-    with caplog.at_level(logging.WARNING, logger="dino_hf.multicrop_stream"):
+    with caplog.at_level(logging.WARNING, logger="dino_hf.data.stream"):
         got = run(flaky, column, retry_delay=1.0, max_retry_delay=1.5)
     assert got[0] == ids and got[2] == skipped and got[3] == 4
     assert_same_crops(got[1], crops)  # augmentations too
@@ -186,7 +186,7 @@ def chained_as(kind, cause):
         (BrokenPipeError(), True),
         (ConnectionError("Server Disconnected"), True),  # what datasets raises when its own retries give up
         (TimeoutError(), True),
-        (socket.timeout(), True),
+        (TimeoutError(), True),
         (OSError(errno.ENETUNREACH, "network is unreachable"), True),
         (httpx2.ReadError("read failed"), True),
         (httpx2.ReadTimeout("timed out"), True),

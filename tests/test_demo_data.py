@@ -4,8 +4,8 @@ import os
 import numpy as np
 from PIL import Image
 
-from dino_hf.data import load_image_stream
-from dino_hf.demo_data import default_demo_root, make_demo_dataset
+from dino_hf.data.demo import default_demo_root, make_demo_dataset
+from dino_hf.data.sources import load_image_stream
 
 SMALL = dict(num_classes=4, train_per_class=6, eval_per_class=2, image_size=32)
 

@@ -1,26 +1,26 @@
 import inspect
-import json
 import io
+import json
 import math
 
 import datasets
 import numpy as np
 import pytest
-import torch
 import timm
+import torch
 import torch.nn.functional as F
-from torch import nn
 from PIL import Image
+from torch import nn
 from torchvision.transforms import InterpolationMode
 
 from dino_hf import DinoConfig, DinoModel, dino_image_processor
-from dino_hf.attention import MASK_THRESHOLD, attention_maps, attention_masks, save_attention_maps
-from dino_hf.evaluation import ImageBatches, extract_features, find_label_column
-from dino_hf.export import save_as_timm, save_as_vit, to_timm_model
-from dino_hf.feature_export import write_feature_dataset
-from dino_hf.feature_models import DinoFeatureModel, TimmFeatureModel, eval_transform, load_feature_model
-from dino_hf.knn import KNN_KS, KNN_TEMPERATURE, knn_evaluate, knn_votes, nearest_neighbours
-from dino_hf.linear_probe import (
+from dino_hf.convert.export import save_as_timm, save_as_vit, to_timm_model
+from dino_hf.evaluation.attention import MASK_THRESHOLD, attention_maps, attention_masks, save_attention_maps
+from dino_hf.evaluation.feature_export import write_feature_dataset
+from dino_hf.evaluation.feature_models import DinoFeatureModel, TimmFeatureModel, eval_transform, load_feature_model
+from dino_hf.evaluation.features import ImageBatches, extract_features, find_label_column
+from dino_hf.evaluation.knn import KNN_KS, KNN_TEMPERATURE, knn_evaluate, knn_votes, nearest_neighbours
+from dino_hf.evaluation.linear_probe import (
     LinearProbe,
     cached_batches,
     evaluate_linear_probe,
@@ -375,8 +375,8 @@ def test_load_feature_model_leaves_a_given_instance_trainable():
 
 
 def test_timm_cnn_folder_gives_its_pooled_feature(tmp_path):
-    from dino_hf.backbones import build_backbone
-    from dino_hf.export import export_backbone
+    from dino_hf.convert.export import export_backbone
+    from dino_hf.models.backbones import build_backbone
 
     torch.manual_seed(0)
     backbone = build_backbone("timm:resnet10t", drop_path_rate=0.0).eval()
@@ -402,7 +402,7 @@ def test_load_feature_model_names_a_missing_folder(tmp_path):
 def test_the_default_evaluation_size_is_the_models_own(tmp_path):
     """Image processor crop, then the checkpoint's training resolution, then timm's pretrained_cfg,
     then a DinoModel's config; 224 when nothing names a size."""
-    from dino_hf.feature_models import native_image_size
+    from dino_hf.evaluation.feature_models import native_image_size
 
     model = tiny_model()
     folder = tmp_path / "checkpoint-5" / "teacher_backbone"

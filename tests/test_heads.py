@@ -3,7 +3,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dino_hf.heads import DinoHead
+from dino_hf.models.heads import DinoHead
 
 IN_DIM, OUT_DIM, HIDDEN, BOTTLENECK = 32, 64, 48, 16
 

@@ -17,17 +17,17 @@ import numpy as np
 import pytest
 import timm
 import torch
+from hub_server import FakeHub
 from huggingface_hub import ModelCard
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModel, TimmWrapperModel, pipeline
 
 import dino_hf  # noqa: F401  (registers DinoModel with AutoModel)
 from dino_hf import DinoConfig, DinoModel
-from dino_hf.backbones import build_backbone
-from dino_hf.export import export_backbone
-from dino_hf.hub import HubPusher
-from dino_hf.model_card import EvalFigure, model_card_template_path, render_model_card
-from hub_server import FakeHub
+from dino_hf.convert.export import export_backbone
+from dino_hf.hub.model_card import EvalFigure, model_card_template_path, render_model_card
+from dino_hf.hub.push import HubPusher
+from dino_hf.models.backbones import build_backbone
 
 TOKEN = "hf_dinoTestToken0123456789abcdef"
 REPO = "dino-org/tiny-dino"
@@ -193,7 +193,7 @@ def test_timm_card_loads_with_timm_and_templates_resolve():
     assert not PLACEHOLDERS.search(text), PLACEHOLDERS.search(text)
     assert ModelCard(text).data.library_name == "timm"
     assert f'timm.create_model("hf-hub:{REPO}", pretrained=True)' in text
-    assert "Patch size" not in text and "dino_hf.export" not in text
+    assert "Patch size" not in text and "dino_hf.convert.export" not in text
     assert "| Input | 32 x 32 px" in text
     assert model_card_template_path() == Path(__file__).resolve().parent.parent / "model_cards" / "backbone.md"
 
@@ -326,7 +326,7 @@ def test_push_through_hf_endpoint_in_a_subprocess(tmp_path, hub):
     folder = export_with_marker(tmp_path / "export", "from a child")
     script = textwrap.dedent(f"""
         import json
-        from dino_hf.hub import HubPusher
+        from dino_hf.hub.push import HubPusher
         pusher = HubPusher({REPO!r}, token={TOKEN!r}, backoff=0.01)
         pusher.push({str(folder)!r}, "child")
         report = pusher.finish(timeout=60)

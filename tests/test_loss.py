@@ -2,10 +2,10 @@ import math
 
 import pytest
 import torch
+from processes import run_in_processes
 from torch.nn import functional as F
 
-from dino_hf.loss import DinoLoss, collapse_diagnostics
-from processes import run_in_processes
+from dino_hf.training.loss import DinoLoss, collapse_diagnostics
 
 K = 64
 B = 3

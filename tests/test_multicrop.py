@@ -7,7 +7,7 @@ import torchvision.transforms as T
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageFilter, ImageOps
 
-from dino_hf.multicrop import (
+from dino_hf.augment.multicrop import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     CropParams,

@@ -2,13 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from dino_hf.heads import DinoHead
-from dino_hf.optimization import (
-    LARS,
-    build_optimizer,
-    clip_gradients_,
-    get_param_groups,
-)
+from dino_hf.models.heads import DinoHead
+from dino_hf.training.optimization import LARS, build_optimizer, clip_gradients_, get_param_groups
 
 
 class Tiny(nn.Module):

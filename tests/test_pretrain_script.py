@@ -23,7 +23,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from dino_hf import DinoConfig, DinoModel
-from dino_hf.checkpointing import check_checkpoint, list_checkpoints
+from dino_hf.training.checkpoints import check_checkpoint, list_checkpoints
 
 pytestmark = pytest.mark.slow
 
@@ -113,8 +113,9 @@ def test_one_process_writes_checkpoints_export_and_card(data, reference):
         64, "org/dino-tiny", str(data / "images"))
     assert "hub_token" not in saved_args
 
-    import dino_hf  # noqa: F401  (registers DinoModel with AutoModel)
     from transformers import AutoModel
+
+    import dino_hf  # noqa: F401  (registers DinoModel with AutoModel)
 
     model = AutoModel.from_pretrained(out / "teacher_backbone")
     assert type(model).__name__ == "DinoModel"

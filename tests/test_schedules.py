@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from dino_hf.schedules import (
+from dino_hf.training.schedules import (
     cosine_schedule_value,
     learning_rate_at,
     scaled_learning_rate,

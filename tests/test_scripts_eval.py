@@ -143,7 +143,7 @@ def test_visualize_attention_subprocess(workspace, tmp_path):
 @pytest.fixture(scope="module")
 def model_at_24px(workspace, tmp_path_factory) -> Path:
     """The workspace's model exported as training does: its image processor crops 24 px."""
-    from dino_hf.export import export_backbone
+    from dino_hf.convert.export import export_backbone
 
     folder = tmp_path_factory.mktemp("model24") / "teacher_backbone"
     export_backbone(DinoModel.from_pretrained(workspace / "model"), folder, image_size=24)

@@ -10,16 +10,18 @@ import copy
 
 import pytest
 import torch
+from processes import assert_trains_as_one_process, run_in_processes
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
 from dino_hf import DinoConfig
-from dino_hf.backbones import build_backbone
-from dino_hf.heads import DinoHead
-from dino_hf.loss import DinoLoss
-from dino_hf.optimization import build_optimizer, get_param_groups
-from dino_hf.sharding import (
+from dino_hf.models.backbones import build_backbone
+from dino_hf.models.heads import DinoHead
+from dino_hf.models.multicrop_wrapper import MultiCropWrapper
+from dino_hf.training.loss import DinoLoss
+from dino_hf.training.optimization import build_optimizer, get_param_groups
+from dino_hf.training.sharding import (
     is_sharded,
     load_whole_optimizer_state_dict,
     load_whole_state_dict,
@@ -27,9 +29,8 @@ from dino_hf.sharding import (
     whole_optimizer_state_dict,
     whole_state_dict,
 )
-from dino_hf.teacher import MultiCropWrapper, build_teacher
-from dino_hf.step import train_step
-from processes import assert_trains_as_one_process, run_in_processes
+from dino_hf.training.step import train_step
+from dino_hf.training.teacher import build_teacher
 
 K = 64
 # clip_grad 0.05 is below the gradients' norms, so the per-parameter clipping acts on sharded norms.

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from dino_hf.checkpointing import check_checkpoint, list_checkpoints
-
 from test_pretrain_script import ENV, SCRIPT, TINY, assert_same_teacher, data, read_ids, teacher  # noqa: F401
+
+from dino_hf.training.checkpoints import check_checkpoint, list_checkpoints
 
 STEPS = 24
 LONG = [*TINY, "--num_train_epochs", "6", "--checkpointing_steps", "3"]  # 4 steps per epoch

@@ -6,14 +6,15 @@ import copy
 import pytest
 import torch
 
-from dino_hf.backbones import build_backbone
-from dino_hf.configuration_dino import DinoConfig
-from dino_hf.heads import DinoHead
-from dino_hf.loss import DinoLoss
-from dino_hf.optimization import build_optimizer, get_param_groups, optimizer_kernel_options
-from dino_hf.speed import apply_speed_options
-from dino_hf.teacher import MultiCropWrapper, build_teacher
-from dino_hf.step import train_step
+from dino_hf.models.backbones import build_backbone
+from dino_hf.models.configuration_dino import DinoConfig
+from dino_hf.models.heads import DinoHead
+from dino_hf.models.multicrop_wrapper import MultiCropWrapper
+from dino_hf.training.loss import DinoLoss
+from dino_hf.training.optimization import build_optimizer, get_param_groups, optimizer_kernel_options
+from dino_hf.training.speed import apply_speed_options
+from dino_hf.training.step import train_step
+from dino_hf.training.teacher import build_teacher
 
 K, B, NCROPS = 64, 2, 4
 STEP = dict(lr=0.01, weight_decay=0.04, momentum=0.9, teacher_temp=0.04, clip_grad=3.0, freeze_last_layer=False)

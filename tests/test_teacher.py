@@ -2,9 +2,10 @@ import pytest
 import torch
 
 from dino_hf import DinoConfig
-from dino_hf.backbones import build_backbone
-from dino_hf.heads import DinoHead
-from dino_hf.teacher import MultiCropWrapper, build_teacher, ema_update_
+from dino_hf.models.backbones import build_backbone
+from dino_hf.models.heads import DinoHead
+from dino_hf.models.multicrop_wrapper import MultiCropWrapper
+from dino_hf.training.teacher import build_teacher, ema_update_
 
 BACKBONES = {
     "timm_vit": lambda: build_backbone(

@@ -20,20 +20,23 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
+from processes import assert_trains_as_one_process
 from safetensors.torch import load_file
 
-from dino_hf import DinoConfig, DinoModel, checkpointing, trainer
-from dino_hf.backbones import TimmBackbone, build_backbone
-from dino_hf.export import save_as_timm
-from dino_hf.heads import DinoHead
-from dino_hf.loss import DinoLoss
-from dino_hf.optimization import build_optimizer, get_param_groups
-from dino_hf.teacher import MultiCropWrapper, build_teacher
-from dino_hf.teacher import build_student_teacher
-from dino_hf.step import train_step
-from dino_hf.trainer import NonFiniteLossError, train
-from dino_hf.training_args import DinoTrainingArguments
-from processes import assert_trains_as_one_process
+from dino_hf import DinoConfig, DinoModel
+from dino_hf.convert.export import save_as_timm
+from dino_hf.models.backbones import TimmBackbone, build_backbone
+from dino_hf.models.heads import DinoHead
+from dino_hf.models.multicrop_wrapper import MultiCropWrapper
+from dino_hf.training import checkpoints as checkpointing
+from dino_hf.training import trainer
+from dino_hf.training.arguments import DinoTrainingArguments
+from dino_hf.training.loss import DinoLoss
+from dino_hf.training.networks import build_student_teacher
+from dino_hf.training.optimization import build_optimizer, get_param_groups
+from dino_hf.training.step import train_step
+from dino_hf.training.teacher import build_teacher
+from dino_hf.training.trainer import NonFiniteLossError, train
 
 # 24 images, batch 4: a pass over the data (a data epoch) is 6 steps; an epoch of the schedules is
 # 16 samples = 4 steps, so 2 epochs = 8 steps, and step 6 ends a pass mid-epoch.
@@ -202,15 +205,15 @@ def test_accumulation_step_updates_the_center_once_with_the_batch_mean():
 
 def nan_at_call(number: int, monkeypatch) -> None:
     """The DINO loss of the `number`-th call (1-based) becomes NaN."""
-    original = DinoLoss.forward
+    original = DinoLoss.terms
     calls = []
 
-    def forward(self, student_output, teacher_output, teacher_temp, **options):
-        loss = original(self, student_output, teacher_output, teacher_temp, **options)
+    def terms(self, student_output, teacher_output, teacher_temp):
+        computed = original(self, student_output, teacher_output, teacher_temp)
         calls.append(1)
-        return loss * float("nan") if len(calls) == number else loss
+        return computed._replace(loss=computed.loss * float("nan")) if len(calls) == number else computed
 
-    monkeypatch.setattr(DinoLoss, "forward", forward)
+    monkeypatch.setattr(DinoLoss, "terms", terms)
 
 
 def test_nonfinite_loss_stops_naming_the_step_and_the_last_checkpoint(data, tmp_path, monkeypatch):
@@ -313,7 +316,7 @@ def test_which_backbones_get_a_head_warmup(data, tmp_path, caplog):
     def stop(*args, **kwargs):
         raise ModelsBuilt
 
-    with caplog.at_level("WARNING", logger="dino_hf.trainer"):
+    with caplog.at_level("WARNING", logger="dino_hf.training.trainer"):
         with pytest.raises(ModelsBuilt):  # stop right after the models are built
             with pytest.MonkeyPatch.context() as patch:
                 patch.setattr(trainer, "load_image_stream", stop)

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from dino_hf import DinoConfig, DinoModel
-from dino_hf.training_args import DinoTrainingArguments, check_crop_sizes, parse_training_args
+from dino_hf.training.arguments import DinoTrainingArguments, check_crop_sizes, parse_training_args
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import logging
 import time
 from collections import Counter
 from itertools import islice
-from typing import Optional
 
 import numpy as np
 import torch
@@ -68,8 +67,8 @@ class MultiCropStream(torch.utils.data.IterableDataset):
         transform,
         seed: int = 0,
         shuffle_buffer_size: int = 1000,
-        id_column: Optional[str] = None,
-        max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+        id_column: str | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
         min_side: int = 1,
         max_retries: int = 5,
         retry_delay: float = 1.0,

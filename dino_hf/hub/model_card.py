@@ -8,7 +8,6 @@ out rather than shown empty, and fields that hold secrets (`*token*`) never reac
 
 import dataclasses
 import importlib.resources
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,10 +16,10 @@ import timm.models
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
 
-from .backbones import DinoModelBackbone, TimmBackbone
-from .export import is_timm_model
-from .model_references import is_hub_id
-from .modeling_dino import DinoModel
+from ..convert.export import is_timm_model
+from ..models.backbones import DinoModelBackbone, TimmBackbone
+from ..models.modeling_dino import DinoModel
+from ..models.references import is_hub_id
 
 MODEL_CARD_TEMPLATE = "backbone.md"
 _SECRET_WORDS = ("token", "secret", "password")
@@ -47,7 +46,7 @@ class EvalFigure:
 def model_card_template_path(name: str = MODEL_CARD_TEMPLATE) -> Path:
     """Path of a model card template: `model_cards/<name>` of a source checkout, else the copy
     installed with the package (`dino_hf.model_cards`)."""
-    in_checkout = Path(__file__).resolve().parent.parent / "model_cards" / name
+    in_checkout = Path(__file__).resolve().parents[2] / "model_cards" / name
     if in_checkout.is_file():
         return in_checkout
     try:
@@ -161,7 +160,7 @@ def _describe(model: nn.Module, model_id: str) -> dict[str, Any]:
             patch_size=config.patch_size,
             image_size=config.image_size,
             config_rows=[(name, getattr(config, name)) for name in fields],
-            # dino_hf.export.to_timm_model needs timm's LayerNorm eps and activation.
+            # dino_hf.convert.export.to_timm_model needs timm's LayerNorm eps and activation.
             timm_convertible=config.layer_norm_eps == 1e-6 and config.hidden_act == "gelu",
         )
     if not is_timm_model(model):

@@ -10,7 +10,6 @@ import io
 import os
 import warnings
 from collections import Counter
-from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -21,10 +20,10 @@ DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 
 def decode_image(
     value,
-    skipped: Optional[Counter] = None,
-    max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+    skipped: Counter | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
     min_side: int = 1,
-) -> Optional[Image.Image]:
+) -> Image.Image | None:
     """Decodes one image-column value to an RGB PIL image, or returns None and counts why.
 
     `value` is what an undecoded `Image` column holds (`{"bytes", "path"}`), raw bytes, a file
@@ -41,7 +40,7 @@ def decode_image(
     return image
 
 
-def _decode(value, max_pixels: Optional[int], min_side: int) -> tuple:
+def _decode(value, max_pixels: int | None, min_side: int) -> tuple:
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
     if isinstance(value, Image.Image):

@@ -2,7 +2,7 @@
 
 `train` is the whole run, in phases: accelerator -> data -> models -> optimiser and schedules ->
 resume -> loop (with checkpoints, k-NN and Hub pushes) -> final save. Each step of the loop is
-`dino_hf.step.train_step`.
+`dino_hf.training.step.train_step`.
 """
 
 import copy
@@ -20,16 +20,22 @@ from accelerate.utils import DistributedType, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import checkpointing
-from .data import SkipReport, build_multicrop_dataloader, load_image_stream
-from .evaluation import knn_accuracy
-from .export import export_backbone
-from .hub import HubPusher
-from .model_card import EvalFigure, render_model_card
+from ..augment.batch_multicrop import BatchMultiCrop, DecodeAndCap
+from ..augment.multicrop import MultiCropTransform
+from ..convert.export import export_backbone
+from ..data.loader import SkipReport, build_multicrop_dataloader
+from ..data.sources import load_image_stream
+from ..evaluation.features import knn_accuracy
+from ..hub.model_card import EvalFigure, render_model_card
+from ..hub.push import HubPusher
+from . import checkpoints as checkpointing
+from .arguments import DinoTrainingArguments
+from .batches import EndlessBatches
+from .collectives import on_any_process, on_every_process
 from .loss import DinoLoss
-from .batch_multicrop import BatchMultiCrop, DecodeAndCap
-from .multicrop import MultiCropTransform
+from .networks import build_student_teacher
 from .optimization import build_optimizer, get_param_groups
+from .preemption import PreemptionSignals
 from .run_sources import dataset_size, describe_source, knn_sources, train_source
 from .schedules import (
     learning_rate_at,
@@ -47,8 +53,6 @@ from .sharding import (
 )
 from .speed import apply_speed_options
 from .step import train_step
-from .teacher import build_student_teacher
-from .training_args import DinoTrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +90,7 @@ class NonFiniteLossError(RuntimeError):
 def train(args: DinoTrainingArguments) -> TrainResult:
     """Run DINO pretraining as configured by `args`; returns where the result is.
 
-    SIGTERM and SIGUSR1 are caught while it runs (`checkpointing.PreemptionSignals`): the run
+    SIGTERM and SIGUSR1 are caught while it runs (`PreemptionSignals`): the run
     checkpoints at the end of the current step and returns with `stopped_by` set; the previous
     handlers are restored when it returns.
 
@@ -95,11 +99,11 @@ def train(args: DinoTrainingArguments) -> TrainResult:
         checkpointing.CheckpointError: a checkpoint could not be written (the previous one is
             intact) or the one named by `resume_from_checkpoint` is damaged.
     """
-    with checkpointing.PreemptionSignals() as signals:
+    with PreemptionSignals() as signals:
         return _train(args, signals)
 
 
-def _train(args: DinoTrainingArguments, signals: checkpointing.PreemptionSignals) -> TrainResult:
+def _train(args: DinoTrainingArguments, signals: PreemptionSignals) -> TrainResult:
     # ---- accelerator ------------------------------------------------------------------------
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
@@ -158,7 +162,7 @@ def _train(args: DinoTrainingArguments, signals: checkpointing.PreemptionSignals
     # RNG (stochastic depth) independent of how many passes were started, so a resumed run matches.
     # The samples' augmentations are seeded by their position, not by this generator.
     loader.generator = torch.Generator().manual_seed(args.seed + accelerator.process_index)
-    batches = checkpointing.EndlessBatches(loader)
+    batches = EndlessBatches(loader)
     total_batch = batch_size * accelerator.num_processes
     samples_per_epoch = args.samples_per_epoch or dataset_size(stream, source)
     if samples_per_epoch is None:
@@ -283,10 +287,10 @@ def _train(args: DinoTrainingArguments, signals: checkpointing.PreemptionSignals
             staging.mkdir(parents=True)
 
         try:
-            checkpointing.on_every_process(accelerator, fresh_staging, main_only=True)
-            checkpointing.on_every_process(accelerator, lambda: checkpointing.write_process_state(
+            on_every_process(accelerator, fresh_staging, main_only=True)
+            on_every_process(accelerator, lambda: checkpointing.write_process_state(
                 staging, accelerator.process_index, batches.state_dict()))
-            checkpointing.on_every_process(accelerator, shared_state, main_only=True)
+            on_every_process(accelerator, shared_state, main_only=True)
         except checkpointing.WRITE_ERRORS as error:
             if accelerator.is_main_process:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -378,7 +382,7 @@ def _train(args: DinoTrainingArguments, signals: checkpointing.PreemptionSignals
             break
         if global_step % checkpoint_every == 0:
             last_checkpoint = save(global_step)
-        if checkpointing.on_any_process(accelerator, signals.received is not None):  # all processes stop at the same step
+        if on_any_process(accelerator, signals.received is not None):  # all processes stop at the same step
             if global_step % checkpoint_every:
                 last_checkpoint = save(global_step)
             stopped_by = signals.received or "a signal received by another process"

@@ -7,9 +7,9 @@ labelled images in, features out.
 - `extract_features`: batched, gradient-free features on the accelerator when there is one.
 - `knn_accuracy`: the k-NN accuracy of a backbone on two labelled sources, as measured during training.
 
-The backbones are read by `dino_hf.feature_models`, the classifiers are in `dino_hf.knn` and
-`dino_hf.linear_probe`, attention maps in `dino_hf.attention` and the feature dataset writer in
-`dino_hf.feature_export`.
+The backbones are read by `dino_hf.evaluation.feature_models`, the classifiers are in `dino_hf.evaluation.knn` and
+`dino_hf.evaluation.linear_probe`, attention maps in `dino_hf.evaluation.attention` and the feature dataset writer in
+`dino_hf.evaluation.feature_export`.
 """
 
 import itertools
@@ -22,8 +22,8 @@ from torch import nn
 from torch.utils.data import DataLoader, get_worker_info
 from torch.utils.data import IterableDataset as TorchIterableDataset
 
-from .data import load_image_stream
-from .decoding import decode_image
+from ..data.decoding import decode_image
+from ..data.sources import load_image_stream
 from .feature_models import eval_transform, load_feature_model
 from .knn import KNN_KS, knn_evaluate
 
@@ -92,58 +92,12 @@ class ImageBatches:
         return int(label)
 
 
-def add_model_argument(parser, image_size_help: str = "Centre-crop size (resize to size * 256 / 224).") -> None:
-    """The `--model` and `--image_size` options of the evaluation scripts (`--model`: anything
-    `load_feature_model` reads; `--image_size`: the model's own size when not given)."""
-    parser.add_argument("--model", required=True,
-                        help="DinoModel folder or Hub id, transformers ViT folder, timm:NAME or timm folder, "
-                             "or a training checkpoint (its teacher).")
-    parser.add_argument("--image_size", type=int, default=None,
-                        help=f"{image_size_help} Default: the model's own, i.e. the crop size of its saved image "
-                             "processor, timm's pretrained_cfg or the training resolution of its checkpoint; 224 "
-                             "when the model names none.")
 
 
-def image_size_line(model) -> str:
-    """The line the evaluation scripts print to say at which size they evaluate `model`."""
-    return f"image size: {model.image_size} px ({model.image_size_source})"
 
 
-def add_dataset_arguments(parser, labelled: bool = True) -> None:
-    """Command-line options that name the data of an evaluation script (train and eval splits)."""
-    group = parser.add_argument_group("data")
-    group.add_argument("--dataset_name", help="Hub dataset id or a local dataset folder.")
-    group.add_argument("--dataset_config_name", help="Configuration of the dataset.")
-    group.add_argument("--train_dir", help="Image folder (class sub-folders give the labels) for the train split.")
-    group.add_argument("--train_files", nargs="+",
-                       help="Data files (parquet, arrow, webdataset .tar) of the train split.")
-    group.add_argument("--train_split", default="train", help="Split of --dataset_name used as the train set.")
-    group.add_argument("--image_column_name", help="Image column (found automatically).")
-    group.add_argument("--no_streaming", dest="streaming", action="store_false",
-                       help="Download the dataset instead of streaming it.")
-    if labelled:
-        group.add_argument("--eval_dir", help="Image folder (class sub-folders) for the eval split.")
-        group.add_argument("--eval_files", nargs="+", help="Data files of the eval split.")
-        group.add_argument("--eval_split", default="validation", help="Split of --dataset_name used as the eval set.")
-        group.add_argument("--label_column_name",
-                           help="Label column (found automatically: label, labels, class, target).")
 
 
-def load_split(args, which: str = "train") -> tuple[object, str, str | None]:
-    """`(rows, image_column, label_column)` of the `which` ("train" or "eval") split named by the options
-    of `add_dataset_arguments`; label_column is None for unlabelled parsers."""
-    folder, files = getattr(args, f"{which}_dir", None), getattr(args, f"{which}_files", None)
-    if folder or files:
-        source = dict(train_dir=folder, data_files=files)
-    else:
-        split = getattr(args, f"{which}_split")
-        source = dict(dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name, split=split)
-    if not any(source.values()):
-        raise ValueError(f"no data for the {which} split: pass --dataset_name, --{which}_dir or --{which}_files")
-    rows, image_column = load_image_stream(image_column_name=args.image_column_name, streaming=args.streaming, **source)
-    if not hasattr(args, "label_column_name"):
-        return rows, image_column, None
-    return rows, image_column, find_label_column(rows, args.label_column_name)
 
 
 def find_label_column(rows, name: str | None = None) -> str:
@@ -219,11 +173,7 @@ def knn_accuracy(backbone: nn.Module, sources: tuple[dict, dict], image_size: in
 __all__ = [
     "ImageBatches",
     "LABEL_COLUMNS",
-    "add_dataset_arguments",
-    "add_model_argument",
     "extract_features",
     "find_label_column",
-    "image_size_line",
     "knn_accuracy",
-    "load_split",
 ]

@@ -3,31 +3,23 @@
 `load_image_stream` turns a source (a Hub dataset id, a local folder of images, parquet / arrow
 files, webdataset `.tar` shards) into a `datasets.IterableDataset` whose image column is left
 undecoded, split across processes with `split_dataset_by_node`; `decode_image`
-(`dino_hf.decoding`) decodes it later, skipping bad images. `build_multicrop_dataloader` wraps the
-stream in `MultiCropStream` (`dino_hf.multicrop_stream`: shuffle blocks, decoding, multi-crop,
+(`dino_hf.data.decoding`) decodes it later, skipping bad images. `build_multicrop_dataloader` wraps the
+stream in `MultiCropStream` (`dino_hf.data.stream`: shuffle blocks, decoding, multi-crop,
 retried reads) and a torchdata `StatefulDataLoader`, so that the stream position is part of the
 training state; `SkipReport` adds up the skipped images that the batches report.
 """
 
-import functools
 import logging
 import math
 import os
-import signal
-import threading
 from collections import Counter
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import numpy as np
-import torch
 from datasets import ClassLabel, Features, IterableDataset, load_dataset
 from datasets import Image as ImageFeature
 from datasets.distributed import split_dataset_by_node
 from PIL import Image
-from torchdata.stateful_dataloader import StatefulDataLoader
-
-from .decoding import DEFAULT_MAX_PIXELS
-from .multicrop_stream import MultiCropStream
 
 logger = logging.getLogger(__name__)
 
@@ -36,23 +28,20 @@ IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().i
 _TABLE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".tar": "webdataset"}
 _MAX_FILES_PER_SHARD = 1024
 _MIN_SHARDS = 256
-# The signals that stop a run. SLURM, `timeout` and a terminal's Ctrl-C send them to every process of
-# the job, workers included; the main process handles them (`checkpointing.PreemptionSignals`).
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 def load_image_stream(
-    dataset_name: Optional[str] = None,
-    dataset_config_name: Optional[str] = None,
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
     split: str = "train",
-    train_dir: Optional[str] = None,
-    data_files: Union[str, Sequence[str], None] = None,
-    image_column_name: Optional[str] = None,
+    train_dir: str | None = None,
+    data_files: str | Sequence[str] | None = None,
+    image_column_name: str | None = None,
     streaming: bool = True,
     rank: int = 0,
     world_size: int = 1,
     seed: int = 0,
-    token: Union[str, bool, None] = None,
+    token: str | bool | None = None,
 ) -> tuple:
     """Opens one image source as an `IterableDataset` and names its image column.
 
@@ -93,7 +82,7 @@ def load_image_stream(
     return stream, image_column
 
 
-def find_image_column(stream: IterableDataset, image_column_name: Optional[str] = None) -> str:
+def find_image_column(stream: IterableDataset, image_column_name: str | None = None) -> str:
     """The name of the image column of `stream` (see `load_image_stream`); raises listing the columns."""
     features = stream.features
     columns = list(features) if features is not None else list(next(iter(stream), {}).keys())
@@ -124,7 +113,7 @@ def _list_files(root: str) -> list:
     return files
 
 
-def _expand_data_files(data_files: Union[str, Sequence[str]]) -> list:
+def _expand_data_files(data_files: str | Sequence[str]) -> list:
     import glob
 
     patterns = [data_files] if isinstance(data_files, (str, os.PathLike)) else list(data_files)
@@ -182,99 +171,11 @@ def _read_image_shards(shards: list, labelled: bool):
             yield {"image": {"path": path, "bytes": None}, "label": label} if labelled else {"image": {"path": path, "bytes": None}}
 
 
-def collate_multicrop(samples: list) -> dict:
-    """Stacks samples of `MultiCropStream`: `{"crops": [2 x (B, 3, G, G), N x (B, 3, L, L)],
-    "ids": [B str], "skipped": {reason: count}, "stream_retries": int}` (the retried stream reads
-    reported by these samples; samples without the key count 0)."""
-    crops = [torch.stack(views) for views in zip(*(s["crops"] for s in samples))]
-    skipped = Counter()
-    for sample in samples:
-        skipped.update(sample["skipped"])
-    retries = sum(s.get("stream_retries", 0) for s in samples)
-    return {"crops": crops, "ids": [s["id"] for s in samples], "skipped": dict(skipped), "stream_retries": retries}
 
 
-class SkipReport:
-    """Adds up the `skipped` counts of batches; warns once per reason, the first time it is seen."""
-
-    def __init__(self):
-        self.counts = Counter()
-
-    def update(self, skipped: dict) -> None:
-        for reason, count in skipped.items():
-            if count and reason not in self.counts:
-                logger.warning(f"skipping images that are {reason.replace('_', ' ')}; counts are in the log summary")
-            self.counts[reason] += count
-
-    def summary(self) -> str:
-        if not self.counts:
-            return "no images skipped"
-        return "skipped images: " + ", ".join(f"{reason} {n}" for reason, n in sorted(self.counts.items()))
 
 
-def ignore_stop_signals(worker_id: int, main_process: int) -> None:
-    """The loader's `worker_init_fn`: the worker ignores STOP_SIGNALS, so that a signal sent to the
-    whole job reaches the main process alone, which checkpoints and then shuts its workers down. A
-    SIGTERM from `main_process` (the pid of the main process: how it ends workers that do not stop
-    when asked, also when it exits on an error) still ends the worker, as PyTorch's own worker
-    handler does. A worker whose main process is gone exits by itself.
-
-    The signals are blocked and taken by a thread that sees their sender (`sigwaitinfo`); where
-    there is no `sigwaitinfo` (macOS), the worker keeps PyTorch's handling.
-    """
-    if not hasattr(signal, "sigwaitinfo"):
-        return
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    threading.Thread(target=_take_stop_signals, args=(main_process,), name="stop-signals", daemon=True).start()
 
 
-def _take_stop_signals(main_process: int) -> None:
-    while True:
-        received = signal.sigwaitinfo(STOP_SIGNALS)
-        if received.si_signo == signal.SIGTERM and received.si_pid == main_process:
-            os._exit(0)
 
 
-def build_multicrop_dataloader(
-    stream: IterableDataset,
-    image_column: str,
-    transform,
-    batch_size: int,
-    num_workers: int = 0,
-    seed: int = 0,
-    shuffle_buffer_size: int = 1000,
-    drop_last: bool = True,
-    id_column: Optional[str] = None,
-    max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
-    min_side: int = 1,
-    pin_memory: bool = False,
-    max_retries: int = 5,
-    retry_delay: float = 1.0,
-    max_retry_delay: float = 60.0,
-) -> StatefulDataLoader:
-    """A resumable loader of multi-crop batches (see `collate_multicrop`) from `stream`.
-
-    `loader.state_dict()` / `loader.load_state_dict(state)` save and restore the position, also
-    with workers. Workers beyond the stream's number of shards would get no data and are not
-    started. Call `loader.dataset.set_epoch(epoch)` before each epoch. `seed` should differ
-    between processes (e.g. seed + rank). Transient read failures of the stream are retried in
-    place (`max_retries`, `retry_delay`, `max_retry_delay`: see `MultiCropStream`) and counted in
-    `batch["stream_retries"]`. Workers ignore the SIGTERM, SIGUSR1 and SIGINT that other processes
-    send them (`ignore_stop_signals`).
-    """
-    dataset = MultiCropStream(
-        stream, image_column, transform, seed, shuffle_buffer_size, id_column, max_pixels, min_side,
-        max_retries=max_retries, retry_delay=retry_delay, max_retry_delay=max_retry_delay,
-    )
-    if num_workers > stream.num_shards:
-        logger.warning(f"the stream has {stream.num_shards} shards: using {stream.num_shards} workers, not {num_workers}")
-        num_workers = stream.num_shards
-    return StatefulDataLoader(
-        dataset,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=collate_multicrop,
-        drop_last=drop_last,
-        pin_memory=pin_memory,
-        worker_init_fn=functools.partial(ignore_stop_signals, main_process=os.getpid()),
-    )

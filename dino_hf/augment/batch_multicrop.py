@@ -29,7 +29,6 @@ the whole decoded image (so the scale range is relative to the centre or random 
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +37,8 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import InterpolationMode
 
-from . import augment_constants as draw
-from .augment_constants import LUMA
+from . import constants as draw
+from .constants import LUMA
 from .multicrop import MultiCropTransform, to_uint8_tensor
 
 # Bicubic filter of PIL and of torch's antialiased resize.
@@ -68,7 +67,7 @@ class DecodeAndCap:
         self.image_size = image_size
         self.random_crop = random_crop
 
-    def __call__(self, image: Union[torch.Tensor, Image.Image], generator: Optional[torch.Generator] = None) -> list:
+    def __call__(self, image: torch.Tensor | Image.Image, generator: torch.Generator | None = None) -> list:
         image = to_uint8_tensor(image)  # (3, H, W)
         size = self.image_size
         height, width = image.shape[-2:]
@@ -131,7 +130,7 @@ class BatchMultiCrop(nn.Module):
     def num_crops(self) -> int:
         return self.config.num_crops
 
-    def forward(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> list:
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> list:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise TypeError(
                 f"BatchMultiCrop takes uint8 images (B, 3, H, W) (e.g. the batch of DecodeAndCap), "
@@ -153,8 +152,8 @@ class BatchMultiCrop(nn.Module):
         batch: int,
         height: int,
         width: int,
-        generator: Optional[torch.Generator] = None,
-        device: Union[str, torch.device, None] = None,
+        generator: torch.Generator | None = None,
+        device: str | torch.device | None = None,
     ) -> list:
         """Draws the decisions of every crop of `batch` images of `height` x `width` pixels.
 

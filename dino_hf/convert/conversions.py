@@ -9,9 +9,9 @@
   backbone-only state dicts.
 
 `convert_checkpoint` reads any of these and writes a `DinoModel` folder, or a transformers ViT or timm
-folder (`dino_hf.export`), in one call.
+folder (`dino_hf.convert.export`), in one call.
 
-Weights files are read with `load_checkpoint_file` (`dino_hf.weight_files`), which never unpickles code.
+Weights files are read with `load_checkpoint_file` (`dino_hf.convert.weight_files`), which never unpickles code.
 """
 
 import json
@@ -26,10 +26,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import ViTModel
 
-from .configuration_dino import PRESETS, DinoConfig
+from ..models.configuration_dino import PRESETS, DinoConfig
+from ..models.heads import DinoHead
+from ..models.modeling_dino import DinoModel
 from .export import save_as_timm, save_as_vit
-from .heads import DinoHead
-from .modeling_dino import DinoModel
 from .timm_weights import DINO_LAYER_NORM_EPS, dino_key_to_timm, timm_to_dino_state_dict
 from .weight_files import load_checkpoint_file
 

@@ -13,12 +13,9 @@ Files: `student.safetensors`, `teacher.safetensors`, `dino_loss.safetensors` (th
 process: its RNG states and its position in the data stream), `trainer_state.json` (step, counters,
 `num_processes`), `training_args.json` (the resolved configuration, without secrets),
 `teacher_backbone/` (the exported model folder) and `manifest.json`. Weights and optimiser state are
-whole (gathered from the shards under FSDP, `dino_hf.sharding`), so a checkpoint resumes with any
-number of processes and under FSDP or not.
-
-Two helpers of the loop make a resume exact and timely: `EndlessBatches`, the batch stream whose
-state (data epoch and position) goes into `data_state_<rank>.pt`, and `PreemptionSignals`, which
-turns a scheduler's SIGTERM / SIGUSR1 or a Ctrl-C into a checkpoint at the end of the current step.
+whole (gathered from the shards under FSDP, `dino_hf.training.sharding`), so a checkpoint resumes with any
+number of processes and under FSDP or not. What goes into the files is gathered by
+`dino_hf.training.saving`; the data position by `dino_hf.training.batches.EndlessBatches`.
 """
 
 import errno
@@ -28,17 +25,12 @@ import os
 import random
 import re
 import shutil
-import signal
-import threading
 from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-
-from .data import STOP_SIGNALS
 
 logger = logging.getLogger(__name__)
 
@@ -287,118 +279,22 @@ def load_checkpoint(folder: Path, rank: int) -> dict:
     return state
 
 
-class PreemptionSignals:
-    """Notes SIGTERM and SIGUSR1 (what cluster schedulers send before they stop a job) and SIGINT
-    (Ctrl-C) instead of dying on them; the loop then checkpoints at the end of the current step and
-    returns. A second SIGINT raises `KeyboardInterrupt` at once, without the checkpoint.
-
-    Schedulers and terminals signal every process of the job; the loader's workers ignore these
-    signals (`data.ignore_stop_signals`), so that the main process stops them itself once the
-    checkpoint is written.
-
-    A context manager: the previous handlers are restored on exit. Outside the main thread (where
-    Python cannot install handlers) it does nothing.
-    """
-
-    SIGNALS = STOP_SIGNALS
-
-    def __init__(self):
-        self.received: str | None = None
-        self._previous: dict = {}
-
-    def _note(self, signum, frame) -> None:
-        if signum == signal.SIGINT and self.received == signal.SIGINT.name:
-            raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
-
-    def __enter__(self) -> "PreemptionSignals":
-        if threading.current_thread() is threading.main_thread():
-            for signum in self.SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._note)
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
 
 
-class EndlessBatches:
-    """The batches of a resumable loader, pass after pass; each pass over the stream is one data
-    epoch, re-shuffled through `set_epoch`.
-
-    `state_dict()` (the data epoch and the loader's position) is what each process saves in a
-    checkpoint, so that a resumed run reads the same batches as an uninterrupted one, also when it
-    stopped right after the last batch of a pass.
-    """
-
-    def __init__(self, loader):
-        self.loader = loader
-        self.epoch = 0
-        self._batches = None
-
-    def __iter__(self) -> "EndlessBatches":
-        return self
-
-    def __next__(self) -> dict:
-        if self._batches is None:
-            self._batches = iter(self.loader)
-        try:
-            return next(self._batches)
-        except StopIteration:
-            pass  # the pass is over (a resumed one may have had nothing left): start the next data epoch
-        self.epoch += 1
-        self.loader.dataset.set_epoch(self.epoch)
-        self._batches = iter(self.loader)
-        try:
-            return next(self._batches)
-        except StopIteration:
-            raise ValueError(
-                "the training stream gave no complete batch; use a smaller batch or more data"
-            ) from None
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "loader": self.loader.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch = state["epoch"]
-        self.loader.dataset.set_epoch(self.epoch)
-        self.loader.load_state_dict(state["loader"])
-        self._batches = None
 
 
-def on_any_process(accelerator: Accelerator, flag: bool) -> bool:
-    """Whether `flag` is true on at least one process (a collective: every process must call it)."""
-    if accelerator.num_processes == 1:
-        return flag
-    return bool(accelerator.gather(torch.tensor([int(flag)], device=accelerator.device)).any())
 
 
-def on_every_process(accelerator: Accelerator, action, main_only: bool = False) -> None:
-    """Run `action` (on the main process only if `main_only`), then agree: a write error on any
-    process is raised on every process, so that no process waits for one that gave up."""
-    error = None
-    if accelerator.is_main_process or not main_only:
-        try:
-            action()
-        except WRITE_ERRORS as caught:
-            error = caught
-    if on_any_process(accelerator, error is not None):
-        raise error or OSError("another process could not write its part of the checkpoint")
 
 
 __all__ = [
     "CheckpointError",
-    "EndlessBatches",
-    "PreemptionSignals",
     "WRITE_ERRORS",
     "check_checkpoint",
     "finalize",
     "find_resume_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
-    "on_any_process",
-    "on_every_process",
     "staging_dir",
     "write_error_advice",
     "write_process_state",

@@ -15,8 +15,8 @@ can check the sampling rates and the pixel operations separately.
 """
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -25,10 +25,9 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from . import augment_constants as draw
-from .augment_constants import LUMA
-from .image_processing_dino import IMAGENET_MEAN, IMAGENET_STD
-
+from ..models.image_processing_dino import IMAGENET_MEAN, IMAGENET_STD
+from . import constants as draw
+from .constants import LUMA
 
 
 @dataclass(frozen=True)
@@ -47,9 +46,9 @@ class CropParams:
     height: int
     width: int
     flip: bool
-    jitter: Optional[tuple]
+    jitter: tuple | None
     grayscale: bool
-    blur_sigma: Optional[float]
+    blur_sigma: float | None
     solarize: bool
 
 
@@ -143,12 +142,12 @@ class MultiCropTransform:
     def num_crops(self) -> int:
         return 2 + self.local_crops_number
 
-    def __call__(self, image: Union[torch.Tensor, Image.Image], generator: Optional[torch.Generator] = None):
+    def __call__(self, image: torch.Tensor | Image.Image, generator: torch.Generator | None = None):
         image = to_uint8_tensor(image)
         params = self.sample_params(image.shape[-2], image.shape[-1], generator)
         return self.apply(image, params)
 
-    def sample_params(self, height: int, width: int, generator: Optional[torch.Generator] = None) -> list:
+    def sample_params(self, height: int, width: int, generator: torch.Generator | None = None) -> list:
         """Draws the `CropParams` of every crop of one `height` x `width` image."""
         draws = torch.rand(self.num_crops, draw.DRAWS_PER_CROP, generator=generator, dtype=torch.float64).tolist()
         params = []
@@ -214,7 +213,7 @@ class MultiCropTransform:
         return x.sub(self.mean).div_(self.std)
 
 
-def to_uint8_tensor(image: Union[torch.Tensor, Image.Image]) -> torch.Tensor:
+def to_uint8_tensor(image: torch.Tensor | Image.Image) -> torch.Tensor:
     """A uint8 `(3, H, W)` view of a PIL image (converted to RGB) or a uint8 `(3 or 1, H, W)` tensor."""
     if isinstance(image, Image.Image):
         if image.mode != "RGB":

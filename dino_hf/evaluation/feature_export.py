@@ -12,8 +12,8 @@ import torch
 from accelerate import PartialState
 from datasets.table import embed_table_storage
 
-from .evaluation import ImageBatches
 from .feature_models import FeatureModel
+from .features import ImageBatches
 
 
 def write_feature_dataset(model: FeatureModel, rows, image_column: str, output_dir: "str | os.PathLike",

@@ -27,10 +27,10 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import ViTConfig, ViTModel
 
-from .backbones import DinoModelBackbone, TimmBackbone
-from .configuration_dino import PRESETS, DinoConfig
-from .image_processing_dino import IMAGENET_MEAN, IMAGENET_STD, dino_image_processor
-from .modeling_dino import DinoModel
+from ..models.backbones import DinoModelBackbone, TimmBackbone
+from ..models.configuration_dino import PRESETS, DinoConfig
+from ..models.image_processing_dino import IMAGENET_MEAN, IMAGENET_STD, dino_image_processor
+from ..models.modeling_dino import DinoModel
 from .timm_weights import DINO_LAYER_NORM_EPS, dino_to_timm_state_dict
 
 # Keys of a timm `pretrained_cfg` that describe the exported weights and their preprocessing; the others

@@ -16,17 +16,16 @@ Accepted specs:
 
 import copy
 import difflib
-import json
 import os
-from pathlib import Path
 
 import timm
 import torch
 from torch import nn
 
 from .configuration_dino import PRESETS, DinoConfig
-from .model_references import TIMM_PREFIX, is_external_timm_name, is_hub_id, is_timm_folder
 from .modeling_dino import DinoModel
+from .references import TIMM_PREFIX, is_external_timm_name, is_hub_id, is_timm_folder
+
 
 class TimmBackbone(nn.Module):
     """A timm model built with `num_classes=0`: its forward already returns pooled features.

@@ -15,8 +15,8 @@ from accelerate import PartialState
 from torch import nn
 from torchvision import transforms
 
+from ..models.image_processing_dino import IMAGENET_MEAN, IMAGENET_STD
 from .feature_models import FeatureModel
-from .image_processing_dino import IMAGENET_MEAN, IMAGENET_STD
 
 
 def train_transform(image_size: int = 224) -> transforms.Compose:

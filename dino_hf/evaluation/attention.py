@@ -12,8 +12,8 @@ from accelerate import PartialState
 from PIL import Image
 from torchvision import transforms
 
+from ..models.image_processing_dino import IMAGENET_MEAN, IMAGENET_STD
 from .feature_models import FeatureModel
-from .image_processing_dino import IMAGENET_MEAN, IMAGENET_STD
 
 # The paper's masks keep the patches holding 60 % of the CLS attention mass (Fig. 3).
 MASK_THRESHOLD = 0.6

@@ -20,11 +20,11 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms
 
-from .backbones import DinoModelBackbone, TimmBackbone, build_backbone
-from .convert import dino_from_vit
-from .model_references import TIMM_PREFIX, is_hub_id, is_timm_folder
-from .image_processing_dino import IMAGENET_MEAN, IMAGENET_STD
-from .modeling_dino import DinoModel
+from ..convert.conversions import dino_from_vit
+from ..models.backbones import DinoModelBackbone, TimmBackbone, build_backbone
+from ..models.image_processing_dino import IMAGENET_MEAN, IMAGENET_STD
+from ..models.modeling_dino import DinoModel
+from ..models.references import TIMM_PREFIX, is_hub_id, is_timm_folder
 
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # the trainer's checkpoint folders
 

@@ -21,8 +21,8 @@ import yaml
 from accelerate.utils import LoggerType
 from transformers import HfArgumentParser
 
-from .configuration_dino import PRESETS, DinoConfig
-from .model_references import TIMM_PREFIX, is_external_timm_name, is_hub_id
+from ..models.configuration_dino import PRESETS, DinoConfig
+from ..models.references import TIMM_PREFIX, is_external_timm_name, is_hub_id
 from .optimization import OPTIMIZERS
 
 SECRET_FIELDS = ("hub_token",)

@@ -8,9 +8,9 @@ known without reading the stream; an epoch has that many samples unless `--sampl
 import os
 from pathlib import Path
 
-from .data import IMAGE_EXTENSIONS
-from .demo_data import default_demo_root, make_demo_dataset
-from .training_args import DinoTrainingArguments
+from ..data.demo import default_demo_root, make_demo_dataset
+from ..data.sources import IMAGE_EXTENSIONS
+from .arguments import DinoTrainingArguments
 
 
 def demo_root() -> Path:

@@ -1,7 +1,7 @@
 """One DINO optimisation step (Caron et al. 2021, Algorithm 1), and nothing else.
 
 No data, no logging, no schedules: `train_step` takes this step's values and the crops on the device,
-so that it can be tested alone against the formulas of the paper. `dino_hf.trainer.train` calls it
+so that it can be tested alone against the formulas of the paper. `dino_hf.training.trainer.train` calls it
 once per step.
 """
 
@@ -12,8 +12,8 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from ..models.heads import DinoHead
 from .loss import DinoLoss, collapse_diagnostics
-from .heads import DinoHead
 from .optimization import clip_gradients_
 from .teacher import ema_update_
 
@@ -59,7 +59,7 @@ def train_step(
         crops (`list[torch.Tensor]`): `[global 1 (B, 3, G, G), global 2 (B, 3, G, G), local
             (B, 3, L, L) ...]`, already on the device.
         lr, weight_decay, momentum, teacher_temp (`float`): this step's schedule values
-            (`dino_hf.schedules`).
+            (`dino_hf.training.schedules`).
         clip_grad (`float`): per-parameter gradient norm limit (3.0); 0 turns clipping off.
         freeze_last_layer (`bool`): drop the head's last-layer gradients (during the first
             `freeze_last_layer` epochs).
@@ -82,7 +82,7 @@ def train_step(
         if "regularized" not in group:
             raise ValueError(
                 "optimizer parameter groups carry no 'regularized' flag; build them with "
-                "dino_hf.optimization.get_param_groups(student)"
+                "dino_hf.training.optimization.get_param_groups(student)"
             )
         group["lr"] = lr
         if group["regularized"]:

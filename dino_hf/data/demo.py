@@ -16,7 +16,6 @@ import json
 import math
 import os
 import shutil
-from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -36,7 +35,7 @@ def default_demo_root() -> str:
 
 
 def make_demo_dataset(
-    root: Optional[str] = None,
+    root: str | None = None,
     num_classes: int = 8,
     train_per_class: int = 120,
     eval_per_class: int = 30,

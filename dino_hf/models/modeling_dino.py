@@ -26,6 +26,7 @@ from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPo
 from .configuration_dino import PRESETS, DinoConfig
 from .image_processing_dino import dino_image_processor
 
+
 class DinoPatchEmbeddings(nn.Module):
     """Non-overlapping patches of size `patch_size`, linearly embedded by a strided convolution."""
 

@@ -1,0 +1,68 @@
+"""The student and teacher networks of a run, built from its training arguments."""
+
+import os
+
+from torch import nn
+
+from ..convert.conversions import dino_from_reference
+from ..convert.weight_files import load_checkpoint_file
+from ..models.backbones import build_backbone
+from ..models.configuration_dino import PRESETS
+from ..models.heads import DinoHead
+from ..models.multicrop_wrapper import MultiCropWrapper
+from ..models.references import TIMM_PREFIX
+from .arguments import DinoTrainingArguments, check_crop_sizes
+from .teacher import build_teacher
+
+
+def build_student_teacher(args: DinoTrainingArguments) -> tuple[MultiCropWrapper, MultiCropWrapper, bool]:
+    """Student = backbone + DINO head, teacher = its copy without stochastic depth.
+
+    Returns also whether the backbone came with trained weights but without a head (a saved
+    DinoModel folder, a Hub id, a backbone-only reference file): then the fresh head is trained
+    alone for `head_warmup_steps` before the backbone joins, so that a random head does not wreck
+    the features. Presets and timm names start from random weights: no warm-up.
+
+    Raises:
+        ValueError: the crop sizes are not multiples of the backbone's patch size.
+    """
+    spec = args.backbone or args.model_name_or_path or "vit_small_patch16"
+    head_state = None
+    if spec.endswith((".pth", ".pt", ".safetensors")) and os.path.isfile(spec):
+        imported = dino_from_reference(load_checkpoint_file(spec), drop_path_rate=args.drop_path_rate)
+        backbone = build_backbone(imported.model)
+        head_state = imported.head_state_dict
+    else:
+        # A timm model named by --model_name_or_path comes with its trained weights; by --backbone, without.
+        from_timm_weights = args.model_name_or_path is not None and spec.startswith(TIMM_PREFIX)
+        backbone = build_backbone(spec, drop_path_rate=args.drop_path_rate, image_size=args.global_crops_size,
+                                  pretrained=from_timm_weights)
+    pretrained = args.model_name_or_path is not None and spec not in PRESETS
+    check_crop_sizes(args, _patch_size(backbone))
+    head = DinoHead(
+        backbone.num_features,
+        args.out_dim,
+        use_bn=args.use_bn_in_head,
+        norm_last_layer=args.norm_last_layer,
+        nlayers=args.head_nlayers,
+        hidden_dim=args.head_hidden_dim,
+        bottleneck_dim=args.head_bottleneck_dim,
+    )
+    if head_state is not None:
+        head.load_state_dict(head_state)
+    student = MultiCropWrapper(backbone, head)
+    return student, build_teacher(student), pretrained and head_state is None
+
+
+def _patch_size(backbone: nn.Module) -> int | None:
+    """The patch size of a ViT backbone (DinoModel or timm), None for a CNN."""
+    config = getattr(backbone.model, "config", None)
+    if config is not None and hasattr(config, "patch_size"):
+        return int(config.patch_size)
+    size = getattr(getattr(backbone.model, "patch_embed", None), "patch_size", None)
+    if size is None:
+        return None
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+__all__ = ["build_student_teacher"]

@@ -1,0 +1,62 @@
+"""The teacher of DINO: its construction from the student and its EMA.
+
+Both networks are backbone + head behind a `MultiCropWrapper`, as the reference, so their state dict
+keys are `backbone.*` and `head.*`. The teacher is built from the student and never receives
+gradients: it follows the student by an exponential moving average of the parameters
+(paper Sec. 3.1 "Teacher network"), theta_t = m * theta_t + (1 - m) * theta_s.
+"""
+
+import copy
+
+import torch
+from torch import nn
+
+from ..models.multicrop_wrapper import MultiCropWrapper
+from .sharding import local_tensors
+
+
+def build_teacher(student: MultiCropWrapper) -> MultiCropWrapper:
+    """The teacher: a copy of the student with gradients off.
+
+    As in the reference, the teacher's head has `norm_last_layer=True` semantics (its
+    `last_layer.weight_g` is not trained; it only follows the student's through the EMA), and its
+    backbone has no stochastic depth (the reference builds the teacher without `drop_path_rate`).
+    The teacher stays in the student's train/eval mode: with BatchNorm, it normalises with the
+    statistics of its own batch, as the reference's.
+    """
+    teacher = copy.deepcopy(student)
+    for module in teacher.modules():
+        if isinstance(getattr(module, "drop_prob", None), float):
+            module.drop_prob = 0.0
+    if hasattr(teacher.head, "norm_last_layer"):
+        teacher.head.norm_last_layer = True
+    teacher.requires_grad_(False)
+    return teacher
+
+
+@torch.no_grad()
+def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """theta_t <- m * theta_t + (1 - m) * theta_s for every parameter, in place.
+
+    Parameters are paired in `parameters()` order (trainable and frozen alike, as the reference);
+    buffers (BatchNorm statistics, the loss center) are not averaged. Uses fused multi-tensor ops.
+    Under FSDP (`sharding.shard_like`) each process averages its own shards.
+
+    Args:
+        teacher (`nn.Module`): updated in place.
+        student (`nn.Module`): the same architecture, unwrapped (not the DDP wrapper).
+        momentum (`float`): m of this step (`teacher_momentum_at`), in [0, 1]; 1 leaves the teacher
+            unchanged.
+    """
+    teacher_params = local_tensors(list(teacher.parameters()))
+    student_params = local_tensors([p.detach() for p in student.parameters()])
+    if len(teacher_params) != len(student_params):
+        raise ValueError(
+            f"teacher has {len(teacher_params)} parameters and student {len(student_params)}; build the "
+            "teacher with build_teacher(student) and pass the unwrapped student (accelerator.unwrap_model)"
+        )
+    torch._foreach_mul_(teacher_params, momentum)
+    torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
+
+
+__all__ = ["build_teacher", "ema_update_"]
