@@ -1,28 +1,19 @@
 import errno
 import json
 import logging
-import multiprocessing
 import os
 import pickle
 import random
 import resource
 import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from dino_hf.augment.multicrop import MultiCropTransform
-from dino_hf.data.loader import build_multicrop_dataloader
-from dino_hf.data.sources import load_image_stream
 from dino_hf.training import checkpoints as checkpointing
-from dino_hf.training.batches import EndlessBatches
 from dino_hf.training.checkpoints import (
     CheckpointError,
     check_checkpoint,
@@ -165,40 +156,10 @@ def test_a_pickle_carrying_code_is_refused(tmp_path, monkeypatch):
     assert not (tmp_path / "pwned").exists()
 
 
-def loader_over(folder, num_workers=0):
-    stream, column = load_image_stream(train_dir=str(folder))
-    transform = MultiCropTransform(global_crops_size=16, local_crops_size=8, local_crops_number=1)
-    return build_multicrop_dataloader(stream, column, transform, batch_size=4, num_workers=num_workers,
-                                      shuffle_buffer_size=5)
 
 
-@pytest.mark.parametrize("stop_after", [3, 4])  # 3: right after the last batch of the first pass
-def test_endless_batches_resume_where_they_stopped(tmp_path, stop_after):
-    rng = np.random.default_rng(0)
-    for index in range(12):  # 3 batches of 4 per pass
-        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(tmp_path / f"{index:02d}.png")
-    batches = EndlessBatches(loader_over(tmp_path))
-    for _ in range(stop_after):
-        next(batches)
-    state = batches.state_dict()
-    expected = [next(batches) for _ in range(4)]
-    assert state["epoch"] == (0 if stop_after == 3 else 1)
-    assert batches.epoch == 2  # the 4 batches after the stop cross into another pass
-
-    resumed = EndlessBatches(loader_over(tmp_path))
-    resumed.load_state_dict(state)
-    for want in expected:
-        got = next(resumed)
-        assert got["ids"] == want["ids"]
-        for got_crop, want_crop in zip(got["crops"], want["crops"]):
-            assert torch.equal(got_crop, want_crop)  # the same augmentation, too
-    assert resumed.epoch == 2
 
 
-def test_endless_batches_of_a_too_small_stream(tmp_path):
-    Image.new("RGB", (20, 20)).save(tmp_path / "only.png")
-    with pytest.raises(ValueError, match="gave no complete batch; use a smaller batch or more data"):
-        next(EndlessBatches(loader_over(tmp_path)))
 
 
 FULL = "is full or over quota: free space on it"
@@ -261,23 +222,3 @@ def test_preemption_signals_are_noted_and_a_second_ctrl_c_interrupts():
     assert {signum: signal.getsignal(signum) for signum in PreemptionSignals.SIGNALS} == before
 
 
-def test_loader_workers_outlive_stop_signals_from_others_but_not_a_sigterm_from_the_main_process(tmp_path):
-    """A scheduler signals the loader's workers too: they ignore it. SIGTERM from the main process
-    (multiprocessing's way to end workers when it exits on an error) still ends them."""
-    rng = np.random.default_rng(0)
-    for index in range(12):
-        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(tmp_path / f"{index:02d}.png")
-    others = set(multiprocessing.active_children())
-    batches = iter(loader_over(tmp_path, num_workers=1))
-    next(batches)
-    (worker,) = set(multiprocessing.active_children()) - others
-    send = f"import os\nfor signum in {[int(s) for s in PreemptionSignals.SIGNALS]}: os.kill({worker.pid}, signum)"
-    subprocess.run([sys.executable, "-c", send], check=True)  # sent by another process, as a scheduler does
-    time.sleep(0.5)
-    assert worker.is_alive()
-    assert len(next(batches)["ids"]) == 4
-
-    os.kill(worker.pid, signal.SIGTERM)
-    worker.join(timeout=10)
-    assert worker.exitcode == 0
-    del batches

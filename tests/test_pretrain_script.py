@@ -15,14 +15,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from hub_server import FakeHub
-from PIL import Image
 from safetensors.torch import load_file
 
-from dino_hf import DinoConfig, DinoModel
+from dino_hf import DinoModel
 from dino_hf.training.checkpoints import check_checkpoint, list_checkpoints
 
 pytestmark = pytest.mark.slow
@@ -41,17 +39,6 @@ TINY = [
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    (root / "images").mkdir()
-    rng = np.random.default_rng(0)
-    for index in range(24):
-        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(root / "images" / f"{index:03d}.png")
-    torch.manual_seed(0)
-    DinoModel(DinoConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                         image_size=32, patch_size=8)).save_pretrained(root / "model")
-    return root
 
 
 def arguments(data: Path, output_dir: Path, *extra: str) -> list[str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_pretrain_script import ENV, SCRIPT, TINY, assert_same_teacher, data, read_ids, teacher  # noqa: F401
+from test_pretrain_script import ENV, SCRIPT, TINY, assert_same_teacher, read_ids, teacher
 
 from dino_hf.training.checkpoints import check_checkpoint, list_checkpoints
 

@@ -42,7 +42,8 @@ def setup(backbone: str = "vit"):
 
 def one_step(models, crops, optimizer, accelerator=None):
     student, teacher, dino_loss = models
-    return train_step(student, teacher, dino_loss, optimizer, crops, accelerator=accelerator, **STEP)
+    stats = train_step(student, teacher, dino_loss, optimizer, crops, accelerator=accelerator, **STEP)
+    return {key: value.item() for key, value in stats.items()}
 
 
 def assert_same_networks(a, b, atol):

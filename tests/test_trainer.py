@@ -15,15 +15,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
-from PIL import Image
 from processes import assert_trains_as_one_process
 from safetensors.torch import load_file
 
-from dino_hf import DinoConfig, DinoModel
+from dino_hf import DinoModel
 from dino_hf.convert.export import save_as_timm
 from dino_hf.models.backbones import TimmBackbone, build_backbone
 from dino_hf.models.heads import DinoHead
@@ -47,25 +45,10 @@ TINY = dict(
 )
 
 
-def make_images(folder: Path, count: int = 24) -> None:
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for index in range(count):
-        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"{index:03d}.png")
 
 
-def make_model(folder: Path) -> None:
-    torch.manual_seed(0)
-    DinoModel(DinoConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                         image_size=32, patch_size=8)).save_pretrained(folder)
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    make_images(root / "images")
-    make_model(root / "model")
-    return root
 
 
 @pytest.fixture(autouse=True)
@@ -190,7 +173,7 @@ def test_accumulation_step_updates_the_center_once_with_the_batch_mean():
         loss.center.fill_(0.3)
         stats = train_step(s, t, loss, build_optimizer("sgd", get_param_groups(s)), crops,
                            accumulation_steps=accumulation_steps, **step)
-        runs.append((stats["loss"], loss.center.clone(), t.state_dict()))
+        runs.append((stats["loss"].item(), loss.center.clone(), t.state_dict()))
     with torch.no_grad():
         expected_center = 0.9 * 0.3 + 0.1 * teacher(crops[:2]).mean(0, keepdim=True)
     for loss_value, center, teacher_state in runs[1:]:
@@ -236,7 +219,9 @@ def test_skip_nonfinite_steps_skips_up_to_k(data, tmp_path, monkeypatch, capsys)
     state = json.loads((result.checkpoint / "trainer_state.json").read_text())
     assert state["nonfinite_skipped"] == 1
     steps = [row["step"] for row in map(json.loads, (tmp_path / "ids.jsonl").read_text().splitlines())]
-    assert steps == [0, 1, 2, 3, 3, 4, 5, 6, 7]  # step 3 was retried on the next batch
+    # Decided on the device, as AMP's skipped steps: step 3 used its batch and its place in the
+    # schedules, and changed nothing.
+    assert steps == [0, 1, 2, 3, 4, 5, 6, 7]
     assert all(torch.isfinite(t).all() for t in load_file(result.checkpoint / "teacher.safetensors").values())
 
 

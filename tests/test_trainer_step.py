@@ -121,15 +121,46 @@ def test_step_through_accelerator_equals_plain_step():
         assert torch.equal(p, plain_p)
 
 
-def test_non_finite_loss_stops_before_any_update():
+def optimizer_state(optimizer) -> list:
+    return [(key, value.clone() if isinstance(value, torch.Tensor) else value)
+            for state in optimizer.state.values() for key, value in sorted(state.items())]
+
+
+@pytest.mark.parametrize("optimizer_name", ["adamw", "sgd", "lars"])
+def test_non_finite_loss_changes_nothing_and_is_decided_on_the_device(optimizer_name):
+    """A NaN step, after a good one: every weight of both networks, the optimiser state and the
+    center stay bit for bit, and the step says it was skipped."""
     student, teacher, dino_loss, crops = setup()
-    before = copy.deepcopy(student.state_dict())
-    crops[0] = torch.full_like(crops[0], float("nan"))
-    optimizer = build_optimizer("adamw", get_param_groups(student))
-    with pytest.raises(FloatingPointError, match="bf16"):
-        train_step(student, teacher, dino_loss, optimizer, crops, freeze_last_layer=False, **STEP)
-    for name, value in student.state_dict().items():
-        assert torch.equal(value, before[name]), name
+    optimizer = build_optimizer(optimizer_name, get_param_groups(student), device="cpu")  # fused kernels
+    train_step(student, teacher, dino_loss, optimizer, crops, freeze_last_layer=False, **STEP)
+    before = [copy.deepcopy(x.state_dict()) for x in (student, teacher, dino_loss)]
+    state_before = optimizer_state(optimizer)
+    bad = [torch.full_like(crops[0], float("nan"))] + crops[1:]
+    stats = train_step(student, teacher, dino_loss, optimizer, bad, freeze_last_layer=False, **STEP)
+    assert stats["nonfinite"].item() == 1.0 and not math.isfinite(stats["loss"].item())
+    for module, saved in zip((student, teacher, dino_loss), before):
+        for name, value in module.state_dict().items():
+            assert torch.equal(value, saved[name]), name
+    for (key, value), (key_before, value_before) in zip(optimizer_state(optimizer), state_before, strict=True):
+        assert key == key_before and (torch.equal(value, value_before) if isinstance(value, torch.Tensor)
+                                      else value == value_before), key
+
+
+@pytest.mark.parametrize("optimizer_name", ["adamw", "sgd"])
+def test_a_skipped_first_step_leaves_the_optimiser_as_new(optimizer_name):
+    """Skipped before any good step (no moments, no momentum buffers yet), the next good step is the
+    step a fresh optimiser makes."""
+    student, teacher, dino_loss, crops = setup()
+    fresh = [copy.deepcopy(x) for x in (student, teacher, dino_loss)]
+    optimizer = build_optimizer(optimizer_name, get_param_groups(student), device="cpu")  # fused kernels
+    bad = [torch.full_like(crops[0], float("inf"))] + crops[1:]
+    assert train_step(student, teacher, dino_loss, optimizer, bad, freeze_last_layer=False, **STEP)["nonfinite"] == 1
+    train_step(student, teacher, dino_loss, optimizer, crops, freeze_last_layer=False, **STEP)
+    train_step(*fresh, build_optimizer(optimizer_name, get_param_groups(fresh[0]), device="cpu"), crops, freeze_last_layer=False,
+               **STEP)
+    for p, fresh_p in zip(student.parameters(), fresh[0].parameters()):
+        assert torch.equal(p, fresh_p)
+    assert torch.equal(dino_loss.center, fresh[2].center)
 
 
 def test_param_groups_without_flag_are_refused():
@@ -154,3 +185,44 @@ def test_bf16_step_through_accelerator_stays_finite():
     assert all(math.isfinite(value) for value in stats.values())
     assert all(p.dtype == torch.float32 for p in teacher.parameters())
     assert any(not torch.equal(p, teacher_before[n]) for n, p in teacher.named_parameters())
+
+
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Counts the calls that read a tensor's value back to the host: on a GPU each one waits for the
+    device (`.item()`, `.tolist()`, `bool` / `float` / `int` of a tensor, `.numpy()`, and the ops whose
+    output size depends on the data)."""
+
+    READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "nonzero", "unique",
+             "unique_consecutive", "masked_select", "argwhere"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        if name in self.READS:
+            self.calls.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("optimizer_name", ["adamw", "sgd", "lars"])
+@pytest.mark.parametrize("through_accelerator", [False, True])
+def test_a_steady_state_step_reads_nothing_back(optimizer_name, through_accelerator):
+    accelerate = pytest.importorskip("accelerate")
+    student, teacher, dino_loss, crops = setup()
+    optimizer = build_optimizer(optimizer_name, get_param_groups(student), device="cpu")
+    accelerator = None
+    if through_accelerator:
+        accelerator = accelerate.Accelerator(cpu=True)
+        student, optimizer = accelerator.prepare(student, optimizer)
+    try:
+        for step in range(3):
+            with HostReads() as reads:
+                stats = train_step(student, teacher, dino_loss, optimizer, crops, freeze_last_layer=step == 0,
+                                   accelerator=accelerator, accumulation_steps=2, **STEP)
+            if step:  # the first step creates the optimiser state
+                assert reads.calls == [], reads.calls
+    finally:
+        accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)
+    assert stats["nonfinite"].item() == 0.0 and math.isfinite(stats["loss"].item())

@@ -86,15 +86,20 @@ class DinoLoss(nn.Module):
         return LossTerms(loss, q, cross_entropy)
 
     @torch.no_grad()
-    def update_center(self, teacher_output: torch.Tensor) -> None:
-        """center = m * center + (1 - m) * mean of `teacher_output (2 * B, K)` over all processes."""
+    def update_center(self, teacher_output: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """center = m * center + (1 - m) * mean of `teacher_output (2 * B, K)` over all processes.
+
+        `keep` (a bool tensor, optional): where true, the center stays as it is (a step skipped on a
+        non-finite loss), decided on the device without reading it back.
+        """
         batch_center = torch.sum(teacher_output, dim=0, keepdim=True)  # (1, K)
         world_size = 1
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(batch_center)
             world_size = torch.distributed.get_world_size()
         batch_center = batch_center / (len(teacher_output) * world_size)
-        self.center.mul_(self.center_momentum).add_(batch_center.to(self.center.dtype), alpha=1 - self.center_momentum)
+        updated = self.center * self.center_momentum + batch_center.to(self.center.dtype) * (1 - self.center_momentum)
+        self.center.copy_(updated if keep is None else torch.where(keep, self.center, updated))
 
     def _check_shapes(self, student_output: torch.Tensor, teacher_output: torch.Tensor) -> None:
         if student_output.ndim != 2 or student_output.shape[-1] != self.out_dim:

@@ -12,6 +12,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.optim import optimizer as torch_optimizer
 
+from .sharding import local_tensors
+
 OPTIMIZERS = ("adamw", "sgd", "lars")
 
 
@@ -56,8 +58,44 @@ def clip_gradients_(model: nn.Module, clip: float) -> torch.Tensor | None:
     if isinstance(norms, DTensor):  # FSDP: each process holds a part of every norm
         norms = norms.full_tensor()
     coefficients = (clip / (norms + 1e-6)).clamp(max=1.0)  # 1.0 leaves a gradient as it is
-    torch._foreach_mul_(grads, coefficients.tolist())
+    torch._foreach_mul_(local_tensors(grads), list(coefficients.to(grads[0].dtype).unbind()))
     return norms
+
+
+def step_unless_(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """`optimizer.step()`, turned into a no-op on the device where the 0-dim bool tensor `skip` is true:
+    no parameter, moment, momentum buffer or step count changes, and `skip` is not read back.
+
+    PyTorch's fused AdamW and SGD kernels take the decision themselves (the `found_inf` that AMP's
+    gradient scaler passes them), as does `LARS`. An optimiser without such a kernel (the
+    multi-tensor fallback on devices without fused kernels) reads `skip` back: one host
+    synchronisation, on those devices only. Under fp16 Accelerate's gradient scaler already skips a
+    step whose gradients are not finite, and a non-finite loss gives such gradients.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper holds the torch optimiser
+    if getattr(optimizer, "scaler", None) is not None:
+        optimizer.step()
+        return
+    if isinstance(inner, LARS) or inner.defaults.get("fused"):
+        if isinstance(inner, torch.optim.SGD) and inner.defaults["momentum"]:
+            _start_momentum_buffers(inner)
+        inner.found_inf = skip.float()
+        try:
+            optimizer.step()
+        finally:
+            del inner.found_inf
+    elif not bool(skip):
+        optimizer.step()
+
+
+def _start_momentum_buffers(sgd: torch.optim.SGD) -> None:
+    """Zero momentum buffers for the parameters about to get their first one. The first step then
+    makes the buffer the first gradient, as a missing buffer does, and the buffer stays defined when
+    that step is skipped (the fused kernel leaves a new buffer uninitialised when it skips)."""
+    for group in sgd.param_groups:
+        for param in group["params"]:
+            if param.grad is not None and sgd.state[param].get("momentum_buffer") is None:
+                sgd.state[param]["momentum_buffer"] = torch.zeros_like(param)
 
 
 class LARS(torch.optim.Optimizer):
@@ -84,6 +122,7 @@ class LARS(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        found_inf = getattr(self, "found_inf", None)  # set by `step_unless_`: skip where it is 1
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -104,8 +143,13 @@ class LARS(torch.optim.Optimizer):
                 if "mu" not in state:
                     state["mu"] = torch.zeros_like(p)
                 mu = state["mu"]
-                mu.mul_(group["momentum"]).add_(update)
-                p.add_(mu, alpha=-group["lr"])
+                if found_inf is None:
+                    mu.mul_(group["momentum"]).add_(update)
+                    p.add_(mu, alpha=-group["lr"])
+                else:
+                    keep = found_inf > 0
+                    mu.copy_(torch.where(keep, mu, mu * group["momentum"] + update))
+                    p.copy_(torch.where(keep, p, p - group["lr"] * mu))
         return loss
 
 
@@ -155,4 +199,5 @@ __all__ = [
     "optimizer_kernel_options",
     "clip_gradients_",
     "get_param_groups",
+    "step_unless_",
 ]

@@ -1,12 +1,17 @@
 """One DINO optimisation step (Caron et al. 2021, Algorithm 1), and nothing else.
 
 No data, no logging, no schedules: `train_step` takes this step's values and the crops on the device,
-so that it can be tested alone against the formulas of the paper. `dino_hf.training.trainer.train` calls it
-once per step.
+so that it can be tested alone against the formulas of the paper. `dino_hf.training.trainer.train`
+calls it once per step.
+
+Nothing in a step reads a value back from the device (no `.item()`, no Python `if` on a tensor): the
+loss and the diagnostics come back as 0-dim tensors that the caller reads when it logs, and a
+non-finite loss is dealt with on the device, as AMP's gradient scaler deals with non-finite
+gradients: the step still runs its kernels, but no weight, no optimiser state and not the center
+change, and `nonfinite` says so.
 """
 
 import contextlib
-import math
 
 import torch
 from accelerate import Accelerator
@@ -14,7 +19,7 @@ from torch import nn
 
 from ..models.heads import DinoHead
 from .loss import DinoLoss, collapse_diagnostics
-from .optimization import clip_gradients_
+from .optimization import clip_gradients_, step_unless_
 from .teacher import ema_update_
 
 NONFINITE_HINTS = (
@@ -40,7 +45,7 @@ def train_step(
     accelerator: Accelerator | None = None,
     accumulation_steps: int = 1,
     freeze_backbone: bool = False,
-) -> dict[str, float]:
+) -> dict[str, torch.Tensor]:
     """One DINO step, in the reference's order.
 
     1. lr on every parameter group, weight decay on the regularised group(s) only;
@@ -50,6 +55,9 @@ def train_step(
     3. per-parameter gradient clipping, last-layer gradients dropped when `freeze_last_layer`,
        backbone gradients dropped when `freeze_backbone`, optimiser step, zero_grad;
     4. EMA of the teacher with `momentum`.
+
+    When the loss is not finite on any process (in any micro-batch), steps 2 (the center), 3 (the
+    optimiser) and 4 leave everything as it was, decided on the device.
 
     Args:
         student (`nn.Module`): `MultiCropWrapper` (possibly wrapped by `accelerator.prepare`).
@@ -71,23 +79,10 @@ def train_step(
         freeze_backbone (`bool`): train the head alone (warm-up of a fresh head on pretrained weights).
 
     Returns:
-        `{"loss": float, **collapse_diagnostics(...)}`, averaged over the micro-batches; the loss is
-        also averaged over the processes.
-
-    Raises:
-        FloatingPointError: when a loss is not finite on any process; no weight and not the center
-            has changed then.
+        0-dim tensors on the device: `loss` (averaged over the micro-batches and the processes),
+        the `collapse_diagnostics`, and `nonfinite` (1.0 when the step was skipped, else 0.0).
     """
-    for group in optimizer.param_groups:
-        if "regularized" not in group:
-            raise ValueError(
-                "optimizer parameter groups carry no 'regularized' flag; build them with "
-                "dino_hf.training.optimization.get_param_groups(student)"
-            )
-        group["lr"] = lr
-        if group["regularized"]:
-            group["weight_decay"] = weight_decay
-
+    _set_schedule(optimizer, lr, weight_decay)
     batch = crops[0].shape[0]
     if batch % accumulation_steps:
         raise ValueError(
@@ -95,8 +90,7 @@ def train_step(
             f"use a batch that is a multiple of {accumulation_steps}"
         )
     micro_batches = list(zip(*(crop.chunk(accumulation_steps) for crop in crops)))
-    teacher_outputs = []
-    totals: dict[str, float] = {}
+    teacher_outputs, totals = [], {}
     for index, micro in enumerate(micro_batches):
         last = index == len(micro_batches) - 1
         sync = contextlib.nullcontext() if last or accelerator is None else accelerator.no_sync(student)
@@ -105,10 +99,11 @@ def train_step(
                                                       accelerator, 1.0 / accumulation_steps)
         teacher_outputs.append(teacher_output)
         for key, value in stats.items():
-            totals[key] = totals.get(key, 0.0) + value / accumulation_steps
+            totals[key] = totals[key] + value / accumulation_steps if key in totals else value / accumulation_steps
+    skip = ~torch.isfinite(totals["loss"])  # the loss is the mean over processes: every process agrees
     # The center moves once per optimisation step, after the loss, with the mean over the whole batch
     # (every micro-batch was scored against the same center, as with 1 x B); not after a non-finite loss.
-    dino_loss.update_center(torch.cat(teacher_outputs))
+    dino_loss.update_center(torch.cat(teacher_outputs), keep=skip)
 
     if accelerator is not None:
         accelerator.unscale_gradients(optimizer)
@@ -120,10 +115,24 @@ def train_step(
     if freeze_backbone:
         for p in _unwrap(student, accelerator).backbone.parameters():
             p.grad = None  # the optimiser skips parameters without a gradient
-    optimizer.step()
+    step_unless_(optimizer, skip)
     optimizer.zero_grad(set_to_none=True)
+    momentum = torch.where(skip, 1.0, torch.tensor(momentum, dtype=torch.float32, device=skip.device))
     ema_update_(_unwrap(teacher, accelerator), _unwrap(student, accelerator), momentum)
+    totals["nonfinite"] = skip.float()
     return totals
+
+
+def _set_schedule(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+    for group in optimizer.param_groups:
+        if "regularized" not in group:
+            raise ValueError(
+                "optimizer parameter groups carry no 'regularized' flag; build them with "
+                "dino_hf.training.optimization.get_param_groups(student)"
+            )
+        group["lr"] = lr
+        if group["regularized"]:
+            group["weight_decay"] = weight_decay
 
 
 def _unwrap(model: nn.Module, accelerator: Accelerator | None) -> nn.Module:
@@ -131,33 +140,29 @@ def _unwrap(model: nn.Module, accelerator: Accelerator | None) -> nn.Module:
 
 
 def _forward_backward(student, teacher, dino_loss, crops, teacher_temp, accelerator, scale):
-    """Forward, loss and backward of one micro-batch; returns its statistics and the teacher output
-    `(2 * B, K)`."""
+    """Forward, loss and backward of one micro-batch; returns its statistics (0-dim tensors) and the
+    teacher output `(2 * B, K)`."""
     # Mixed precision covers the forwards and the loss, as the reference's autocast block.
     with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
         with torch.no_grad():
             teacher_output = teacher(crops[:2])  # (2 * B, K): only the global crops
         student_output = student(crops)  # (ncrops * B, K)
         terms = dino_loss.terms(student_output, teacher_output, teacher_temp)
-        diagnostics = {key: value.item() for key, value in collapse_diagnostics(terms, dino_loss.center).items()}
-        loss = terms.loss
-    loss_value = _mean_over_processes(loss, accelerator)
-    if not math.isfinite(loss_value):
-        raise FloatingPointError(f"DINO loss is {loss_value}; {NONFINITE_HINTS}")
+        diagnostics = collapse_diagnostics(terms, dino_loss.center)
     if accelerator is not None:
-        accelerator.backward(loss * scale)
+        accelerator.backward(terms.loss * scale)
     else:
-        (loss * scale).backward()
-    return {"loss": loss_value, **diagnostics}, teacher_output.detach()
+        (terms.loss * scale).backward()
+    return {"loss": _mean_over_processes(terms.loss, accelerator), **diagnostics}, teacher_output.detach()
 
 
-def _mean_over_processes(loss: torch.Tensor, accelerator: Accelerator | None) -> float:
-    """The loss averaged over the processes. A non-finite loss on one process is then seen by all,
-    so that all of them skip or stop at the same step (a process that went on to the backward alone
-    would wait forever for the others' gradients)."""
+def _mean_over_processes(loss: torch.Tensor, accelerator: Accelerator | None) -> torch.Tensor:
+    """The loss averaged over the processes (a collective, not read back). A non-finite loss on one
+    process is then seen by all, so that all of them skip the same step."""
+    loss = loss.detach().float()
     if accelerator is None or accelerator.num_processes == 1:
-        return loss.item()
-    return accelerator.reduce(loss.detach().float(), reduction="mean").item()
+        return loss
+    return accelerator.reduce(loss, reduction="mean")
 
 
 __all__ = ["NONFINITE_HINTS", "train_step"]

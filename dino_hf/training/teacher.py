@@ -35,7 +35,7 @@ def build_teacher(student: MultiCropWrapper) -> MultiCropWrapper:
 
 
 @torch.no_grad()
-def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float | torch.Tensor) -> None:
     """theta_t <- m * theta_t + (1 - m) * theta_s for every parameter, in place.
 
     Parameters are paired in `parameters()` order (trainable and frozen alike, as the reference);
@@ -45,8 +45,9 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None
     Args:
         teacher (`nn.Module`): updated in place.
         student (`nn.Module`): the same architecture, unwrapped (not the DDP wrapper).
-        momentum (`float`): m of this step (`teacher_momentum_at`), in [0, 1]; 1 leaves the teacher
-            unchanged.
+        momentum (`float` or 0-dim `torch.Tensor` on the parameters' device): m of this step
+            (`teacher_momentum_at`), in [0, 1]; 1 leaves the teacher unchanged. A tensor is used as
+            it is, without reading it back (`train_step` sets it to 1 on a skipped step).
     """
     teacher_params = local_tensors(list(teacher.parameters()))
     student_params = local_tensors([p.detach() for p in student.parameters()])
@@ -56,7 +57,10 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None
             "teacher with build_teacher(student) and pass the unwrapped student (accelerator.unwrap_model)"
         )
     torch._foreach_mul_(teacher_params, momentum)
-    torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
+    if isinstance(momentum, torch.Tensor):
+        torch._foreach_add_(teacher_params, torch._foreach_mul(student_params, 1.0 - momentum))
+    else:
+        torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
 
 
 __all__ = ["build_teacher", "ema_update_"]

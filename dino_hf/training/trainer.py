@@ -1,15 +1,16 @@
 """DINO training (Caron et al. 2021, Algorithm 1) with Accelerate.
 
-`train` is the whole run, in phases: accelerator -> data -> models -> optimiser and schedules ->
-resume -> loop (with checkpoints, k-NN and Hub pushes) -> final save. Each step of the loop is
-`dino_hf.training.step.train_step`.
+`train(args)` reads top to bottom as the accelerate examples do: accelerator -> networks -> data ->
+step plan -> optimiser and devices -> resume -> loop -> final save. Each step of the loop is
+`dino_hf.training.step.train_step`; checkpoints and exports are `dino_hf.training.saving`'s.
+
+The loop reads nothing back from the device between logging steps: the loss, the diagnostics and the
+count of steps skipped on a non-finite loss stay tensors until a logging step (or a checkpoint) reads
+them, so that on a GPU the host queues step after step.
 """
 
 import copy
-import json
 import logging
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,54 +23,42 @@ from tqdm.auto import tqdm
 
 from ..augment.batch_multicrop import BatchMultiCrop, DecodeAndCap
 from ..augment.multicrop import MultiCropTransform
-from ..convert.export import export_backbone
 from ..data.loader import SkipReport, build_multicrop_dataloader
 from ..data.sources import load_image_stream
 from ..evaluation.features import knn_accuracy
-from ..hub.model_card import EvalFigure, render_model_card
 from ..hub.push import HubPusher
-from . import checkpoints as checkpointing
+from . import checkpoints
 from .arguments import DinoTrainingArguments
-from .batches import EndlessBatches
-from .collectives import on_any_process, on_every_process
+from .batches import DeviceBatches, EndlessBatches
+from .collectives import on_any_process
 from .loss import DinoLoss
 from .networks import build_student_teacher
 from .optimization import build_optimizer, get_param_groups
+from .plan import TrainingPlan
 from .preemption import PreemptionSignals
+from .run_log import SampleLog, knn_line, log_line
 from .run_sources import dataset_size, describe_source, knn_sources, train_source
-from .schedules import (
-    learning_rate_at,
-    scaled_learning_rate,
-    teacher_momentum_at,
-    teacher_temperature_at,
-    weight_decay_at,
-)
-from .sharding import (
-    load_whole_optimizer_state_dict,
-    load_whole_state_dict,
-    shard_like,
-    whole_optimizer_state_dict,
-    whole_state_dict,
-)
+from .saving import CheckpointWriter
+from .sharding import load_whole_optimizer_state_dict, load_whole_state_dict, shard_like, whole_state_dict
 from .speed import apply_speed_options
-from .step import train_step
+from .state import RunState
+from .step import NONFINITE_HINTS, train_step
 
 logger = logging.getLogger(__name__)
 
 # Seconds a run stopped by a signal waits for its last Hub upload: schedulers kill soon after.
 PREEMPTION_PUSH_TIMEOUT = 20.0
-
-
-# ---------------------------------------------------------------------------------------------------
-# The run
+# With several processes, they agree on a received signal (a collective that waits for the device) at
+# logging and checkpoint steps and at least this often.
+SIGNAL_CHECK_STEPS = 10
 
 
 @dataclass
 class TrainResult:
     """What a run leaves: where the export is, the steps done and the measured figures.
 
-    `stopped_by` names the signal (SIGTERM, SIGUSR1) that stopped the run before its last step; the
-    checkpoint of `global_step` was written then, and no final export or evaluation was made.
+    `stopped_by` names the signal (SIGTERM, SIGUSR1, SIGINT) that stopped the run before its last
+    step; the checkpoint of `global_step` was written then, and no final export or evaluation was made.
     """
 
     output_dir: Path
@@ -87,38 +76,58 @@ class NonFiniteLossError(RuntimeError):
     """Training stopped on a non-finite loss (see the message for the step and the last checkpoint)."""
 
 
+@dataclass
+class Run:
+    """Everything the loop works with, built by the phases of `train`."""
+
+    args: DinoTrainingArguments
+    accelerator: Accelerator
+    plan: TrainingPlan
+    student: nn.Module
+    teacher: nn.Module
+    dino_loss: DinoLoss
+    optimizer: torch.optim.Optimizer
+    batches: DeviceBatches
+    writer: CheckpointWriter
+    eval_sources: tuple[dict, dict] | None
+    state: RunState = field(default_factory=RunState)
+    skip_report: SkipReport = field(default_factory=SkipReport)
+    sample_log: SampleLog | None = None
+    nonfinite: "NonFiniteTally | None" = None
+
+
 def train(args: DinoTrainingArguments) -> TrainResult:
     """Run DINO pretraining as configured by `args`; returns where the result is.
 
-    SIGTERM and SIGUSR1 are caught while it runs (`PreemptionSignals`): the run
-    checkpoints at the end of the current step and returns with `stopped_by` set; the previous
-    handlers are restored when it returns.
+    SIGTERM, SIGUSR1 and SIGINT are caught while it runs (`PreemptionSignals`): the run checkpoints
+    at the end of the current step and returns with `stopped_by` set; the previous handlers are
+    restored when it returns.
 
     Raises:
         NonFiniteLossError: more non-finite losses than `skip_nonfinite_steps` allows.
-        checkpointing.CheckpointError: a checkpoint could not be written (the previous one is
-            intact) or the one named by `resume_from_checkpoint` is damaged.
+        checkpoints.CheckpointError: a checkpoint could not be written (the previous one is intact)
+            or the one named by `resume_from_checkpoint` is damaged.
     """
     with PreemptionSignals() as signals:
-        return _train(args, signals)
+        run = prepare_run(args)
+        resume(run)
+        stopped_by = train_loop(run, signals)
+        if stopped_by is not None:
+            return _stopped(run, stopped_by)
+        return _final_save(run)
 
 
-def _train(args: DinoTrainingArguments, signals: PreemptionSignals) -> TrainResult:
-    # ---- accelerator ------------------------------------------------------------------------
+def prepare_run(args: DinoTrainingArguments) -> Run:
+    """Accelerator, networks, data, step plan, optimiser and devices: a run ready to resume or start."""
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_dir=args.output_dir,
     )
-    output_dir = Path(args.output_dir)
-    checkpoints_dir = output_dir / "checkpoints"
-    export_dir = output_dir / "teacher_backbone"
     set_seed(args.seed)
-
-    # ---- models (first: a backbone that cannot take the crop sizes fails before any other work)
+    # Networks first: a backbone that cannot take the crop sizes fails before any other work.
     student, teacher, fresh_head = build_student_teacher(args)
-    head_warmup_steps = args.head_warmup_steps if fresh_head else 0
-    if fresh_head and not head_warmup_steps and accelerator.is_main_process:
+    if fresh_head and not args.head_warmup_steps and accelerator.is_main_process:
         logger.warning(
             "%s has trained weights but no DINO head: the random head's first gradients reach the backbone; "
             "consider --head_warmup_steps (e.g. one epoch of steps) to train the head alone first",
@@ -126,9 +135,33 @@ def _train(args: DinoTrainingArguments, signals: PreemptionSignals) -> TrainResu
         )
     dino_loss = DinoLoss(args.out_dim, 2 + args.local_crops_number, args.student_temp, args.center_momentum)
     if accelerator.is_main_process:
-        checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        (Path(args.output_dir) / "checkpoints").mkdir(parents=True, exist_ok=True)
+    accelerator.print(f"networks: {type(student.backbone.model).__name__} student and teacher, "
+                      f"head of {args.out_dim} prototypes")
 
-    # ---- data -------------------------------------------------------------------------------
+    batches, samples_per_epoch, eval_sources = _build_data(args, accelerator)
+    plan = TrainingPlan.from_args(args, samples_per_epoch, accelerator.num_processes, fresh_head)
+    accelerator.print(f"plan: {plan.last_step} of {plan.total_steps} steps of {plan.total_batch} images, "
+                      f"{plan.iterations_per_epoch} per epoch, peak lr {plan.peak_lr:.3g}")
+
+    student, teacher, whole_teacher, optimizer = _place_networks(args, accelerator, student, teacher)
+    dino_loss.to(accelerator.device)
+    pusher = None
+    if args.push_to_hub and accelerator.is_main_process:
+        pusher = HubPusher(args.hub_model_id, token=args.hub_token, private=args.hub_private_repo)
+    writer = CheckpointWriter(accelerator, args, plan, student=student, teacher=teacher, whole_teacher=whole_teacher,
+                              dino_loss=dino_loss, optimizer=optimizer, batches=batches, pusher=pusher)
+    run = Run(args, accelerator, plan, student, teacher, dino_loss, optimizer, batches, writer, eval_sources,
+              state=RunState(num_processes=accelerator.num_processes))
+    if args.log_sample_ids:
+        run.sample_log = SampleLog(args.log_sample_ids, accelerator.process_index)
+    if args.report_to != "none":
+        accelerator.init_trackers("dino_hf", config=args.to_dict())
+    return run
+
+
+def _build_data(args: DinoTrainingArguments, accelerator: Accelerator) -> tuple[DeviceBatches, int | None, tuple | None]:
+    """The run's batches on the device, the images per epoch where known, and the k-NN's sources."""
     with accelerator.main_process_first():
         source = train_source(args)
         eval_sources = knn_sources(args)
@@ -144,37 +177,29 @@ def _train(args: DinoTrainingArguments, signals: PreemptionSignals) -> TrainResu
         local_crops_scale=tuple(args.local_crops_scale),
         local_crops_number=args.local_crops_number,
     )
-    device_multicrop = None
-    if args.augment_on == "gpu":
-        # Workers decode and cap the size; the crops are made on the accelerator, in batch.
-        transform = DecodeAndCap(args.augment_cap_size)
-        device_multicrop = BatchMultiCrop(**crop_options)
-        crop_generator = torch.Generator(device=accelerator.device)
-    else:
-        transform = MultiCropTransform(**crop_options)
-    batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
-    loader_options = {"max_pixels": args.max_image_pixels} if args.max_image_pixels else {}
+    # With --augment_on gpu the workers decode and cap the size; the crops are made on the accelerator.
+    on_device = args.augment_on == "gpu"
+    transform = DecodeAndCap(args.augment_cap_size) if on_device else MultiCropTransform(**crop_options)
     loader = build_multicrop_dataloader(
-        stream, image_column, transform, batch_size=batch_size, num_workers=args.dataloader_num_workers,
-        seed=args.seed + accelerator.process_index, shuffle_buffer_size=args.shuffle_buffer_size, **loader_options,
+        stream, image_column, transform, batch_size=args.per_device_train_batch_size * args.gradient_accumulation_steps,
+        num_workers=args.dataloader_num_workers, seed=args.seed + accelerator.process_index,
+        shuffle_buffer_size=args.shuffle_buffer_size, pin_memory=accelerator.device.type == "cuda",
+        **({"max_pixels": args.max_image_pixels} if args.max_image_pixels else {}),
     )
     # Each pass over the loader draws a worker seed from the generator; a private one keeps the global
     # RNG (stochastic depth) independent of how many passes were started, so a resumed run matches.
     # The samples' augmentations are seeded by their position, not by this generator.
     loader.generator = torch.Generator().manual_seed(args.seed + accelerator.process_index)
-    batches = EndlessBatches(loader)
-    total_batch = batch_size * accelerator.num_processes
-    samples_per_epoch = args.samples_per_epoch or dataset_size(stream, source)
-    if samples_per_epoch is None:
-        raise ValueError(
-            "the length of this stream is unknown: pass --samples_per_epoch (images per epoch) so that the "
-            "schedules can be laid out"
-        )
-    iterations_per_epoch = max(1, samples_per_epoch // total_batch)
-    total_steps = max(2, round(args.num_train_epochs * iterations_per_epoch))
-    last_step = min(total_steps, args.max_train_steps or total_steps)
+    multicrop = BatchMultiCrop(**crop_options).to(accelerator.device) if on_device else None
+    batches = DeviceBatches(EndlessBatches(loader), accelerator.device, multicrop=multicrop, seed=args.seed,
+                            process_index=accelerator.process_index)
+    return batches, args.samples_per_epoch or dataset_size(stream, source), eval_sources
 
-    # ---- optimiser and schedules ------------------------------------------------------------
+
+def _place_networks(args: DinoTrainingArguments, accelerator: Accelerator, student: nn.Module, teacher: nn.Module):
+    """Speed options, the optimiser, and the networks on their devices: DDP or FSDP for the student
+    (Accelerate), the teacher sharded like it under FSDP. Returns the student, the teacher, a whole
+    teacher copy for the main process (FSDP) or the teacher itself, and the optimiser."""
     apply_speed_options(student, teacher, torch_compile=args.torch_compile, channels_last=args.channels_last)
     student.to(accelerator.device)
     optimizer = build_optimizer(args.optimizer, get_param_groups(student), device=accelerator.device)
@@ -183,299 +208,243 @@ def _train(args: DinoTrainingArguments, signals: PreemptionSignals) -> TrainResu
             "FSDP version 1 is not supported: the teacher follows the student shard by shard with FSDP2; "
             "launch with --fsdp_version 2 (or fsdp_version: 2 in the Accelerate config)"
         )
-    student, optimizer = accelerator.prepare(student, optimizer)  # DDP or FSDP for the student only
+    student, optimizer = accelerator.prepare(student, optimizer)
     teacher.to(accelerator.device)
     # Under FSDP the teacher is sharded like the student; the main process keeps a whole copy to load
     # the gathered weights into, for the k-NN evaluation and the export.
     whole_teacher = copy.deepcopy(teacher) if accelerator.is_fsdp2 and accelerator.is_main_process else teacher
     if accelerator.is_fsdp2:
         shard_like(teacher, accelerator.unwrap_model(student), accelerator.state.fsdp_plugin.mixed_precision_policy)
-    dino_loss.to(accelerator.device)
-    peak_lr = scaled_learning_rate(args.learning_rate, total_batch)
-    lr_warmup_steps = min(round(args.warmup_epochs * iterations_per_epoch), total_steps - 1)
-    temp_warmup_steps = round(args.warmup_teacher_temp_epochs * iterations_per_epoch)
-    freeze_last_layer_steps = round(args.freeze_last_layer * iterations_per_epoch)
-    checkpoint_every = iterations_per_epoch if args.checkpoint_every_epoch else int(args.checkpointing_steps)
+    return student, teacher, whole_teacher, optimizer
 
-    # ---- resume -----------------------------------------------------------------------------
-    global_step = 0
-    state = {"global_step": 0, "nonfinite_skipped": 0, "skipped_samples": {}, "knn_random_init": {}, "knn": {},
-             "num_processes": accelerator.num_processes}
-    skip_report = SkipReport()
-    resume_folder = None
+
+def resume(run: Run) -> None:
+    """Continue from `--resume_from_checkpoint` (weights, optimiser, center, scaler, run state, data
+    position and RNG states), or start: then the k-NN of the random-init teacher is measured."""
+    args, accelerator = run.args, run.accelerator
+    folder = None
     if args.resume_from_checkpoint:
-        resume_folder = checkpointing.find_resume_checkpoint(output_dir, args.resume_from_checkpoint)
-        if resume_folder is None:
-            accelerator.print(f"no checkpoint to resume from in {checkpoints_dir}: starting from step 0")
-    if resume_folder is not None:
-        saved = checkpointing.load_checkpoint(resume_folder, accelerator.process_index)
-        load_whole_state_dict(accelerator.unwrap_model(student), saved["student"])
-        load_whole_state_dict(teacher, saved["teacher"])
-        dino_loss.load_state_dict(saved["dino_loss"])
-        load_whole_optimizer_state_dict(accelerator.unwrap_model(student), optimizer, saved["optimizer"])
-        if saved["scaler"] is not None and accelerator.scaler is not None:
-            accelerator.scaler.load_state_dict(saved["scaler"])
-        saved_processes = saved["trainer_state"].get("num_processes", accelerator.num_processes)
-        if saved_processes == accelerator.num_processes:
-            batches.load_state_dict(saved["data"])
-            checkpointing.set_rng_state(saved["rng"])
-        else:
-            logger.warning(
-                "%s was written by %d processes and this run has %d: the data stream is split differently, "
-                "so it restarts from its beginning (the weights, optimiser and step are restored)",
-                resume_folder, saved_processes, accelerator.num_processes,
-            )
-        state.update(saved["trainer_state"])
-        state["num_processes"] = accelerator.num_processes
-        global_step = state["global_step"]
-        skip_report.counts.update(state["skipped_samples"])
-        accelerator.print(f"resumed from {resume_folder} at step {global_step}")
+        folder = checkpoints.find_resume_checkpoint(Path(args.output_dir), args.resume_from_checkpoint)
+        if folder is None:
+            accelerator.print(f"no checkpoint to resume from in {run.writer.checkpoints_dir}: starting from step 0")
+    if folder is not None:
+        _load_checkpoint(run, folder)
+        accelerator.print(f"resumed from {folder} at step {run.state.global_step}")
+    elif run.eval_sources is not None and accelerator.is_main_process:
+        run.state.knn_random_init = _knn(run, run.writer.whole_teacher)
+        accelerator.print(f"k-NN of the random-init teacher at {_knn_size(args)} px: {knn_line(run.state.knn_random_init)}")
+    run.nonfinite = NonFiniteTally(run.state.nonfinite_skipped, accelerator.device)
 
-    pusher = None
-    if args.push_to_hub and accelerator.is_main_process:
-        pusher = HubPusher(args.hub_model_id, token=args.hub_token, private=args.hub_private_repo)
-    if args.report_to != "none":
-        accelerator.init_trackers("dino_hf", config=args.to_dict())
-    sample_log = _SampleLog(args.log_sample_ids, accelerator.process_index) if args.log_sample_ids else None
-    last_checkpoint = resume_folder
 
-    def gathered_teacher(weights: dict | None = None) -> nn.Module:
-        """The teacher as one module on the main process (a collective under FSDP, where the
-        gathered `weights` are loaded into the whole copy; they are gathered here when not given)."""
-        if not accelerator.is_fsdp2:
-            return teacher
-        weights = whole_state_dict(teacher) if weights is None else weights
-        if accelerator.is_main_process:
-            whole_teacher.load_state_dict(weights)
-        return whole_teacher
+def _load_checkpoint(run: Run, folder: Path) -> None:
+    accelerator = run.accelerator
+    saved = checkpoints.load_checkpoint(folder, accelerator.process_index)
+    student = accelerator.unwrap_model(run.student)
+    load_whole_state_dict(student, saved["student"])
+    load_whole_state_dict(run.teacher, saved["teacher"])
+    run.dino_loss.load_state_dict(saved["dino_loss"])
+    load_whole_optimizer_state_dict(student, run.optimizer, saved["optimizer"])
+    if saved["scaler"] is not None and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(saved["scaler"])
+    run.state = RunState.from_dict(saved["trainer_state"])
+    same_split = run.state.num_processes == accelerator.num_processes
+    if not same_split:
+        logger.warning(
+            "%s was written by %d processes and this run has %d: the data stream is split differently, "
+            "so it restarts from its beginning (the weights, optimiser and step are restored)",
+            folder, run.state.num_processes, accelerator.num_processes,
+        )
+    run.batches.load_state_dict(saved["data"] if same_split else None, run.state.global_step)
+    if same_split:
+        checkpoints.set_rng_state(saved["rng"])
+    run.state.num_processes = accelerator.num_processes
+    run.skip_report.counts.update(run.state.skipped_samples)
+    run.writer.last = folder
 
-    def save(step: int, teacher_state: dict | None = None) -> Path:
-        """Checkpoint of `step`: every process writes its part, the main process the shared state and
-        the export. `teacher_state`: the teacher's whole weights when they were gathered already.
-        Raises `CheckpointError` on every process when any of them could not write."""
-        staging = checkpointing.staging_dir(checkpoints_dir, step)
-        final = checkpoints_dir / f"checkpoint-{step}"
-        # Whole weights for the main process to write: gathered from the shards under FSDP (every process
-        # takes part), copied by the main process alone otherwise.
-        weights = {}
-        if accelerator.is_fsdp2 or accelerator.is_main_process:
-            weights = {"student": whole_state_dict(accelerator.unwrap_model(student)),
-                       "teacher": whole_state_dict(teacher) if teacher_state is None else teacher_state,
-                       "optimizer": whole_optimizer_state_dict(accelerator.unwrap_model(student), optimizer)}
-        export_teacher = gathered_teacher(weights.get("teacher"))
 
-        def shared_state() -> None:
-            state["global_step"] = step
-            state["skipped_samples"] = dict(skip_report.counts)
-            card = _model_card(args, export_teacher, step, iterations_per_epoch, state)
-            export_backbone(export_teacher.backbone, staging / "teacher_backbone",
-                            image_size=args.global_crops_size, model_card=card)
-            checkpointing.write_shared_state(
-                staging,
-                student_state=weights["student"],
-                teacher_state=weights["teacher"],
-                loss_state=dino_loss.state_dict(),
-                optimizer_state=weights["optimizer"],
-                scaler_state=accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-                trainer_state=state,
-                training_args=args.to_dict(),
-            )
-            checkpointing.finalize(staging, checkpoints_dir, step, args.checkpoints_total_limit)
-
-        def fresh_staging() -> None:  # a killed earlier attempt may have left files of its own there
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-
-        try:
-            on_every_process(accelerator, fresh_staging, main_only=True)
-            on_every_process(accelerator, lambda: checkpointing.write_process_state(
-                staging, accelerator.process_index, batches.state_dict()))
-            on_every_process(accelerator, shared_state, main_only=True)
-        except checkpointing.WRITE_ERRORS as error:
-            if accelerator.is_main_process:
-                shutil.rmtree(staging, ignore_errors=True)
-            raise checkpointing.CheckpointError(
-                f"could not write the checkpoint of step {step} to {final}: {str(error).rstrip('. ')}. The previous "
-                f"checkpoint {last_checkpoint or '(none: this was the first)'} is intact; "
-                f"{checkpointing.write_error_advice(error, checkpoints_dir)}, then resume with "
-                "--resume_from_checkpoint latest"
-            ) from error
-        if pusher is not None:
-            pusher.push(final / "teacher_backbone", f"Training step {step}")
-        return final
-
-    if eval_sources is not None and global_step == 0 and accelerator.is_main_process:
-        state["knn_random_init"] = _knn(whole_teacher, eval_sources, args, accelerator)
-        accelerator.print(f"k-NN of the random-init teacher: {_knn_line(state['knn_random_init'])}")
-
-    # ---- loop -------------------------------------------------------------------------------
-    student.train()
-    teacher.train()
-    progress = tqdm(total=last_step, initial=global_step, disable=not accelerator.is_local_main_process,
+def train_loop(run: Run, signals: PreemptionSignals) -> str | None:
+    """Steps until the plan's last step; returns the signal that stopped the run early, if one did."""
+    args, accelerator, plan, state = run.args, run.accelerator, run.plan, run.state
+    run.student.train()
+    run.teacher.train()
+    progress = tqdm(total=plan.last_step, initial=state.global_step, disable=not accelerator.is_local_main_process,
                     desc="DINO", dynamic_ncols=True)
-    window_images, window_start = 0, time.perf_counter()
-    stopped_by = None
-    while global_step < last_step:
-        batch = next(batches)
-        skip_report.update(batch["skipped"])
-        state["stream_retries"] = state.get("stream_retries", 0) + batch.get("stream_retries", 0)
-        if sample_log is not None:
-            sample_log.write(global_step, batch["ids"])
-        crops = [crop.to(accelerator.device, non_blocking=True) for crop in batch["crops"]]
-        step = global_step
-        if device_multicrop is not None:
-            # Seeded by the step (and process), so a resumed run makes the same crops without saved state.
-            crop_generator.manual_seed(args.seed * 1_000_003 + accelerator.process_index * 10_007 + step)
-            crops = device_multicrop(crops[0], crop_generator)
-        schedule = {
-            "lr": learning_rate_at(step, total_steps, peak_lr, args.min_lr, lr_warmup_steps),
-            "weight_decay": weight_decay_at(step, total_steps, args.weight_decay, args.weight_decay_end),
-            "momentum": teacher_momentum_at(step, total_steps, args.momentum_teacher),
-            "teacher_temp": teacher_temperature_at(step, temp_warmup_steps, args.warmup_teacher_temp,
-                                                   args.teacher_temp),
-        }
-        try:
-            metrics = train_step(
-                student, teacher, dino_loss, optimizer, crops, **schedule,
-                clip_grad=args.clip_grad,
-                freeze_last_layer=step < freeze_last_layer_steps,
-                accelerator=accelerator,
-                accumulation_steps=args.gradient_accumulation_steps,
-                freeze_backbone=step < head_warmup_steps,
-            )
-        except FloatingPointError as error:
-            optimizer.zero_grad(set_to_none=True)
-            state["nonfinite_skipped"] += 1
-            if state["nonfinite_skipped"] > args.skip_nonfinite_steps:
-                raise NonFiniteLossError(
-                    f"step {step}: {error}. Last good checkpoint: "
-                    f"{last_checkpoint or 'none (no checkpoint was written yet)'}; resume with "
-                    "--resume_from_checkpoint latest after changing the setting at fault, or allow a few "
-                    "such steps with --skip_nonfinite_steps"
-                ) from error
-            accelerator.print(f"step {step} skipped ({state['nonfinite_skipped']} of {args.skip_nonfinite_steps} "
-                              f"allowed by --skip_nonfinite_steps): {error}")
-            continue
-        global_step += 1
+    window = LogWindow()
+    while state.global_step < plan.last_step:
+        step = state.global_step
+        crops, batch = next(run.batches)
+        run.skip_report.update(batch["skipped"])
+        state.stream_retries += batch.get("stream_retries", 0)
+        if run.sample_log is not None:
+            run.sample_log.write(step, batch["ids"])
+        schedule = plan.schedule(step)
+        metrics = train_step(run.student, run.teacher, run.dino_loss, run.optimizer, crops, **schedule,
+                             accelerator=accelerator, **plan.step_options(step))
+        run.nonfinite.add(step, metrics)
+        state.global_step = step = step + 1
         progress.update(1)
-        window_images += total_batch
-
-        if global_step % args.logging_steps == 0 or global_step == last_step:
-            elapsed = time.perf_counter() - window_start
-            logs = {**metrics, **schedule, "epoch": global_step / iterations_per_epoch,
-                    "images_per_second": window_images / max(elapsed, 1e-9),
-                    "nonfinite_skipped": state["nonfinite_skipped"], "stream_retries": state.get("stream_retries", 0)}
-            logs.update({f"skipped_{reason}": count for reason, count in skip_report.counts.items()})
-            progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{schedule['lr']:.2e}")
-            accelerator.log(logs, step=global_step)
-            accelerator.print(_log_line(global_step, logs))
-            window_images, window_start = 0, time.perf_counter()
-
-        if args.eval_steps and global_step % args.eval_steps == 0 and eval_sources is not None:
-            evaluated = gathered_teacher()
-            if accelerator.is_main_process:
-                state["knn"] = _knn(evaluated, eval_sources, args, accelerator)
-                accelerator.log({f"eval/{k}": v for k, v in state["knn"].items()}, step=global_step)
-                accelerator.print(f"step {global_step} k-NN: {_knn_line(state['knn'])}")
-            accelerator.wait_for_everyone()
-        if global_step == last_step:
+        window.add(plan.total_batch)
+        last = step == plan.last_step
+        checkpoint_due = not last and step % plan.checkpoint_every == 0
+        if step % args.logging_steps == 0 or last:
+            _log(run, step, metrics, schedule, window, progress)
+        elif checkpoint_due:
+            _check_nonfinite(run)
+        if args.eval_steps and step % args.eval_steps == 0 and run.eval_sources is not None:
+            _evaluate(run, step)
+        if last:
             break
-        if global_step % checkpoint_every == 0:
-            last_checkpoint = save(global_step)
-        if on_any_process(accelerator, signals.received is not None):  # all processes stop at the same step
-            if global_step % checkpoint_every:
-                last_checkpoint = save(global_step)
-            stopped_by = signals.received or "a signal received by another process"
-            break
+        if checkpoint_due:
+            run.writer.save(step, _synced(run))
+        if _signal_received(run, signals, step, checkpoint_due):
+            if not checkpoint_due:
+                run.writer.save(step, _synced(run))
+            progress.close()
+            return signals.received or "a signal received by another process"
     progress.close()
+    return None
 
-    if stopped_by is not None:
-        accelerator.print(f"{stopped_by}: stopped after step {global_step} of {last_step}; checkpoint "
-                          f"{last_checkpoint}; continue with --resume_from_checkpoint latest")
-        result = TrainResult(output_dir, export_dir, global_step, checkpoint=last_checkpoint,
-                             skipped_samples=dict(skip_report.counts), stopped_by=stopped_by)
-        if pusher is not None:
-            result.push_report = str(pusher.finish(timeout=PREEMPTION_PUSH_TIMEOUT))
-        accelerator.end_training()
-        return result
 
-    # ---- final save -------------------------------------------------------------------------
-    # The teacher's whole weights, gathered once (under FSDP) for the k-NN, the checkpoint and the export.
-    final_state = whole_state_dict(teacher) if accelerator.is_fsdp2 else None
-    final_teacher = gathered_teacher(final_state)
-    if eval_sources is not None and accelerator.is_main_process:
-        state["knn"] = _knn(final_teacher, eval_sources, args, accelerator)
-        accelerator.log({f"eval/{k}": v for k, v in state["knn"].items()}, step=global_step)
-        accelerator.print(f"k-NN of the trained teacher: {_knn_line(state['knn'])}")
-    final = save(global_step, final_state)
-    result = TrainResult(output_dir, export_dir, global_step, checkpoint=final, knn=state["knn"],
-                         knn_random_init=state["knn_random_init"], skipped_samples=dict(skip_report.counts))
-    if accelerator.is_main_process:
-        export_backbone(final_teacher.backbone, export_dir, image_size=args.global_crops_size,
-                        model_card=_model_card(args, final_teacher, global_step, iterations_per_epoch, state))
-        accelerator.print(skip_report.summary())
-        if state["nonfinite_skipped"]:
-            accelerator.print(f"steps skipped on a non-finite loss: {state['nonfinite_skipped']}")
-        if pusher is not None:
-            pusher.push(export_dir, f"End of training, step {global_step}")
-            report = pusher.finish()
-            result.push_report = str(report)
-            accelerator.print(f"Hub upload: {report}")
-        accelerator.print(f"checkpoint: {final}\nteacher backbone: {export_dir}")
+class NonFiniteTally:
+    """Steps skipped on a non-finite loss, counted on the device: the count, the last such step and
+    its loss, read only when the run logs or checkpoints."""
+
+    def __init__(self, already: int, device: torch.device):
+        self.count = torch.tensor(float(already), device=device)
+        self.last_step = torch.tensor(-1.0, device=device)
+        self.last_loss = torch.tensor(0.0, device=device)
+        self.reported = already
+
+    def add(self, step: int, metrics: dict) -> None:
+        skipped = metrics["nonfinite"] > 0
+        self.count += metrics["nonfinite"]
+        self.last_step = torch.where(skipped, float(step), self.last_step)
+        self.last_loss = torch.where(skipped, metrics["loss"], self.last_loss)
+
+    def read(self) -> tuple[int, int, float]:
+        """(skipped steps so far, the last skipped step, its loss)."""
+        return int(self.count.item()), int(self.last_step.item()), self.last_loss.item()
+
+
+def _check_nonfinite(run: Run) -> None:
+    """Report steps skipped since the last check; stop the run when more than allowed were."""
+    count, step, loss = run.nonfinite.read()
+    if count == run.nonfinite.reported:
+        return
+    run.nonfinite.reported = run.state.nonfinite_skipped = count
+    allowed = run.args.skip_nonfinite_steps
+    reason = f"DINO loss is {loss}; {NONFINITE_HINTS}"
+    if count > allowed:
+        raise NonFiniteLossError(
+            f"step {step}: {reason}. Last good checkpoint: {run.writer.last or 'none (no checkpoint was written yet)'}; "
+            "resume with --resume_from_checkpoint latest after changing the setting at fault, or allow a few "
+            "such steps with --skip_nonfinite_steps"
+        )
+    run.accelerator.print(f"step {step} skipped ({count} of {allowed} allowed by --skip_nonfinite_steps): {reason}")
+
+
+def _synced(run: Run) -> RunState:
+    """The run state with its device-side counters read, as a checkpoint saves it."""
+    _check_nonfinite(run)
+    run.state.skipped_samples = dict(run.skip_report.counts)
+    return run.state
+
+
+class LogWindow:
+    """Images and seconds since the last logging step."""
+
+    def __init__(self):
+        self.images, self.start = 0, time.perf_counter()
+
+    def add(self, images: int) -> None:
+        self.images += images
+
+    def rate(self) -> float:
+        rate = self.images / max(time.perf_counter() - self.start, 1e-9)
+        self.images, self.start = 0, time.perf_counter()
+        return rate
+
+
+def _log(run: Run, step: int, metrics: dict, schedule: dict, window: LogWindow, progress) -> None:
+    """A logging step: the one place the loop reads the step's tensors back."""
+    _check_nonfinite(run)
+    values = {key: value.item() for key, value in metrics.items() if key != "nonfinite"}
+    logs = {**values, **schedule, "epoch": run.plan.epoch(step), "images_per_second": window.rate(),
+            "nonfinite_skipped": run.state.nonfinite_skipped, "stream_retries": run.state.stream_retries}
+    logs.update({f"skipped_{reason}": count for reason, count in run.skip_report.counts.items()})
+    progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{schedule['lr']:.2e}")
+    run.accelerator.log(logs, step=step)
+    run.accelerator.print(log_line(step, logs))
+
+
+def _signal_received(run: Run, signals: PreemptionSignals, step: int, checkpoint_due: bool) -> bool:
+    """Whether the run stops here for a signal; every process answers the same at the same step."""
+    accelerator = run.accelerator
+    if accelerator.num_processes == 1:
+        return signals.received is not None
+    if step % run.args.logging_steps and step % SIGNAL_CHECK_STEPS and not checkpoint_due:
+        return False
+    return on_any_process(accelerator, signals.received is not None)
+
+
+def _knn_size(args: DinoTrainingArguments) -> int:
+    return args.eval_image_size or args.global_crops_size
+
+
+def _knn(run: Run, teacher: nn.Module) -> dict:
+    args = run.args
+    return knn_accuracy(teacher.backbone, run.eval_sources, _knn_size(args), image_column_name=args.image_column_name,
+                        label_column_name=args.label_column_name, device=run.accelerator.device)
+
+
+def _evaluate(run: Run, step: int) -> None:
+    """The k-NN of the teacher at `step` (all processes call it: under FSDP the teacher is gathered)."""
+    teacher = run.writer.gathered_teacher()
+    if run.accelerator.is_main_process:
+        run.state.knn = _knn(run, teacher)
+        run.accelerator.log({f"eval/{key}": value for key, value in run.state.knn.items()}, step=step)
+        run.accelerator.print(f"step {step} k-NN at {_knn_size(run.args)} px: {knn_line(run.state.knn)}")
+    run.accelerator.wait_for_everyone()
+
+
+def _stopped(run: Run, stopped_by: str) -> TrainResult:
+    accelerator, writer, state = run.accelerator, run.writer, run.state
+    accelerator.print(f"{stopped_by}: stopped after step {state.global_step} of {run.plan.last_step}; checkpoint "
+                      f"{writer.last}; continue with --resume_from_checkpoint latest")
+    result = TrainResult(writer.output_dir, writer.export_dir, state.global_step, checkpoint=writer.last,
+                         skipped_samples=dict(run.skip_report.counts), stopped_by=stopped_by)
+    if writer.pusher is not None:
+        result.push_report = str(writer.pusher.finish(timeout=PREEMPTION_PUSH_TIMEOUT))
     accelerator.end_training()
     return result
 
 
-class _SampleLog:
-    """`--log_sample_ids FILE`: one JSON line per batch, `{"step", "process", "ids"}` (a step retried
-    after a non-finite loss appears twice). All processes append to the same file, one write each."""
-
-    def __init__(self, path: str, process: int):
-        self.path = path
-        self.process = process
-
-    def write(self, step: int, ids: list[str]) -> None:
-        line = json.dumps({"step": step, "process": self.process, "ids": list(ids)}) + "\n"
-        descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(descriptor, line.encode())
-        finally:
-            os.close(descriptor)
-
-
-def _log_line(step: int, logs: dict) -> str:
-    keys = ("loss", "lr", "weight_decay", "momentum", "teacher_temp", "teacher_entropy", "teacher_max_prob",
-            "kl_teacher_student", "center_norm", "distinct_prototypes", "images_per_second")
-    parts = [f"{key}={logs[key]:.4g}" for key in keys if key in logs]
-    return f"step {step} epoch {logs['epoch']:.2f} " + " ".join(parts)
-
-
-def _knn(teacher, eval_sources, args: DinoTrainingArguments, accelerator: Accelerator) -> dict:
-    return knn_accuracy(teacher.backbone, eval_sources, args.eval_image_size or args.global_crops_size,
-                        image_column_name=args.image_column_name, label_column_name=args.label_column_name,
-                        device=accelerator.device)
-
-
-def _knn_line(metrics: dict) -> str:
-    return ", ".join(f"{key.removeprefix('knn_')} {value:.1f}%" for key, value in metrics.items())
-
-
-def _model_card(args, teacher, step: int, iterations_per_epoch: int, state: dict):
-    figures = []
-    dataset = "dino_hf demo shapes" if args.demo else (args.eval_dataset_name or args.eval_train_dir or "")
-    for key, value in state.get("knn", {}).items():
-        if key.startswith("knn_top1@"):
-            figures.append(EvalFigure(f"k-NN top-1 (k={key.split('@')[1]})", value, dataset, args.eval_split))
-    datasets = [args.dataset_name or args.train_dir or ", ".join(args.data_files or []) or "dino_hf demo shapes"]
-    return render_model_card(
-        teacher.backbone,
-        args.hub_model_id or Path(args.output_dir).name,
-        training_args=args.to_dict(),
-        datasets=datasets,
-        steps=step,
-        epochs=round(step / iterations_per_epoch, 2),
-        evaluation=figures,
-    )
+def _final_save(run: Run) -> TrainResult:
+    """The trained teacher's k-NN, the last checkpoint, the export and the last Hub upload."""
+    accelerator, writer, state = run.accelerator, run.writer, run.state
+    # The teacher's whole weights, gathered once (under FSDP) for the k-NN, the checkpoint and the export.
+    final_state = whole_state_dict(run.teacher) if accelerator.is_fsdp2 else None
+    final_teacher = writer.gathered_teacher(final_state)
+    if run.eval_sources is not None and accelerator.is_main_process:
+        state.knn = _knn(run, final_teacher)
+        accelerator.log({f"eval/{key}": value for key, value in state.knn.items()}, step=state.global_step)
+        accelerator.print(f"k-NN of the trained teacher at {_knn_size(run.args)} px: {knn_line(state.knn)}")
+    final = writer.save(state.global_step, _synced(run), final_state)
+    result = TrainResult(writer.output_dir, writer.export_dir, state.global_step, checkpoint=final, knn=state.knn,
+                         knn_random_init=state.knn_random_init, skipped_samples=dict(run.skip_report.counts))
+    if accelerator.is_main_process:
+        writer.export(final_teacher, writer.export_dir, state.global_step, state)
+        accelerator.print(run.skip_report.summary())
+        if state.nonfinite_skipped:
+            accelerator.print(f"steps skipped on a non-finite loss: {state.nonfinite_skipped}")
+        if writer.pusher is not None:
+            writer.pusher.push(writer.export_dir, f"End of training, step {state.global_step}")
+            report = writer.pusher.finish()
+            result.push_report = str(report)
+            accelerator.print(f"Hub upload: {report}")
+        accelerator.print(f"checkpoint: {final}\nteacher backbone: {writer.export_dir}")
+    accelerator.end_training()
+    return result
 
 
 __all__ = ["NonFiniteLossError", "TrainResult", "train"]

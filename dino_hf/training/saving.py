@@ -1,0 +1,138 @@
+"""Writing a run's checkpoints and its teacher export, on one process or many.
+
+`CheckpointWriter.save(step, state)` is the whole protocol of `dino_hf.training.checkpoints`: a fresh
+staging folder, each process's own state (RNG, data position), the shared state written by the main
+process (whole weights gathered from the shards under FSDP, the optimiser, the center, the run state,
+the resolved arguments and the teacher export with its model card), then the rename into place. An
+error on any process is raised on every process as `CheckpointError`, the previous checkpoint intact.
+"""
+
+import shutil
+from pathlib import Path
+
+from accelerate import Accelerator
+from torch import nn
+
+from ..convert.export import export_backbone
+from ..hub.model_card import EvalFigure, render_model_card
+from ..hub.push import HubPusher
+from . import checkpoints
+from .arguments import DinoTrainingArguments
+from .collectives import on_every_process
+from .loss import DinoLoss
+from .plan import TrainingPlan
+from .sharding import whole_optimizer_state_dict, whole_state_dict
+from .state import RunState
+
+DEMO_DATASET = "dino_hf demo shapes"
+
+
+class CheckpointWriter:
+    """Checkpoints and exports of one run. `last` is the newest checkpoint written (or resumed from).
+
+    `whole_teacher`: under FSDP, a whole copy of the teacher on the main process, made before the
+    teacher was sharded, that gathered weights are loaded into for the k-NN and the export; otherwise
+    the teacher itself.
+    """
+
+    def __init__(self, accelerator: Accelerator, args: DinoTrainingArguments, plan: TrainingPlan, *,
+                 student: nn.Module, teacher: nn.Module, whole_teacher: nn.Module, dino_loss: DinoLoss,
+                 optimizer, batches, pusher: HubPusher | None):
+        self.accelerator, self.args, self.plan = accelerator, args, plan
+        self.student, self.teacher, self.whole_teacher = student, teacher, whole_teacher
+        self.dino_loss, self.optimizer, self.batches, self.pusher = dino_loss, optimizer, batches, pusher
+        self.output_dir = Path(args.output_dir)
+        self.checkpoints_dir = self.output_dir / "checkpoints"
+        self.export_dir = self.output_dir / "teacher_backbone"
+        self.last: Path | None = None
+
+    def gathered_teacher(self, weights: dict | None = None) -> nn.Module:
+        """The teacher as one module on the main process (a collective under FSDP, where the gathered
+        `weights` are loaded into the whole copy; they are gathered here when not given)."""
+        if not self.accelerator.is_fsdp2:
+            return self.teacher
+        weights = whole_state_dict(self.teacher) if weights is None else weights
+        if self.accelerator.is_main_process:
+            self.whole_teacher.load_state_dict(weights)
+        return self.whole_teacher
+
+    def save(self, step: int, state: RunState, teacher_state: dict | None = None) -> Path:
+        """Checkpoint of `step` (every process calls it). `teacher_state`: the teacher's whole weights
+        when they were gathered already. Pushes the export to the Hub when a pusher is set."""
+        accelerator = self.accelerator
+        staging = checkpoints.staging_dir(self.checkpoints_dir, step)
+        final = self.checkpoints_dir / f"checkpoint-{step}"
+        weights = self._whole_weights(teacher_state)
+        export_teacher = self.gathered_teacher(weights.get("teacher"))
+        state.global_step = step
+
+        def fresh_staging() -> None:  # a killed earlier attempt may have left files of its own there
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+
+        def shared_state() -> None:
+            self.export(export_teacher, staging / "teacher_backbone", step, state)
+            checkpoints.write_shared_state(
+                staging,
+                student_state=weights["student"],
+                teacher_state=weights["teacher"],
+                loss_state=self.dino_loss.state_dict(),
+                optimizer_state=weights["optimizer"],
+                scaler_state=accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                trainer_state=state.to_dict(),
+                training_args=self.args.to_dict(),
+            )
+            checkpoints.finalize(staging, self.checkpoints_dir, step, self.args.checkpoints_total_limit)
+
+        try:
+            on_every_process(accelerator, fresh_staging, main_only=True)
+            on_every_process(accelerator, lambda: checkpoints.write_process_state(
+                staging, accelerator.process_index, self.batches.state_dict()))
+            on_every_process(accelerator, shared_state, main_only=True)
+        except checkpoints.WRITE_ERRORS as error:
+            if accelerator.is_main_process:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise checkpoints.CheckpointError(
+                f"could not write the checkpoint of step {step} to {final}: {str(error).rstrip('.')}. The previous "
+                f"checkpoint {self.last or '(none: this was the first)'} is intact; "
+                f"{checkpoints.write_error_advice(error, self.checkpoints_dir)}, then resume with "
+                "--resume_from_checkpoint latest"
+            ) from error
+        if self.pusher is not None:
+            self.pusher.push(final / "teacher_backbone", f"Training step {step}")
+        self.last = final
+        return final
+
+    def _whole_weights(self, teacher_state: dict | None) -> dict:
+        """Whole weights for the main process to write: gathered from the shards under FSDP (every
+        process takes part), copied by the main process alone otherwise."""
+        if not (self.accelerator.is_fsdp2 or self.accelerator.is_main_process):
+            return {}
+        student = self.accelerator.unwrap_model(self.student)
+        return {"student": whole_state_dict(student),
+                "teacher": whole_state_dict(self.teacher) if teacher_state is None else teacher_state,
+                "optimizer": whole_optimizer_state_dict(student, self.optimizer)}
+
+    def export(self, teacher: nn.Module, folder: Path, step: int, state: RunState) -> None:
+        """The teacher backbone as a model folder with its model card (main process)."""
+        export_backbone(teacher.backbone, folder, image_size=self.args.global_crops_size,
+                        model_card=self._model_card(teacher, step, state))
+
+    def _model_card(self, teacher: nn.Module, step: int, state: RunState):
+        args = self.args
+        dataset = DEMO_DATASET if args.demo else (args.eval_dataset_name or args.eval_train_dir or "")
+        figures = [EvalFigure(f"k-NN top-1 (k={key.split('@')[1]})", value, dataset, args.eval_split)
+                   for key, value in state.knn.items() if key.startswith("knn_top1@")]
+        datasets = [args.dataset_name or args.train_dir or ", ".join(args.data_files or []) or DEMO_DATASET]
+        return render_model_card(
+            teacher.backbone,
+            args.hub_model_id or self.output_dir.name,
+            training_args=args.to_dict(),
+            datasets=datasets,
+            steps=step,
+            epochs=round(self.plan.epoch(step), 2),
+            evaluation=figures,
+        )
+
+
+__all__ = ["CheckpointWriter"]
