@@ -58,8 +58,10 @@ def main():
     print(f"multi-crop 2 x 224 + 8 x 96 of {args.size} x {args.size} uint8 images, best of {args.rounds} rounds")
     print(f"{'':44s} {'images/s':>10s}")
     print(f"{'MultiCropTransform, CPU, 1 thread':44s} {cpu_per_image:10.1f}")
-    print(f"{'BatchMultiCrop, CPU, 1 thread, batch ' + str(args.cpu_batch):44s} {cpu_batched:10.1f}"
-          f"   ({cpu_batched / cpu_per_image:.2f}x)")
+    print(
+        f"{'BatchMultiCrop, CPU, 1 thread, batch ' + str(args.cpu_batch):44s} {cpu_batched:10.1f}"
+        f"   ({cpu_batched / cpu_per_image:.2f}x)"
+    )
     if torch.cuda.is_available():
         gpu_images = smooth_images(args.gpu_batch, args.size).cuda()
         gpu_generator = torch.Generator(device="cuda").manual_seed(0)

@@ -107,7 +107,9 @@ def main():
     parser.add_argument("--peak_tflops", type=float, default=989.0, help="dense bf16 peak of the GPU")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        print("benchmarks/end_to_end.py measures GPU pretraining and needs CUDA; no CUDA device here, nothing measured")
+        print(
+            "benchmarks/end_to_end.py measures GPU pretraining and needs CUDA; no CUDA device here, nothing measured"
+        )
         return 0
     from accelerate import Accelerator
 
@@ -133,12 +135,20 @@ def main():
             gpu_crops = BatchMultiCrop(local_crops_number=args.local_crops).to(device)
         else:
             transform, gpu_crops = MultiCropTransform(local_crops_number=args.local_crops), None
-        loader = build_multicrop_dataloader(stream, column, transform, batch_size=args.batch,
-                                            num_workers=args.workers, shuffle_buffer_size=256, pin_memory=True)
+        loader = build_multicrop_dataloader(
+            stream,
+            column,
+            transform,
+            batch_size=args.batch,
+            num_workers=args.workers,
+            shuffle_buffer_size=256,
+            pin_memory=True,
+        )
         batches = endless(loader)
         generator = torch.Generator(device=device).manual_seed(0)
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(args.steps)]
+        events = [
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(args.steps)
+        ]
         waited = 0.0
         for step in range(args.warmup + args.steps):
             if step == args.warmup:
@@ -155,25 +165,37 @@ def main():
                 crops = gpu_crops(crops[0], generator)
                 if timed:
                     events[step - args.warmup][1].record()
-            train_step(student, teacher, dino_loss, optimizer, crops, freeze_last_layer=False,
-                       accelerator=accelerator, **SCHEDULE)
+            train_step(
+                student,
+                teacher,
+                dino_loss,
+                optimizer,
+                crops,
+                freeze_last_layer=False,
+                accelerator=accelerator,
+                **SCHEDULE,
+            )
         torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
 
     rate = args.batch * args.steps / elapsed
     flops = train_flops_per_image(config, 224, 96, args.local_crops, args.out_dim)
     mfu = flops * rate / (args.peak_tflops * 1e12)
-    print(f"{torch.cuda.get_device_name()}, {args.model}, 2 x 224 + {args.local_crops} x 96, batch {args.batch}, "
-          f"bf16, fused AdamW{', torch.compile' if args.torch_compile else ''}, augment on {args.augment_on}, "
-          f"{args.workers} loader workers, {args.steps} timed steps after {args.warmup}")
+    print(
+        f"{torch.cuda.get_device_name()}, {args.model}, 2 x 224 + {args.local_crops} x 96, batch {args.batch}, "
+        f"bf16, fused AdamW{', torch.compile' if args.torch_compile else ''}, augment on {args.augment_on}, "
+        f"{args.workers} loader workers, {args.steps} timed steps after {args.warmup}"
+    )
     print(f"images/s                       {rate:10.1f}")
     print(f"model GFLOPs per image          {flops / 1e9:10.1f}")
     print(f"MFU (peak {args.peak_tflops:.0f} TFLOPs)          {100 * mfu:9.1f} %   (target >= 40 %)")
     print(f"waiting for data               {100 * waited / elapsed:9.1f} %   of the step (target < 10 %)")
     if gpu_crops is not None:
         augment_ms = sum(a.elapsed_time(b) for a, b in events) / args.steps
-        print(f"GPU multi-crop                 {100 * augment_ms / 1e3 / (elapsed / args.steps):9.1f} %   "
-              f"of the step ({args.batch / augment_ms * 1e3:.0f} images/s while cropping)")
+        print(
+            f"GPU multi-crop                 {100 * augment_ms / 1e3 / (elapsed / args.steps):9.1f} %   "
+            f"of the step ({args.batch / augment_ms * 1e3:.0f} images/s while cropping)"
+        )
     print(f"peak GPU memory                {torch.cuda.max_memory_allocated() / 2**30:10.1f} GiB")
     return 0
 

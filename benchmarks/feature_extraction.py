@@ -70,8 +70,10 @@ def main():
     rates = {name: batch * batches / seconds for name, seconds in best.items()}
 
     hardware = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} thread(s)"
-    print(f"{args.model} at {size} px, batch {batch}, {'bf16 autocast' if cuda else 'fp32'}, {hardware}, "
-          f"best of {args.rounds} rounds of {batches} batches; max |feature difference| {difference:.2e}")
+    print(
+        f"{args.model} at {size} px, batch {batch}, {'bf16 autocast' if cuda else 'fp32'}, {hardware}, "
+        f"best of {args.rounds} rounds of {batches} batches; max |feature difference| {difference:.2e}"
+    )
     print(f"{'':10s} {'DinoModel':>10s} {'ViTModel (' + theirs.config._attn_implementation + ')':>16s} {'ratio':>7s}")
     print(f"{'images/s':10s} {rates['ours']:10.1f} {rates['theirs']:16.1f} {rates['ours'] / rates['theirs']:6.2f}x")
 

@@ -50,18 +50,39 @@ class ReferenceSolarization:
 def reference_transform(local_crops_number=8):
     """The reference DataAugmentationDINO with the paper's parameters."""
     bicubic = T.InterpolationMode.BICUBIC
-    flip_and_color_jitter = T.Compose([
-        T.RandomHorizontalFlip(p=0.5),
-        T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-    ])
+    flip_and_color_jitter = T.Compose(
+        [
+            T.RandomHorizontalFlip(p=0.5),
+            T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+        ]
+    )
     normalize = T.Compose([T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
-    global_1 = T.Compose([T.RandomResizedCrop(224, scale=(0.4, 1.0), interpolation=bicubic), flip_and_color_jitter,
-                          ReferenceGaussianBlur(1.0), normalize])
-    global_2 = T.Compose([T.RandomResizedCrop(224, scale=(0.4, 1.0), interpolation=bicubic), flip_and_color_jitter,
-                          ReferenceGaussianBlur(0.1), ReferenceSolarization(0.2), normalize])
-    local = T.Compose([T.RandomResizedCrop(96, scale=(0.05, 0.4), interpolation=bicubic), flip_and_color_jitter,
-                       ReferenceGaussianBlur(p=0.5), normalize])
+    global_1 = T.Compose(
+        [
+            T.RandomResizedCrop(224, scale=(0.4, 1.0), interpolation=bicubic),
+            flip_and_color_jitter,
+            ReferenceGaussianBlur(1.0),
+            normalize,
+        ]
+    )
+    global_2 = T.Compose(
+        [
+            T.RandomResizedCrop(224, scale=(0.4, 1.0), interpolation=bicubic),
+            flip_and_color_jitter,
+            ReferenceGaussianBlur(0.1),
+            ReferenceSolarization(0.2),
+            normalize,
+        ]
+    )
+    local = T.Compose(
+        [
+            T.RandomResizedCrop(96, scale=(0.05, 0.4), interpolation=bicubic),
+            flip_and_color_jitter,
+            ReferenceGaussianBlur(p=0.5),
+            normalize,
+        ]
+    )
     return lambda img: [global_1(img), global_2(img)] + [local(img) for _ in range(local_crops_number)]
 
 
@@ -109,8 +130,11 @@ def main():
     generator = torch.Generator().manual_seed(0)
     pipelines = {
         "transform": (lambda img: ours(img, generator), reference, decoded),
-        "decode + transform": (lambda b: ours(decode_image(b), generator),
-                               lambda b: reference(Image.open(io.BytesIO(b)).convert("RGB")), jpegs),
+        "decode + transform": (
+            lambda b: ours(decode_image(b), generator),
+            lambda b: reference(Image.open(io.BytesIO(b)).convert("RGB")),
+            jpegs,
+        ),
     }
     print(f"multi-crop 2 x 224 + 8 x 96, {args.images} JPEGs of 500 x 375, 1 thread, best of {args.rounds} rounds")
     print(f"{'':20s} {'dino_hf (img/s)':>16s} {'reference PIL (img/s)':>22s} {'ratio':>7s}")
@@ -137,8 +161,10 @@ def main():
                 if seen >= 10 * args.stream:
                     break
             epoch += 1
-        print(f"peak RSS after {args.stream} streamed images: {marks[args.stream]:.0f} MiB; "
-              f"after {10 * args.stream}: {marks[10 * args.stream]:.0f} MiB")
+        print(
+            f"peak RSS after {args.stream} streamed images: {marks[args.stream]:.0f} MiB; "
+            f"after {10 * args.stream}: {marks[10 * args.stream]:.0f} MiB"
+        )
 
 
 if __name__ == "__main__":

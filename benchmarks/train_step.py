@@ -4,9 +4,10 @@ Ours: `dino_hf.training.step.train_step` (one backbone call per crop resolution,
 crops, SDPA attention, multi-tensor EMA) with fused AdamW kernels where the device has them
 (`build_optimizer(..., device=)`), and on a GPU bf16 autocast through Accelerate (plus
 `--torch_compile` if asked).
-Baseline, written here from the formulas of docs/recipe.md alone: one backbone call per crop, attention through an explicit
-softmax (DinoModel's `output_attentions=True` path), the loss as a Python loop over crop pairs,
-per-parameter clipping in a loop, PyTorch's for-loop AdamW, an EMA in a Python loop, fp32.
+Baseline, written here from the formulas of docs/recipe.md alone: one backbone call per crop,
+attention through an explicit softmax (DinoModel's `output_attentions=True` path), the loss as a
+Python loop over crop pairs, per-parameter clipping in a loop, PyTorch's for-loop AdamW, an EMA in a
+Python loop, fp32.
 
 Both run on the same random crops (data loading is not part of the step), each in its own
 subprocess so that peak memory is its own, alternately `--repeats` times (best kept, against the
@@ -52,10 +53,14 @@ def build(args, device):
     teacher = build_teacher(student)
     dino_loss = DinoLoss(args.out_dim, 2 + args.local_crops).to(device)
     generator = torch.Generator(device).manual_seed(0)
-    crops = [torch.randn(args.batch, 3, args.global_size, args.global_size, device=device, generator=generator)
-             for _ in range(2)]
-    crops += [torch.randn(args.batch, 3, args.local_size, args.local_size, device=device, generator=generator)
-              for _ in range(args.local_crops)]
+    crops = [
+        torch.randn(args.batch, 3, args.global_size, args.global_size, device=device, generator=generator)
+        for _ in range(2)
+    ]
+    crops += [
+        torch.randn(args.batch, 3, args.local_size, args.local_size, device=device, generator=generator)
+        for _ in range(args.local_crops)
+    ]
     return student, teacher, dino_loss, crops
 
 
@@ -70,8 +75,9 @@ def ours(args, device):
 
         accelerator = Accelerator(mixed_precision="bf16")
         student, optimizer = accelerator.prepare(student, optimizer)
-    return lambda: train_step(student, teacher, dino_loss, optimizer, crops, freeze_last_layer=False,
-                              accelerator=accelerator, **SCHEDULE)
+    return lambda: train_step(
+        student, teacher, dino_loss, optimizer, crops, freeze_last_layer=False, accelerator=accelerator, **SCHEDULE
+    )
 
 
 def baseline(args, device):
@@ -158,8 +164,12 @@ def main():
     parser.add_argument("--steps", type=int, default=None, help="timed steps (CPU 1, GPU 20)")
     parser.add_argument("--repeats", type=int, default=None, help="runs of each variant, alternating (CPU 2, GPU 1)")
     parser.add_argument("--torch_compile", action="store_true", help="compile our backbone and head")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (CPU default 1: on shared cores more threads wait on each other)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (CPU default 1: on shared cores more threads wait on each other)",
+    )
     parser.add_argument("--worker", choices=["ours", "baseline"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
@@ -173,9 +183,12 @@ def main():
 
     hardware = torch.cuda.get_device_name() if cuda else f"CPU, {args.threads} thread(s)"
     precision = "bf16 autocast" if cuda else "fp32"
-    print(f"{args.model}, 2 x {args.global_size} + {args.local_crops} x {args.local_size} crops, out_dim {args.out_dim}, batch {args.batch}, "
-          f"best of {args.repeats} x ({args.warmup} warm-up + {args.steps} timed steps), {hardware}; ours {precision}"
-          f"{' + torch.compile' if args.torch_compile else ''}, baseline fp32")
+    print(
+        f"{args.model}, 2 x {args.global_size} + {args.local_crops} x {args.local_size} crops, "
+        f"out_dim {args.out_dim}, batch {args.batch}, "
+        f"best of {args.repeats} x ({args.warmup} warm-up + {args.steps} timed steps), {hardware}; ours {precision}"
+        f"{' + torch.compile' if args.torch_compile else ''}, baseline fp32"
+    )
     results = {}
     for _ in range(args.repeats):
         for variant in ("ours", "baseline"):
@@ -189,9 +202,12 @@ def main():
     memory = "peak GPU memory of the step (MiB)" if cuda else "peak RSS rise during the steps (MiB)"
     for run in results.values():
         run["steps_per_second"] = 1 / run["step_seconds"]
-    rows = [("images/s", "images_per_second", "{:.2f}"), ("steps/s", "steps_per_second", "{:.2f}"),
-            ("seconds/step", "step_seconds", "{:.3f}"),
-            (memory, "memory_mib", "{:.0f}")]
+    rows = [
+        ("images/s", "images_per_second", "{:.2f}"),
+        ("steps/s", "steps_per_second", "{:.2f}"),
+        ("seconds/step", "step_seconds", "{:.3f}"),
+        (memory, "memory_mib", "{:.0f}"),
+    ]
     print(f"{'':38s} {'dino_hf':>10s} {'baseline':>10s} {'ratio':>7s}")
     for label, key, fmt in rows:
         a, b = results["ours"][key], results["baseline"][key]

@@ -37,11 +37,14 @@ def main(argv=None) -> dict:
     features = {}
     for which in ("train", "eval"):
         rows, image_column, label_column = load_split(args, which)
-        batches = ImageBatches(rows, image_column, transform, args.batch_size, label_column, args.num_workers, label_ids)
+        batches = ImageBatches(
+            rows, image_column, transform, args.batch_size, label_column, args.num_workers, label_ids
+        )
         features[which] = extract_features(model, batches)
         print(f"{which}: {len(features[which][1])} images, {batches.skipped} skipped (unreadable)")
-    metrics = knn_evaluate(*features["train"], *features["eval"], ks=args.nb_knn, temperature=args.temperature,
-                           chunk_size=args.chunk_size)
+    metrics = knn_evaluate(
+        *features["train"], *features["eval"], ks=args.nb_knn, temperature=args.temperature, chunk_size=args.chunk_size
+    )
     for k in sorted(args.nb_knn):
         print(f"{k}-NN classifier result: Top1: {metrics[f'knn_top1@{k}']:.2f}, Top5: {metrics[f'knn_top5@{k}']:.2f}")
     if args.output_file:

@@ -35,19 +35,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_argument(parser)
     add_dataset_arguments(parser)
-    parser.add_argument("--n_last_blocks", type=int, default=4, help="CLS tokens of this many last blocks (4 for ViT-S).")
-    parser.add_argument("--avgpool_patchtokens", action="store_true",
-                        help="Add the mean patch token of the last block (ViT-B, with --n_last_blocks 1).")
+    parser.add_argument(
+        "--n_last_blocks", type=int, default=4, help="CLS tokens of this many last blocks (4 for ViT-S)."
+    )
+    parser.add_argument(
+        "--avgpool_patchtokens",
+        action="store_true",
+        help="Add the mean patch token of the last block (ViT-B, with --n_last_blocks 1).",
+    )
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--lr", type=float, default=0.001, help="Base lr, scaled by batch_size / 256.")
     parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--num_labels", type=int,
-                        help="Classes (default: from the ClassLabel feature, else the largest label + 1).")
-    parser.add_argument("--cache_features", action="store_true",
-                        help="Compute the train features once (eval transform) and train on them.")
+    parser.add_argument(
+        "--num_labels", type=int, help="Classes (default: from the ClassLabel feature, else the largest label + 1)."
+    )
+    parser.add_argument(
+        "--cache_features",
+        action="store_true",
+        help="Compute the train features once (eval transform) and train on them.",
+    )
     parser.add_argument("--num_workers", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--shuffle_buffer_size", type=int, default=10000, help="Shuffle buffer of a streamed train set.")
+    parser.add_argument(
+        "--shuffle_buffer_size", type=int, default=10000, help="Shuffle buffer of a streamed train set."
+    )
     parser.add_argument("--output_dir", help="Write the probe weights and the metrics here.")
     return parser.parse_args(argv)
 
@@ -59,8 +70,9 @@ def main(argv=None) -> dict:
     model, transform = load_feature_model(args.model, args.image_size)
     print(image_size_line(model))
     model.to(device)
-    feature_fn = functools.partial(probe_features, n_last_blocks=args.n_last_blocks,
-                                   avgpool_patchtokens=args.avgpool_patchtokens)
+    feature_fn = functools.partial(
+        probe_features, n_last_blocks=args.n_last_blocks, avgpool_patchtokens=args.avgpool_patchtokens
+    )
     label_ids = {}
     train_rows, image_column, label_column = load_split(args, "train")
     eval_rows, eval_image_column, eval_label_column = load_split(args, "eval")
@@ -70,10 +82,12 @@ def main(argv=None) -> dict:
 
     # The eval set is fixed: its features are computed once either way.
     eval_features, eval_labels = extract_features(
-        model, batches(eval_rows, eval_image_column, eval_label_column, transform), device, feature_fn)
+        model, batches(eval_rows, eval_image_column, eval_label_column, transform), device, feature_fn
+    )
     if args.cache_features:
         train_features, train_labels = extract_features(
-            model, batches(train_rows, image_column, label_column, transform), device, feature_fn)
+            model, batches(train_rows, image_column, label_column, transform), device, feature_fn
+        )
         train_batches = cached_batches(train_features, train_labels, args.batch_size, seed=args.seed)
         num_labels = args.num_labels or int(max(train_labels.max(), eval_labels.max())) + 1
     else:
@@ -90,11 +104,18 @@ def main(argv=None) -> dict:
         class_count = label_feature.num_classes if isinstance(label_feature, datasets.ClassLabel) else None
         num_labels = args.num_labels or class_count or int(eval_labels.max()) + 1
     probe = train_linear_probe(
-        train_batches, probe_feature_size(model, args.n_last_blocks, args.avgpool_patchtokens), num_labels,
-        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, device=device,
+        train_batches,
+        probe_feature_size(model, args.n_last_blocks, args.avgpool_patchtokens),
+        num_labels,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        device=device,
         log=lambda epoch, loss: print(f"epoch {epoch}: train loss {loss:.4f}"),
     )
-    metrics = evaluate_linear_probe(probe, cached_batches(eval_features, eval_labels, args.batch_size, shuffle=False)(0))
+    metrics = evaluate_linear_probe(
+        probe, cached_batches(eval_features, eval_labels, args.batch_size, shuffle=False)(0)
+    )
     print(f"Linear probe on {len(eval_labels)} test images: Top1: {metrics['top1']:.2f}, Top5: {metrics['top5']:.2f}")
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)

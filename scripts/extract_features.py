@@ -33,12 +33,21 @@ def main(argv=None) -> dict:
     print(image_size_line(model))
     rows, image_column, _ = load_split(args, "train")
     counts = write_feature_dataset(
-        model, rows, image_column, args.output_dir, transform, batch_size=args.batch_size,
-        rows_per_shard=args.rows_per_shard, patch_tokens=args.patch_tokens, split=args.train_split,
+        model,
+        rows,
+        image_column,
+        args.output_dir,
+        transform,
+        batch_size=args.batch_size,
+        rows_per_shard=args.rows_per_shard,
+        patch_tokens=args.patch_tokens,
+        split=args.train_split,
         num_workers=args.num_workers,
     )
-    print(f"wrote {counts['rows']} rows in {counts['shards']} shards to {args.output_dir}, "
-          f"{counts['skipped']} skipped (unreadable images)")
+    print(
+        f"wrote {counts['rows']} rows in {counts['shards']} shards to {args.output_dir}, "
+        f"{counts['skipped']} skipped (unreadable images)"
+    )
     return counts
 
 

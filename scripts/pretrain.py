@@ -40,14 +40,19 @@ def main(argv: list[str]) -> int:
     if not PartialState().is_main_process:
         return 0
     if result.stopped_by is not None:
-        print(f"Stopped by {result.stopped_by} after step {result.global_step}; the training state is in "
-              f"{result.checkpoint}. Resume with the same command and --resume_from_checkpoint latest.")
+        print(
+            f"Stopped by {result.stopped_by} after step {result.global_step}; the training state is in "
+            f"{result.checkpoint}. Resume with the same command and --resume_from_checkpoint latest."
+        )
         return 0
     if result.knn_random_init and result.knn:
-        print(f"k-NN top-1 (k=20): random-init teacher {result.knn_random_init.get('knn_top1@20', float('nan')):.1f}% "
-              f"-> trained teacher {result.knn.get('knn_top1@20', float('nan')):.1f}%")
+        print(
+            f"k-NN top-1 (k=20): random-init teacher {result.knn_random_init.get('knn_top1@20', float('nan')):.1f}% "
+            f"-> trained teacher {result.knn.get('knn_top1@20', float('nan')):.1f}%"
+        )
     print(f"The trained teacher backbone is in {result.export_dir}. Load it with:")
-    print(f'    import dino_hf; from transformers import AutoModel; model = AutoModel.from_pretrained("{result.export_dir}")')
+    loading = f'model = AutoModel.from_pretrained("{result.export_dir}")'
+    print(f"    import dino_hf; from transformers import AutoModel; {loading}")
     return 0
 
 

@@ -21,8 +21,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_model_argument(parser, image_size_help="Short side the image is resized to.")
     parser.add_argument("--image", required=True, help="Image file.")
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--threshold", type=float, default=MASK_THRESHOLD,
-                        help="Attention mass the masks keep (0.6 in the paper).")
+    parser.add_argument(
+        "--threshold", type=float, default=MASK_THRESHOLD, help="Attention mass the masks keep (0.6 in the paper)."
+    )
     return parser.parse_args(argv)
 
 

@@ -29,6 +29,14 @@ def data(tmp_path_factory):
     for index in range(24):
         Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(root / "images" / f"{index:03d}.png")
     torch.manual_seed(0)
-    DinoModel(DinoConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                         image_size=32, patch_size=8)).save_pretrained(root / "model")
+    DinoModel(
+        DinoConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=8,
+        )
+    ).save_pretrained(root / "model")
     return root

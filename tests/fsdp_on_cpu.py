@@ -26,8 +26,9 @@ class FsdpOnCpuAccelerator(accelerate.Accelerator):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.state.distributed_type = DistributedType.FSDP
-        self.state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2,
-                                                                auto_wrap_policy="transformer_based_wrap")
+        self.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap"
+        )
 
 
 if __name__ == "__main__":

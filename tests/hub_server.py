@@ -77,7 +77,9 @@ class FakeHub:
             return 404, {"error": f"fake Hub: {method} {path} is not implemented"}
         if path == "/api/repos/create":
             payload = json.loads(body)
-            repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
+            repo_id = (
+                f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
+            )
             with self._lock:
                 self.repos.setdefault(repo_id, {"private": bool(payload.get("private"))})
             self.repo_path(repo_id).mkdir(parents=True, exist_ok=True)
@@ -91,8 +93,11 @@ class FakeHub:
                 return 404, {"error": f"Repository Not Found for url: {path}"}
             if action == "preupload":
                 files = json.loads(body)["files"]
-                return 200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None}
-                                       for f in files]}
+                return 200, {
+                    "files": [
+                        {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None} for f in files
+                    ]
+                }
             if action == "commit":
                 return self._commit(repo_id, body)
         return 404, {"error": f"fake Hub: POST {path} is not implemented"}

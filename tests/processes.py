@@ -15,8 +15,9 @@ def run_in_processes(worker, world_size: int, tmp_path) -> dict:
     group; returns what they put in the shared `results` dict."""
     with torch.multiprocessing.Manager() as manager:
         results = manager.dict()
-        torch.multiprocessing.spawn(_in_process_group, args=(world_size, str(tmp_path / "init"), worker, results),
-                                    nprocs=world_size)
+        torch.multiprocessing.spawn(
+            _in_process_group, args=(world_size, str(tmp_path / "init"), worker, results), nprocs=world_size
+        )
         return dict(results)
 
 
@@ -35,7 +36,9 @@ def assert_trains_as_one_process(distributed: dict, setup, step_options: dict):
     student, teacher, dino_loss, batches = setup()
     initial = copy.deepcopy(teacher.state_dict())
     optimizer = build_optimizer("sgd", get_param_groups(student))
-    losses = [train_step(student, teacher, dino_loss, optimizer, crops, **step_options)["loss"].item() for crops in batches]
+    losses = [
+        train_step(student, teacher, dino_loss, optimizer, crops, **step_options)["loss"].item() for crops in batches
+    ]
     assert [loss.item() for loss in distributed["losses"]] == pytest.approx(losses, rel=1e-5)
     torch.testing.assert_close(distributed["center"], dino_loss.center, rtol=0, atol=1e-6)
     assert distributed["teacher"].keys() == teacher.state_dict().keys()

@@ -8,8 +8,9 @@ TINY_VIT = dict(image_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 
 
 def tiny_config(**overrides) -> DinoConfig:
-    fields = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                  image_size=32, patch_size=8)
+    fields = dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8
+    )
     return DinoConfig(**{**fields, **overrides})
 
 
@@ -74,8 +75,11 @@ def test_dino_model_from_saved_folder(tmp_path):
 
 @pytest.mark.parametrize(
     "spec, suggestion",
-    [("timm:vit_smal_patch16_224", "'timm:vit_small_patch16_224'"), ("resnet50", "'timm:resnet50'"),
-     ("vit_small_patch61", "'vit_small_patch16'")],
+    [
+        ("timm:vit_smal_patch16_224", "'timm:vit_small_patch16_224'"),
+        ("resnet50", "'timm:resnet50'"),
+        ("vit_small_patch61", "'vit_small_patch16'"),
+    ],
 )
 def test_unknown_name_suggests_close_matches(spec, suggestion):
     with pytest.raises(ValueError, match="did you mean") as error:

@@ -58,7 +58,9 @@ def test_global_crops_only_and_bad_input():
 
 def test_resized_crops_equal_torchvision_antialiased_bicubic():
     pixels = torch.rand(3, 3, 50, 60)
-    boxes = torch.tensor([[0, 0, 50, 60], [3, 7, 20, 31], [10, 2, 40, 13], [5, 5, 7, 9], [1, 2, 3, 4], [0, 30, 50, 30]])
+    boxes = torch.tensor(
+        [[0, 0, 50, 60], [3, 7, 20, 31], [10, 2, 40, 13], [5, 5, 7, 9], [1, 2, 3, 4], [0, 30, 50, 30]]
+    )
     flip = torch.tensor([False, False, True, False, True, True])
     for size in (16, 32):  # down- and up-sampling
         out = resized_crops(pixels, boxes.float(), flip, size)
@@ -87,8 +89,10 @@ def test_crop_boxes_follow_random_resized_crop(local):
     assert math.log(3 / 4) - 0.01 <= log_ratio.min() and log_ratio.max() <= math.log(4 / 3) + 0.01
     # Same distribution as torchvision's RandomResizedCrop on the same image size.
     torch.manual_seed(0)
-    reference = [T.RandomResizedCrop.get_params(torch.empty(1, size, size), list(scale), [3 / 4, 4 / 3])
-                 for _ in range(len(area))]
+    reference = [
+        T.RandomResizedCrop.get_params(torch.empty(1, size, size), list(scale), [3 / 4, 4 / 3])
+        for _ in range(len(area))
+    ]
     ref_area = np.array([r[2] * r[3] / size**2 for r in reference])
     ref_log_ratio = np.array([math.log(r[3] / r[2]) for r in reference])
     ref_top = np.array([r[0] for r in reference])
@@ -149,10 +153,17 @@ def cpu_params(params, row):
     jitter = None
     if params.jitter[row]:
         jitter = (tuple(params.order[row].tolist()), *params.factors[row].tolist())
-    return CropParams(top=top, left=left, height=h, width=w, flip=bool(params.flip[row]), jitter=jitter,
-                      grayscale=bool(params.grayscale[row]),
-                      blur_sigma=params.sigma[row].item() if params.blur[row] else None,
-                      solarize=bool(params.solarize[row]))
+    return CropParams(
+        top=top,
+        left=left,
+        height=h,
+        width=w,
+        flip=bool(params.flip[row]),
+        jitter=jitter,
+        grayscale=bool(params.grayscale[row]),
+        blur_sigma=params.sigma[row].item() if params.blur[row] else None,
+        solarize=bool(params.solarize[row]),
+    )
 
 
 def test_each_crop_equals_the_cpu_transform_with_the_same_decisions():
@@ -192,8 +203,9 @@ def test_decode_and_cap_resizes_the_short_side_and_crops_a_square():
     assert len(lefts) > 10  # the square moves along the long side
     small = DecodeAndCap(48, random_crop=False)(image[:, :20, :30])[0]  # upscaled to a 48 px short side
     assert small.shape == (3, 48, 48)
-    batch = collate_multicrop([{"crops": cap(wide, torch.Generator().manual_seed(i)), "id": str(i), "skipped": {}}
-                               for i in range(4)])
+    batch = collate_multicrop(
+        [{"crops": cap(wide, torch.Generator().manual_seed(i)), "id": str(i), "skipped": {}} for i in range(4)]
+    )
     assert [tuple(c.shape) for c in batch["crops"]] == [(4, 3, 30, 30)]
     crops = BatchMultiCrop(**TINY)(batch["crops"][0], torch.Generator().manual_seed(0))
     assert [tuple(c.shape) for c in crops] == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 3
@@ -207,7 +219,11 @@ def test_cuda_crops_equal_cpu_crops_with_the_same_decisions():
     cuda_pixels, cpu_pixels = images.cuda().float() / 255, images.float() / 255
     for params, size in zip(groups, (32, 16)):
         on_cpu = type(params)(**{k: v.cpu() for k, v in vars(params).items()})
-        torch.testing.assert_close(transform.apply(cuda_pixels, params, size).cpu(),
-                                   transform.apply(cpu_pixels, on_cpu, size), atol=2e-3, rtol=0)
+        torch.testing.assert_close(
+            transform.apply(cuda_pixels, params, size).cpu(),
+            transform.apply(cpu_pixels, on_cpu, size),
+            atol=2e-3,
+            rtol=0,
+        )
     crops = transform(images.cuda(), torch.Generator(device="cuda").manual_seed(0))
     assert all(c.is_cuda and torch.isfinite(c).all() for c in crops)

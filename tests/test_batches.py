@@ -24,8 +24,9 @@ from dino_hf.training.preemption import PreemptionSignals
 def loader_over(folder, num_workers=0, transform=None):
     stream, column = load_image_stream(train_dir=str(folder))
     transform = transform or MultiCropTransform(global_crops_size=16, local_crops_size=8, local_crops_number=1)
-    return build_multicrop_dataloader(stream, column, transform, batch_size=4, num_workers=num_workers,
-                                      shuffle_buffer_size=5)
+    return build_multicrop_dataloader(
+        stream, column, transform, batch_size=4, num_workers=num_workers, shuffle_buffer_size=5
+    )
 
 
 @pytest.mark.parametrize("stop_after", [3, 4])  # 3: right after the last batch of the first pass
@@ -68,7 +69,9 @@ def device_batches(folder, on_device: bool, prefetch: bool) -> DeviceBatches:
     if on_device:
         loader = loader_over(folder, transform=DecodeAndCap(24))
         multicrop = BatchMultiCrop(global_crops_size=16, local_crops_size=8, local_crops_number=1)
-        return DeviceBatches(EndlessBatches(loader), torch.device("cpu"), multicrop=multicrop, seed=3, prefetch=prefetch)
+        return DeviceBatches(
+            EndlessBatches(loader), torch.device("cpu"), multicrop=multicrop, seed=3, prefetch=prefetch
+        )
     return DeviceBatches(EndlessBatches(loader_over(folder)), torch.device("cpu"), prefetch=prefetch)
 
 

@@ -62,8 +62,16 @@ def test_round_trip(tmp_path):
     assert not staging_dir(tmp_path, 4).exists()
     check_checkpoint(folder)
     assert set(json.loads((folder / "manifest.json").read_text())) == {
-        "student.safetensors", "teacher.safetensors", "dino_loss.safetensors", "optimizer.pt", "trainer_state.json",
-        "training_args.json", "rng_state_0.pt", "data_state_0.pt", "teacher_backbone/model.safetensors"}
+        "student.safetensors",
+        "teacher.safetensors",
+        "dino_loss.safetensors",
+        "optimizer.pt",
+        "trainer_state.json",
+        "training_args.json",
+        "rng_state_0.pt",
+        "data_state_0.pt",
+        "teacher_backbone/model.safetensors",
+    }
 
     state = load_checkpoint(folder, rank=0)
     assert torch.equal(state["teacher"]["w"], torch.full((2, 3), 4.5))
@@ -108,8 +116,10 @@ def _truncate(path):
         (lambda f: (f / "data_state_0.pt").unlink(), "data_state_0.pt is missing"),
         (lambda f: (f / "teacher_backbone" / "model.safetensors").unlink(), "model.safetensors is missing"),
         (lambda f: (f / "manifest.json").unlink(), "manifest.json is missing or unreadable"),
-        (lambda f: (f / "student.safetensors").write_bytes(b"\xff" * (f / "student.safetensors").stat().st_size),
-         "student.safetensors is unreadable"),
+        (
+            lambda f: (f / "student.safetensors").write_bytes(b"\xff" * (f / "student.safetensors").stat().st_size),
+            "student.safetensors is unreadable",
+        ),
     ],
 )
 def test_damaged_newest_checkpoint_is_named_and_the_previous_used(tmp_path, caplog, damage, named):
@@ -156,25 +166,25 @@ def test_a_pickle_carrying_code_is_refused(tmp_path, monkeypatch):
     assert not (tmp_path / "pwned").exists()
 
 
-
-
-
-
-
-
 FULL = "is full or over quota: free space on it"
 
 
-@pytest.mark.parametrize("error, advice", [
-    (OSError(errno.ENOSPC, "No space left on device"), FULL),
-    (OSError(errno.EDQUOT, "Disk quota exceeded"), FULL),
-    (SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"), FULL),
-    (OSError(errno.EACCES, "Permission denied"), "make {folder} writable"),
-    (OSError(errno.EROFS, "Read-only file system"), "make {folder} writable"),
-    (OSError(errno.EFBIG, "File too large"), "raise the limit"),
-    (RuntimeError("DataLoader worker (pid 12) is killed by signal: Terminated."), "remove the cause of that error"),
-    (OSError("another process could not write its part of the checkpoint"), "remove the cause of that error"),
-])
+@pytest.mark.parametrize(
+    "error, advice",
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), FULL),
+        (OSError(errno.EDQUOT, "Disk quota exceeded"), FULL),
+        (SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"), FULL),
+        (OSError(errno.EACCES, "Permission denied"), "make {folder} writable"),
+        (OSError(errno.EROFS, "Read-only file system"), "make {folder} writable"),
+        (OSError(errno.EFBIG, "File too large"), "raise the limit"),
+        (
+            RuntimeError("DataLoader worker (pid 12) is killed by signal: Terminated."),
+            "remove the cause of that error",
+        ),
+        (OSError("another process could not write its part of the checkpoint"), "remove the cause of that error"),
+    ],
+)
 def test_write_error_advice_follows_the_error(tmp_path, error, advice):
     got = write_error_advice(error, tmp_path)
     assert advice.format(folder=tmp_path) in got
@@ -220,5 +230,3 @@ def test_preemption_signals_are_noted_and_a_second_ctrl_c_interrupts():
             signal.raise_signal(signal.SIGINT)
     assert received == ["SIGUSR1", "SIGTERM", "SIGINT"]
     assert {signum: signal.getsignal(signum) for signum in PreemptionSignals.SIGNALS} == before
-
-

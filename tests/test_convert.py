@@ -169,7 +169,12 @@ def test_reference_checkpoint_teacher_student_and_head(tmp_path):
         assert imported.head_state_dict.keys() == expected_head.keys()
         assert all(torch.equal(imported.head_state_dict[k], v) for k, v in expected_head.items())
         config = imported.head_config
-        assert (config["in_dim"], config["out_dim"], config["hidden_dim"], config["bottleneck_dim"]) == (32, 64, 48, 16)
+        assert (config["in_dim"], config["out_dim"], config["hidden_dim"], config["bottleneck_dim"]) == (
+            32,
+            64,
+            48,
+            16,
+        )
         assert (config["nlayers"], config["use_bn"]) == (3, False)
         assert config["norm_last_layer"] is (not use_student)  # teacher always True; student from args
         head = DinoHead(**config).eval()

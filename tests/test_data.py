@@ -34,10 +34,15 @@ def encode(image, fmt="PNG", **kwargs):
 
 def png_header_only(width, height):
     """A PNG whose header claims width x height pixels, without pixel data."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IEND", b"")
+    )
 
 
 def write_folder(root, classes=("cat", "dog"), per_class=10, bad=True):
@@ -173,10 +178,17 @@ def test_flat_and_nested_folders(tmp_path):
 
 def test_parquet_arrow_and_hub_style_loading(tmp_path):
     images = [{"bytes": encode(random_image(seed=i)), "path": f"{i}.png"} for i in range(6)]
-    ds = Dataset.from_dict({"picture": images, "idx": list(range(6))}, features=Features({"picture": ImageFeature(), "idx": Value("int64")}))
+    ds = Dataset.from_dict(
+        {"picture": images, "idx": list(range(6))},
+        features=Features({"picture": ImageFeature(), "idx": Value("int64")}),
+    )
     os.makedirs(tmp_path / "data")
     ds.to_parquet(str(tmp_path / "data" / "train-00000.parquet"))
-    for source in (dict(train_dir=str(tmp_path / "data")), dict(data_files=str(tmp_path / "data" / "*.parquet")), dict(dataset_name=str(tmp_path / "data"))):
+    for source in (
+        dict(train_dir=str(tmp_path / "data")),
+        dict(data_files=str(tmp_path / "data" / "*.parquet")),
+        dict(dataset_name=str(tmp_path / "data")),
+    ):
         stream, column = load_image_stream(**source)
         assert column == "picture"
         rows = list(stream)
@@ -192,7 +204,10 @@ def test_webdataset_tar_shards(tmp_path):
     for shard in range(2):
         with tarfile.open(tmp_path / f"shard-{shard}.tar", "w") as tar:
             for i in range(3):
-                for name, data in ((f"{shard}{i:03d}.jpg", encode(random_image(seed=i), "JPEG")), (f"{shard}{i:03d}.cls", b"1")):
+                for name, data in (
+                    (f"{shard}{i:03d}.jpg", encode(random_image(seed=i), "JPEG")),
+                    (f"{shard}{i:03d}.cls", b"1"),
+                ):
                     info = tarfile.TarInfo(name)
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
@@ -217,7 +232,10 @@ def test_image_column_override_and_error_listing_columns(tmp_path):
 
 def test_processes_read_disjoint_parts_that_cover_the_stream(tmp_path):
     write_folder(tmp_path, per_class=7, bad=False)
-    parts = [[row["image"]["path"] for row in load_image_stream(train_dir=str(tmp_path), rank=r, world_size=3)[0]] for r in range(3)]
+    parts = [
+        [row["image"]["path"] for row in load_image_stream(train_dir=str(tmp_path), rank=r, world_size=3)[0]]
+        for r in range(3)
+    ]
     assert sum(len(p) for p in parts) == 14 and len(set().union(*parts)) == 14
 
 
@@ -225,8 +243,15 @@ def test_processes_read_disjoint_parts_that_cover_the_stream(tmp_path):
 
 
 def run_loader(stream, column, num_workers, stop_after=None, state=None, epoch=0, buffer=8):
-    loader = build_multicrop_dataloader(stream, column, MultiCropTransform(**TINY), batch_size=4,
-                                        num_workers=num_workers, shuffle_buffer_size=buffer, drop_last=False)
+    loader = build_multicrop_dataloader(
+        stream,
+        column,
+        MultiCropTransform(**TINY),
+        batch_size=4,
+        num_workers=num_workers,
+        shuffle_buffer_size=buffer,
+        drop_last=False,
+    )
     loader.dataset.set_epoch(epoch)
     if state is not None:
         loader.load_state_dict(state)
@@ -271,8 +296,10 @@ def test_epochs_reshuffle_the_stream(tmp_path):
 
 
 def test_too_many_workers_are_capped_at_the_number_of_shards(tmp_path, caplog):
-    ds = Dataset.from_dict({"image": [{"bytes": encode(random_image(seed=i)), "path": None} for i in range(5)]},
-                           features=Features({"image": ImageFeature()}))
+    ds = Dataset.from_dict(
+        {"image": [{"bytes": encode(random_image(seed=i)), "path": None} for i in range(5)]},
+        features=Features({"image": ImageFeature()}),
+    )
     ds.to_parquet(str(tmp_path / "one.parquet"))
     stream, column = load_image_stream(data_files=str(tmp_path / "one.parquet"))
     with caplog.at_level(logging.WARNING):

@@ -80,8 +80,16 @@ def sleeps(monkeypatch):
 
 
 def run(stream, column, num_workers=0, stop_after=None, state=None, **retry_options):
-    loader = build_multicrop_dataloader(stream, column, MultiCropTransform(**TINY), batch_size=4, num_workers=num_workers,
-                                        shuffle_buffer_size=8, drop_last=False, **retry_options)
+    loader = build_multicrop_dataloader(
+        stream,
+        column,
+        MultiCropTransform(**TINY),
+        batch_size=4,
+        num_workers=num_workers,
+        shuffle_buffer_size=8,
+        drop_last=False,
+        **retry_options,
+    )
     if state is not None:
         loader.load_state_dict(state)
     ids, crops, skipped, retries = [], [], Counter(), 0
@@ -133,8 +141,11 @@ def test_a_failure_when_opening_and_after_a_checkpoint_resume_keeps_the_position
 def test_a_permanent_failure_raises_naming_the_source_and_the_attempts(folder, sleeps):
     stream, column = load_image_stream(train_dir=str(folder))
     flaky = FlakyStream(stream, fail_every_pass_after=3)
-    with pytest.raises(StreamReadError, match=r"'generator' \(split train, 22 shards\) failed after 4 attempts in a row "
-                                              r"\(3 retries\) at epoch 0, block 0 .*ConnectionResetError") as caught:
+    with pytest.raises(
+        StreamReadError,
+        match=r"'generator' \(split train, 22 shards\) failed after 4 attempts in a row "
+        r"\(3 retries\) at epoch 0, block 0 .*ConnectionResetError",
+    ) as caught:
         run(flaky, column, max_retries=3, retry_delay=0.25)
     assert isinstance(caught.value.__cause__, ConnectionResetError)
     assert sleeps == [0.25, 0.5, 1.0]
@@ -163,7 +174,9 @@ def test_with_two_workers_each_retries_its_own_part(folder):
 
 
 def response(status):
-    return httpx2.Response(status, request=httpx2.Request("GET", "https://huggingface.co/datasets/x/resolve/main/a.parquet"))
+    return httpx2.Response(
+        status, request=httpx2.Request("GET", "https://huggingface.co/datasets/x/resolve/main/a.parquet")
+    )
 
 
 def requests_http_error(status):

@@ -59,7 +59,9 @@ def test_classes_differ_in_shape_and_images_vary_within_a_class(tmp_path):
     means = []
     for c in sorted(os.listdir(os.path.join(path, "train"))):
         folder = os.path.join(path, "train", c)
-        images = np.stack([np.asarray(Image.open(os.path.join(folder, f)), np.float32) for f in sorted(os.listdir(folder))])
+        images = np.stack(
+            [np.asarray(Image.open(os.path.join(folder, f)), np.float32) for f in sorted(os.listdir(folder))]
+        )
         assert images.std(axis=0).mean() > 30  # position, scale, rotation, colour and background vary
         means.append(images.mean(axis=0))
     # Class means are close: the class is not given away by the average image (colours are random).

@@ -34,8 +34,15 @@ CPU = torch.device("cpu")
 
 def tiny_model(seed: int = 0) -> DinoModel:
     torch.manual_seed(seed)
-    config = DinoConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                        image_size=32, patch_size=8, drop_path_rate=0.0)
+    config = DinoConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        drop_path_rate=0.0,
+    )
     return DinoModel(config).eval()
 
 
@@ -80,8 +87,17 @@ def test_knn_equals_brute_force():
     train, test = torch.randn(60, 8, generator=generator), torch.randn(25, 8, generator=generator)
     train_labels = torch.randint(0, 7, (60,), generator=generator)
     test_labels = torch.randint(0, 7, (25,), generator=generator)
-    metrics = knn_evaluate(train, train_labels, test, test_labels, num_classes=7, ks=(1, 3, 10, 20),
-                           temperature=0.07, chunk_size=7, device=CPU)
+    metrics = knn_evaluate(
+        train,
+        train_labels,
+        test,
+        test_labels,
+        num_classes=7,
+        ks=(1, 3, 10, 20),
+        temperature=0.07,
+        chunk_size=7,
+        device=CPU,
+    )
     for k in (1, 3, 10, 20):
         expected_scores, top1, top5 = brute_force_knn(train, train_labels, test, test_labels, 7, k, 0.07)
         assert metrics[f"knn_top1@{k}"] == pytest.approx(top1)
@@ -95,14 +111,19 @@ def test_knn_features_that_encode_the_label_give_100_percent():
     generator = torch.Generator().manual_seed(1)
     train_labels, test_labels = torch.randint(0, 10, (200,), generator=generator), torch.arange(10).repeat(5)
     encode = lambda labels: F.one_hot(labels, 10).float() * 3 + 0.3 * torch.randn(len(labels), 10, generator=generator)  # noqa: E731
-    metrics = knn_evaluate(encode(train_labels), train_labels, encode(test_labels), test_labels, ks=(10, 20), device=CPU)
+    metrics = knn_evaluate(
+        encode(train_labels), train_labels, encode(test_labels), test_labels, ks=(10, 20), device=CPU
+    )
     assert metrics == {"knn_top1@10": 100.0, "knn_top5@10": 100.0, "knn_top1@20": 100.0, "knn_top5@20": 100.0}
 
 
 def test_knn_random_features_stay_near_chance():
     generator = torch.Generator().manual_seed(2)
     train, test = torch.randn(2000, 32, generator=generator), torch.randn(1000, 32, generator=generator)
-    train_labels, test_labels = torch.randint(0, 10, (2000,), generator=generator), torch.randint(0, 10, (1000,), generator=generator)
+    train_labels, test_labels = (
+        torch.randint(0, 10, (2000,), generator=generator),
+        torch.randint(0, 10, (1000,), generator=generator),
+    )
     metrics = knn_evaluate(train, train_labels, test, test_labels, num_classes=10, ks=(20,), device=CPU)
     # chance is 10 % / 50 %; the standard error over 1000 queries is about 1 % / 1.6 %
     assert 5 < metrics["knn_top1@20"] < 15
@@ -111,8 +132,15 @@ def test_knn_random_features_stay_near_chance():
 
 def test_knn_refuses_more_neighbours_than_train_features():
     with pytest.raises(ValueError, match="k=20 is larger than the 5 train features"):
-        knn_evaluate(torch.randn(5, 4), torch.zeros(5, dtype=torch.long), torch.randn(2, 4),
-                     torch.zeros(2, dtype=torch.long), 2, ks=(20,), device=CPU)
+        knn_evaluate(
+            torch.randn(5, 4),
+            torch.zeros(5, dtype=torch.long),
+            torch.randn(2, 4),
+            torch.zeros(2, dtype=torch.long),
+            2,
+            ks=(20,),
+            device=CPU,
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -133,8 +161,15 @@ def test_train_linear_probe_follows_sgd_momentum_cosine():
     features, labels = torch.randn(12, 6, generator=generator), torch.randint(0, 3, (12,), generator=generator)
     epochs, base_lr, batch = 4, 0.5, 4
     torch.manual_seed(0)
-    probe = train_linear_probe(cached_batches(features, labels, batch, shuffle=False), 6, 3, epochs=epochs,
-                               lr=base_lr, batch_size=batch, device=CPU)
+    probe = train_linear_probe(
+        cached_batches(features, labels, batch, shuffle=False),
+        6,
+        3,
+        epochs=epochs,
+        lr=base_lr,
+        batch_size=batch,
+        device=CPU,
+    )
     torch.manual_seed(0)
     expected = LinearProbe(6, 3)
     params = [expected.linear.weight, expected.linear.bias]
@@ -160,9 +195,13 @@ def test_linear_probe_learns_a_separable_problem():
     train = cached_batches(features[:300], labels[:300], 32, seed=0)
     torch.manual_seed(0)
     probe = train_linear_probe(train, 16, 5, epochs=20, lr=2.0, batch_size=32, device=CPU)
-    metrics = evaluate_linear_probe(probe, cached_batches(features[300:], labels[300:], 50, shuffle=False)(0), device=CPU)
+    metrics = evaluate_linear_probe(
+        probe, cached_batches(features[300:], labels[300:], 50, shuffle=False)(0), device=CPU
+    )
     assert metrics["top1"] == 100.0 and metrics["top5"] == 100.0
-    untrained = evaluate_linear_probe(LinearProbe(16, 5), cached_batches(features[300:], labels[300:], 50, shuffle=False)(0), device=CPU)
+    untrained = evaluate_linear_probe(
+        LinearProbe(16, 5), cached_batches(features[300:], labels[300:], 50, shuffle=False)(0), device=CPU
+    )
     assert untrained["top1"] < 60
 
 
@@ -218,7 +257,12 @@ def test_attention_masks_keep_the_given_mass():
 def test_save_attention_maps_writes_pngs_at_the_image_size(tmp_path):
     image = class_image(3, 0, size=(45, 37))
     written = save_attention_maps(DinoFeatureModel(tiny_model()), image, tmp_path, image_size=32, device=CPU)
-    assert sorted(path.name for path in written) == ["attn-head0.png", "attn-head1.png", "mask-head0.png", "mask-head1.png"]
+    assert sorted(path.name for path in written) == [
+        "attn-head0.png",
+        "attn-head1.png",
+        "mask-head0.png",
+        "mask-head1.png",
+    ]
     for path in written:
         with Image.open(path) as decoded:
             decoded.load()
@@ -240,7 +284,9 @@ def test_timm_feature_model_matches_dino_feature_model():
         torch.testing.assert_close(timm_model(pixel_values), dino(pixel_values), atol=1e-5, rtol=1e-4)
         for ours, theirs in zip(timm_model.last_blocks(pixel_values, 2), dino.last_blocks(pixel_values, 2)):
             torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(attention_maps(timm_model, pixel_values), attention_maps(dino, pixel_values), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        attention_maps(timm_model, pixel_values), attention_maps(dino, pixel_values), atol=1e-5, rtol=1e-4
+    )
     assert timm_model.model.blocks[-1].attn.fused_attn == fused  # the fused kernel is switched back on
     assert probe_feature_size(timm_model, 4) == 128
 
@@ -255,8 +301,13 @@ def test_load_feature_model_reads_every_format(tmp_path):
     save_as_timm(model, tmp_path / "timm")
     tiny_model(seed=1).save_pretrained(tmp_path / "run" / "checkpoint-2" / "teacher_backbone")
     model.save_pretrained(tmp_path / "run" / "checkpoint-10" / "teacher_backbone")
-    for spec, kind in [("dino", DinoFeatureModel), ("vit", DinoFeatureModel), ("timm", TimmFeatureModel),
-                       ("run/checkpoint-2", DinoFeatureModel), ("run", DinoFeatureModel)]:
+    for spec, kind in [
+        ("dino", DinoFeatureModel),
+        ("vit", DinoFeatureModel),
+        ("timm", TimmFeatureModel),
+        ("run/checkpoint-2", DinoFeatureModel),
+        ("run", DinoFeatureModel),
+    ]:
         loaded, transform = load_feature_model(tmp_path / spec)
         assert isinstance(loaded, kind), spec
         assert not loaded.model.training and not any(p.requires_grad for p in loaded.parameters())
@@ -278,7 +329,10 @@ def test_eval_transform_matches_dino_image_processor():
     assert ours.shape == processor.shape == (3, 32, 32)
     torch.testing.assert_close(ours, processor, atol=0.05, rtol=0)
     resize, crop = eval_transform(224).transforms[:2]
-    assert resize.size == 256 and crop.size == (224, 224)  # resize 256 bicubic, crop 224 (docs/evaluation.md#evaluation-transform)
+    assert resize.size == 256 and crop.size == (
+        224,
+        224,
+    )  # resize 256 bicubic, crop 224 (docs/evaluation.md#evaluation-transform)
     assert resize.interpolation == InterpolationMode.BICUBIC
 
 
@@ -295,8 +349,10 @@ def test_protocol_defaults_are_the_papers():
 
 
 def labelled_rows(count: int, num_classes: int = 3) -> list[dict]:
-    return [{"image": {"bytes": png_bytes(class_image(i % num_classes, i)), "path": None}, "label": i % num_classes}
-            for i in range(count)]
+    return [
+        {"image": {"bytes": png_bytes(class_image(i % num_classes, i)), "path": None}, "label": i % num_classes}
+        for i in range(count)
+    ]
 
 
 def test_extract_features_batches_and_skips_unreadable_images():
@@ -325,7 +381,9 @@ def test_knn_on_generated_images_is_perfect():
     model = DinoFeatureModel(tiny_model())
     train = ImageBatches(labelled_rows(30), "image", eval_transform(32), 8, "label")
     test = ImageBatches(labelled_rows(9)[::-1], "image", eval_transform(32), 8, "label")
-    metrics = knn_evaluate(*extract_features(model, train, CPU), *extract_features(model, test, CPU), ks=(5,), device=CPU)
+    metrics = knn_evaluate(
+        *extract_features(model, train, CPU), *extract_features(model, test, CPU), ks=(5,), device=CPU
+    )
     assert metrics["knn_top1@5"] == 100.0
 
 
@@ -342,16 +400,42 @@ def test_find_label_column():
 def test_write_feature_dataset_keeps_columns_and_loads_back(tmp_path):
     model = DinoFeatureModel(tiny_model())
     rows = labelled_rows(7)
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b", "c"]),
-                                  "name": datasets.Value("string")})
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "label": datasets.ClassLabel(names=["a", "b", "c"]),
+            "name": datasets.Value("string"),
+        }
+    )
     dataset = datasets.Dataset.from_dict(
-        {"image": [row["image"] for row in rows], "label": [row["label"] for row in rows],
-         "name": [f"img{i}" for i in range(7)]}, features=features)
-    counts = write_feature_dataset(model, dataset.to_iterable_dataset(num_shards=2), "image", tmp_path / "out",
-                                   eval_transform(32), batch_size=2, rows_per_shard=3, patch_tokens=True, device=CPU)
+        {
+            "image": [row["image"] for row in rows],
+            "label": [row["label"] for row in rows],
+            "name": [f"img{i}" for i in range(7)],
+        },
+        features=features,
+    )
+    counts = write_feature_dataset(
+        model,
+        dataset.to_iterable_dataset(num_shards=2),
+        "image",
+        tmp_path / "out",
+        eval_transform(32),
+        batch_size=2,
+        rows_per_shard=3,
+        patch_tokens=True,
+        device=CPU,
+    )
     assert counts == {"rows": 7, "skipped": 0, "shards": 3}
     loaded = datasets.load_dataset(str(tmp_path / "out"), split="train", cache_dir=str(tmp_path / "cache"))
-    assert set(loaded.column_names) == {"image", "label", "name", "cls_features", "mean_patch_features", "patch_features"}
+    assert set(loaded.column_names) == {
+        "image",
+        "label",
+        "name",
+        "cls_features",
+        "mean_patch_features",
+        "patch_features",
+    }
     assert loaded.features["label"] == features["label"]
     by_name = {row["name"]: row for row in loaded}
     assert sorted(by_name) == [f"img{i}" for i in range(7)]
@@ -388,7 +472,9 @@ def test_timm_cnn_folder_gives_its_pooled_feature(tmp_path):
         expected = backbone(pixel_values)
         torch.testing.assert_close(loaded(pixel_values), expected, atol=1e-5, rtol=1e-4)
         # the reference's linear probe takes a CNN's pooled feature whatever n_last_blocks says
-        torch.testing.assert_close(probe_features(loaded, pixel_values, n_last_blocks=4), expected, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            probe_features(loaded, pixel_values, n_last_blocks=4), expected, atol=1e-5, rtol=1e-4
+        )
     assert probe_feature_size(loaded, 4) == loaded.num_features == expected.shape[1]
     with pytest.raises(ValueError, match="needs a ViT"):
         attention_maps(loaded, pixel_values)

@@ -14,8 +14,11 @@ def tiny_head(**kwargs) -> DinoHead:
 
 @pytest.mark.parametrize(
     "nlayers, use_bn, linears",
-    [(1, False, [(IN_DIM, BOTTLENECK)]), (2, True, [(IN_DIM, HIDDEN), (HIDDEN, BOTTLENECK)]),
-     (3, False, [(IN_DIM, HIDDEN), (HIDDEN, HIDDEN), (HIDDEN, BOTTLENECK)])],
+    [
+        (1, False, [(IN_DIM, BOTTLENECK)]),
+        (2, True, [(IN_DIM, HIDDEN), (HIDDEN, BOTTLENECK)]),
+        (3, False, [(IN_DIM, HIDDEN), (HIDDEN, HIDDEN), (HIDDEN, BOTTLENECK)]),
+    ],
 )
 def test_shapes_and_layers(nlayers, use_bn, linears):
     head = tiny_head(nlayers=nlayers, use_bn=use_bn)
@@ -32,8 +35,16 @@ def test_default_sizes_and_reference_key_names():
     head = DinoHead(384)
     assert head(torch.randn(2, 384)).shape == (2, 65536)
     assert sorted(head.state_dict()) == sorted(
-        ["mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias", "mlp.4.weight", "mlp.4.bias",
-         "last_layer.weight_g", "last_layer.weight_v"]
+        [
+            "mlp.0.weight",
+            "mlp.0.bias",
+            "mlp.2.weight",
+            "mlp.2.bias",
+            "mlp.4.weight",
+            "mlp.4.bias",
+            "last_layer.weight_g",
+            "last_layer.weight_v",
+        ]
     )
     assert head.mlp[0].out_features == 2048 and head.mlp[4].out_features == 256
 

@@ -75,8 +75,14 @@ def card_for(model, **kwargs) -> ModelCard:
 def test_dino_export_pushed_arrives_intact_and_loads(tmp_path, hub, staging_root):
     model = tiny_dino()
     export = export_backbone(model, tmp_path / "export", image_size=32, model_card=card_for(model, steps=10))
-    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "modeling_dino.py",
-            "configuration_dino.py"} <= set(os.listdir(export))
+    assert {
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "README.md",
+        "modeling_dino.py",
+        "configuration_dino.py",
+    } <= set(os.listdir(export))
     before = file_hashes(export)
 
     pusher = HubPusher(REPO, token=TOKEN, endpoint=hub.url, backoff=0.01)
@@ -157,10 +163,18 @@ PLACEHOLDERS = re.compile(r"None|\{\{|\{%|\}\}|TODO|FIXME|^[ \t]*[-*][ \t]*$|\|[
 
 def test_card_with_evaluation_has_parsable_metadata_and_no_placeholders(tmp_path):
     model = tiny_dino()
-    figures = [EvalFigure("k-NN top-1 (k=20)", 61.234, "cifar10", "test"), EvalFigure("k-NN top-5 (k=20)", 90.0, "cifar10", "test")]
+    figures = [
+        EvalFigure("k-NN top-1 (k=20)", 61.234, "cifar10", "test"),
+        EvalFigure("k-NN top-5 (k=20)", 90.0, "cifar10", "test"),
+    ]
     card = card_for(
-        model, training_args={"learning_rate": 5e-4, "hub_token": TOKEN, "global_crops_scale": (0.4, 1.0), "seed": None},
-        datasets=["cifar10", str(tmp_path)], steps=1200, epochs=3, hardware="2 CPU cores", evaluation=figures,
+        model,
+        training_args={"learning_rate": 5e-4, "hub_token": TOKEN, "global_crops_scale": (0.4, 1.0), "seed": None},
+        datasets=["cifar10", str(tmp_path)],
+        steps=1200,
+        epochs=3,
+        hardware="2 CPU cores",
+        evaluation=figures,
     )
     text = str(card)
     assert not PLACEHOLDERS.search(text), PLACEHOLDERS.search(text)
@@ -174,7 +188,9 @@ def test_card_with_evaluation_has_parsable_metadata_and_no_placeholders(tmp_path
     assert {"dino", "self-supervised"} <= set(loaded.data.tags)
     assert loaded.data.model_name == "tiny-dino"
     assert [(r.metric_name, r.metric_value, r.dataset_split) for r in loaded.data.eval_results] == [
-        ("k-NN top-1 (k=20)", 61.23, "test"), ("k-NN top-5 (k=20)", 90.0, "test")]
+        ("k-NN top-1 (k=20)", 61.23, "test"),
+        ("k-NN top-5 (k=20)", 90.0, "test"),
+    ]
     assert f'AutoModel.from_pretrained("{REPO}")' in text and '"image-feature-extraction"' in text
     assert "to_timm_model" in text  # eps 1e-6 and GELU: the timm conversion applies
 

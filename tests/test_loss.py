@@ -127,7 +127,9 @@ def test_diagnostics_kl_is_loss_minus_teacher_entropy():
     center = torch.randn(1, K, dtype=torch.float64) * 0.1
     loss_fn = DinoLoss(K, 6).double()
     loss_fn.center.copy_(center)
-    stats = {key: value.item() for key, value in collapse_diagnostics(loss_fn.terms(student, teacher, 0.07), center).items()}
+    stats = {
+        key: value.item() for key, value in collapse_diagnostics(loss_fn.terms(student, teacher, 0.07), center).items()
+    }
     loss = loss_fn(student, teacher, 0.07).item()
 
     q = F.softmax((teacher - center) / 0.07, dim=-1)

@@ -63,8 +63,12 @@ def reference_vit_forward(state: dict, config: DinoConfig, x: torch.Tensor) -> t
     """An independent ViT forward from the raw weights: the reference's pre-norm blocks with a fused
     softmax attention, returning the normalised tokens (B, 1+N, D)."""
     eps, heads, p = config.layer_norm_eps, config.num_attention_heads, config.patch_size
-    tokens = F.conv2d(x, state["embeddings.patch_embeddings.projection.weight"],
-                      state["embeddings.patch_embeddings.projection.bias"], stride=p)
+    tokens = F.conv2d(
+        x,
+        state["embeddings.patch_embeddings.projection.weight"],
+        state["embeddings.patch_embeddings.projection.bias"],
+        stride=p,
+    )
     tokens = tokens.flatten(2).transpose(1, 2)
     cls = state["embeddings.cls_token"].expand(x.shape[0], -1, -1)
     tokens = torch.cat((cls, tokens), dim=1)
@@ -73,8 +77,12 @@ def reference_vit_forward(state: dict, config: DinoConfig, x: torch.Tensor) -> t
     for i in range(config.num_hidden_layers):
         s = lambda name: state[f"encoder.layer.{i}.{name}"]  # noqa: E731
         h = F.layer_norm(tokens, (D,), s("layernorm_before.weight"), s("layernorm_before.bias"), eps)
-        qkv = [F.linear(h, s(f"attention.attention.{n}.weight"), s(f"attention.attention.{n}.bias"))
-               .reshape(B, N, heads, D // heads).permute(0, 2, 1, 3) for n in ("query", "key", "value")]
+        qkv = [
+            F.linear(h, s(f"attention.attention.{n}.weight"), s(f"attention.attention.{n}.bias"))
+            .reshape(B, N, heads, D // heads)
+            .permute(0, 2, 1, 3)
+            for n in ("query", "key", "value")
+        ]
         attn = ((qkv[0] @ qkv[1].transpose(-2, -1)) * (D // heads) ** -0.5).softmax(dim=-1)
         out = (attn @ qkv[2]).transpose(1, 2).reshape(B, N, D)
         tokens = tokens + F.linear(out, s("attention.output.dense.weight"), s("attention.output.dense.bias"))
@@ -85,11 +93,20 @@ def reference_vit_forward(state: dict, config: DinoConfig, x: torch.Tensor) -> t
 
 
 def test_presets_have_the_published_sizes():
-    expected = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12), "vit_large": (1024, 24, 16)}
+    expected = {
+        "vit_tiny": (192, 12, 3),
+        "vit_small": (384, 12, 6),
+        "vit_base": (768, 12, 12),
+        "vit_large": (1024, 24, 16),
+    }
     for size, (hidden, layers, heads) in expected.items():
         for patch in (16, 8):
             config = DinoConfig.from_preset(f"{size}_patch{patch}")
-            assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (hidden, layers, heads)
+            assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (
+                hidden,
+                layers,
+                heads,
+            )
             assert config.intermediate_size == 4 * hidden
             assert config.patch_size == patch
             assert config.layer_norm_eps == 1e-6 and config.qkv_bias and config.drop_path_rate == 0.1
@@ -206,7 +223,10 @@ def test_save_load_round_trip_and_auto_classes(model, tmp_path):
     assert "encoder.layer.0.attention.attention.query.weight" in saved
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == "dino_vit"
-    assert config["auto_map"] == {"AutoConfig": "configuration_dino.DinoConfig", "AutoModel": "modeling_dino.DinoModel"}
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_dino.DinoConfig",
+        "AutoModel": "modeling_dino.DinoModel",
+    }
 
     assert isinstance(AutoConfig.from_pretrained(tmp_path), DinoConfig)
     loaded = AutoModel.from_pretrained(tmp_path).eval()

@@ -88,12 +88,21 @@ def test_sampled_rates_and_ranges_match_the_paper():
         ratios = [s[index].width / s[index].height for s in samples]
         assert low - 0.01 <= min(areas) and max(areas) <= high + 0.01
         assert min(ratios) >= 3 / 4 - 0.02 and max(ratios) <= 4 / 3 + 0.02
-        assert all(0 <= s[index].top <= 300 - s[index].height and 0 <= s[index].left <= 400 - s[index].width for s in samples)
+        assert all(
+            0 <= s[index].top <= 300 - s[index].height and 0 <= s[index].left <= 400 - s[index].width for s in samples
+        )
 
 
 def test_without_augmentation_a_full_crop_is_the_normalised_image():
     image = smooth_image(48, 48)
-    transform = no_aug(global_crops_size=48, local_crops_size=48, global_crops_scale=(1, 1), local_crops_scale=(1, 1), ratio=(1, 1), local_crops_number=1)
+    transform = no_aug(
+        global_crops_size=48,
+        local_crops_size=48,
+        global_crops_scale=(1, 1),
+        local_crops_scale=(1, 1),
+        ratio=(1, 1),
+        local_crops_number=1,
+    )
     crops = transform(image, torch.Generator().manual_seed(0))
     expected = (image.float() / 255 - MEAN) / STD
     for crop in crops:
@@ -101,7 +110,9 @@ def test_without_augmentation_a_full_crop_is_the_normalised_image():
 
 
 def full_crop_params(**overrides):
-    options = dict(top=0, left=0, height=32, width=32, flip=False, jitter=None, grayscale=False, blur_sigma=None, solarize=False)
+    options = dict(
+        top=0, left=0, height=32, width=32, flip=False, jitter=None, grayscale=False, blur_sigma=None, solarize=False
+    )
     options.update(overrides)
     return CropParams(**options)
 
@@ -113,8 +124,12 @@ def full_crop_params(**overrides):
         (dict(grayscale=True), lambda x: (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]).expand(3, -1, -1)),
         (dict(solarize=True), lambda x: torch.where(x >= 128 / 255, 1 - x, x)),
         (dict(blur_sigma=1.5), lambda x: TF.gaussian_blur(x, [11, 11], [1.5, 1.5])),
-        (dict(jitter=((3, 0, 2, 1), 1.3, 0.7, 1.1, 0.05)),
-         lambda x: TF.adjust_contrast(TF.adjust_saturation(TF.adjust_brightness(TF.adjust_hue(x, 0.05), 1.3), 1.1), 0.7)),
+        (
+            dict(jitter=((3, 0, 2, 1), 1.3, 0.7, 1.1, 0.05)),
+            lambda x: TF.adjust_contrast(
+                TF.adjust_saturation(TF.adjust_brightness(TF.adjust_hue(x, 0.05), 1.3), 1.1), 0.7
+            ),
+        ),
     ],
 )
 def test_each_operation_with_fixed_params_matches_torchvision(change, expected):
@@ -135,7 +150,9 @@ def test_colour_ops_match_torchvision_on_random_pixels():
         torch.testing.assert_close(adjust_hue(x, shift), TF.adjust_hue(x, shift), atol=1e-5, rtol=0)
     for sigma in (0.1, 0.7, 2.0):
         k = 2 * math.ceil(3 * sigma) + 1
-        torch.testing.assert_close(gaussian_blur(x, sigma), TF.gaussian_blur(x, [k, k], [sigma, sigma]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            gaussian_blur(x, sigma), TF.gaussian_blur(x, [k, k], [sigma, sigma]), atol=1e-5, rtol=0
+        )
 
 
 def test_full_crop_matches_the_reference_pil_pipeline_with_the_same_params():
@@ -143,13 +160,24 @@ def test_full_crop_matches_the_reference_pil_pipeline_with_the_same_params():
     same decisions the two pipelines agree up to uint8 rounding and PIL's box-blur approximation."""
     image = smooth_image(120, 160, seed=3)
     pil = Image.fromarray(image.permute(1, 2, 0).numpy())
-    p = CropParams(top=10, left=20, height=90, width=100, flip=True, jitter=((2, 0, 3, 1), 1.2, 0.8, 1.1, 0.04),
-                   grayscale=False, blur_sigma=1.2, solarize=True)
+    p = CropParams(
+        top=10,
+        left=20,
+        height=90,
+        width=100,
+        flip=True,
+        jitter=((2, 0, 3, 1), 1.2, 0.8, 1.1, 0.04),
+        grayscale=False,
+        blur_sigma=1.2,
+        solarize=True,
+    )
     ours = unnormalise(MultiCropTransform().augment_crop(image, p, 64))
     ref = T.functional.resized_crop(pil, 10, 20, 90, 100, [64, 64], T.InterpolationMode.BICUBIC)
     ref = T.functional.hflip(ref)
-    ref = T.functional.adjust_contrast(T.functional.adjust_hue(T.functional.adjust_brightness(
-        T.functional.adjust_saturation(ref, 1.1), 1.2), 0.04), 0.8)
+    ref = T.functional.adjust_contrast(
+        T.functional.adjust_hue(T.functional.adjust_brightness(T.functional.adjust_saturation(ref, 1.1), 1.2), 0.04),
+        0.8,
+    )
     ref = ImageOps.solarize(ref.filter(ImageFilter.GaussianBlur(radius=1.2)), 128)
     ref = T.functional.to_tensor(ref)
     difference = (ours - ref).abs()

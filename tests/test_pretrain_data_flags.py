@@ -14,8 +14,20 @@ from PIL import Image
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
-SHORT = ["--max_train_steps", "2", "--samples_per_epoch", "8", "--per_device_train_batch_size", "4",
-         "--dataloader_num_workers", "0", "--logging_steps", "1", "--shuffle_buffer_size", "8"]
+SHORT = [
+    "--max_train_steps",
+    "2",
+    "--samples_per_epoch",
+    "8",
+    "--per_device_train_batch_size",
+    "4",
+    "--dataloader_num_workers",
+    "0",
+    "--logging_steps",
+    "1",
+    "--shuffle_buffer_size",
+    "8",
+]
 
 
 @pytest.fixture(scope="module")
@@ -30,21 +42,39 @@ def sources(tmp_path_factory) -> dict:
     images = images.cast_column("image", datasets.Image())
     (root / "parquet").mkdir()
     images.to_parquet(str(root / "parquet" / "train-00000.parquet"))
-    return {"--train_dir": str(root / "images"), "--data_files": str(root / "parquet" / "*.parquet"),
-            "--dataset_name": str(root / "parquet")}
+    return {
+        "--train_dir": str(root / "images"),
+        "--data_files": str(root / "parquet" / "*.parquet"),
+        "--dataset_name": str(root / "parquet"),
+    }
 
 
-@pytest.mark.parametrize("flag, described", [
-    ("--train_dir", "training data: the images under "),
-    ("--data_files", "training data: data files "),
-    ("--dataset_name", "training data: dataset "),
-])
+@pytest.mark.parametrize(
+    "flag, described",
+    [
+        ("--train_dir", "training data: the images under "),
+        ("--data_files", "training data: data files "),
+        ("--dataset_name", "training data: dataset "),
+    ],
+)
 def test_a_data_flag_takes_the_demo_recipe_to_the_users_data(sources, tmp_path, flag, described):
     env = {**os.environ, "DINO_HF_DEMO_DIR": str(tmp_path / "demo"), "OMP_NUM_THREADS": "1"}
     completed = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "pretrain.py"), "--config", str(REPO / "configs" / "demo.yaml"),
-         flag, sources[flag], "--output_dir", str(tmp_path / "out"), *SHORT],
-        env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(REPO / "scripts" / "pretrain.py"),
+            "--config",
+            str(REPO / "configs" / "demo.yaml"),
+            flag,
+            sources[flag],
+            "--output_dir",
+            str(tmp_path / "out"),
+            *SHORT,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert f"{described}{sources[flag]}" in completed.stdout

@@ -29,27 +29,57 @@ SCRIPT = str(Path(__file__).resolve().parent.parent / "scripts" / "pretrain.py")
 FSDP_ON_CPU = str(Path(__file__).resolve().parent / "fsdp_on_cpu.py")
 TOKEN = "hf_pretrainTESTtoken0123456789"
 TINY = [
-    "--global_crops_size", "32", "--local_crops_size", "16", "--local_crops_number", "2", "--out_dim", "64",
-    "--head_hidden_dim", "32", "--head_bottleneck_dim", "16", "--per_device_train_batch_size", "4",
-    "--dataloader_num_workers", "0", "--samples_per_epoch", "16", "--shuffle_buffer_size", "8",
-    "--num_train_epochs", "2", "--checkpointing_steps", "2", "--logging_steps", "1",
+    "--global_crops_size",
+    "32",
+    "--local_crops_size",
+    "16",
+    "--local_crops_number",
+    "2",
+    "--out_dim",
+    "64",
+    "--head_hidden_dim",
+    "32",
+    "--head_bottleneck_dim",
+    "16",
+    "--per_device_train_batch_size",
+    "4",
+    "--dataloader_num_workers",
+    "0",
+    "--samples_per_epoch",
+    "16",
+    "--shuffle_buffer_size",
+    "8",
+    "--num_train_epochs",
+    "2",
+    "--checkpointing_steps",
+    "2",
+    "--logging_steps",
+    "1",
 ]
 # One thread per process: the same float results whatever the machine's core count, and two
 # processes do not fight over two cores.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-
-
 def arguments(data: Path, output_dir: Path, *extra: str) -> list[str]:
-    return [*TINY, "--train_dir", str(data / "images"), "--model_name_or_path", str(data / "model"),
-            "--output_dir", str(output_dir), "--log_sample_ids", str(output_dir.parent / f"{output_dir.name}.jsonl"),
-            *extra]
+    return [
+        *TINY,
+        "--train_dir",
+        str(data / "images"),
+        "--model_name_or_path",
+        str(data / "model"),
+        "--output_dir",
+        str(output_dir),
+        "--log_sample_ids",
+        str(output_dir.parent / f"{output_dir.name}.jsonl"),
+        *extra,
+    ]
 
 
 def python(*args: str, env: dict = ENV, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, SCRIPT, *args], env=env, capture_output=True, text=True, timeout=300,
-                          **kwargs)
+    return subprocess.run(
+        [sys.executable, SCRIPT, *args], env=env, capture_output=True, text=True, timeout=300, **kwargs
+    )
 
 
 def read_ids(path: Path) -> dict:
@@ -72,12 +102,24 @@ def reference(data, tmp_path_factory):
     """The uninterrupted run, through `accelerate launch` with one CPU process, pushing to a fake Hub."""
     root = tmp_path_factory.mktemp("reference")
     with FakeHub(root / "hub") as hub:
-        command = ["accelerate", "launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
-                   "--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT,
-                   *arguments(data, root / "out", "--push_to_hub", "--hub_model_id", "org/dino-tiny",
-                              "--hub_token", TOKEN)]
-        completed = subprocess.run(command, env={**ENV, "HF_ENDPOINT": hub.url}, capture_output=True, text=True,
-                                   timeout=300)
+        command = [
+            "accelerate",
+            "launch",
+            "--cpu",
+            "--num_processes",
+            "1",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            SCRIPT,
+            *arguments(data, root / "out", "--push_to_hub", "--hub_model_id", "org/dino-tiny", "--hub_token", TOKEN),
+        ]
+        completed = subprocess.run(
+            command, env={**ENV, "HF_ENDPOINT": hub.url}, capture_output=True, text=True, timeout=300
+        )
         requests = list(hub.requests)
     assert completed.returncode == 0, completed.stderr[-3000:]
     return root, completed, requests
@@ -90,14 +132,25 @@ def test_one_process_writes_checkpoints_export_and_card(data, reference):
     for folder in list_checkpoints(out / "checkpoints"):
         check_checkpoint(folder)
         assert {p.name for p in folder.iterdir()} == {
-            "student.safetensors", "teacher.safetensors", "dino_loss.safetensors", "optimizer.pt",
-            "rng_state_0.pt", "data_state_0.pt", "trainer_state.json", "training_args.json", "teacher_backbone",
-            "manifest.json"}
+            "student.safetensors",
+            "teacher.safetensors",
+            "dino_loss.safetensors",
+            "optimizer.pt",
+            "rng_state_0.pt",
+            "data_state_0.pt",
+            "trainer_state.json",
+            "training_args.json",
+            "teacher_backbone",
+            "manifest.json",
+        }
     last = out / "checkpoints" / "checkpoint-8"
     assert json.loads((last / "trainer_state.json").read_text())["global_step"] == 8
     saved_args = json.loads((last / "training_args.json").read_text())
     assert (saved_args["out_dim"], saved_args["hub_model_id"], saved_args["train_dir"]) == (
-        64, "org/dino-tiny", str(data / "images"))
+        64,
+        "org/dino-tiny",
+        str(data / "images"),
+    )
     assert "hub_token" not in saved_args
 
     from transformers import AutoModel
@@ -114,7 +167,9 @@ def test_one_process_writes_checkpoints_export_and_card(data, reference):
     assert f'AutoModel.from_pretrained("{out / "teacher_backbone"}")' in completed.stdout
 
     uploaded = root / "hub" / "org" / "dino-tiny"
-    assert (uploaded / "model.safetensors").read_bytes() == (out / "teacher_backbone" / "model.safetensors").read_bytes()
+    assert (uploaded / "model.safetensors").read_bytes() == (
+        out / "teacher_backbone" / "model.safetensors"
+    ).read_bytes()
     assert any(auth == f"Bearer {TOKEN}" for _, _, auth in requests)  # the token was used ...
 
 
@@ -129,23 +184,49 @@ def test_token_appears_in_no_file_or_log(reference):
     assert scanned > 30  # checkpoints, exports, cards, the uploaded copy, the sample log
 
 
-def launch_two_processes(data: Path, output_dir: Path, *extra: str, machines: int = 1,
-                         script: str = SCRIPT) -> list[subprocess.CompletedProcess]:
+def launch_two_processes(
+    data: Path, output_dir: Path, *extra: str, machines: int = 1, script: str = SCRIPT
+) -> list[subprocess.CompletedProcess]:
     """Two CPU processes (gloo): on one machine, or one on each of two machines (two launches on
     127.0.0.1 that meet at the main process's port, as two nodes do)."""
-    common = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", str(machines),
-              "--mixed_precision", "no", "--dynamo_backend", "no"]
+    common = [
+        "accelerate",
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        str(machines),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
     if machines == 1:
         commands = [[*common, script, *arguments(data, output_dir, *extra)]]
     else:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        commands = [[*common, "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port",
-                     str(port), SCRIPT, *arguments(data, output_dir)] for rank in range(machines)]
+        commands = [
+            [
+                *common,
+                "--machine_rank",
+                str(rank),
+                "--main_process_ip",
+                "127.0.0.1",
+                "--main_process_port",
+                str(port),
+                SCRIPT,
+                *arguments(data, output_dir),
+            ]
+            for rank in range(machines)
+        ]
     env = {**ENV, "ACCELERATE_USE_CPU": "true"}
-    processes = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for command in commands]
+    processes = [
+        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for command in commands
+    ]
     completed = []
     for process, command in zip(processes, commands):
         stdout, stderr = process.communicate(timeout=300)
@@ -184,7 +265,9 @@ def test_two_processes_see_disjoint_samples(data, two_processes):
     last = tmp_path / "out" / "checkpoints" / "checkpoint-4"
     check_checkpoint(last)
     assert json.loads((last / "trainer_state.json").read_text())["num_processes"] == 2
-    assert {"rng_state_0.pt", "rng_state_1.pt", "data_state_0.pt", "data_state_1.pt"} <= {p.name for p in last.iterdir()}
+    assert {"rng_state_0.pt", "rng_state_1.pt", "data_state_0.pt", "data_state_1.pt"} <= {
+        p.name for p in last.iterdir()
+    }
     DinoModel.from_pretrained(tmp_path / "out" / "teacher_backbone")
 
 
@@ -195,7 +278,8 @@ def test_two_machines_train_as_two_processes_on_one(data, two_processes, tmp_pat
     machine0, machine1 = launch_two_processes(data, tmp_path / "out", machines=2)
     assert (machine0.stdout + machine1.stdout).count("The trained teacher backbone is in") == 1
     assert sorted((tmp_path / "out.jsonl").read_text().splitlines()) == sorted(
-        (single_machine / "out.jsonl").read_text().splitlines())
+        (single_machine / "out.jsonl").read_text().splitlines()
+    )
     assert_same_teacher(teacher(tmp_path / "out", 4), teacher(single_machine / "out", 4))
 
 
@@ -215,15 +299,22 @@ def test_fsdp_trains_as_ddp_and_resumes_sharded(data, two_processes, tmp_path):
         assert torch.equal(tensor, sharded[f"backbone.model.{name}"]), name
 
     launch_two_processes(data, tmp_path / "resumed", "--max_train_steps", "2", script=FSDP_ON_CPU)
-    (resumed,) = launch_two_processes(data, tmp_path / "resumed", "--resume_from_checkpoint", "latest",
-                                      script=FSDP_ON_CPU)
+    (resumed,) = launch_two_processes(
+        data, tmp_path / "resumed", "--resume_from_checkpoint", "latest", script=FSDP_ON_CPU
+    )
     assert "at step 2" in resumed.stdout
     assert_same_teacher(teacher(tmp_path / "resumed", 4), sharded)
 
 
 def start(data: Path, output_dir: Path, *extra: str, **popen) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, SCRIPT, *arguments(data, output_dir, *extra)], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    return subprocess.Popen(
+        [sys.executable, SCRIPT, *arguments(data, output_dir, *extra)],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
 
 
 def wait_for(path: Path, process: subprocess.Popen, timeout: float = 240) -> None:
@@ -251,7 +342,10 @@ def test_sigkill_then_resume_ends_with_the_same_teacher(data, reference, tmp_pat
 
     resumed = python(*arguments(data, out, "--resume_from_checkpoint", "latest"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from {out / 'checkpoints' / f'checkpoint-{expected_start}'} at step {expected_start}" in resumed.stdout
+    assert (
+        f"resumed from {out / 'checkpoints' / f'checkpoint-{expected_start}'} at step {expected_start}"
+        in resumed.stdout
+    )
     assert not list((out / "checkpoints").glob(".checkpoint-*"))  # the partial write was cleaned up
     assert_same_teacher(teacher(out), teacher(reference[0] / "out"))
     assert read_ids(tmp_path / "out.jsonl") == read_ids(reference[0] / "out.jsonl")  # the same batches
@@ -283,12 +377,25 @@ def test_sigterm_to_a_two_process_launch_checkpoints_once_and_resumes(data, tmp_
     """The launcher forwards SIGTERM to both processes; they agree on the step to stop at, write one
     checkpoint with both processes' states, and a launch with --resume_from_checkpoint goes on."""
     out = tmp_path / "out"
-    command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT]
+    command = [
+        "accelerate",
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        SCRIPT,
+    ]
     env = {**ENV, "ACCELERATE_USE_CPU": "true"}
     long_run = arguments(data, out, "--num_train_epochs", "8")  # 16 steps: the signal comes well before the end
-    process = subprocess.Popen([*command, *long_run], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    process = subprocess.Popen(
+        [*command, *long_run], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     wait_for(out / "checkpoints" / "checkpoint-2", process)
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=240)
@@ -299,10 +406,17 @@ def test_sigterm_to_a_two_process_launch_checkpoints_once_and_resumes(data, tmp_
     assert 2 <= step < 16
     last = out / "checkpoints" / f"checkpoint-{step}"
     check_checkpoint(last)
-    assert {"rng_state_0.pt", "rng_state_1.pt", "data_state_0.pt", "data_state_1.pt"} <= {p.name for p in last.iterdir()}
+    assert {"rng_state_0.pt", "rng_state_1.pt", "data_state_0.pt", "data_state_1.pt"} <= {
+        p.name for p in last.iterdir()
+    }
 
-    resumed = subprocess.run([*command, *long_run, "--resume_from_checkpoint", "latest", "--max_train_steps",
-                              str(step + 1)], env=env, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [*command, *long_run, "--resume_from_checkpoint", "latest", "--max_train_steps", str(step + 1)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {last} at step {step}" in resumed.stdout
     check_checkpoint(out / "checkpoints" / f"checkpoint-{step + 1}")
@@ -363,10 +477,29 @@ def test_sigterm_to_the_whole_job_of_a_two_process_launch_checkpoints_and_resume
     extra = ("--dataloader_num_workers", "1", "--num_train_epochs", "8", "--max_train_steps", "8")
     launch_two_processes(data, tmp_path / "uninterrupted", *extra)
     out = tmp_path / "out"
-    command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT, *arguments(data, out, *extra)]
-    process = subprocess.Popen(command, env={**ENV, "ACCELERATE_USE_CPU": "true"}, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    command = [
+        "accelerate",
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        SCRIPT,
+        *arguments(data, out, *extra),
+    ]
+    process = subprocess.Popen(
+        command,
+        env={**ENV, "ACCELERATE_USE_CPU": "true"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     wait_for(out / "checkpoints" / "checkpoint-2", process)
     assert len(processes_under(process.pid)) >= 5  # the launcher, 2 processes and their loader workers
     os.killpg(process.pid, signal.SIGTERM)
@@ -401,12 +534,16 @@ def test_hub_answering_errors_does_not_stop_training_and_the_final_state_arrives
     with FakeHub(tmp_path / "hub") as hub:
         hub.fail_next(6, 503)
         hub.fail_next(2, 429)
-        completed = python(*arguments(data, out, "--push_to_hub", "--hub_model_id", "org/dino-flaky",
-                                      "--hub_token", TOKEN), env={**ENV, "HF_ENDPOINT": hub.url})
+        completed = python(
+            *arguments(data, out, "--push_to_hub", "--hub_model_id", "org/dino-flaky", "--hub_token", TOKEN),
+            env={**ENV, "HF_ENDPOINT": hub.url},
+        )
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert (out / "checkpoints" / "checkpoint-8").is_dir()  # training was not held up by the Hub
     uploaded = tmp_path / "hub" / "org" / "dino-flaky"
-    assert (uploaded / "model.safetensors").read_bytes() == (out / "teacher_backbone" / "model.safetensors").read_bytes()
+    assert (uploaded / "model.safetensors").read_bytes() == (
+        out / "teacher_backbone" / "model.safetensors"
+    ).read_bytes()
     assert "final state on the Hub" in completed.stdout
     assert TOKEN not in completed.stdout + completed.stderr
 
@@ -420,8 +557,13 @@ def test_fsdp_run_matches_an_unsharded_run_and_resumes_without_fsdp(data, tmp_pa
     fsdp = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP"]
     runs = {"fsdp": [*fsdp, *common], "plain": common}
     for name, options in runs.items():
-        completed = subprocess.run(["accelerate", "launch", *options, SCRIPT, *arguments(data, tmp_path / name)],
-                                   env=ENV, capture_output=True, text=True, timeout=300)
+        completed = subprocess.run(
+            ["accelerate", "launch", *options, SCRIPT, *arguments(data, tmp_path / name)],
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert completed.returncode == 0, completed.stderr[-3000:]
     sharded, plain = teacher(tmp_path / "fsdp"), teacher(tmp_path / "plain")
     assert sharded.keys() == plain.keys()
@@ -429,9 +571,18 @@ def test_fsdp_run_matches_an_unsharded_run_and_resumes_without_fsdp(data, tmp_pa
         torch.testing.assert_close(sharded[name], tensor, rtol=0, atol=1e-4, msg=name)
     DinoModel.from_pretrained(tmp_path / "fsdp" / "teacher_backbone")
 
-    resumed = subprocess.run(["accelerate", "launch", *common, SCRIPT,
-                              *arguments(data, tmp_path / "fsdp", "--num_train_epochs", "3",
-                                         "--resume_from_checkpoint", "latest")],
-                             env=ENV, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [
+            "accelerate",
+            "launch",
+            *common,
+            SCRIPT,
+            *arguments(data, tmp_path / "fsdp", "--num_train_epochs", "3", "--resume_from_checkpoint", "latest"),
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and (tmp_path / "fsdp" / "checkpoints" / "checkpoint-12").is_dir()

@@ -40,15 +40,18 @@ STEP = dict(lr=0.01, weight_decay=0.04, momentum=0.9, teacher_temp=0.04, clip_gr
 def setup():
     """A 2-layer DinoModel student with its head, its teacher, a non-zero center and 3 batches of 8."""
     torch.manual_seed(0)
-    config = DinoConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                        image_size=32, patch_size=8)
-    student = MultiCropWrapper(build_backbone(config, drop_path_rate=0.0),
-                               DinoHead(32, out_dim=K, hidden_dim=48, bottleneck_dim=16))
+    config = DinoConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8
+    )
+    student = MultiCropWrapper(
+        build_backbone(config, drop_path_rate=0.0), DinoHead(32, out_dim=K, hidden_dim=48, bottleneck_dim=16)
+    )
     teacher = build_teacher(student)
     dino_loss = DinoLoss(K, 4)
     dino_loss.center.copy_(0.1 * torch.randn(1, K))
-    batches = [[torch.randn(8, 3, 32, 32) for _ in range(2)] + [torch.randn(8, 3, 16, 16) for _ in range(2)]
-               for _ in range(3)]
+    batches = [
+        [torch.randn(8, 3, 32, 32) for _ in range(2)] + [torch.randn(8, 3, 16, 16) for _ in range(2)] for _ in range(3)
+    ]
     return student, teacher, dino_loss, batches
 
 
@@ -117,8 +120,9 @@ def test_sharded_student_and_teacher_train_as_one_process(tmp_path):
     for saved in (results["optimizer"], results["reloaded_optimizer"]):
         assert saved["state"].keys() == expected["state"].keys()
         for name, state in expected["state"].items():
-            torch.testing.assert_close(saved["state"][name]["momentum_buffer"], state["momentum_buffer"],
-                                       rtol=0, atol=1e-6, msg=name)
+            torch.testing.assert_close(
+                saved["state"][name]["momentum_buffer"], state["momentum_buffer"], rtol=0, atol=1e-6, msg=name
+            )
     plain = copy.deepcopy(student)
     plain_optimizer = build_optimizer("sgd", get_param_groups(plain))
     load_whole_optimizer_state_dict(plain, plain_optimizer, results["optimizer"])

@@ -21,9 +21,20 @@ LOG_LINE = re.compile(r"^step (\d+) (epoch .*?) images_per_second=\S+(.*)$", re.
 
 
 def command(data: Path, output_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, SCRIPT, *LONG, "--train_dir", str(data / "images"), "--model_name_or_path",
-            str(data / "model"), "--output_dir", str(output_dir), "--log_sample_ids",
-            str(output_dir.parent / f"{output_dir.name}.jsonl"), *extra]
+    return [
+        sys.executable,
+        SCRIPT,
+        *LONG,
+        "--train_dir",
+        str(data / "images"),
+        "--model_name_or_path",
+        str(data / "model"),
+        "--output_dir",
+        str(output_dir),
+        "--log_sample_ids",
+        str(output_dir.parent / f"{output_dir.name}.jsonl"),
+        *extra,
+    ]
 
 
 def logged_steps(stdout: str) -> dict[int, str]:
@@ -33,8 +44,9 @@ def logged_steps(stdout: str) -> dict[int, str]:
 
 @pytest.mark.slow
 def test_runs_killed_at_random_moments_end_like_an_uninterrupted_run(data, tmp_path):  # noqa: F811
-    reference = subprocess.run(command(data, tmp_path / "reference"), env=ENV, capture_output=True, text=True,
-                               timeout=600)
+    reference = subprocess.run(
+        command(data, tmp_path / "reference"), env=ENV, capture_output=True, text=True, timeout=600
+    )
     assert reference.returncode == 0, reference.stderr[-3000:]
     expected_logs = logged_steps(reference.stdout)
     assert sorted(expected_logs) == list(range(1, STEPS + 1))
@@ -46,8 +58,9 @@ def test_runs_killed_at_random_moments_end_like_an_uninterrupted_run(data, tmp_p
     kills = 0
     for attempt in range(12):
         extra = ("--resume_from_checkpoint", "latest") if attempt else ()
-        process = subprocess.Popen(command(data, out, *extra), env=ENV, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True)
+        process = subprocess.Popen(
+            command(data, out, *extra), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         if kills < 5:
             # Kill at a random moment once the run has started training (after its first checkpoint
             # of this attempt, or a random delay after start).

@@ -13,8 +13,14 @@ BACKBONES = {
     ),
     "timm_resnet": lambda: build_backbone("timm:test_resnet"),
     "dino_model": lambda: build_backbone(
-        DinoConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                   image_size=32, patch_size=8)
+        DinoConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=8,
+        )
     ),
 }
 

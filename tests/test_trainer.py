@@ -39,16 +39,20 @@ from dino_hf.training.trainer import NonFiniteLossError, train
 # 24 images, batch 4: a pass over the data (a data epoch) is 6 steps; an epoch of the schedules is
 # 16 samples = 4 steps, so 2 epochs = 8 steps, and step 6 ends a pass mid-epoch.
 TINY = dict(
-    global_crops_size=32, local_crops_size=16, local_crops_number=2, out_dim=64, head_hidden_dim=32,
-    head_bottleneck_dim=16, per_device_train_batch_size=4, dataloader_num_workers=0, samples_per_epoch=16,
-    shuffle_buffer_size=8, num_train_epochs=2, checkpointing_steps="2", logging_steps=4,
+    global_crops_size=32,
+    local_crops_size=16,
+    local_crops_number=2,
+    out_dim=64,
+    head_hidden_dim=32,
+    head_bottleneck_dim=16,
+    per_device_train_batch_size=4,
+    dataloader_num_workers=0,
+    samples_per_epoch=16,
+    shuffle_buffer_size=8,
+    num_train_epochs=2,
+    checkpointing_steps="2",
+    logging_steps=4,
 )
-
-
-
-
-
-
 
 
 @pytest.fixture(autouse=True)
@@ -59,8 +63,13 @@ def fresh_accelerate_state():
 
 
 def run(data: Path, output_dir: Path, **overrides) -> trainer.TrainResult:
-    options = {**TINY, "train_dir": str(data / "images"), "model_name_or_path": str(data / "model"),
-               "output_dir": str(output_dir), **overrides}
+    options = {
+        **TINY,
+        "train_dir": str(data / "images"),
+        "model_name_or_path": str(data / "model"),
+        "output_dir": str(output_dir),
+        **overrides,
+    }
     try:
         return train(DinoTrainingArguments(**options))
     finally:
@@ -89,7 +98,10 @@ def test_run_writes_checkpoints_and_export(reference):
     folder, result = reference
     assert result.global_step == 8 and result.stopped_by is None
     assert [p.name for p in checkpointing.list_checkpoints(folder / "out" / "checkpoints")] == [
-        "checkpoint-4", "checkpoint-6", "checkpoint-8"]  # the last 3 are kept
+        "checkpoint-4",
+        "checkpoint-6",
+        "checkpoint-8",
+    ]  # the last 3 are kept
     checkpointing.check_checkpoint(result.checkpoint)
     assert DinoModel.from_pretrained(result.export_dir).config.hidden_size == 32
     ids = read_ids(folder / "ids.jsonl")
@@ -138,30 +150,48 @@ def test_gradient_accumulation_matches_the_full_batch(data, tmp_path):
     # Both runs read batches of 8 (per device 4 x 2 micro-batches, or 8 x 1): the same images with the
     # same augmentations. Stochastic depth is off: its masks depend on the micro-batch split. SGD, as
     # AdamW's normalised updates would hide a gradient of the wrong scale.
-    common = dict(drop_path_rate=0.0, num_train_epochs=1, samples_per_epoch=24, optimizer="sgd", learning_rate=2.0,
-                  warmup_epochs=0, momentum_teacher=0.9)
-    run(data, tmp_path / "acc", per_device_train_batch_size=4, gradient_accumulation_steps=2,
-        log_sample_ids=str(tmp_path / "acc.jsonl"), **common)
+    common = dict(
+        drop_path_rate=0.0,
+        num_train_epochs=1,
+        samples_per_epoch=24,
+        optimizer="sgd",
+        learning_rate=2.0,
+        warmup_epochs=0,
+        momentum_teacher=0.9,
+    )
+    run(
+        data,
+        tmp_path / "acc",
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        log_sample_ids=str(tmp_path / "acc.jsonl"),
+        **common,
+    )
     run(data, tmp_path / "full", per_device_train_batch_size=8, log_sample_ids=str(tmp_path / "full.jsonl"), **common)
     assert read_ids(tmp_path / "acc.jsonl") == read_ids(tmp_path / "full.jsonl")
     initial = DinoModel.from_pretrained(data / "model").state_dict()
     for network in ("teacher", "student"):
-        accumulated, full = (load_file(tmp_path / name / "checkpoints" / "checkpoint-3" / f"{network}.safetensors")
-                             for name in ("acc", "full"))
+        accumulated, full = (
+            load_file(tmp_path / name / "checkpoints" / "checkpoint-3" / f"{network}.safetensors")
+            for name in ("acc", "full")
+        )
         moved = max((full[f"backbone.model.{k}"] - v).abs().max().item() for k, v in initial.items())
         assert moved > 1e-4  # the comparison below is not between two untrained networks
         for name, tensor in full.items():
             # float32 sums in another order (two backwards of 4 images against one of 8): about 1e-8
             torch.testing.assert_close(accumulated[name], tensor, rtol=0, atol=1e-6, msg=name)
-    centers = [load_file(tmp_path / run_name / "checkpoints" / "checkpoint-3" / "dino_loss.safetensors")["center"]
-               for run_name in ("acc", "full")]
+    centers = [
+        load_file(tmp_path / run_name / "checkpoints" / "checkpoint-3" / "dino_loss.safetensors")["center"]
+        for run_name in ("acc", "full")
+    ]
     torch.testing.assert_close(centers[0], centers[1], rtol=0, atol=1e-6)
 
 
 def test_accumulation_step_updates_the_center_once_with_the_batch_mean():
     torch.manual_seed(0)
-    backbone = build_backbone("timm:test_vit", drop_path_rate=0.0, image_size=32, patch_size=8, embed_dim=32,
-                              depth=1, num_heads=2)
+    backbone = build_backbone(
+        "timm:test_vit", drop_path_rate=0.0, image_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2
+    )
     student = MultiCropWrapper(backbone, DinoHead(32, out_dim=16, hidden_dim=32, bottleneck_dim=8))
     teacher = build_teacher(student)
     crops = [torch.randn(4, 3, 32, 32) for _ in range(2)] + [torch.randn(4, 3, 16, 16)]
@@ -171,8 +201,15 @@ def test_accumulation_step_updates_the_center_once_with_the_batch_mean():
         s, t = copy.deepcopy(student), copy.deepcopy(teacher)
         loss = DinoLoss(16, 3)
         loss.center.fill_(0.3)
-        stats = train_step(s, t, loss, build_optimizer("sgd", get_param_groups(s)), crops,
-                           accumulation_steps=accumulation_steps, **step)
+        stats = train_step(
+            s,
+            t,
+            loss,
+            build_optimizer("sgd", get_param_groups(s)),
+            crops,
+            accumulation_steps=accumulation_steps,
+            **step,
+        )
         runs.append((stats["loss"].item(), loss.center.clone(), t.state_dict()))
     with torch.no_grad():
         expected_center = 0.9 * 0.3 + 0.1 * teacher(crops[:2]).mean(0, keepdim=True)
@@ -182,8 +219,15 @@ def test_accumulation_step_updates_the_center_once_with_the_batch_mean():
         for name, tensor in runs[0][2].items():
             torch.testing.assert_close(teacher_state[name], tensor, rtol=0, atol=1e-6, msg=name)
     with pytest.raises(ValueError, match="does not split into 3 equal micro-batches"):
-        train_step(student, teacher, DinoLoss(16, 3), build_optimizer("adamw", get_param_groups(student)), crops,
-                   accumulation_steps=3, **step)
+        train_step(
+            student,
+            teacher,
+            DinoLoss(16, 3),
+            build_optimizer("adamw", get_param_groups(student)),
+            crops,
+            accumulation_steps=3,
+            **step,
+        )
 
 
 def nan_at_call(number: int, monkeypatch) -> None:
@@ -273,8 +317,15 @@ def test_read_only_folder_when_saving_is_a_clear_error(data, tmp_path, monkeypat
 
 
 def test_fresh_head_on_trained_weights_is_warmed_up_with_the_backbone_frozen(data, tmp_path):
-    run(data, tmp_path / "out", head_warmup_steps=2, max_train_steps=3, drop_path_rate=0.0, warmup_epochs=0,
-        learning_rate=0.05)
+    run(
+        data,
+        tmp_path / "out",
+        head_warmup_steps=2,
+        max_train_steps=3,
+        drop_path_rate=0.0,
+        warmup_epochs=0,
+        learning_rate=0.05,
+    )
     initial = DinoModel.from_pretrained(data / "model").state_dict()
     at_2 = load_file(tmp_path / "out" / "checkpoints" / "checkpoint-2" / "student.safetensors")
     at_3 = load_file(tmp_path / "out" / "checkpoints" / "checkpoint-3" / "student.safetensors")
@@ -295,6 +346,7 @@ def test_which_backbones_get_a_head_warmup(data, tmp_path, caplog):
     assert fresh_head(model_name_or_path=str(data / "model"))  # trained weights, no head
     assert not fresh_head(model_name_or_path="vit_tiny_patch16", global_crops_size=32)  # random preset
     assert not fresh_head(backbone="timm:test_vit")  # random timm model
+
     class ModelsBuilt(Exception):
         pass
 
@@ -305,9 +357,16 @@ def test_which_backbones_get_a_head_warmup(data, tmp_path, caplog):
         with pytest.raises(ModelsBuilt):  # stop right after the models are built
             with pytest.MonkeyPatch.context() as patch:
                 patch.setattr(trainer, "load_image_stream", stop)
-                train(DinoTrainingArguments(**{**TINY, "train_dir": str(data / "images"),
-                                               "model_name_or_path": str(data / "model"),
-                                               "output_dir": str(tmp_path / "out")}))
+                train(
+                    DinoTrainingArguments(
+                        **{
+                            **TINY,
+                            "train_dir": str(data / "images"),
+                            "model_name_or_path": str(data / "model"),
+                            "output_dir": str(tmp_path / "out"),
+                        }
+                    )
+                )
     assert "consider --head_warmup_steps" in caplog.text
 
 
@@ -315,8 +374,9 @@ def test_trained_timm_weights_continue_pretraining_with_a_head_warmup(data, tmp_
     """--model_name_or_path on a folder saved by timm (what timm:NAME pretrained weights are once
     downloaded): the backbone is that timm model with those weights, and its head is fresh."""
     save_as_timm(DinoModel.from_pretrained(data / "model"), tmp_path / "timm")
-    args = DinoTrainingArguments(**{**TINY, "train_dir": str(data / "images"),
-                                    "model_name_or_path": str(tmp_path / "timm")})
+    args = DinoTrainingArguments(
+        **{**TINY, "train_dir": str(data / "images"), "model_name_or_path": str(tmp_path / "timm")}
+    )
     student, teacher, fresh_head = build_student_teacher(args)
     assert fresh_head and isinstance(student.backbone, TimmBackbone)
     saved = load_file(tmp_path / "timm" / "model.safetensors")
@@ -324,16 +384,29 @@ def test_trained_timm_weights_continue_pretraining_with_a_head_warmup(data, tmp_
     assert saved.keys() == weights.keys()
     for name, tensor in saved.items():
         assert torch.equal(weights[name], tensor), name
-    with pytest.raises(ValueError, match="--model_name_or_path='timm:vit_smal_patch16_224.dino' is not valid: a "
-                       "model name that timm knows.*closest: timm:vit_small_patch16_224"):
-        DinoTrainingArguments(**{**TINY, "train_dir": str(data / "images"),
-                                 "model_name_or_path": "timm:vit_smal_patch16_224.dino"})
+    with pytest.raises(
+        ValueError,
+        match="--model_name_or_path='timm:vit_smal_patch16_224.dino' is not valid: a "
+        "model name that timm knows.*closest: timm:vit_small_patch16_224",
+    ):
+        DinoTrainingArguments(
+            **{**TINY, "train_dir": str(data / "images"), "model_name_or_path": "timm:vit_smal_patch16_224.dino"}
+        )
 
 
 def test_crop_size_against_a_timm_patch_size_fails_before_any_work(data, tmp_path):
-    args = DinoTrainingArguments(**{**TINY, "train_dir": str(data / "images"), "backbone": "timm:test_vit",
-                                    "local_crops_size": 24, "output_dir": str(tmp_path / "out")})
-    with pytest.raises(ValueError, match="--local_crops_size=24 is not valid: a multiple of the backbone's patch size 16"):
+    args = DinoTrainingArguments(
+        **{
+            **TINY,
+            "train_dir": str(data / "images"),
+            "backbone": "timm:test_vit",
+            "local_crops_size": 24,
+            "output_dir": str(tmp_path / "out"),
+        }
+    )
+    with pytest.raises(
+        ValueError, match="--local_crops_size=24 is not valid: a multiple of the backbone's patch size 16"
+    ):
         train(args)
     assert not (tmp_path / "out").exists()
 
@@ -345,14 +418,16 @@ def test_crop_size_against_a_timm_patch_size_fails_before_any_work(data, tmp_pat
 def ddp_setup():
     """The same networks, center and 3 global batches of 8 images on every process."""
     torch.manual_seed(0)
-    backbone = build_backbone("timm:test_vit", drop_path_rate=0.0, image_size=32, patch_size=8, embed_dim=32,
-                              depth=2, num_heads=2)
+    backbone = build_backbone(
+        "timm:test_vit", drop_path_rate=0.0, image_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2
+    )
     student = MultiCropWrapper(backbone, DinoHead(32, out_dim=64, hidden_dim=48, bottleneck_dim=16))
     teacher = build_teacher(student)
     dino_loss = DinoLoss(64, 4)
     dino_loss.center.copy_(0.1 * torch.randn(1, 64))
-    batches = [[torch.randn(8, 3, 32, 32) for _ in range(2)] + [torch.randn(8, 3, 16, 16) for _ in range(2)]
-               for _ in range(3)]
+    batches = [
+        [torch.randn(8, 3, 32, 32) for _ in range(2)] + [torch.randn(8, 3, 16, 16) for _ in range(2)] for _ in range(3)
+    ]
     return student, teacher, dino_loss, batches
 
 
@@ -368,12 +443,17 @@ def ddp_worker(out: Path) -> None:
     student, teacher, dino_loss, batches = ddp_setup()
     optimizer = build_optimizer("sgd", get_param_groups(student))
     student, optimizer = accelerator.prepare(student, optimizer)
-    assert world == 2 and isinstance(student, DistributedDataParallel) and not isinstance(teacher, DistributedDataParallel)
+    assert (
+        world == 2
+        and isinstance(student, DistributedDataParallel)
+        and not isinstance(teacher, DistributedDataParallel)
+    )
     losses = []
     for crops in batches:
         local = [crop.chunk(world)[rank] for crop in crops]  # this process's 4 images of the 8
-        stats = train_step(student, teacher, dino_loss, optimizer, local, accelerator=accelerator,
-                           accumulation_steps=2, **DDP_STEP)  # 2 micro-batches of 2: no_sync on the first
+        stats = train_step(
+            student, teacher, dino_loss, optimizer, local, accelerator=accelerator, accumulation_steps=2, **DDP_STEP
+        )  # 2 micro-batches of 2: no_sync on the first
         losses.append(stats["loss"])
     torch.save({"teacher": teacher.state_dict(), "center": dino_loss.center, "losses": losses}, out / f"rank{rank}.pt")
 
@@ -391,8 +471,22 @@ def test_ddp_step_matches_one_process_step(tmp_path):
     wrongly fails.
     """
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", __file__, "ddp-worker", str(tmp_path)]
+    command = [
+        "accelerate",
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        __file__,
+        "ddp-worker",
+        str(tmp_path),
+    ]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))

@@ -20,8 +20,9 @@ STEP = dict(lr=0.01, weight_decay=0.04, momentum=0.9, teacher_temp=0.04, clip_gr
 def setup():
     """Fixed student, a teacher that differs from it, a non-zero center and fixed crops."""
     torch.manual_seed(0)
-    backbone = build_backbone("timm:test_vit", drop_path_rate=0.0, image_size=32, patch_size=8,
-                              embed_dim=32, depth=2, num_heads=2)
+    backbone = build_backbone(
+        "timm:test_vit", drop_path_rate=0.0, image_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2
+    )
     student = MultiCropWrapper(backbone, DinoHead(32, out_dim=K, hidden_dim=48, bottleneck_dim=16))
     teacher = build_teacher(student)
     with torch.no_grad():
@@ -34,7 +35,8 @@ def setup():
 
 
 def step_by_hand(student, teacher, center, crops, optimizer_name, freeze_last_layer):
-    """One step written from the formulas of docs/recipe.md#training-step, sharing nothing with dino_hf but the networks' forward."""
+    """One step written from the formulas of docs/recipe.md#training-step, sharing nothing with dino_hf
+    but the networks' forward."""
     with torch.no_grad():
         t = teacher(crops[:2])  # (2B, K)
     s = student(crops)  # (NCROPS * B, K)
@@ -110,8 +112,9 @@ def test_step_through_accelerator_equals_plain_step():
     try:
         optimizer = build_optimizer("adamw", get_param_groups(student))
         student, optimizer = accelerator.prepare(student, optimizer)
-        stats = train_step(student, teacher, dino_loss, optimizer, crops, freeze_last_layer=False,
-                           accelerator=accelerator, **STEP)
+        stats = train_step(
+            student, teacher, dino_loss, optimizer, crops, freeze_last_layer=False, accelerator=accelerator, **STEP
+        )
     finally:
         accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)
     plain_optimizer = build_optimizer("adamw", get_param_groups(plain[0]))
@@ -122,8 +125,11 @@ def test_step_through_accelerator_equals_plain_step():
 
 
 def optimizer_state(optimizer) -> list:
-    return [(key, value.clone() if isinstance(value, torch.Tensor) else value)
-            for state in optimizer.state.values() for key, value in sorted(state.items())]
+    return [
+        (key, value.clone() if isinstance(value, torch.Tensor) else value)
+        for state in optimizer.state.values()
+        for key, value in sorted(state.items())
+    ]
 
 
 @pytest.mark.parametrize("optimizer_name", ["adamw", "sgd", "lars"])
@@ -142,8 +148,9 @@ def test_non_finite_loss_changes_nothing_and_is_decided_on_the_device(optimizer_
         for name, value in module.state_dict().items():
             assert torch.equal(value, saved[name]), name
     for (key, value), (key_before, value_before) in zip(optimizer_state(optimizer), state_before, strict=True):
-        assert key == key_before and (torch.equal(value, value_before) if isinstance(value, torch.Tensor)
-                                      else value == value_before), key
+        assert key == key_before and (
+            torch.equal(value, value_before) if isinstance(value, torch.Tensor) else value == value_before
+        ), key
 
 
 @pytest.mark.parametrize("optimizer_name", ["adamw", "sgd"])
@@ -156,8 +163,13 @@ def test_a_skipped_first_step_leaves_the_optimiser_as_new(optimizer_name):
     bad = [torch.full_like(crops[0], float("inf"))] + crops[1:]
     assert train_step(student, teacher, dino_loss, optimizer, bad, freeze_last_layer=False, **STEP)["nonfinite"] == 1
     train_step(student, teacher, dino_loss, optimizer, crops, freeze_last_layer=False, **STEP)
-    train_step(*fresh, build_optimizer(optimizer_name, get_param_groups(fresh[0]), device="cpu"), crops, freeze_last_layer=False,
-               **STEP)
+    train_step(
+        *fresh,
+        build_optimizer(optimizer_name, get_param_groups(fresh[0]), device="cpu"),
+        crops,
+        freeze_last_layer=False,
+        **STEP,
+    )
     for p, fresh_p in zip(student.parameters(), fresh[0].parameters()):
         assert torch.equal(p, fresh_p)
     assert torch.equal(dino_loss.center, fresh[2].center)
@@ -178,8 +190,9 @@ def test_bf16_step_through_accelerator_stays_finite():
     try:
         optimizer = build_optimizer("adamw", get_param_groups(student))
         student, optimizer = accelerator.prepare(student, optimizer)
-        stats = train_step(student, teacher, dino_loss, optimizer, crops, freeze_last_layer=False,
-                           accelerator=accelerator, **STEP)
+        stats = train_step(
+            student, teacher, dino_loss, optimizer, crops, freeze_last_layer=False, accelerator=accelerator, **STEP
+        )
     finally:
         accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)
     assert all(math.isfinite(value) for value in stats.values())
@@ -192,8 +205,20 @@ class HostReads(torch.overrides.TorchFunctionMode):
     device (`.item()`, `.tolist()`, `bool` / `float` / `int` of a tensor, `.numpy()`, and the ops whose
     output size depends on the data)."""
 
-    READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "nonzero", "unique",
-             "unique_consecutive", "masked_select", "argwhere"}
+    READS = {
+        "item",
+        "tolist",
+        "__bool__",
+        "__float__",
+        "__int__",
+        "__index__",
+        "numpy",
+        "nonzero",
+        "unique",
+        "unique_consecutive",
+        "masked_select",
+        "argwhere",
+    }
 
     def __init__(self):
         super().__init__()
@@ -219,8 +244,17 @@ def test_a_steady_state_step_reads_nothing_back(optimizer_name, through_accelera
     try:
         for step in range(3):
             with HostReads() as reads:
-                stats = train_step(student, teacher, dino_loss, optimizer, crops, freeze_last_layer=step == 0,
-                                   accelerator=accelerator, accumulation_steps=2, **STEP)
+                stats = train_step(
+                    student,
+                    teacher,
+                    dino_loss,
+                    optimizer,
+                    crops,
+                    freeze_last_layer=step == 0,
+                    accelerator=accelerator,
+                    accumulation_steps=2,
+                    **STEP,
+                )
             if step:  # the first step creates the optimiser state
                 assert reads.calls == [], reads.calls
     finally:

@@ -20,9 +20,19 @@ def make(image_dir, **overrides):
 
 def test_defaults_are_the_reference_recipe(image_dir):
     args = make(image_dir)
-    assert (args.out_dim, args.momentum_teacher, args.teacher_temp, args.warmup_teacher_temp) == (65536, 0.996, 0.04, 0.04)
+    assert (args.out_dim, args.momentum_teacher, args.teacher_temp, args.warmup_teacher_temp) == (
+        65536,
+        0.996,
+        0.04,
+        0.04,
+    )
     assert (args.learning_rate, args.min_lr, args.warmup_epochs, args.weight_decay, args.weight_decay_end) == (
-        0.0005, 1e-6, 10, 0.04, 0.4)
+        0.0005,
+        1e-6,
+        10,
+        0.04,
+        0.4,
+    )
     assert (args.clip_grad, args.freeze_last_layer, args.drop_path_rate, args.local_crops_number) == (3.0, 1, 0.1, 8)
     assert (args.global_crops_scale, args.local_crops_scale) == ([0.4, 1.0], [0.05, 0.4])
     assert (args.global_crops_size, args.local_crops_size, args.per_device_train_batch_size) == (224, 96, 64)
@@ -52,10 +62,17 @@ def test_defaults_are_the_reference_recipe(image_dir):
         ({"backbone": "resnet50"}, "backbone", "a timm model as timm:NAME"),
         ({"backbone": "timm:resnet_50"}, "backbone", "a model name that timm knows"),
         ({"model_name_or_path": "vit_smal_patch16"}, "model_name_or_path", "a DinoModel preset (vit_tiny_patch16"),
-        ({"model_name_or_path": "vit_small_patch16", "backbone": "timm:resnet50"}, "backbone", "they are alternatives"),
+        (
+            {"model_name_or_path": "vit_small_patch16", "backbone": "timm:resnet50"},
+            "backbone",
+            "they are alternatives",
+        ),
         ({"local_crops_size": 90}, "local_crops_size", "a multiple of the backbone's patch size 16, e.g. 80"),
-        ({"model_name_or_path": "vit_small_patch8", "global_crops_size": 100}, "global_crops_size",
-         "patch size 8, e.g. 96"),
+        (
+            {"model_name_or_path": "vit_small_patch8", "global_crops_size": 100},
+            "global_crops_size",
+            "patch size 8, e.g. 96",
+        ),
         ({"push_to_hub": True}, "hub_model_id", "a repository id such as org/dino-vits16"),
         ({"resume_from_checkpoint": "/no/such/checkpoint-3"}, "resume_from_checkpoint", "'latest'"),
         ({"eval_steps": 10}, "eval_steps", "--eval_dataset_name or --eval_train_dir"),
@@ -84,8 +101,9 @@ def test_data_sources_are_checked(image_dir, tmp_path):
 
 
 def test_saved_model_folder_is_checked_against_its_patch_size(image_dir, tmp_path):
-    config = DinoConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                        image_size=32, patch_size=8)
+    config = DinoConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8
+    )
     DinoModel(config).save_pretrained(tmp_path / "model")
     make(image_dir, model_name_or_path=str(tmp_path / "model"), global_crops_size=32, local_crops_size=16)
     with pytest.raises(ValueError, match="--local_crops_size=12 .* patch size 8, e.g. 8"):

@@ -21,11 +21,11 @@ The rows that take hue at a jitter position, and the rows that are blurred, are 
 `nonzero` (a few host-device synchronisations per batch); the other operations never wait.
 
 The random decisions follow the same distributions as `MultiCropTransform` (same draws per crop,
-same meaning), so the recipe's rates hold (docs/recipe.md#multi-crop-augmentation); a test checks them over many samples and checks each
-pixel operation against the CPU path. Differences from the CPU path: the crop is resampled in
-float instead of rounded to uint8, and the crop box is drawn in the S x S capped image rather than
-the whole decoded image (so the scale range is relative to the centre or random square).
-"""
+same meaning), so the recipe's rates hold (docs/recipe.md#multi-crop-augmentation); a test checks
+them over many samples and checks each pixel operation against the CPU path. Differences from the
+CPU path: the crop is resampled in float instead of rounded to uint8, and the crop box is drawn in
+the S x S capped image rather than the whole decoded image (so the scale range is relative to the
+centre or random square)."""
 
 import math
 from dataclasses import dataclass
@@ -164,7 +164,9 @@ class BatchMultiCrop(nn.Module):
         c = self.config
         u = torch.rand(c.num_crops * batch, draw.DRAWS_PER_CROP, generator=generator, device=device)  # (crops*B, 36)
         crop_index = torch.arange(c.num_crops, device=u.device).repeat_interleave(batch)  # (crops*B,)
-        blur_p = torch.tensor([draw.blur_probability(index, c.blur_p) for index in range(c.num_crops)], device=u.device)
+        blur_p = torch.tensor(
+            [draw.blur_probability(index, c.blur_p) for index in range(c.num_crops)], device=u.device
+        )
         strengths = torch.tensor([c.brightness, c.contrast, c.saturation, c.hue], device=u.device)
         low = torch.tensor([1 - c.brightness, 1 - c.contrast, 1 - c.saturation, -c.hue], device=u.device)
         flat = BatchCropParams(
@@ -258,7 +260,9 @@ def resize_weights(start: torch.Tensor, length: torch.Tensor, size: int, in_size
     """
     scale = (length / size).view(-1, 1, 1)  # (R, 1, 1)
     stretch = scale.clamp(min=1.0)
-    centre = (torch.arange(size, device=start.device, dtype=torch.float32).view(1, -1, 1) + 0.5) * scale  # (R, size, 1)
+    centre = (
+        torch.arange(size, device=start.device, dtype=torch.float32).view(1, -1, 1) + 0.5
+    ) * scale  # (R, size, 1)
     first = torch.floor(centre - 2 * stretch + 0.5).clamp(min=0)  # first tap of the support, in the box
     # A support spans at most 4 stretch + 1 taps, and the stretch at most in_size / size.
     taps = math.ceil(4 * max(in_size / size, 1.0)) + 2

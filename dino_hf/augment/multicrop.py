@@ -197,7 +197,9 @@ class MultiCropTransform:
         normalise. Crops run one by one: on one CPU core this beats batching the crops of one size,
         which needs gathers and scatters for every operation that only some crops get.
         """
-        crop = TF.resized_crop(image, p.top, p.left, p.height, p.width, [size, size], InterpolationMode.BICUBIC, antialias=True)
+        crop = TF.resized_crop(
+            image, p.top, p.left, p.height, p.width, [size, size], InterpolationMode.BICUBIC, antialias=True
+        )
         x = crop.float().div_(255)  # (3, size, size) in [0, 1]
         if p.flip:
             x = x.flip(-1)
@@ -219,7 +221,12 @@ def to_uint8_tensor(image: torch.Tensor | Image.Image) -> torch.Tensor:
         if image.mode != "RGB":
             image = image.convert("RGB")
         return torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (3, H, W), channels-last strides
-    if not isinstance(image, torch.Tensor) or image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] not in (1, 3):
+    if (
+        not isinstance(image, torch.Tensor)
+        or image.dtype != torch.uint8
+        or image.ndim != 3
+        or image.shape[0] not in (1, 3)
+    ):
         got = f"{type(image).__name__} {getattr(image, 'dtype', '')} {tuple(getattr(image, 'shape', ()))}"
         raise TypeError(f"MultiCropTransform takes a PIL image or a uint8 tensor (3, H, W), got {got}")
     return image.expand(3, -1, -1)

@@ -182,7 +182,11 @@ def dino_from_vit(source: "ViTModel | dict | str | Path", **config_overrides) ->
         # names are those of DinoModel, so read the model back from disk.
         with tempfile.TemporaryDirectory() as folder:
             source.save_pretrained(folder)
-            name, vit_config, state_dict = type(source).__name__, source.config.to_dict(), _folder_weights(Path(folder))
+            name, vit_config, state_dict = (
+                type(source).__name__,
+                source.config.to_dict(),
+                _folder_weights(Path(folder)),
+            )
     elif isinstance(source, dict):
         name, state_dict = "ViT state dict", source
     elif Path(source).is_dir():

@@ -36,8 +36,19 @@ from .timm_weights import DINO_LAYER_NORM_EPS, dino_to_timm_state_dict
 # Keys of a timm `pretrained_cfg` that describe the exported weights and their preprocessing; the others
 # (tag, license, origin_url, paper_ids, ...) describe the weights the architecture was published with.
 _TIMM_CFG_KEYS = (
-    "custom_load", "input_size", "min_input_size", "fixed_input_size", "interpolation", "crop_pct",
-    "crop_mode", "mean", "std", "num_classes", "pool_size", "first_conv", "classifier",
+    "custom_load",
+    "input_size",
+    "min_input_size",
+    "fixed_input_size",
+    "interpolation",
+    "crop_pct",
+    "crop_mode",
+    "mean",
+    "std",
+    "num_classes",
+    "pool_size",
+    "first_conv",
+    "classifier",
 )
 
 
@@ -102,8 +113,12 @@ def _save_timm_folder(model: nn.Module, folder: Path, image_size: int) -> None:
             "num_classes=0 (build_backbone does this): export the backbone, not a classifier"
         )
     data_config = dict(
-        input_size=(3, image_size, image_size), interpolation="bicubic", crop_pct=224 / 256, crop_mode="center",
-        mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        input_size=(3, image_size, image_size),
+        interpolation="bicubic",
+        crop_pct=224 / 256,
+        crop_mode="center",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
     )
     timm.models.save_for_hf(model, folder, safe_serialization=True, data_config=data_config)
     config_path = folder / "config.json"

@@ -69,7 +69,9 @@ def timm_to_dino_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, to
         qkv = re.fullmatch(r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)", key)
         if qkv:
             if tensor.shape[0] % 3:
-                raise ValueError(f"{key!r} has shape {tuple(tensor.shape)}: dim 0 must stack q, k, v (a multiple of 3)")
+                raise ValueError(
+                    f"{key!r} has shape {tuple(tensor.shape)}: dim 0 must stack q, k, v (a multiple of 3)"
+                )
             for part, chunk in zip(_QKV, tensor.chunk(3, dim=0)):  # (D, D) or (D,) each
                 converted[f"encoder.layer.{qkv.group(1)}.attention.attention.{part}.{qkv.group(2)}"] = chunk.clone()
         elif (name := _timm_key_to_dino(key)) is not None:

@@ -101,7 +101,9 @@ def draw_sample(class_index: int, size: int, rng: np.random.Generator) -> Image.
     corners = rng.uniform(0, 255, size=(2, 2, 3))
     t = np.linspace(0, 1, size)[:, None, None]
     s = np.linspace(0, 1, size)[None, :, None]
-    background = (1 - t) * ((1 - s) * corners[0, 0] + s * corners[0, 1]) + t * ((1 - s) * corners[1, 0] + s * corners[1, 1])
+    background = (1 - t) * ((1 - s) * corners[0, 0] + s * corners[0, 1]) + t * (
+        (1 - s) * corners[1, 0] + s * corners[1, 1]
+    )
     image = Image.fromarray(background.astype(np.uint8))
     draw = ImageDraw.Draw(image)
     for _ in range(rng.integers(1, 4)):
@@ -155,7 +157,10 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, centre, radius: float, an
     cx, cy = centre
 
     def polygon(points):
-        return [(cx + x * math.cos(angle) - y * math.sin(angle), cy + x * math.sin(angle) + y * math.cos(angle)) for x, y in points]
+        return [
+            (cx + x * math.cos(angle) - y * math.sin(angle), cy + x * math.sin(angle) + y * math.cos(angle))
+            for x, y in points
+        ]
 
     def regular(n, r=radius):
         return [(r * math.cos(2 * math.pi * i / n), r * math.sin(2 * math.pi * i / n)) for i in range(n)]
@@ -178,7 +183,13 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, centre, radius: float, an
     elif shape == "hexagon":
         draw.polygon(polygon(regular(6)), fill=255)
     elif shape == "star":
-        points = [(radius * (1.0 if i % 2 == 0 else 0.42) * math.cos(math.pi * i / 5), radius * (1.0 if i % 2 == 0 else 0.42) * math.sin(math.pi * i / 5)) for i in range(10)]
+        points = [
+            (
+                radius * (1.0 if i % 2 == 0 else 0.42) * math.cos(math.pi * i / 5),
+                radius * (1.0 if i % 2 == 0 else 0.42) * math.sin(math.pi * i / 5),
+            )
+            for i in range(10)
+        ]
         draw.polygon(polygon(points), fill=255)
     else:  # cross
         w = radius * 0.35

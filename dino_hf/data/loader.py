@@ -109,11 +109,22 @@ def build_multicrop_dataloader(
     send them (`ignore_stop_signals`).
     """
     dataset = MultiCropStream(
-        stream, image_column, transform, seed, shuffle_buffer_size, id_column, max_pixels, min_side,
-        max_retries=max_retries, retry_delay=retry_delay, max_retry_delay=max_retry_delay,
+        stream,
+        image_column,
+        transform,
+        seed,
+        shuffle_buffer_size,
+        id_column,
+        max_pixels,
+        min_side,
+        max_retries=max_retries,
+        retry_delay=retry_delay,
+        max_retry_delay=max_retry_delay,
     )
     if num_workers > stream.num_shards:
-        logger.warning(f"the stream has {stream.num_shards} shards: using {stream.num_shards} workers, not {num_workers}")
+        logger.warning(
+            f"the stream has {stream.num_shards} shards: using {stream.num_shards} workers, not {num_workers}"
+        )
         num_workers = stream.num_shards
     return StatefulDataLoader(
         dataset,

@@ -63,7 +63,11 @@ def load_image_stream(
     Returns:
         `(stream, image_column)`.
     """
-    given = [name for name, value in (("dataset_name", dataset_name), ("train_dir", train_dir), ("data_files", data_files)) if value]
+    given = [
+        name
+        for name, value in (("dataset_name", dataset_name), ("train_dir", train_dir), ("data_files", data_files))
+        if value
+    ]
     if len(given) != 1:
         raise ValueError(f"give exactly one of dataset_name, train_dir, data_files; got {given or 'none'}")
     if dataset_name:
@@ -168,14 +172,8 @@ def _image_files_stream(images: list, root: str, seed: int, world_size: int) -> 
 def _read_image_shards(shards: list, labelled: bool):
     for shard in shards:
         for path, label in shard:
-            yield {"image": {"path": path, "bytes": None}, "label": label} if labelled else {"image": {"path": path, "bytes": None}}
-
-
-
-
-
-
-
-
-
-
+            yield (
+                {"image": {"path": path, "bytes": None}, "label": label}
+                if labelled
+                else {"image": {"path": path, "bytes": None}}
+            )

@@ -175,7 +175,8 @@ class MultiCropStream(torch.utils.data.IterableDataset):
                 if failures > self.max_retries:
                     raise StreamReadError(
                         f"reading the stream {_describe_stream(self.stream)} failed after {failures} "
-                        f"attempt{'s' if failures > 1 else ''} in a row ({self.max_retries} retries) at {where}, last with "
+                        f"attempt{'s' if failures > 1 else ''} in a row ({self.max_retries} retries) at {where}, "
+                        "last with "
                         f"{type(error).__name__}: {error}; check the connection to the source, or allow more retries "
                         f"(max_retries, retry_delay)"
                     ) from error
@@ -192,7 +193,12 @@ class MultiCropStream(torch.utils.data.IterableDataset):
         key = np.random.SeedSequence([self.seed, self.epoch, worker_id, block, position]).generate_state(2)
         generator = torch.Generator().manual_seed(int(key[0]) << 32 | int(key[1]))
         sample_id = self._sample_id(row, worker_id, block, position)
-        return {"crops": self.transform(image, generator), "id": sample_id, "skipped": counts[0], "stream_retries": counts[1]}
+        return {
+            "crops": self.transform(image, generator),
+            "id": sample_id,
+            "skipped": counts[0],
+            "stream_retries": counts[1],
+        }
 
     def _sample_id(self, row: dict, worker_id: int, block: int, position: int) -> str:
         if self.id_column is not None:

@@ -11,12 +11,18 @@ import errno
 # Stream read failures that `MultiCropStream` retries (see `is_transient_stream_error`).
 RETRIED_HTTP_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 _NETWORK_ERRNOS = frozenset(
-    getattr(errno, name) for name in ("ENETDOWN", "ENETUNREACH", "ENETRESET", "EHOSTDOWN", "EHOSTUNREACH") if hasattr(errno, name)
+    getattr(errno, name)
+    for name in ("ENETDOWN", "ENETUNREACH", "ENETRESET", "EHOSTDOWN", "EHOSTUNREACH")
+    if hasattr(errno, name)
 )
 # Transport errors of the HTTP clients under fsspec, datasets and huggingface_hub, as (top-level
 # module, class name) so that none of those clients has to be installed or imported here.
 _CLIENT_TRANSPORT_ERRORS = frozenset(
-    [(client, name) for client in ("httpx", "httpx2") for name in ("TimeoutException", "NetworkError", "RemoteProtocolError")]
+    [
+        (client, name)
+        for client in ("httpx", "httpx2")
+        for name in ("TimeoutException", "NetworkError", "RemoteProtocolError")
+    ]
     + [("requests", "ConnectionError"), ("requests", "Timeout"), ("requests", "ChunkedEncodingError")]
     + [("aiohttp", "ClientConnectionError"), ("aiohttp", "ClientPayloadError")]
     + [("urllib3", "ProtocolError"), ("urllib3", "ReadTimeoutError")]

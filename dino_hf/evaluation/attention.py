@@ -53,8 +53,14 @@ def _colorize(values: np.ndarray) -> np.ndarray:
     return ((1 - fraction) * _VIRIDIS[low] + fraction * _VIRIDIS[low + 1]).astype(np.uint8)
 
 
-def save_attention_maps(model: FeatureModel, image: Image.Image, output_dir: "str | os.PathLike",
-                        image_size: int = 480, threshold: float = MASK_THRESHOLD, device=None) -> list[Path]:
+def save_attention_maps(
+    model: FeatureModel,
+    image: Image.Image,
+    output_dir: "str | os.PathLike",
+    image_size: int = 480,
+    threshold: float = MASK_THRESHOLD,
+    device=None,
+) -> list[Path]:
     """Write `attn-head{j}.png` (heat map blended over the image) and `mask-head{j}.png` (white where
     the patch is kept by `attention_masks`), at the image's own size.
 

@@ -8,13 +8,20 @@ from .features import find_label_column
 def add_model_argument(parser, image_size_help: str = "Centre-crop size (resize to size * 256 / 224).") -> None:
     """The `--model` and `--image_size` options of the evaluation scripts (`--model`: anything
     `load_feature_model` reads; `--image_size`: the model's own size when not given)."""
-    parser.add_argument("--model", required=True,
-                        help="DinoModel folder or Hub id, transformers ViT folder, timm:NAME or timm folder, "
-                             "or a training checkpoint (its teacher).")
-    parser.add_argument("--image_size", type=int, default=None,
-                        help=f"{image_size_help} Default: the model's own, i.e. the crop size of its saved image "
-                             "processor, timm's pretrained_cfg or the training resolution of its checkpoint; 224 "
-                             "when the model names none.")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="DinoModel folder or Hub id, transformers ViT folder, timm:NAME or timm folder, "
+        "or a training checkpoint (its teacher).",
+    )
+    parser.add_argument(
+        "--image_size",
+        type=int,
+        default=None,
+        help=f"{image_size_help} Default: the model's own, i.e. the crop size of its saved image "
+        "processor, timm's pretrained_cfg or the training resolution of its checkpoint; 224 "
+        "when the model names none.",
+    )
 
 
 def image_size_line(model) -> str:
@@ -28,18 +35,21 @@ def add_dataset_arguments(parser, labelled: bool = True) -> None:
     group.add_argument("--dataset_name", help="Hub dataset id or a local dataset folder.")
     group.add_argument("--dataset_config_name", help="Configuration of the dataset.")
     group.add_argument("--train_dir", help="Image folder (class sub-folders give the labels) for the train split.")
-    group.add_argument("--train_files", nargs="+",
-                       help="Data files (parquet, arrow, webdataset .tar) of the train split.")
+    group.add_argument(
+        "--train_files", nargs="+", help="Data files (parquet, arrow, webdataset .tar) of the train split."
+    )
     group.add_argument("--train_split", default="train", help="Split of --dataset_name used as the train set.")
     group.add_argument("--image_column_name", help="Image column (found automatically).")
-    group.add_argument("--no_streaming", dest="streaming", action="store_false",
-                       help="Download the dataset instead of streaming it.")
+    group.add_argument(
+        "--no_streaming", dest="streaming", action="store_false", help="Download the dataset instead of streaming it."
+    )
     if labelled:
         group.add_argument("--eval_dir", help="Image folder (class sub-folders) for the eval split.")
         group.add_argument("--eval_files", nargs="+", help="Data files of the eval split.")
         group.add_argument("--eval_split", default="validation", help="Split of --dataset_name used as the eval set.")
-        group.add_argument("--label_column_name",
-                           help="Label column (found automatically: label, labels, class, target).")
+        group.add_argument(
+            "--label_column_name", help="Label column (found automatically: label, labels, class, target)."
+        )
 
 
 def load_split(args, which: str = "train") -> tuple[object, str, str | None]:
@@ -53,7 +63,9 @@ def load_split(args, which: str = "train") -> tuple[object, str, str | None]:
         source = dict(dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name, split=split)
     if not any(source.values()):
         raise ValueError(f"no data for the {which} split: pass --dataset_name, --{which}_dir or --{which}_files")
-    rows, image_column = load_image_stream(image_column_name=args.image_column_name, streaming=args.streaming, **source)
+    rows, image_column = load_image_stream(
+        image_column_name=args.image_column_name, streaming=args.streaming, **source
+    )
     if not hasattr(args, "label_column_name"):
         return rows, image_column, None
     return rows, image_column, find_label_column(rows, args.label_column_name)

@@ -16,10 +16,19 @@ from .feature_models import FeatureModel
 from .features import ImageBatches
 
 
-def write_feature_dataset(model: FeatureModel, rows, image_column: str, output_dir: "str | os.PathLike",
-                          transform: Callable, batch_size: int = 64, rows_per_shard: int = 1000,
-                          patch_tokens: bool = False, split: str = "train", num_workers: int = 0,
-                          device=None) -> dict[str, int]:
+def write_feature_dataset(
+    model: FeatureModel,
+    rows,
+    image_column: str,
+    output_dir: "str | os.PathLike",
+    transform: Callable,
+    batch_size: int = 64,
+    rows_per_shard: int = 1000,
+    patch_tokens: bool = False,
+    split: str = "train",
+    num_workers: int = 0,
+    device=None,
+) -> dict[str, int]:
     """Stream `rows` through the model and write `output_dir/data/{split}-NNNNN.parquet` shards, each
     row its original columns plus `cls_features` (D,), `mean_patch_features` (D,) and, with
     `patch_tokens`, `patch_features` (N, D). `datasets.load_dataset(output_dir)` reads the result.
@@ -45,12 +54,14 @@ def write_feature_dataset(model: FeatureModel, rows, image_column: str, output_d
         features = None
         if source_features is not None:
             width, tokens = len(pending[0]["cls_features"]), pending[0].get("patch_features")
-            features = datasets.Features({
-                **source_features,
-                image_column: datasets.Image(),  # read back decoded, as images
-                "cls_features": datasets.List(datasets.Value("float32"), length=width),
-                "mean_patch_features": datasets.List(datasets.Value("float32"), length=width),
-            })
+            features = datasets.Features(
+                {
+                    **source_features,
+                    image_column: datasets.Image(),  # read back decoded, as images
+                    "cls_features": datasets.List(datasets.Value("float32"), length=width),
+                    "mean_patch_features": datasets.List(datasets.Value("float32"), length=width),
+                }
+            )
             if tokens is not None:
                 features["patch_features"] = datasets.Array2D(shape=tokens.shape, dtype="float32")
         table = datasets.Dataset.from_list(pending[:count], features=features).data.table

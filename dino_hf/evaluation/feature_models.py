@@ -212,12 +212,14 @@ def _model_folder(spec: "str | os.PathLike") -> Path:
 def eval_transform(image_size: int = 224) -> transforms.Compose:
     """DINO's evaluation transform: resize the short side to 256 (bicubic), centre-crop 224, ImageNet
     normalisation; other sizes keep the 256 / 224 ratio. PIL image -> (3, S, S)."""
-    return transforms.Compose([
-        transforms.Resize(round(image_size * 256 / 224), interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(image_size),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    return transforms.Compose(
+        [
+            transforms.Resize(round(image_size * 256 / 224), interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(image_size),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
 
 
 __all__ = [

@@ -66,11 +66,21 @@ class ImageBatches:
         num_workers: DataLoader processes that decode and transform images.
     """
 
-    def __init__(self, rows, image_column: str, transform: Callable, batch_size: int,
-                 label_column: str | None = None, num_workers: int = 0, label_ids: dict | None = None):
+    def __init__(
+        self,
+        rows,
+        image_column: str,
+        transform: Callable,
+        batch_size: int,
+        label_column: str | None = None,
+        num_workers: int = 0,
+        label_ids: dict | None = None,
+    ):
         self.loader = DataLoader(
             _DecodedRows(rows, image_column, transform, label_column),
-            batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=_collate,
         )
         self.label_column = label_column
         self.label_ids = {} if label_ids is None else label_ids
@@ -90,14 +100,6 @@ class ImageBatches:
         if isinstance(label, str):
             return self.label_ids.setdefault(label, len(self.label_ids))
         return int(label)
-
-
-
-
-
-
-
-
 
 
 def find_label_column(rows, name: str | None = None) -> str:
@@ -147,9 +149,15 @@ def extract_features(
 
 
 @torch.no_grad()
-def knn_accuracy(backbone: nn.Module, sources: tuple[dict, dict], image_size: int, *,
-                 image_column_name: str | None = None, label_column_name: str | None = None,
-                 device=None) -> dict[str, float]:
+def knn_accuracy(
+    backbone: nn.Module,
+    sources: tuple[dict, dict],
+    image_size: int,
+    *,
+    image_column_name: str | None = None,
+    label_column_name: str | None = None,
+    device=None,
+) -> dict[str, float]:
     """`knn_evaluate` of `backbone`'s features on two labelled sources (memory bank, queries), each a
     dict of `load_image_stream` arguments; k = 10, 20, 100, 200 where the bank is large enough.
     The backbone's train / eval mode is restored afterwards (it is evaluated during training)."""
@@ -161,8 +169,9 @@ def knn_accuracy(backbone: nn.Module, sources: tuple[dict, dict], image_size: in
     for source in sources:
         rows, image_column = load_image_stream(**source, image_column_name=image_column_name)
         label_column = find_label_column(rows, label_column_name)
-        batches = ImageBatches(rows, image_column, transform, batch_size=64, label_column=label_column,
-                               label_ids=label_ids)
+        batches = ImageBatches(
+            rows, image_column, transform, batch_size=64, label_column=label_column, label_ids=label_ids
+        )
         features.append(extract_features(model, batches, device))
     backbone.train(was_training)
     (train_x, train_y), (test_x, test_y) = features

@@ -38,9 +38,17 @@ def knn_votes(similarity: torch.Tensor, neighbour_labels: torch.Tensor, k: int, 
     return scores.scatter_add_(1, neighbour_labels[:, :k], weights)  # (c, C)
 
 
-def knn_evaluate(train_features, train_labels, test_features, test_labels, num_classes: int | None = None,
-                 ks: Iterable[int] = KNN_KS, temperature: float = KNN_TEMPERATURE, chunk_size: int = 128,
-                 device=None) -> dict[str, float]:
+def knn_evaluate(
+    train_features,
+    train_labels,
+    test_features,
+    test_labels,
+    num_classes: int | None = None,
+    ks: Iterable[int] = KNN_KS,
+    temperature: float = KNN_TEMPERATURE,
+    chunk_size: int = 128,
+    device=None,
+) -> dict[str, float]:
     """Top-1 / top-5 accuracy (%) of the weighted k-NN for every k in `ks`, in one pass over the test set.
 
     Args:

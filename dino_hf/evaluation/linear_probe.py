@@ -21,12 +21,14 @@ from .feature_models import FeatureModel
 
 def train_transform(image_size: int = 224) -> transforms.Compose:
     """The linear probe's training augmentation (reference eval_linear.py): RandomResizedCrop + flip."""
-    return transforms.Compose([
-        transforms.RandomResizedCrop(image_size),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    return transforms.Compose(
+        [
+            transforms.RandomResizedCrop(image_size),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
 
 
 class LinearProbe(nn.Module):
@@ -51,16 +53,19 @@ def probe_feature_size(model: FeatureModel, n_last_blocks: int = 4, avgpool_patc
     return model.num_features * (n_last_blocks + int(avgpool_patchtokens))
 
 
-def probe_features(model: FeatureModel, pixel_values: torch.Tensor, n_last_blocks: int = 4,
-                   avgpool_patchtokens: bool = False) -> torch.Tensor:
+def probe_features(
+    model: FeatureModel, pixel_values: torch.Tensor, n_last_blocks: int = 4, avgpool_patchtokens: bool = False
+) -> torch.Tensor:
     """The linear probe's input (B, probe_feature_size): the CLS tokens of the last `n_last_blocks`
     blocks concatenated (ViT-S: 4), or with `avgpool_patchtokens` the last CLS and the mean patch token
     (ViT-B: n_last_blocks=1). CNNs give their pooled feature."""
     if not model.has_tokens:
         return model(pixel_values)
     if avgpool_patchtokens and n_last_blocks != 1:
-        raise ValueError(f"avgpool_patchtokens pairs the last block's CLS with its mean patch token; "
-                         f"use n_last_blocks=1 (the reference's ViT-B setting), got {n_last_blocks}")
+        raise ValueError(
+            f"avgpool_patchtokens pairs the last block's CLS with its mean patch token; "
+            f"use n_last_blocks=1 (the reference's ViT-B setting), got {n_last_blocks}"
+        )
     blocks = model.last_blocks(pixel_values, n_last_blocks)
     output = torch.cat([tokens[:, 0] for tokens in blocks], dim=-1)  # (B, n * D)
     if avgpool_patchtokens:
@@ -70,8 +75,9 @@ def probe_features(model: FeatureModel, pixel_values: torch.Tensor, n_last_block
     return output
 
 
-def cached_batches(features: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool = True,
-                   seed: int = 0) -> Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+def cached_batches(
+    features: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool = True, seed: int = 0
+) -> Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
     """`epoch -> batches` over cached features (N, F) and labels (N,), reshuffled every epoch."""
 
     def epoch_batches(epoch: int):
@@ -85,10 +91,16 @@ def cached_batches(features: torch.Tensor, labels: torch.Tensor, batch_size: int
     return epoch_batches
 
 
-def train_linear_probe(train_batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]],
-                       num_features: int, num_labels: int, epochs: int = 100, lr: float = 0.001,
-                       batch_size: int = 128, device=None,
-                       log: Callable[[int, float], None] | None = None) -> LinearProbe:
+def train_linear_probe(
+    train_batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+    num_features: int,
+    num_labels: int,
+    epochs: int = 100,
+    lr: float = 0.001,
+    batch_size: int = 128,
+    device=None,
+    log: Callable[[int, float], None] | None = None,
+) -> LinearProbe:
     """Train a `LinearProbe` as the reference: SGD momentum 0.9, weight decay 0, lr `lr * batch_size / 256`,
     cosine annealing to 0 over `epochs`, stepped once per epoch; cross-entropy loss.
 
@@ -118,8 +130,9 @@ def train_linear_probe(train_batches: Callable[[int], Iterable[tuple[torch.Tenso
 
 
 @torch.inference_mode()
-def evaluate_linear_probe(probe: LinearProbe, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                          device=None) -> dict[str, float]:
+def evaluate_linear_probe(
+    probe: LinearProbe, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device=None
+) -> dict[str, float]:
     """Top-1 / top-5 accuracy (%) of `probe` on `(features, labels)` batches: `{"top1": ..., "top5": ...}`."""
     device = PartialState().device if device is None else device
     probe.to(device).eval()

@@ -147,8 +147,15 @@ def _describe(model: nn.Module, model_id: str) -> dict[str, Any]:
     if isinstance(model, DinoModel):
         config = model.config
         fields = (
-            "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size",
-            "image_size", "layer_norm_eps", "qkv_bias", "drop_path_rate",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "patch_size",
+            "image_size",
+            "layer_norm_eps",
+            "qkv_bias",
+            "drop_path_rate",
         )
         return dict(
             library_name="transformers",

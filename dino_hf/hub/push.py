@@ -50,8 +50,10 @@ class PushReport:
     final_uploaded: bool
 
     def __str__(self) -> str:
-        lines = [f"{len(self.uploaded)} uploaded, {len(self.failed)} failed, {len(self.superseded)} superseded, "
-                 f"{len(self.unfinished)} unfinished; final state {'on' if self.final_uploaded else 'NOT on'} the Hub"]
+        lines = [
+            f"{len(self.uploaded)} uploaded, {len(self.failed)} failed, {len(self.superseded)} superseded, "
+            f"{len(self.unfinished)} unfinished; final state {'on' if self.final_uploaded else 'NOT on'} the Hub"
+        ]
         lines += [f"  failed: {f.label} after {f.attempts} attempt(s): {f.error}" for f in self.failed]
         lines += [f"  unfinished: {label}" for label in self.unfinished]
         return "\n".join(lines)
@@ -216,7 +218,12 @@ class HubPusher:
                     self.retries += 1
                 logger.warning(
                     "Upload of %r to %s failed (attempt %d of %d): %s; retrying in %.1f s",
-                    job.label, self.repo_id, attempt, self.max_retries + 1, message, delay,
+                    job.label,
+                    self.repo_id,
+                    attempt,
+                    self.max_retries + 1,
+                    message,
+                    delay,
                 )
                 with self._cond:
                     # A newer push (or an abandoned run) ends this one's retries instead of waiting behind them.

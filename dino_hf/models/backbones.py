@@ -76,8 +76,8 @@ def build_backbone(
     Args:
         spec: `"timm:NAME"`, a DinoModel preset name, a `DinoConfig`, a `DinoModel`, a local folder
             of a saved `DinoModel` or a Hub id.
-        drop_path_rate (`float`, defaults to 0.1): stochastic depth at the last block (docs/recipe.md#backbones). Applied
-            to every spec except a `DinoModel` instance, which is taken as it is.
+        drop_path_rate (`float`, defaults to 0.1): stochastic depth at the last block
+            (docs/recipe.md#backbones). Applied to every spec except a `DinoModel` instance, which is taken as it is.
         image_size (`int`, defaults to 224): size of the global crops; sets the native size of a timm
             ViT's or a preset's position embeddings. A `DinoConfig` or saved model keeps its own.
         pretrained (`bool`, defaults to `False`): load timm's pretrained weights (needs the Hub).
@@ -94,9 +94,7 @@ def build_backbone(
         config.drop_path_rate = drop_path_rate
         return DinoModelBackbone(DinoModel(config))
     if not isinstance(spec, str):
-        raise TypeError(
-            f"backbone spec should be a string, a DinoConfig or a DinoModel, got {type(spec).__name__}"
-        )
+        raise TypeError(f"backbone spec should be a string, a DinoConfig or a DinoModel, got {type(spec).__name__}")
     if spec.startswith(TIMM_PREFIX):
         name = spec[len(TIMM_PREFIX) :]
         return TimmBackbone(_create_timm_model(name, drop_path_rate, image_size, pretrained, **kwargs))

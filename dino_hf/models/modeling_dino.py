@@ -42,7 +42,10 @@ class DinoPatchEmbeddings(nn.Module):
         """pixel_values (B, C, H, W) -> patch tokens (B, H/p * W/p, D)."""
         _, channels, height, width = pixel_values.shape
         if channels != self.num_channels:
-            raise ValueError(f"expected {self.num_channels} input channels, got {channels} (pixel_values {tuple(pixel_values.shape)})")
+            raise ValueError(
+                f"expected {self.num_channels} input channels, got {channels} "
+                f"(pixel_values {tuple(pixel_values.shape)})"
+            )
         p = self.patch_size
         if height % p or width % p:
             raise ValueError(

@@ -35,12 +35,15 @@ class DinoTrainingArguments:
     # ---- model -------------------------------------------------------------------------------
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "DinoModel preset (e.g. vit_small_patch16), a saved DinoModel / ViT folder, a Hub id, "
-                  "a reference DINO .pth checkpoint, or trained timm weights: timm:NAME (e.g. "
-                  "timm:vit_small_patch16_224.dino) or a folder saved by timm. Mutually exclusive with --backbone."},
+        metadata={
+            "help": "DinoModel preset (e.g. vit_small_patch16), a saved DinoModel / ViT folder, a Hub id, "
+            "a reference DINO .pth checkpoint, or trained timm weights: timm:NAME (e.g. "
+            "timm:vit_small_patch16_224.dino) or a folder saved by timm. Mutually exclusive with --backbone."
+        },
     )
     backbone: str | None = field(
-        default=None, metadata={"help": "A timm backbone as timm:NAME (e.g. timm:resnet50, timm:vit_small_patch16_224)."}
+        default=None,
+        metadata={"help": "A timm backbone as timm:NAME (e.g. timm:resnet50, timm:vit_small_patch16_224)."},
     )
     drop_path_rate: float = field(default=0.1, metadata={"help": "Stochastic depth of the student (reference 0.1)."})
     out_dim: int = field(default=65536, metadata={"help": "Number of prototypes K of the DINO head."})
@@ -50,11 +53,19 @@ class DinoTrainingArguments:
     use_bn_in_head: bool = field(default=False, metadata={"help": "BatchNorm after the head's hidden layers."})
     head_hidden_dim: int = field(default=2048, metadata={"help": "Hidden width of the DINO head."})
     head_bottleneck_dim: int = field(default=256, metadata={"help": "Bottleneck width of the DINO head."})
-    head_nlayers: int = field(default=3, metadata={"help": "Linear layers of the head's MLP, the one into the bottleneck included (3: d -> 2048 -> 2048 -> 256)."})
+    head_nlayers: int = field(
+        default=3,
+        metadata={
+            "help": "Linear layers of the head's MLP, the one into the bottleneck included "
+            "(3: d -> 2048 -> 2048 -> 256)."
+        },
+    )
     head_warmup_steps: int = field(
         default=0,
-        metadata={"help": "Continued pretraining from weights without a head: train the fresh head alone, backbone "
-                  "frozen, for this many optimisation steps before the backbone joins."},
+        metadata={
+            "help": "Continued pretraining from weights without a head: train the fresh head alone, backbone "
+            "frozen, for this many optimisation steps before the backbone joins."
+        },
     )
 
     # ---- DINO objective ----------------------------------------------------------------------
@@ -63,12 +74,16 @@ class DinoTrainingArguments:
     )
     teacher_temp: float = field(default=0.04, metadata={"help": "Teacher temperature after warm-up (<= 0.07)."})
     warmup_teacher_temp: float = field(default=0.04, metadata={"help": "Teacher temperature at step 0."})
-    warmup_teacher_temp_epochs: float = field(default=0, metadata={"help": "Epochs of linear teacher temperature warm-up."})
+    warmup_teacher_temp_epochs: float = field(
+        default=0, metadata={"help": "Epochs of linear teacher temperature warm-up."}
+    )
     student_temp: float = field(default=0.1, metadata={"help": "Student temperature."})
     center_momentum: float = field(default=0.9, metadata={"help": "EMA momentum of the teacher center."})
 
     # ---- optimisation ------------------------------------------------------------------------
-    optimizer: Literal["adamw", "sgd", "lars"] = field(default="adamw", metadata={"help": "adamw, or sgd / lars for ResNets."})
+    optimizer: Literal["adamw", "sgd", "lars"] = field(
+        default="adamw", metadata={"help": "adamw, or sgd / lars for ResNets."}
+    )
     learning_rate: float = field(
         default=0.0005, metadata={"help": "Peak learning rate for a total batch of 256 (linearly scaled)."}
     )
@@ -104,10 +119,14 @@ class DinoTrainingArguments:
     # ---- data --------------------------------------------------------------------------------
     demo: bool = field(
         default=False,
-        metadata={"help": "Train on the procedurally generated demo dataset (made on first use). In a config file it "
-                  "gives way to --dataset_name, --train_dir or --data_files."},
+        metadata={
+            "help": "Train on the procedurally generated demo dataset (made on first use). In a config file it "
+            "gives way to --dataset_name, --train_dir or --data_files."
+        },
     )
-    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id or a local dataset script/folder."})
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Hub dataset id or a local dataset script/folder."}
+    )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the dataset."})
     train_split: str = field(default="train", metadata={"help": "Split to pretrain on."})
     train_dir: str | None = field(default=None, metadata={"help": "A folder of images (flat or class sub-folders)."})
@@ -122,14 +141,20 @@ class DinoTrainingArguments:
     )
 
     # ---- in-training k-NN evaluation ---------------------------------------------------------
-    eval_dataset_name: str | None = field(default=None, metadata={"help": "Labelled dataset for k-NN during training."})
+    eval_dataset_name: str | None = field(
+        default=None, metadata={"help": "Labelled dataset for k-NN during training."}
+    )
     eval_dataset_config_name: str | None = field(default=None, metadata={"help": "Its configuration."})
-    eval_train_dir: str | None = field(default=None, metadata={"help": "Labelled image folder for k-NN (class sub-folders)."})
+    eval_train_dir: str | None = field(
+        default=None, metadata={"help": "Labelled image folder for k-NN (class sub-folders)."}
+    )
     eval_train_split: str = field(default="train", metadata={"help": "k-NN memory bank split."})
     eval_split: str = field(default="validation", metadata={"help": "k-NN query split."})
     label_column_name: str | None = field(default=None, metadata={"help": "Label column (found automatically)."})
     eval_steps: int | None = field(default=None, metadata={"help": "Run k-NN every this many steps (and at the end)."})
-    eval_image_size: int | None = field(default=None, metadata={"help": "k-NN input size (default: global crop size)."})
+    eval_image_size: int | None = field(
+        default=None, metadata={"help": "k-NN input size (default: global crop size)."}
+    )
 
     # ---- output, checkpoints, logging --------------------------------------------------------
     output_dir: str = field(default="outputs/dino", metadata={"help": "Where checkpoints and the export go."})
@@ -139,16 +164,20 @@ class DinoTrainingArguments:
     checkpoints_total_limit: int = field(default=3, metadata={"help": "Keep the last K checkpoints."})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder."})
     logging_steps: int = field(default=10, metadata={"help": "Log metrics every N steps."})
-    report_to: str = field(default="none", metadata={"help": "Trackers through Accelerate: none, all, tensorboard, wandb, ..."})
+    report_to: str = field(
+        default="none", metadata={"help": "Trackers through Accelerate: none, all, tensorboard, wandb, ..."}
+    )
     skip_nonfinite_steps: int = field(
         default=0, metadata={"help": "Steps with a non-finite loss to skip before stopping (0: stop at the first)."}
     )
     # ---- speed -------------------------------------------------------------------------------
     augment_on: str = field(
         default="cpu",
-        metadata={"help": "Where the multi-crop augmentation runs: 'cpu' (in the DataLoader workers) or 'gpu' (the "
-                  "workers only decode and cap the image size; crops, resizes and colour ops run on the "
-                  "accelerator in batch)."},
+        metadata={
+            "help": "Where the multi-crop augmentation runs: 'cpu' (in the DataLoader workers) or 'gpu' (the "
+            "workers only decode and cap the image size; crops, resizes and colour ops run on the "
+            "accelerator in batch)."
+        },
     )
     augment_cap_size: int = field(
         default=288, metadata={"help": "With --augment_on gpu: side of the square images the workers send."}
@@ -158,15 +187,19 @@ class DinoTrainingArguments:
 
     log_sample_ids: str | None = field(
         default=None,
-        metadata={"help": "Append the ids of every batch to this file, one JSON line per step and process "
-                  '({"step", "process", "ids"}): to check which samples each process saw, and that a resumed '
-                  "run reads on where the stopped one was."},
+        metadata={
+            "help": "Append the ids of every batch to this file, one JSON line per step and process "
+            '({"step", "process", "ids"}): to check which samples each process saw, and that a resumed '
+            "run reads on where the stopped one was."
+        },
     )
 
     # ---- Hub ---------------------------------------------------------------------------------
     push_to_hub: bool = field(default=False, metadata={"help": "Upload the teacher export at every checkpoint."})
     hub_model_id: str | None = field(default=None, metadata={"help": "Repository, e.g. org/dino-vits16."})
-    hub_token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one). Never saved."})
+    hub_token: str | None = field(
+        default=None, metadata={"help": "Hub token (default: the logged-in one). Never saved."}
+    )
     hub_private_repo: bool = field(default=False, metadata={"help": "Create the repository as private."})
 
     def __post_init__(self):
@@ -202,8 +235,12 @@ def check_crop_sizes(args: DinoTrainingArguments, patch_size: int | None) -> Non
         sizes.append(("local_crops_size", args.local_crops_size))
     for name, size in sizes:
         if size % patch_size:
-            _fail(name, size, f"a multiple of the backbone's patch size {patch_size}, e.g. "
-                  f"{max(patch_size, size - size % patch_size)}")
+            _fail(
+                name,
+                size,
+                f"a multiple of the backbone's patch size {patch_size}, e.g. "
+                f"{max(patch_size, size - size % patch_size)}",
+            )
 
 
 def validate(args: DinoTrainingArguments) -> None:
@@ -213,21 +250,47 @@ def validate(args: DinoTrainingArguments) -> None:
     local folders and files exist, that a backbone name is known, and the crop sizes against the
     patch size of a preset or saved DinoModel (`train` checks other backbones once built).
     """
-    positive = ("out_dim", "per_device_train_batch_size", "gradient_accumulation_steps", "global_crops_size",
-                "local_crops_size", "head_hidden_dim", "head_bottleneck_dim", "head_nlayers", "logging_steps",
-                "checkpoints_total_limit", "shuffle_buffer_size", "augment_cap_size")
+    positive = (
+        "out_dim",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "global_crops_size",
+        "local_crops_size",
+        "head_hidden_dim",
+        "head_bottleneck_dim",
+        "head_nlayers",
+        "logging_steps",
+        "checkpoints_total_limit",
+        "shuffle_buffer_size",
+        "augment_cap_size",
+    )
     for name in positive:
         if getattr(args, name) < 1:
             _fail(name, getattr(args, name), "an integer >= 1")
-    non_negative = ("learning_rate", "min_lr", "warmup_epochs", "weight_decay", "weight_decay_end", "clip_grad",
-                    "freeze_last_layer", "warmup_teacher_temp_epochs", "head_warmup_steps", "local_crops_number",
-                    "dataloader_num_workers", "skip_nonfinite_steps")
+    non_negative = (
+        "learning_rate",
+        "min_lr",
+        "warmup_epochs",
+        "weight_decay",
+        "weight_decay_end",
+        "clip_grad",
+        "freeze_last_layer",
+        "warmup_teacher_temp_epochs",
+        "head_warmup_steps",
+        "local_crops_number",
+        "dataloader_num_workers",
+        "skip_nonfinite_steps",
+    )
     for name in non_negative:
         if getattr(args, name) < 0:
             _fail(name, getattr(args, name), "a number >= 0")
     for name in ("teacher_temp", "warmup_teacher_temp", "student_temp"):
         if not 0 < getattr(args, name) <= 1:
-            _fail(name, getattr(args, name), "a temperature in (0, 1]; DINO uses 0.04-0.07 for the teacher, 0.1 for the student")
+            _fail(
+                name,
+                getattr(args, name),
+                "a temperature in (0, 1]; DINO uses 0.04-0.07 for the teacher, 0.1 for the student",
+            )
     for name in ("momentum_teacher", "center_momentum"):
         if not 0 <= getattr(args, name) <= 1:
             _fail(name, getattr(args, name), "a momentum in [0, 1]")
@@ -253,11 +316,16 @@ def validate(args: DinoTrainingArguments) -> None:
     known_trackers = ["none"] + [tracker.value for tracker in LoggerType]
     if any(name not in known_trackers for name in trackers) or ("none" in trackers and len(trackers) > 1):
         _fail("report_to", args.report_to, f"none, or a comma-separated list of {', '.join(known_trackers[1:])}")
-    if args.checkpointing_steps != "epoch" and not (args.checkpointing_steps.isdigit() and int(args.checkpointing_steps) > 0):
+    if args.checkpointing_steps != "epoch" and not (
+        args.checkpointing_steps.isdigit() and int(args.checkpointing_steps) > 0
+    ):
         _fail("checkpointing_steps", args.checkpointing_steps, "a number of steps >= 1, or 'epoch'")
     if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
-        _fail("resume_from_checkpoint", args.resume_from_checkpoint,
-              "'latest' (the newest valid checkpoint under --output_dir) or an existing checkpoint-<step> folder")
+        _fail(
+            "resume_from_checkpoint",
+            args.resume_from_checkpoint,
+            "'latest' (the newest valid checkpoint under --output_dir) or an existing checkpoint-<step> folder",
+        )
     _validate_model(args)
     _validate_data(args)
     if args.push_to_hub and not args.hub_model_id:
@@ -269,7 +337,11 @@ def _validate_model(args: DinoTrainingArguments) -> None:
         _fail("backbone", args.backbone, "leave it unset when --model_name_or_path is given (they are alternatives)")
     if args.backbone is not None:
         if not args.backbone.startswith(TIMM_PREFIX):
-            _fail("backbone", args.backbone, "a timm model as timm:NAME, e.g. timm:resnet50; DinoModels go in --model_name_or_path")
+            _fail(
+                "backbone",
+                args.backbone,
+                "a timm model as timm:NAME, e.g. timm:resnet50; DinoModels go in --model_name_or_path",
+            )
         _check_timm_name("backbone", args.backbone)
         return
     spec = args.model_name_or_path or "vit_small_patch16"
@@ -280,14 +352,21 @@ def _validate_model(args: DinoTrainingArguments) -> None:
     elif os.path.isdir(spec):
         config_file = Path(spec) / "config.json"
         if not config_file.is_file():
-            _fail("model_name_or_path", spec, "a folder written by DinoModel.save_pretrained (this one has no config.json)")
+            _fail(
+                "model_name_or_path",
+                spec,
+                "a folder written by DinoModel.save_pretrained (this one has no config.json)",
+            )
         check_crop_sizes(args, json.loads(config_file.read_text()).get("patch_size"))
     elif os.path.isfile(spec):
         if not spec.endswith((".pth", ".pt", ".safetensors")):
             _fail("model_name_or_path", spec, "a reference DINO checkpoint file ending in .pth, .pt or .safetensors")
     elif not is_hub_id(spec):
-        _fail("model_name_or_path", spec, f"a DinoModel preset ({', '.join(PRESETS)}), an existing folder or "
-              "checkpoint file, or a Hub id org/name")
+        _fail(
+            "model_name_or_path",
+            spec,
+            f"a DinoModel preset ({', '.join(PRESETS)}), an existing folder or checkpoint file, or a Hub id org/name",
+        )
 
 
 def _check_timm_name(field_name: str, spec: str) -> None:
@@ -318,8 +397,12 @@ def _validate_data(args: DinoTrainingArguments) -> None:
     if args.eval_train_dir:
         for split in (args.eval_train_split, args.eval_split):
             if not os.path.isdir(os.path.join(args.eval_train_dir, split)):
-                _fail("eval_train_dir", args.eval_train_dir,
-                      f"a folder holding the sub-folders {args.eval_train_split}/ and {args.eval_split}/ of labelled images")
+                _fail(
+                    "eval_train_dir",
+                    args.eval_train_dir,
+                    f"a folder holding the sub-folders {args.eval_train_split}/ and {args.eval_split}/ "
+                    "of labelled images",
+                )
     if args.eval_steps is not None and not (args.eval_dataset_name or args.eval_train_dir or args.demo):
         _fail("eval_steps", args.eval_steps, "set it together with --eval_dataset_name or --eval_train_dir")
 
@@ -342,7 +425,9 @@ def parse_training_args(argv: list[str] | None = None) -> DinoTrainingArguments:
         names = {f.name for f in dataclasses.fields(DinoTrainingArguments)}
         unknown = sorted(set(defaults) - names)
         if unknown:
-            raise ValueError(f"{known.config}: unknown field(s) {', '.join(unknown)}; see `scripts/pretrain.py --help`")
+            raise ValueError(
+                f"{known.config}: unknown field(s) {', '.join(unknown)}; see `scripts/pretrain.py --help`"
+            )
         parser.set_defaults(**defaults)
     namespace, unknown = parser.parse_known_args(rest)
     if unknown:

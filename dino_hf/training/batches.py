@@ -36,9 +36,7 @@ class EndlessBatches:
         try:
             return next(self._batches)
         except StopIteration:
-            raise ValueError(
-                "the training stream gave no complete batch; use a smaller batch or more data"
-            ) from None
+            raise ValueError("the training stream gave no complete batch; use a smaller batch or more data") from None
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "loader": self.loader.state_dict()}
@@ -67,8 +65,16 @@ class DeviceBatches:
     prefetched batch is not counted, and a resumed run reads it again.
     """
 
-    def __init__(self, batches: EndlessBatches, device: torch.device, *, multicrop=None, seed: int = 0,
-                 process_index: int = 0, prefetch: bool = True):
+    def __init__(
+        self,
+        batches: EndlessBatches,
+        device: torch.device,
+        *,
+        multicrop=None,
+        seed: int = 0,
+        process_index: int = 0,
+        prefetch: bool = True,
+    ):
         self.batches, self.device, self.multicrop, self.prefetch = batches, torch.device(device), multicrop, prefetch
         self.seed, self.process_index = seed, process_index
         self.step = 0  # the step of the next batch handed out

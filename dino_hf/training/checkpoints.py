@@ -9,13 +9,14 @@ compares the folder with it (a missing or truncated file is named) and reads eac
 `find_resume_checkpoint` falls back to the previous checkpoint when the newest is damaged.
 
 Files: `student.safetensors`, `teacher.safetensors`, `dino_loss.safetensors` (the center),
-`optimizer.pt` (its state keyed by parameter name), `scaler.pt` (fp16 only), `rng_state_<rank>.pt` and `data_state_<rank>.pt` (one per
-process: its RNG states and its position in the data stream), `trainer_state.json` (step, counters,
-`num_processes`), `training_args.json` (the resolved configuration, without secrets),
-`teacher_backbone/` (the exported model folder) and `manifest.json`. Weights and optimiser state are
-whole (gathered from the shards under FSDP, `dino_hf.training.sharding`), so a checkpoint resumes with any
-number of processes and under FSDP or not. What goes into the files is gathered by
-`dino_hf.training.saving`; the data position by `dino_hf.training.batches.EndlessBatches`.
+`optimizer.pt` (its state keyed by parameter name), `scaler.pt` (fp16 only), `rng_state_<rank>.pt`
+and `data_state_<rank>.pt` (one per process: its RNG states and its position in the data stream),
+`trainer_state.json` (step, counters, `num_processes`), `training_args.json` (the resolved
+configuration, without secrets), `teacher_backbone/` (the exported model folder) and
+`manifest.json`. Weights and optimiser state are whole (gathered from the shards under FSDP,
+`dino_hf.training.sharding`), so a checkpoint resumes with any number of processes and under FSDP or
+not. What goes into the files is gathered by `dino_hf.training.saving`; the data position by
+`dino_hf.training.batches.EndlessBatches`.
 """
 
 import errno
@@ -102,8 +103,13 @@ def set_rng_state(state: dict) -> None:
     """Put back the Python, numpy and torch generator states saved by `rng_state`."""
     random.setstate((state["python_version"], tuple(state["python"].tolist()), state["python_gauss"]))
     np.random.set_state(
-        (state["numpy_name"], state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
-         state["numpy_has_gauss"], state["numpy_gauss"])
+        (
+            state["numpy_name"],
+            state["numpy_keys"].numpy().astype(np.uint32),
+            state["numpy_pos"],
+            state["numpy_has_gauss"],
+            state["numpy_gauss"],
+        )
     )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
@@ -127,8 +133,11 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _write_manifest(folder: Path) -> None:
-    sizes = {str(path.relative_to(folder)): path.stat().st_size
-             for path in sorted(folder.rglob("*")) if path.is_file() and path.name != MANIFEST}
+    sizes = {
+        str(path.relative_to(folder)): path.stat().st_size
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != MANIFEST
+    }
     (folder / MANIFEST).write_text(json.dumps(sizes, indent=2, sort_keys=True) + "\n")
 
 
@@ -205,7 +214,9 @@ def check_checkpoint(folder: Path) -> None:
     try:
         sizes = json.loads(manifest.read_text())
     except (OSError, ValueError) as error:
-        raise CheckpointError(f"{manifest} is missing or unreadable ({error}): the checkpoint is incomplete") from error
+        raise CheckpointError(
+            f"{manifest} is missing or unreadable ({error}): the checkpoint is incomplete"
+        ) from error
     for name in REQUIRED_FILES:
         if name not in sizes:
             raise CheckpointError(f"{manifest} does not list {name}: the checkpoint is incomplete")
@@ -277,14 +288,6 @@ def load_checkpoint(folder: Path, rank: int) -> dict:
     if (folder / f"data_state_{rank}.pt").is_file():
         state["data"] = torch.load(folder / f"data_state_{rank}.pt", map_location="cpu", weights_only=True)
     return state
-
-
-
-
-
-
-
-
 
 
 __all__ = [

@@ -29,7 +29,9 @@ class DinoLoss(nn.Module):
     def __init__(self, out_dim: int, ncrops: int, student_temp: float = 0.1, center_momentum: float = 0.9):
         super().__init__()
         if ncrops < 2:
-            raise ValueError(f"ncrops counts the 2 global crops plus the local ones, so it is at least 2; got {ncrops}")
+            raise ValueError(
+                f"ncrops counts the 2 global crops plus the local ones, so it is at least 2; got {ncrops}"
+            )
         self.out_dim = out_dim
         self.ncrops = ncrops
         self.student_temp = student_temp
@@ -37,7 +39,11 @@ class DinoLoss(nn.Module):
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     def forward(
-        self, student_output: torch.Tensor, teacher_output: torch.Tensor, teacher_temp: float, update_center: bool = True
+        self,
+        student_output: torch.Tensor,
+        teacher_output: torch.Tensor,
+        teacher_temp: float,
+        update_center: bool = True,
     ) -> torch.Tensor:
         """Loss of one step; updates the center afterwards (unless `update_center=False`: the caller
         then calls `update_center` itself, e.g. once for all micro-batches of an accumulated step).

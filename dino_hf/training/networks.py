@@ -35,8 +35,9 @@ def build_student_teacher(args: DinoTrainingArguments) -> tuple[MultiCropWrapper
     else:
         # A timm model named by --model_name_or_path comes with its trained weights; by --backbone, without.
         from_timm_weights = args.model_name_or_path is not None and spec.startswith(TIMM_PREFIX)
-        backbone = build_backbone(spec, drop_path_rate=args.drop_path_rate, image_size=args.global_crops_size,
-                                  pretrained=from_timm_weights)
+        backbone = build_backbone(
+            spec, drop_path_rate=args.drop_path_rate, image_size=args.global_crops_size, pretrained=from_timm_weights
+        )
     pretrained = args.model_name_or_path is not None and spec not in PRESETS
     check_crop_sizes(args, _patch_size(backbone))
     head = DinoHead(

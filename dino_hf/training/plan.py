@@ -66,8 +66,9 @@ class TrainingPlan:
             "lr": learning_rate_at(step, self.total_steps, self.peak_lr, args.min_lr, self.lr_warmup_steps),
             "weight_decay": weight_decay_at(step, self.total_steps, args.weight_decay, args.weight_decay_end),
             "momentum": teacher_momentum_at(step, self.total_steps, args.momentum_teacher),
-            "teacher_temp": teacher_temperature_at(step, self.temp_warmup_steps, args.warmup_teacher_temp,
-                                                   args.teacher_temp),
+            "teacher_temp": teacher_temperature_at(
+                step, self.temp_warmup_steps, args.warmup_teacher_temp, args.teacher_temp
+            ),
         }
 
     def step_options(self, step: int) -> dict:

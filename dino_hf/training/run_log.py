@@ -3,8 +3,19 @@
 import json
 import os
 
-_LOGGED = ("loss", "lr", "weight_decay", "momentum", "teacher_temp", "teacher_entropy", "teacher_max_prob",
-           "kl_teacher_student", "center_norm", "distinct_prototypes", "images_per_second")
+_LOGGED = (
+    "loss",
+    "lr",
+    "weight_decay",
+    "momentum",
+    "teacher_temp",
+    "teacher_entropy",
+    "teacher_max_prob",
+    "kl_teacher_student",
+    "center_norm",
+    "distinct_prototypes",
+    "images_per_second",
+)
 
 
 class SampleLog:

@@ -35,9 +35,20 @@ class CheckpointWriter:
     the teacher itself.
     """
 
-    def __init__(self, accelerator: Accelerator, args: DinoTrainingArguments, plan: TrainingPlan, *,
-                 student: nn.Module, teacher: nn.Module, whole_teacher: nn.Module, dino_loss: DinoLoss,
-                 optimizer, batches, pusher: HubPusher | None):
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        args: DinoTrainingArguments,
+        plan: TrainingPlan,
+        *,
+        student: nn.Module,
+        teacher: nn.Module,
+        whole_teacher: nn.Module,
+        dino_loss: DinoLoss,
+        optimizer,
+        batches,
+        pusher: HubPusher | None,
+    ):
         self.accelerator, self.args, self.plan = accelerator, args, plan
         self.student, self.teacher, self.whole_teacher = student, teacher, whole_teacher
         self.dino_loss, self.optimizer, self.batches, self.pusher = dino_loss, optimizer, batches, pusher
@@ -86,8 +97,10 @@ class CheckpointWriter:
 
         try:
             on_every_process(accelerator, fresh_staging, main_only=True)
-            on_every_process(accelerator, lambda: checkpoints.write_process_state(
-                staging, accelerator.process_index, self.batches.state_dict()))
+            on_every_process(
+                accelerator,
+                lambda: checkpoints.write_process_state(staging, accelerator.process_index, self.batches.state_dict()),
+            )
             on_every_process(accelerator, shared_state, main_only=True)
         except checkpoints.WRITE_ERRORS as error:
             if accelerator.is_main_process:
@@ -109,20 +122,29 @@ class CheckpointWriter:
         if not (self.accelerator.is_fsdp2 or self.accelerator.is_main_process):
             return {}
         student = self.accelerator.unwrap_model(self.student)
-        return {"student": whole_state_dict(student),
-                "teacher": whole_state_dict(self.teacher) if teacher_state is None else teacher_state,
-                "optimizer": whole_optimizer_state_dict(student, self.optimizer)}
+        return {
+            "student": whole_state_dict(student),
+            "teacher": whole_state_dict(self.teacher) if teacher_state is None else teacher_state,
+            "optimizer": whole_optimizer_state_dict(student, self.optimizer),
+        }
 
     def export(self, teacher: nn.Module, folder: Path, step: int, state: RunState) -> None:
         """The teacher backbone as a model folder with its model card (main process)."""
-        export_backbone(teacher.backbone, folder, image_size=self.args.global_crops_size,
-                        model_card=self._model_card(teacher, step, state))
+        export_backbone(
+            teacher.backbone,
+            folder,
+            image_size=self.args.global_crops_size,
+            model_card=self._model_card(teacher, step, state),
+        )
 
     def _model_card(self, teacher: nn.Module, step: int, state: RunState):
         args = self.args
         dataset = DEMO_DATASET if args.demo else (args.eval_dataset_name or args.eval_train_dir or "")
-        figures = [EvalFigure(f"k-NN top-1 (k={key.split('@')[1]})", value, dataset, args.eval_split)
-                   for key, value in state.knn.items() if key.startswith("knn_top1@")]
+        figures = [
+            EvalFigure(f"k-NN top-1 (k={key.split('@')[1]})", value, dataset, args.eval_split)
+            for key, value in state.knn.items()
+            if key.startswith("knn_top1@")
+        ]
         datasets = [args.dataset_name or args.train_dir or ", ".join(args.data_files or []) or DEMO_DATASET]
         return render_model_card(
             teacher.backbone,

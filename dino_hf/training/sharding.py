@@ -64,8 +64,12 @@ def shard_like(teacher: nn.Module, student: nn.Module, mp_policy: MixedPrecision
     # The teacher has no backward: every unit, the root too, frees its gathered weights after forward
     # (FSDP would otherwise keep the root's whole until a backward that never comes).
     for name in sorted(units, key=lambda unit: unit.count(".") + bool(unit), reverse=True):
-        fully_shard(teacher.get_submodule(name), mesh=mesh, reshard_after_forward=True,
-                    mp_policy=mp_policy or MixedPrecisionPolicy())
+        fully_shard(
+            teacher.get_submodule(name),
+            mesh=mesh,
+            reshard_after_forward=True,
+            mp_policy=mp_policy or MixedPrecisionPolicy(),
+        )
     return teacher
 
 

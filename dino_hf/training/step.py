@@ -83,27 +83,13 @@ def train_step(
         the `collapse_diagnostics`, and `nonfinite` (1.0 when the step was skipped, else 0.0).
     """
     _set_schedule(optimizer, lr, weight_decay)
-    batch = crops[0].shape[0]
-    if batch % accumulation_steps:
-        raise ValueError(
-            f"batch of {batch} images does not split into {accumulation_steps} equal micro-batches; "
-            f"use a batch that is a multiple of {accumulation_steps}"
-        )
-    micro_batches = list(zip(*(crop.chunk(accumulation_steps) for crop in crops)))
-    teacher_outputs, totals = [], {}
-    for index, micro in enumerate(micro_batches):
-        last = index == len(micro_batches) - 1
-        sync = contextlib.nullcontext() if last or accelerator is None else accelerator.no_sync(student)
-        with sync:
-            stats, teacher_output = _forward_backward(student, teacher, dino_loss, list(micro), teacher_temp,
-                                                      accelerator, 1.0 / accumulation_steps)
-        teacher_outputs.append(teacher_output)
-        for key, value in stats.items():
-            totals[key] = totals[key] + value / accumulation_steps if key in totals else value / accumulation_steps
+    totals, teacher_output = _forward_backward_batch(
+        student, teacher, dino_loss, crops, teacher_temp, accelerator, accumulation_steps
+    )
     skip = ~torch.isfinite(totals["loss"])  # the loss is the mean over processes: every process agrees
     # The center moves once per optimisation step, after the loss, with the mean over the whole batch
     # (every micro-batch was scored against the same center, as with 1 x B); not after a non-finite loss.
-    dino_loss.update_center(torch.cat(teacher_outputs), keep=skip)
+    dino_loss.update_center(teacher_output, keep=skip)
 
     if accelerator is not None:
         accelerator.unscale_gradients(optimizer)
@@ -121,6 +107,30 @@ def train_step(
     ema_update_(_unwrap(teacher, accelerator), _unwrap(student, accelerator), momentum)
     totals["nonfinite"] = skip.float()
     return totals
+
+
+def _forward_backward_batch(student, teacher, dino_loss, crops, teacher_temp, accelerator, accumulation_steps):
+    """Forward and backward of the batch in `accumulation_steps` micro-batches (gradients synced on the
+    last one only); returns the statistics averaged over them and the teacher output of the batch."""
+    batch = crops[0].shape[0]
+    if batch % accumulation_steps:
+        raise ValueError(
+            f"batch of {batch} images does not split into {accumulation_steps} equal micro-batches; "
+            f"use a batch that is a multiple of {accumulation_steps}"
+        )
+    micro_batches = list(zip(*(crop.chunk(accumulation_steps) for crop in crops)))
+    teacher_outputs, totals = [], {}
+    for index, micro in enumerate(micro_batches):
+        last = index == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if last or accelerator is None else accelerator.no_sync(student)
+        with sync:
+            stats, teacher_output = _forward_backward(
+                student, teacher, dino_loss, list(micro), teacher_temp, accelerator, 1.0 / accumulation_steps
+            )
+        teacher_outputs.append(teacher_output)
+        for key, value in stats.items():
+            totals[key] = totals[key] + value / accumulation_steps if key in totals else value / accumulation_steps
+    return totals, torch.cat(teacher_outputs)
 
 
 def _set_schedule(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:

@@ -136,23 +136,47 @@ def prepare_run(args: DinoTrainingArguments) -> Run:
     dino_loss = DinoLoss(args.out_dim, 2 + args.local_crops_number, args.student_temp, args.center_momentum)
     if accelerator.is_main_process:
         (Path(args.output_dir) / "checkpoints").mkdir(parents=True, exist_ok=True)
-    accelerator.print(f"networks: {type(student.backbone.model).__name__} student and teacher, "
-                      f"head of {args.out_dim} prototypes")
+    accelerator.print(
+        f"networks: {type(student.backbone.model).__name__} student and teacher, head of {args.out_dim} prototypes"
+    )
 
     batches, samples_per_epoch, eval_sources = _build_data(args, accelerator)
     plan = TrainingPlan.from_args(args, samples_per_epoch, accelerator.num_processes, fresh_head)
-    accelerator.print(f"plan: {plan.last_step} of {plan.total_steps} steps of {plan.total_batch} images, "
-                      f"{plan.iterations_per_epoch} per epoch, peak lr {plan.peak_lr:.3g}")
+    accelerator.print(
+        f"plan: {plan.last_step} of {plan.total_steps} steps of {plan.total_batch} images, "
+        f"{plan.iterations_per_epoch} per epoch, peak lr {plan.peak_lr:.3g}"
+    )
 
     student, teacher, whole_teacher, optimizer = _place_networks(args, accelerator, student, teacher)
     dino_loss.to(accelerator.device)
     pusher = None
     if args.push_to_hub and accelerator.is_main_process:
         pusher = HubPusher(args.hub_model_id, token=args.hub_token, private=args.hub_private_repo)
-    writer = CheckpointWriter(accelerator, args, plan, student=student, teacher=teacher, whole_teacher=whole_teacher,
-                              dino_loss=dino_loss, optimizer=optimizer, batches=batches, pusher=pusher)
-    run = Run(args, accelerator, plan, student, teacher, dino_loss, optimizer, batches, writer, eval_sources,
-              state=RunState(num_processes=accelerator.num_processes))
+    writer = CheckpointWriter(
+        accelerator,
+        args,
+        plan,
+        student=student,
+        teacher=teacher,
+        whole_teacher=whole_teacher,
+        dino_loss=dino_loss,
+        optimizer=optimizer,
+        batches=batches,
+        pusher=pusher,
+    )
+    run = Run(
+        args,
+        accelerator,
+        plan,
+        student,
+        teacher,
+        dino_loss,
+        optimizer,
+        batches,
+        writer,
+        eval_sources,
+        state=RunState(num_processes=accelerator.num_processes),
+    )
     if args.log_sample_ids:
         run.sample_log = SampleLog(args.log_sample_ids, accelerator.process_index)
     if args.report_to != "none":
@@ -160,15 +184,20 @@ def prepare_run(args: DinoTrainingArguments) -> Run:
     return run
 
 
-def _build_data(args: DinoTrainingArguments, accelerator: Accelerator) -> tuple[DeviceBatches, int | None, tuple | None]:
+def _build_data(
+    args: DinoTrainingArguments, accelerator: Accelerator
+) -> tuple[DeviceBatches, int | None, tuple | None]:
     """The run's batches on the device, the images per epoch where known, and the k-NN's sources."""
     with accelerator.main_process_first():
         source = train_source(args)
         eval_sources = knn_sources(args)
     accelerator.print(f"training data: {describe_source(source, args.demo)}")
     stream, image_column = load_image_stream(
-        **source, image_column_name=args.image_column_name, rank=accelerator.process_index,
-        world_size=accelerator.num_processes, seed=args.seed,
+        **source,
+        image_column_name=args.image_column_name,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        seed=args.seed,
     )
     crop_options = dict(
         global_crops_size=args.global_crops_size,
@@ -181,9 +210,14 @@ def _build_data(args: DinoTrainingArguments, accelerator: Accelerator) -> tuple[
     on_device = args.augment_on == "gpu"
     transform = DecodeAndCap(args.augment_cap_size) if on_device else MultiCropTransform(**crop_options)
     loader = build_multicrop_dataloader(
-        stream, image_column, transform, batch_size=args.per_device_train_batch_size * args.gradient_accumulation_steps,
-        num_workers=args.dataloader_num_workers, seed=args.seed + accelerator.process_index,
-        shuffle_buffer_size=args.shuffle_buffer_size, pin_memory=accelerator.device.type == "cuda",
+        stream,
+        image_column,
+        transform,
+        batch_size=args.per_device_train_batch_size * args.gradient_accumulation_steps,
+        num_workers=args.dataloader_num_workers,
+        seed=args.seed + accelerator.process_index,
+        shuffle_buffer_size=args.shuffle_buffer_size,
+        pin_memory=accelerator.device.type == "cuda",
         **({"max_pixels": args.max_image_pixels} if args.max_image_pixels else {}),
     )
     # Each pass over the loader draws a worker seed from the generator; a private one keeps the global
@@ -191,8 +225,13 @@ def _build_data(args: DinoTrainingArguments, accelerator: Accelerator) -> tuple[
     # The samples' augmentations are seeded by their position, not by this generator.
     loader.generator = torch.Generator().manual_seed(args.seed + accelerator.process_index)
     multicrop = BatchMultiCrop(**crop_options).to(accelerator.device) if on_device else None
-    batches = DeviceBatches(EndlessBatches(loader), accelerator.device, multicrop=multicrop, seed=args.seed,
-                            process_index=accelerator.process_index)
+    batches = DeviceBatches(
+        EndlessBatches(loader),
+        accelerator.device,
+        multicrop=multicrop,
+        seed=args.seed,
+        process_index=accelerator.process_index,
+    )
     return batches, args.samples_per_epoch or dataset_size(stream, source), eval_sources
 
 
@@ -232,7 +271,9 @@ def resume(run: Run) -> None:
         accelerator.print(f"resumed from {folder} at step {run.state.global_step}")
     elif run.eval_sources is not None and accelerator.is_main_process:
         run.state.knn_random_init = _knn(run, run.writer.whole_teacher)
-        accelerator.print(f"k-NN of the random-init teacher at {_knn_size(args)} px: {knn_line(run.state.knn_random_init)}")
+        accelerator.print(
+            f"k-NN of the random-init teacher at {_knn_size(args)} px: {knn_line(run.state.knn_random_init)}"
+        )
     run.nonfinite = NonFiniteTally(run.state.nonfinite_skipped, accelerator.device)
 
 
@@ -252,7 +293,9 @@ def _load_checkpoint(run: Run, folder: Path) -> None:
         logger.warning(
             "%s was written by %d processes and this run has %d: the data stream is split differently, "
             "so it restarts from its beginning (the weights, optimiser and step are restored)",
-            folder, run.state.num_processes, accelerator.num_processes,
+            folder,
+            run.state.num_processes,
+            accelerator.num_processes,
         )
     run.batches.load_state_dict(saved["data"] if same_split else None, run.state.global_step)
     if same_split:
@@ -267,8 +310,13 @@ def train_loop(run: Run, signals: PreemptionSignals) -> str | None:
     args, accelerator, plan, state = run.args, run.accelerator, run.plan, run.state
     run.student.train()
     run.teacher.train()
-    progress = tqdm(total=plan.last_step, initial=state.global_step, disable=not accelerator.is_local_main_process,
-                    desc="DINO", dynamic_ncols=True)
+    progress = tqdm(
+        total=plan.last_step,
+        initial=state.global_step,
+        disable=not accelerator.is_local_main_process,
+        desc="DINO",
+        dynamic_ncols=True,
+    )
     window = LogWindow()
     while state.global_step < plan.last_step:
         step = state.global_step
@@ -278,8 +326,16 @@ def train_loop(run: Run, signals: PreemptionSignals) -> str | None:
         if run.sample_log is not None:
             run.sample_log.write(step, batch["ids"])
         schedule = plan.schedule(step)
-        metrics = train_step(run.student, run.teacher, run.dino_loss, run.optimizer, crops, **schedule,
-                             accelerator=accelerator, **plan.step_options(step))
+        metrics = train_step(
+            run.student,
+            run.teacher,
+            run.dino_loss,
+            run.optimizer,
+            crops,
+            **schedule,
+            accelerator=accelerator,
+            **plan.step_options(step),
+        )
         run.nonfinite.add(step, metrics)
         state.global_step = step = step + 1
         progress.update(1)
@@ -336,7 +392,8 @@ def _check_nonfinite(run: Run) -> None:
     reason = f"DINO loss is {loss}; {NONFINITE_HINTS}"
     if count > allowed:
         raise NonFiniteLossError(
-            f"step {step}: {reason}. Last good checkpoint: {run.writer.last or 'none (no checkpoint was written yet)'}; "
+            f"step {step}: {reason}. Last good checkpoint: "
+            f"{run.writer.last or 'none (no checkpoint was written yet)'}; "
             "resume with --resume_from_checkpoint latest after changing the setting at fault, or allow a few "
             "such steps with --skip_nonfinite_steps"
         )
@@ -369,8 +426,14 @@ def _log(run: Run, step: int, metrics: dict, schedule: dict, window: LogWindow, 
     """A logging step: the one place the loop reads the step's tensors back."""
     _check_nonfinite(run)
     values = {key: value.item() for key, value in metrics.items() if key != "nonfinite"}
-    logs = {**values, **schedule, "epoch": run.plan.epoch(step), "images_per_second": window.rate(),
-            "nonfinite_skipped": run.state.nonfinite_skipped, "stream_retries": run.state.stream_retries}
+    logs = {
+        **values,
+        **schedule,
+        "epoch": run.plan.epoch(step),
+        "images_per_second": window.rate(),
+        "nonfinite_skipped": run.state.nonfinite_skipped,
+        "stream_retries": run.state.stream_retries,
+    }
     logs.update({f"skipped_{reason}": count for reason, count in run.skip_report.counts.items()})
     progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{schedule['lr']:.2e}")
     run.accelerator.log(logs, step=step)
@@ -393,8 +456,14 @@ def _knn_size(args: DinoTrainingArguments) -> int:
 
 def _knn(run: Run, teacher: nn.Module) -> dict:
     args = run.args
-    return knn_accuracy(teacher.backbone, run.eval_sources, _knn_size(args), image_column_name=args.image_column_name,
-                        label_column_name=args.label_column_name, device=run.accelerator.device)
+    return knn_accuracy(
+        teacher.backbone,
+        run.eval_sources,
+        _knn_size(args),
+        image_column_name=args.image_column_name,
+        label_column_name=args.label_column_name,
+        device=run.accelerator.device,
+    )
 
 
 def _evaluate(run: Run, step: int) -> None:
@@ -409,10 +478,18 @@ def _evaluate(run: Run, step: int) -> None:
 
 def _stopped(run: Run, stopped_by: str) -> TrainResult:
     accelerator, writer, state = run.accelerator, run.writer, run.state
-    accelerator.print(f"{stopped_by}: stopped after step {state.global_step} of {run.plan.last_step}; checkpoint "
-                      f"{writer.last}; continue with --resume_from_checkpoint latest")
-    result = TrainResult(writer.output_dir, writer.export_dir, state.global_step, checkpoint=writer.last,
-                         skipped_samples=dict(run.skip_report.counts), stopped_by=stopped_by)
+    accelerator.print(
+        f"{stopped_by}: stopped after step {state.global_step} of {run.plan.last_step}; checkpoint "
+        f"{writer.last}; continue with --resume_from_checkpoint latest"
+    )
+    result = TrainResult(
+        writer.output_dir,
+        writer.export_dir,
+        state.global_step,
+        checkpoint=writer.last,
+        skipped_samples=dict(run.skip_report.counts),
+        stopped_by=stopped_by,
+    )
     if writer.pusher is not None:
         result.push_report = str(writer.pusher.finish(timeout=PREEMPTION_PUSH_TIMEOUT))
     accelerator.end_training()
@@ -430,8 +507,15 @@ def _final_save(run: Run) -> TrainResult:
         accelerator.log({f"eval/{key}": value for key, value in state.knn.items()}, step=state.global_step)
         accelerator.print(f"k-NN of the trained teacher at {_knn_size(run.args)} px: {knn_line(state.knn)}")
     final = writer.save(state.global_step, _synced(run), final_state)
-    result = TrainResult(writer.output_dir, writer.export_dir, state.global_step, checkpoint=final, knn=state.knn,
-                         knn_random_init=state.knn_random_init, skipped_samples=dict(run.skip_report.counts))
+    result = TrainResult(
+        writer.output_dir,
+        writer.export_dir,
+        state.global_step,
+        checkpoint=final,
+        knn=state.knn,
+        knn_random_init=state.knn_random_init,
+        skipped_samples=dict(run.skip_report.counts),
+    )
     if accelerator.is_main_process:
         writer.export(final_teacher, writer.export_dir, state.global_step, state)
         accelerator.print(run.skip_report.summary())
