@@ -12,7 +12,7 @@ from dino_hf.models.heads import DinoHead
 from dino_hf.models.multicrop_wrapper import MultiCropWrapper
 from dino_hf.training.loss import DinoLoss
 from dino_hf.training.optimization import build_optimizer, get_param_groups, optimizer_kernel_options
-from dino_hf.training.speed import apply_speed_options
+from dino_hf.training.speed import apply_speed_options, compile_units
 from dino_hf.training.step import train_step
 from dino_hf.training.teacher import build_teacher
 
@@ -131,7 +131,9 @@ def test_compile_keeps_modules_and_state_dict_keys():
     apply_speed_options(student, teacher, torch_compile=True)
     assert (list(student.state_dict()), list(teacher.state_dict())) == keys
     for model in (student, teacher):
-        assert model.backbone._compiled_call_impl is not None and model.head._compiled_call_impl is not None
+        units = compile_units(model)
+        assert units == [*model.backbone.model.encoder.layer, model.head]  # each block, then the head
+        assert all(unit._compiled_call_impl is not None for unit in units)
     with pytest.raises(TypeError, match="MultiCropWrapper"):
         apply_speed_options(student.backbone, teacher.backbone, torch_compile=True)
 
@@ -146,3 +148,24 @@ def test_compiled_step_equals_the_eager_step():
     assert compiled_stats["loss"] == pytest.approx(eager_stats["loss"], rel=1e-5)
     assert_same_networks(compiled[0], student, atol=1e-5)
     assert_same_networks(compiled[1], teacher, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_steps_compile_once_per_resolution_and_never_again():
+    """After the first steps (both crop resolutions seen, student and teacher), later steps run the
+    graphs already built: a recompilation is an error here."""
+    student, teacher, dino_loss, crops = setup()
+    apply_speed_options(student, teacher, torch_compile=True)
+    optimizer = build_optimizer("adamw", get_param_groups(student), device="cpu")
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters["stats"]
+    before = counters["unique_graphs"]
+    for _ in range(2):
+        one_step((student, teacher, dino_loss), crops, optimizer)
+    graphs = counters["unique_graphs"] - before
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            one_step((student, teacher, dino_loss), [crop + 0.1 for crop in crops], optimizer)
+    assert counters["unique_graphs"] - before == graphs
+    # block (student 32 and 16 px, teacher 32 px) and head (student, teacher): the same graph for every block
+    assert graphs <= 5, graphs

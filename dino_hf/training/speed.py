@@ -31,10 +31,11 @@ def apply_speed_options(
 
     Args:
         student, teacher (`MultiCropWrapper`): modified in place and returned.
-        torch_compile (`bool`, defaults to `False`): compile `backbone` and `head` of both with
-            `nn.Module.compile(dynamic=False)`: the modules stay where they are, so state-dict
-            keys, checkpoints and the EMA are unchanged; each crop resolution (224 and 96) and
-            each batch size gets its own graph, built on its first step (minutes for ViT-S).
+        torch_compile (`bool`, defaults to `False`): compile `compile_units` of both (each block of a
+            ViT, or a CNN backbone whole, and the head) with `nn.Module.compile(dynamic=False)`: the
+            modules stay where they are, so state-dict keys, checkpoints and the EMA are unchanged;
+            each crop resolution (224 and 96) gets its own static graph, built on the first step,
+            shared by all blocks.
             Random ops in a compiled graph (stochastic depth) draw from inductor's generator, not
             eager PyTorch's: the same distribution, other samples.
         channels_last (`bool`, defaults to `False`): store 4-D weights as NHWC, the layout of
@@ -49,9 +50,20 @@ def apply_speed_options(
         if channels_last:
             model.to(memory_format=torch.channels_last)
         if torch_compile:
-            model.backbone.compile(dynamic=False)
-            model.head.compile(dynamic=False)
+            for unit in compile_units(model):
+                unit.compile(dynamic=False)
     return student, teacher
 
 
-__all__ = ["apply_speed_options"]
+def compile_units(model: nn.Module) -> list[nn.Module]:
+    """The modules `torch_compile` compiles one by one: each transformer block of a ViT backbone
+    (a DinoModel's encoder layers, a timm ViT's `blocks`), as DINOv3 does, so that one compiled graph
+    per crop resolution serves every block; a backbone without blocks (a CNN) whole; and the head."""
+    inner = getattr(model.backbone, "model", model.backbone)
+    encoder = getattr(inner, "encoder", None)
+    blocks = getattr(encoder, "layer", None) if encoder is not None else getattr(inner, "blocks", None)
+    units = list(blocks) if isinstance(blocks, (nn.ModuleList, nn.Sequential)) and len(blocks) else [model.backbone]
+    return units + [model.head]
+
+
+__all__ = ["apply_speed_options", "compile_units"]
