@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny import TINY_VIT
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -31,12 +32,7 @@ def data(tmp_path_factory):
     torch.manual_seed(0)
     DinoModel(
         DinoConfig(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            image_size=32,
-            patch_size=8,
+            **TINY_VIT,
         )
     ).save_pretrained(root / "model")
     return root

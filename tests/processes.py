@@ -10,6 +10,24 @@ from dino_hf.training.optimization import build_optimizer, get_param_groups
 from dino_hf.training.step import train_step
 
 
+def accelerate_launch(processes: int = 2, machines: int = 1) -> list[str]:
+    """`accelerate launch` of CPU processes, fp32, no dynamo: the start of every launch command here."""
+    placement = ["--multi_gpu"] if processes > 1 else ["--cpu"]
+    return [
+        "accelerate",
+        "launch",
+        *placement,
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        str(machines),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
+
+
 def run_in_processes(worker, world_size: int, tmp_path) -> dict:
     """Run `worker(rank, world_size, results)` in `world_size` processes joined in a gloo process
     group; returns what they put in the shared `results` dict."""
@@ -39,7 +57,7 @@ def assert_trains_as_one_process(distributed: dict, setup, step_options: dict):
     losses = [
         train_step(student, teacher, dino_loss, optimizer, crops, **step_options)["loss"].item() for crops in batches
     ]
-    assert [loss.item() for loss in distributed["losses"]] == pytest.approx(losses, rel=1e-5)
+    assert [float(loss) for loss in distributed["losses"]] == pytest.approx(losses, rel=1e-5)
     torch.testing.assert_close(distributed["center"], dino_loss.center, rtol=0, atol=1e-6)
     assert distributed["teacher"].keys() == teacher.state_dict().keys()
     for name, tensor in teacher.state_dict().items():

@@ -1,21 +1,20 @@
 import pytest
 import torch
+from tiny import TINY_VIT
 
 from dino_hf import DinoConfig, DinoModel
 from dino_hf.models.backbones import DinoModelBackbone, TimmBackbone, build_backbone
 
-TINY_VIT = dict(image_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+TINY_TIMM_VIT = dict(image_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 
 
 def tiny_config(**overrides) -> DinoConfig:
-    fields = dict(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8
-    )
+    fields = dict(**TINY_VIT)
     return DinoConfig(**{**fields, **overrides})
 
 
 def test_timm_vit_takes_local_crops_and_returns_cls_after_norm():
-    backbone = build_backbone("timm:test_vit", **TINY_VIT).eval()
+    backbone = build_backbone("timm:test_vit", **TINY_TIMM_VIT).eval()
     assert isinstance(backbone, TimmBackbone)
     assert backbone.num_features == 32
     assert backbone.model.dynamic_img_size
@@ -27,7 +26,7 @@ def test_timm_vit_takes_local_crops_and_returns_cls_after_norm():
 
 
 def test_timm_vit_drop_path_rate_reaches_the_blocks():
-    backbone = build_backbone("timm:test_vit", drop_path_rate=0.2, **TINY_VIT)
+    backbone = build_backbone("timm:test_vit", drop_path_rate=0.2, **TINY_TIMM_VIT)
     drop_probs = [m.drop_prob for m in backbone.modules() if hasattr(m, "drop_prob")]
     assert max(drop_probs) == pytest.approx(0.2)
 

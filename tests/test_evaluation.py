@@ -10,6 +10,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tiny import TINY_VIT
 from torch import nn
 from torchvision.transforms import InterpolationMode
 
@@ -35,12 +36,7 @@ CPU = torch.device("cpu")
 def tiny_model(seed: int = 0) -> DinoModel:
     torch.manual_seed(seed)
     config = DinoConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=32,
-        patch_size=8,
+        **TINY_VIT,
         drop_path_rate=0.0,
     )
     return DinoModel(config).eval()

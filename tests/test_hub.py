@@ -20,6 +20,7 @@ import torch
 from hub_server import FakeHub
 from huggingface_hub import ModelCard
 from PIL import Image
+from tiny import TINY_VIT
 from transformers import AutoImageProcessor, AutoModel, TimmWrapperModel, pipeline
 
 import dino_hf  # noqa: F401  (registers DinoModel with AutoModel)
@@ -35,9 +36,7 @@ REPO = "dino-org/tiny-dino"
 
 def tiny_dino() -> DinoModel:
     torch.manual_seed(0)
-    config = DinoConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8
-    )
+    config = DinoConfig(**TINY_VIT)
     return DinoModel(config).eval()
 
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
+from tiny import TINY_VIT
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, pipeline
 
 from dino_hf import PRESETS, DinoConfig, DinoModel
@@ -18,12 +19,7 @@ from dino_hf import PRESETS, DinoConfig, DinoModel
 
 def tiny_config(**overrides) -> DinoConfig:
     fields = dict(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=32,
-        patch_size=8,
+        **TINY_VIT,
         drop_path_rate=0.0,
     )
     fields.update(overrides)

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from hub_server import FakeHub
+from processes import accelerate_launch
 from safetensors.torch import load_file
 
 from dino_hf import DinoModel
@@ -103,17 +104,7 @@ def reference(data, tmp_path_factory):
     root = tmp_path_factory.mktemp("reference")
     with FakeHub(root / "hub") as hub:
         command = [
-            "accelerate",
-            "launch",
-            "--cpu",
-            "--num_processes",
-            "1",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
+            *accelerate_launch(1),
             SCRIPT,
             *arguments(data, root / "out", "--push_to_hub", "--hub_model_id", "org/dino-tiny", "--hub_token", TOKEN),
         ]
@@ -189,19 +180,7 @@ def launch_two_processes(
 ) -> list[subprocess.CompletedProcess]:
     """Two CPU processes (gloo): on one machine, or one on each of two machines (two launches on
     127.0.0.1 that meet at the main process's port, as two nodes do)."""
-    common = [
-        "accelerate",
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        str(machines),
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    ]
+    common = accelerate_launch(2, machines=machines)
     if machines == 1:
         commands = [[*common, script, *arguments(data, output_dir, *extra)]]
     else:
@@ -378,17 +357,7 @@ def test_sigterm_to_a_two_process_launch_checkpoints_once_and_resumes(data, tmp_
     checkpoint with both processes' states, and a launch with --resume_from_checkpoint goes on."""
     out = tmp_path / "out"
     command = [
-        "accelerate",
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
+        *accelerate_launch(2),
         SCRIPT,
     ]
     env = {**ENV, "ACCELERATE_USE_CPU": "true"}
@@ -478,17 +447,7 @@ def test_sigterm_to_the_whole_job_of_a_two_process_launch_checkpoints_and_resume
     launch_two_processes(data, tmp_path / "uninterrupted", *extra)
     out = tmp_path / "out"
     command = [
-        "accelerate",
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
+        *accelerate_launch(2),
         SCRIPT,
         *arguments(data, out, *extra),
     ]

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny import TINY_VIT
 
 from dino_hf import DinoConfig, DinoModel
 
@@ -42,12 +43,7 @@ def workspace(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("eval_scripts")
     torch.manual_seed(0)
     config = DinoConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=32,
-        patch_size=8,
+        **TINY_VIT,
         drop_path_rate=0.0,
     )
     DinoModel(config).save_pretrained(root / "model")

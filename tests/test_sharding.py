@@ -11,6 +11,7 @@ import copy
 import pytest
 import torch
 from processes import assert_trains_as_one_process, run_in_processes
+from tiny import TINY_VIT
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
@@ -40,9 +41,7 @@ STEP = dict(lr=0.01, weight_decay=0.04, momentum=0.9, teacher_temp=0.04, clip_gr
 def setup():
     """A 2-layer DinoModel student with its head, its teacher, a non-zero center and 3 batches of 8."""
     torch.manual_seed(0)
-    config = DinoConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8
-    )
+    config = DinoConfig(**TINY_VIT)
     student = MultiCropWrapper(
         build_backbone(config, drop_path_rate=0.0), DinoHead(32, out_dim=K, hidden_dim=48, bottleneck_dim=16)
     )

@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from tiny import TINY_VIT
 
 from dino_hf.models.backbones import build_backbone
 from dino_hf.models.configuration_dino import DinoConfig
@@ -18,16 +19,14 @@ from dino_hf.training.teacher import build_teacher
 
 K, B, NCROPS = 64, 2, 4
 STEP = dict(lr=0.01, weight_decay=0.04, momentum=0.9, teacher_temp=0.04, clip_grad=3.0, freeze_last_layer=False)
-TINY_VIT = DinoConfig(
-    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8
-)
+TINY_CONFIG = DinoConfig(**TINY_VIT)
 
 
 def setup(backbone: str = "vit"):
     """Student (no stochastic depth, so runs are comparable), a teacher that differs from it, a
     non-zero center and fixed crops (2 x 32 px + 2 x 16 px)."""
     torch.manual_seed(0)
-    spec = TINY_VIT if backbone == "vit" else "timm:test_resnet"
+    spec = TINY_CONFIG if backbone == "vit" else "timm:test_resnet"
     student_backbone = build_backbone(spec, drop_path_rate=0.0)
     student = MultiCropWrapper(
         student_backbone, DinoHead(student_backbone.num_features, out_dim=K, hidden_dim=48, bottleneck_dim=16)

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from tiny import TINY_VIT
 
 from dino_hf import DinoConfig
 from dino_hf.models.backbones import build_backbone
@@ -14,12 +15,7 @@ BACKBONES = {
     "timm_resnet": lambda: build_backbone("timm:test_resnet"),
     "dino_model": lambda: build_backbone(
         DinoConfig(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            image_size=32,
-            patch_size=8,
+            **TINY_VIT,
         )
     ),
 }

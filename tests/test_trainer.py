@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
-from processes import assert_trains_as_one_process
+from processes import accelerate_launch, assert_trains_as_one_process
 from safetensors.torch import load_file
 
 from dino_hf import DinoModel
@@ -472,17 +472,7 @@ def test_ddp_step_matches_one_process_step(tmp_path):
     """
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     command = [
-        "accelerate",
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
+        *accelerate_launch(2),
         __file__,
         "ddp-worker",
         str(tmp_path),
