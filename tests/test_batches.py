@@ -127,3 +127,19 @@ def test_loader_workers_outlive_stop_signals_from_others_but_not_a_sigterm_from_
     worker.join(timeout=10)
     assert worker.exitcode == 0
     del batches
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("on_device", [False, True])
+def test_cuda_side_stream_prefetch_gives_the_serial_batches(tmp_path, on_device):
+    """On CUDA the prefetched batch is copied and cropped on a side stream: the same crops as the
+    serial path, which does the same work on the step's stream."""
+    images(tmp_path)
+    cuda = torch.device("cuda")
+
+    def on_cuda(prefetch):
+        return device_batches(tmp_path, on_device, prefetch, device=cuda)
+
+    serial, prefetched = on_cuda(False), on_cuda(True)
+    for _ in range(5):
+        assert_same(next(prefetched), next(serial))
