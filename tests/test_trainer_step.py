@@ -8,17 +8,26 @@ from torch.nn import functional as F
 from dino_hf.models.backbones import build_backbone
 from dino_hf.models.heads import DinoHead
 from dino_hf.models.multicrop_wrapper import MultiCropWrapper
-from dino_hf.training.loss import DinoLoss
+from dino_hf.training.arguments import DinoTrainingArguments
+from dino_hf.training.loss import DinoLoss, koleo_loss, sinkhorn_knopp
 from dino_hf.training.optimization import build_optimizer, get_param_groups
+from dino_hf.training.plan import TrainingPlan
+from dino_hf.training.run_log import log_line
 from dino_hf.training.step import train_step
 from dino_hf.training.teacher import build_teacher
 
 K, B, NCROPS = 64, 2, 4
 STEP = dict(lr=0.01, weight_decay=0.04, momentum=0.9, teacher_temp=0.04, clip_grad=3.0)
+# The DINOv2 stabilisers, each on its own: DinoLoss options and train_step options.
+STABILISERS = {
+    "paper": ({}, {}),
+    "sinkhorn_knopp": ({"centering": "sinkhorn_knopp"}, {}),
+    "koleo": ({}, {"koleo_weight": 0.1}),
+}
 
 
-def setup():
-    """Fixed student, a teacher that differs from it, a non-zero center and fixed crops."""
+def setup(batch=B, **loss_options):
+    """Fixed student, a teacher that differs from it, a non-zero center and fixed crops of `batch` images."""
     torch.manual_seed(0)
     backbone = build_backbone(
         "timm:test_vit", drop_path_rate=0.0, image_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2
@@ -28,9 +37,9 @@ def setup():
     with torch.no_grad():
         for p in teacher.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    dino_loss = DinoLoss(K, NCROPS)
+    dino_loss = DinoLoss(K, NCROPS, **loss_options)
     dino_loss.center.copy_(0.1 * torch.randn(1, K))
-    crops = [torch.randn(B, 3, 32, 32) for _ in range(2)] + [torch.randn(B, 3, 16, 16) for _ in range(2)]
+    crops = [torch.randn(batch, 3, 32, 32) for _ in range(2)] + [torch.randn(batch, 3, 16, 16) for _ in range(2)]
     return student, teacher, dino_loss, crops
 
 
@@ -231,11 +240,13 @@ class HostReads(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("stabiliser", list(STABILISERS))
 @pytest.mark.parametrize("optimizer_name", ["adamw", "sgd", "lars"])
 @pytest.mark.parametrize("through_accelerator", [False, True])
-def test_a_steady_state_step_reads_nothing_back(optimizer_name, through_accelerator):
+def test_a_steady_state_step_reads_nothing_back(optimizer_name, through_accelerator, stabiliser):
     accelerate = pytest.importorskip("accelerate")
-    student, teacher, dino_loss, crops = setup()
+    loss_options, step_options = STABILISERS[stabiliser]
+    student, teacher, dino_loss, crops = setup(batch=4, **loss_options)  # micro-batches of 2: KoLeo needs 2
     optimizer = build_optimizer(optimizer_name, get_param_groups(student), device="cpu")
     accelerator = None
     if through_accelerator:
@@ -254,9 +265,82 @@ def test_a_steady_state_step_reads_nothing_back(optimizer_name, through_accelera
                     accelerator=accelerator,
                     accumulation_steps=2,
                     **STEP,
+                    **step_options,
                 )
             if step:  # the first step creates the optimiser state
                 assert reads.calls == [], reads.calls
     finally:
         accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)
     assert stats["nonfinite"].item() == 0.0 and math.isfinite(stats["loss"].item())
+
+
+# ---- DINOv2's stabilisers --------------------------------------------------------------------------
+
+
+def test_the_wrapper_returns_the_backbone_features_on_request():
+    student, _, _, crops = setup()
+    logits, features = student(crops, return_features=True)
+    with torch.no_grad():
+        expected = torch.cat([student.backbone(torch.cat(crops[:2])), student.backbone(torch.cat(crops[2:]))])
+    torch.testing.assert_close(features, expected)
+    assert torch.equal(logits, student(crops))
+    assert features.shape == (NCROPS * B, 32)
+
+
+def test_a_step_with_sinkhorn_knopp_centering():
+    student, teacher, dino_loss, crops = setup(centering="sinkhorn_knopp", sinkhorn_iterations=3)
+    center = dino_loss.center.clone()
+    with torch.no_grad():
+        q = sinkhorn_knopp(teacher(crops[:2]), STEP["teacher_temp"], 3).chunk(2)
+        log_p = F.log_softmax(student(crops) / 0.1, dim=-1).chunk(NCROPS)
+    pairs = [(-q[i] * log_p[v]).sum(-1).mean() for i in range(2) for v in range(NCROPS) if v != i]
+
+    optimizer = build_optimizer("adamw", get_param_groups(student))
+    stats = train_step(student, teacher, dino_loss, optimizer, crops, freeze_last_layer=False, **STEP)
+
+    assert stats["nonfinite"].item() == 0.0
+    assert stats["loss"].item() == pytest.approx((sum(pairs) / len(pairs)).item(), rel=1e-6)
+    assert torch.equal(dino_loss.center, center)  # the center is neither used nor updated
+    assert "center_norm" not in stats and math.isfinite(stats["teacher_entropy"].item())
+
+
+def test_a_step_with_koleo_reports_it_and_trains_the_backbone_with_it():
+    student, teacher, dino_loss, crops = setup()
+    plain = [copy.deepcopy(x) for x in (student, teacher, dino_loss)]
+    with torch.no_grad():
+        features = student.backbone(torch.cat(crops[:2])).chunk(2)
+    expected_koleo = sum(koleo_loss(crop_features) for crop_features in features)
+
+    optimizer = build_optimizer("adamw", get_param_groups(student))
+    stats = train_step(
+        student, teacher, dino_loss, optimizer, crops, freeze_last_layer=False, koleo_weight=0.1, **STEP
+    )
+    plain_stats = train_step(
+        *plain, build_optimizer("adamw", get_param_groups(plain[0])), crops, freeze_last_layer=False, **STEP
+    )
+
+    assert "koleo" not in plain_stats
+    assert stats["koleo"].ndim == 0 and math.isfinite(stats["koleo"].item())
+    assert stats["koleo"].item() == pytest.approx(expected_koleo.item(), rel=1e-6)
+    assert stats["loss"].item() == pytest.approx(plain_stats["loss"].item(), rel=1e-6)  # "loss" is DINO's alone
+    assert stats["nonfinite"].item() == 0.0
+    # KoLeo acts on the backbone's features: it changes the backbone's update, not the head's.
+    backbone_moved = [
+        not torch.allclose(p, q, rtol=0, atol=1e-7)
+        for p, q in zip(student.backbone.parameters(), plain[0].backbone.parameters())
+    ]
+    assert any(backbone_moved)
+    for p, q in zip(student.head.parameters(), plain[0].head.parameters()):
+        torch.testing.assert_close(p, q)
+    line = log_line(1, {"epoch": 0.0, **{key: value.item() for key, value in stats.items()}})
+    assert f"koleo={stats['koleo'].item():.4g}" in line
+
+
+def test_the_plan_passes_the_koleo_weight_to_the_step(tmp_path):
+    args = DinoTrainingArguments(train_dir=str(tmp_path), koleo_weight=0.1, per_device_train_batch_size=B)
+    plan = TrainingPlan.from_args(args, samples_per_epoch=100, num_processes=1, fresh_head=False)
+    assert plan.step_options(0)["koleo_weight"] == 0.1
+    student, teacher, dino_loss, crops = setup()
+    optimizer = build_optimizer("adamw", get_param_groups(student))
+    stats = train_step(student, teacher, dino_loss, optimizer, crops, **plan.schedule(0), **plan.step_options(0))
+    assert "koleo" in stats and math.isfinite(stats["loss"].item())

@@ -37,6 +37,8 @@ def test_defaults_are_the_reference_recipe(image_dir):
     assert (args.global_crops_scale, args.local_crops_scale) == ([0.4, 1.0], [0.05, 0.4])
     assert (args.global_crops_size, args.local_crops_size, args.per_device_train_batch_size) == (224, 96, 64)
     assert (args.student_temp, args.center_momentum, args.optimizer, args.norm_last_layer) == (0.1, 0.9, "adamw", True)
+    # DINOv2's stabilisers are off: the paper's running center, no KoLeo.
+    assert (args.centering, args.sinkhorn_iterations, args.koleo_weight) == ("center", 3, 0.0)
 
 
 @pytest.mark.parametrize(
@@ -58,6 +60,14 @@ def test_defaults_are_the_reference_recipe(image_dir):
         ({"checkpointing_steps": "often"}, "checkpointing_steps", "a number of steps >= 1, or 'epoch'"),
         ({"optimizer": "adam"}, "optimizer", "one of adamw, sgd, lars"),
         ({"mixed_precision": "fp8"}, "mixed_precision", "no, fp16 or bf16"),
+        ({"centering": "sinkhorn"}, "centering", "center (the paper's running center) or sinkhorn_knopp"),
+        ({"sinkhorn_iterations": 0}, "sinkhorn_iterations", "an integer >= 1"),
+        ({"koleo_weight": -0.1}, "koleo_weight", "a number >= 0"),
+        (
+            {"koleo_weight": 0.1, "per_device_train_batch_size": 1},
+            "per_device_train_batch_size",
+            "at least 2 with --koleo_weight",
+        ),
         ({"report_to": "tensorbord"}, "report_to", "none, or a comma-separated list of"),
         ({"backbone": "resnet50"}, "backbone", "a timm model as timm:NAME"),
         ({"backbone": "timm:resnet_50"}, "backbone", "a model name that timm knows"),
@@ -172,3 +182,20 @@ def test_a_data_source_replaces_the_demo_data_of_a_config(tmp_path, image_dir):
     assert parse_training_args(["--config", str(demo)]).demo is True
     with pytest.raises(ValueError, match="--demo=True is not valid: train on the demo dataset or on --train_dir"):
         parse_training_args(["--config", str(demo), "--demo", "--train_dir", image_dir])
+
+
+def test_dinov2_stabilisers_parse_from_the_command_line(image_dir):
+    args = parse_training_args(
+        [
+            "--train_dir",
+            image_dir,
+            "--centering",
+            "sinkhorn_knopp",
+            "--sinkhorn_iterations",
+            "5",
+            "--koleo_weight",
+            "0.1",
+        ]
+    )
+    assert (args.centering, args.sinkhorn_iterations, args.koleo_weight) == ("sinkhorn_knopp", 5, 0.1)
+    assert args.to_dict()["centering"] == "sinkhorn_knopp"

@@ -23,6 +23,7 @@ from transformers import HfArgumentParser
 
 from ..models.configuration_dino import PRESETS, DinoConfig
 from ..models.references import TIMM_PREFIX, is_external_timm_name, is_hub_id
+from .loss import CENTERINGS
 from .optimization import OPTIMIZERS
 
 SECRET_FIELDS = ("hub_token",)
@@ -79,6 +80,26 @@ class DinoTrainingArguments:
     )
     student_temp: float = field(default=0.1, metadata={"help": "Student temperature."})
     center_momentum: float = field(default=0.9, metadata={"help": "EMA momentum of the teacher center."})
+
+    # ---- small-data stabilisers (DINOv2, Oquab et al. 2023, Sec. 4), off by default ----------
+    centering: Literal["center", "sinkhorn_knopp"] = field(
+        default="center",
+        metadata={
+            "help": "How the teacher is centred: 'center' (the paper's running center, default) or "
+            "'sinkhorn_knopp' (DINOv2's Sinkhorn-Knopp normalisation over the batch; the center is then "
+            "not used)."
+        },
+    )
+    sinkhorn_iterations: int = field(
+        default=3, metadata={"help": "Sinkhorn-Knopp iterations with --centering sinkhorn_knopp (DINOv2: 3)."}
+    )
+    koleo_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the KoLeo regulariser on the student's backbone features of the global crops "
+            "(DINOv2: 0.1); 0 turns it off."
+        },
+    )
 
     # ---- optimisation ------------------------------------------------------------------------
     optimizer: Literal["adamw", "sgd", "lars"] = field(
@@ -263,6 +284,7 @@ def validate(args: DinoTrainingArguments) -> None:
         "checkpoints_total_limit",
         "shuffle_buffer_size",
         "augment_cap_size",
+        "sinkhorn_iterations",
     )
     for name in positive:
         if getattr(args, name) < 1:
@@ -280,6 +302,7 @@ def validate(args: DinoTrainingArguments) -> None:
         "local_crops_number",
         "dataloader_num_workers",
         "skip_nonfinite_steps",
+        "koleo_weight",
     )
     for name in non_negative:
         if getattr(args, name) < 0:
@@ -306,6 +329,14 @@ def validate(args: DinoTrainingArguments) -> None:
         scale = getattr(args, name)
         if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
             _fail(name, scale, "two numbers 0 < low <= high <= 1, e.g. 0.4 1.0")
+    if args.centering not in CENTERINGS:
+        _fail("centering", args.centering, "center (the paper's running center) or sinkhorn_knopp (DINOv2)")
+    if args.koleo_weight and args.per_device_train_batch_size < 2:
+        _fail(
+            "per_device_train_batch_size",
+            args.per_device_train_batch_size,
+            "at least 2 with --koleo_weight, which needs a nearest neighbour in each process's batch",
+        )
     if args.augment_on not in ("cpu", "gpu"):
         _fail("augment_on", args.augment_on, "cpu or gpu")
     if args.optimizer not in OPTIMIZERS:

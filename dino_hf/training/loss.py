@@ -4,6 +4,10 @@ The teacher's output is centred (a running mean of its outputs is subtracted) an
 temperature); the student is trained to match it with a cross-entropy over every pair of a teacher
 crop and a student crop of a different view. Centring and sharpening together avoid collapse
 (paper Sec. 5.3).
+
+Two stabilisers of DINOv2 (Oquab et al. 2023, Sec. 4) are here as options, both off by default:
+Sinkhorn-Knopp centering of the teacher (`DinoLoss(centering="sinkhorn_knopp")`, `sinkhorn_knopp`)
+and the KoLeo regulariser of the student's features (`koleo_loss`).
 """
 
 from typing import NamedTuple
@@ -11,6 +15,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+CENTERINGS = ("center", "sinkhorn_knopp")
 
 
 class DinoLoss(nn.Module):
@@ -21,22 +27,51 @@ class DinoLoss(nn.Module):
         ncrops (`int`): crops the student sees per image (2 global + local ones, 10 in the paper).
         student_temp (`float`, defaults to 0.1): temperature of the student softmax.
         center_momentum (`float`, defaults to 0.9): EMA momentum of the center.
+        centering (`str`, defaults to `"center"`): how the teacher is centred. `"center"` is the paper's
+            running center, `softmax((t - c) / teacher_temp)`; `"sinkhorn_knopp"` is DINOv2's
+            Sinkhorn-Knopp normalisation over the batch (`sinkhorn_knopp`), and the center is then
+            neither used nor updated.
+        sinkhorn_iterations (`int`, defaults to 3): Sinkhorn-Knopp iterations (DINOv2's 3); read only
+            with `centering="sinkhorn_knopp"`.
 
-    The center is a persistent buffer `center (1, K)`: it is saved in the state dict. It is updated
-    after the loss with the mean teacher output over all processes.
+    The center is a persistent buffer `center (1, K)`: it is saved in the state dict (also with
+    Sinkhorn-Knopp centering, where it stays as it is, so that checkpoints keep one format). It is
+    updated after the loss with the mean teacher output over all processes.
     """
 
-    def __init__(self, out_dim: int, ncrops: int, student_temp: float = 0.1, center_momentum: float = 0.9):
+    def __init__(
+        self,
+        out_dim: int,
+        ncrops: int,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+        centering: str = "center",
+        sinkhorn_iterations: int = 3,
+    ):
         super().__init__()
         if ncrops < 2:
             raise ValueError(
                 f"ncrops counts the 2 global crops plus the local ones, so it is at least 2; got {ncrops}"
             )
+        if centering not in CENTERINGS:
+            raise ValueError(
+                f"centering={centering!r} is not known; use 'center' (the paper's running center) or "
+                "'sinkhorn_knopp' (DINOv2)"
+            )
+        if sinkhorn_iterations < 1:
+            raise ValueError(f"sinkhorn_iterations={sinkhorn_iterations} should be >= 1 (DINOv2 uses 3)")
         self.out_dim = out_dim
         self.ncrops = ncrops
         self.student_temp = student_temp
         self.center_momentum = center_momentum
+        self.centering = centering
+        self.sinkhorn_iterations = sinkhorn_iterations
         self.register_buffer("center", torch.zeros(1, out_dim))
+
+    @property
+    def uses_center(self) -> bool:
+        """Whether the running center takes part in the loss (the paper's centering)."""
+        return self.centering == "center"
 
     def forward(
         self,
@@ -72,7 +107,10 @@ class DinoLoss(nn.Module):
         """
         self._check_shapes(student_output, teacher_output)
         student_log_probs = F.log_softmax(student_output / self.student_temp, dim=-1).chunk(self.ncrops)
-        teacher_probs = F.softmax((teacher_output - self.center) / teacher_temp, dim=-1).detach()
+        if self.uses_center:
+            teacher_probs = F.softmax((teacher_output - self.center) / teacher_temp, dim=-1).detach()
+        else:
+            teacher_probs = sinkhorn_knopp(teacher_output, teacher_temp, self.sinkhorn_iterations)
         q = teacher_probs.view(2, len(teacher_output) // 2, -1)  # (2, B, K)
         zero = student_output.new_zeros((), dtype=student_log_probs[0].dtype)
         rows, total_loss, n_loss_terms = [], 0.0, 0
@@ -96,8 +134,11 @@ class DinoLoss(nn.Module):
         """center = m * center + (1 - m) * mean of `teacher_output (2 * B, K)` over all processes.
 
         `keep` (a bool tensor, optional): where true, the center stays as it is (a step skipped on a
-        non-finite loss), decided on the device without reading it back.
+        non-finite loss), decided on the device without reading it back. With Sinkhorn-Knopp
+        centering the center is not used, and this does nothing.
         """
+        if not self.uses_center:
+            return
         batch_center = torch.sum(teacher_output, dim=0, keepdim=True)  # (1, K)
         world_size = 1
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -126,11 +167,91 @@ class DinoLoss(nn.Module):
             )
 
 
+@torch.no_grad()
+def sinkhorn_knopp(teacher_output: torch.Tensor, teacher_temp: float, n_iterations: int = 3) -> torch.Tensor:
+    """Teacher distributions by Sinkhorn-Knopp normalisation over the batch, in place of the running
+    center (DINOv2, Oquab et al. 2023, Sec. 4; `dinov2/loss/dino_clstoken_loss.py:
+    DINOLoss.sinkhorn_knopp_teacher`, after SwAV, Caron et al. 2020).
+
+    Q = exp(t / teacher_temp), transposed to (K, B_all) with B_all the rows of all processes, is divided
+    by its sum, then `n_iterations` times: each row (prototype) is divided by its sum over the batch
+    and by K, each column (sample) by its sum and by B_all; finally it is multiplied by B_all, so that
+    every sample's distribution sums to 1, and the prototypes tend to equal shares B_all / K of the
+    batch. The sums over the batch are all-reduced over the processes when `torch.distributed` is
+    initialised (the sums over prototypes are within a process).
+
+    Args:
+        teacher_output (`torch.Tensor` of shape `(B, K)`): teacher logits of this process (the global
+            crops' rows).
+        teacher_temp (`float`): teacher temperature of this step.
+        n_iterations (`int`, defaults to 3): Sinkhorn-Knopp iterations (DINOv2's 3).
+
+    Returns:
+        `torch.Tensor` of shape `(B, K)`: the teacher distributions, each row summing to 1, in float32
+        (float64 for float64 logits), without gradient.
+    """
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    world_size = torch.distributed.get_world_size() if distributed else 1
+    logits = teacher_output.to(torch.promote_types(teacher_output.dtype, torch.float32)) / teacher_temp  # (B, K)
+    # Each prototype's largest logit over the batch is taken out so that exp cannot overflow; the first
+    # row normalisation divides that factor out again, so the result is the formula's.
+    row_max = logits.max(dim=0, keepdim=True).values  # (1, K)
+    if distributed:
+        torch.distributed.all_reduce(row_max, op=torch.distributed.ReduceOp.MAX)
+    q = torch.exp(logits - row_max).t()  # (K, B)
+    prototypes, samples = q.shape[0], q.shape[1] * world_size
+    total = q.sum()
+    if distributed:
+        torch.distributed.all_reduce(total)
+    q = q / total
+    for _ in range(n_iterations):
+        rows = q.sum(dim=1, keepdim=True)  # (K, 1): each prototype's weight, to become 1 / K
+        if distributed:
+            torch.distributed.all_reduce(rows)
+        q = q / rows / prototypes
+        q = q / q.sum(dim=0, keepdim=True) / samples  # each sample's weight, to become 1 / B_all
+    return (q * samples).t()  # (B, K)
+
+
+def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """The Kozachenko-Leonenko entropy regulariser (Sablayrolles et al. 2019, "Spreading vectors for
+    similarity search"; DINOv2 Sec. 4, `dinov2/loss/koleo_loss.py: KoLeoLoss`).
+
+    With x_i the L2-normalised features and d_i = min_{j != i} ||x_i - x_j|| the distance to the
+    nearest other feature of the batch, the loss is `-mean_i log(d_i + eps)`: it pushes each feature
+    away from its nearest neighbour, spreading the batch over the sphere. Computed in float32 (float64
+    for float64 features) with autocast off, as DINOv2 does; the nearest neighbours are chosen without
+    gradient, the distances carry it.
+
+    Args:
+        features (`torch.Tensor` of shape `(B, D)`): the student's backbone features of one crop
+            (DINOv2: the CLS token of one global crop), B >= 2.
+        eps (`float`, defaults to 1e-8): keeps the normalisation and the log finite.
+
+    Returns:
+        The scalar loss (0-dim tensor).
+    """
+    if features.ndim != 2 or len(features) < 2:
+        raise ValueError(
+            f"koleo_loss needs features (B, D) of at least 2 images to find nearest neighbours, got "
+            f"{tuple(features.shape)}; use a per-device batch of 2 or more images"
+        )
+    dtype = torch.promote_types(features.dtype, torch.float32)
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        x = F.normalize(features.to(dtype), p=2, dim=-1, eps=eps)  # (B, D)
+        with torch.no_grad():
+            dots = x @ x.t()  # (B, B): for unit vectors ||x_i - x_j||^2 = 2 - 2 x_i.x_j
+            dots.fill_diagonal_(-2.0)  # below every dot product of unit vectors: no image is its own neighbour
+            nearest = dots.argmax(dim=1)  # (B,)
+        distances = (x - x.index_select(0, nearest)).norm(dim=-1)  # (B,)
+        return -torch.log(distances + eps).mean()
+
+
 class LossTerms(NamedTuple):
     """What `DinoLoss.terms` computes: `loss` (scalar), `teacher_probs (2, B, K)` (the centred,
-    sharpened teacher distributions, no gradient) and `cross_entropy (2, ncrops)` (the batch-mean
-    cross-entropy of each teacher crop against each student crop; 0 for the two same-view pairs,
-    which the loss leaves out)."""
+    sharpened teacher distributions, or the Sinkhorn-Knopp ones; no gradient) and
+    `cross_entropy (2, ncrops)` (the batch-mean cross-entropy of each teacher crop against each
+    student crop; 0 for the two same-view pairs, which the loss leaves out)."""
 
     loss: torch.Tensor
     teacher_probs: torch.Tensor
@@ -145,20 +266,21 @@ def _mean_over_pairs(per_pair: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def collapse_diagnostics(terms: LossTerms, center: torch.Tensor) -> dict[str, torch.Tensor]:
+def collapse_diagnostics(terms: LossTerms, center: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """Numbers that show collapse early (paper Sec. 5.3, Fig. 7), from the loss terms of one step.
 
     Args:
         terms (`LossTerms`): from `DinoLoss.terms` (its teacher distributions and pair cross-entropies).
-        center (`torch.Tensor` of shape `(1, K)`): the center the loss used.
+        center (`torch.Tensor` of shape `(1, K)`, or `None`): the center the loss used; `None` with
+            Sinkhorn-Knopp centering, which uses none (`center_norm` is then left out).
 
     Returns:
         0-dim tensors on the device, read by the caller when it logs (no host synchronisation here):
         `teacher_entropy`: mean entropy of the teacher distributions (ln K at uniform collapse, 0 at
             one-hot collapse); `teacher_max_prob`: mean largest teacher probability;
             `kl_teacher_student`: mean KL(teacher || student) over the loss's crop pairs (0 when the
-            student copies the teacher, as in collapse); `center_norm`: L2 norm of the center;
-            `distinct_prototypes`: number of different argmax prototypes over the teacher batch
+            student copies the teacher, as in collapse); `center_norm`: L2 norm of the center (when
+            there is one); `distinct_prototypes`: number of different argmax prototypes over the teacher batch
             (1 when every image maps to the same prototype).
     """
     q = terms.teacher_probs  # (2, B, K)
@@ -166,13 +288,14 @@ def collapse_diagnostics(terms: LossTerms, center: torch.Tensor) -> dict[str, to
     kl = terms.cross_entropy.detach() - entropy.mean(1, keepdim=True)  # (2, V): CE(q, p) - H(q) per pair
     argmax = q.flatten(0, 1).argmax(dim=-1)  # (2B,)
     hit = torch.zeros(q.shape[-1], dtype=q.dtype, device=q.device).index_fill_(0, argmax, 1.0)  # (K,)
-    return {
+    diagnostics = {
         "teacher_entropy": entropy.mean(),
         "teacher_max_prob": q.max(dim=-1).values.mean(),
         "kl_teacher_student": _mean_over_pairs(kl),
-        "center_norm": center.float().norm(),
+        "center_norm": None if center is None else center.float().norm(),
         "distinct_prototypes": hit.sum(),
     }
+    return {key: value for key, value in diagnostics.items() if value is not None}
 
 
-__all__ = ["DinoLoss", "LossTerms", "collapse_diagnostics"]
+__all__ = ["CENTERINGS", "DinoLoss", "LossTerms", "collapse_diagnostics", "koleo_loss", "sinkhorn_knopp"]

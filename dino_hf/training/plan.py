@@ -78,6 +78,7 @@ class TrainingPlan:
             "freeze_last_layer": step < self.freeze_last_layer_steps,
             "accumulation_steps": self.args.gradient_accumulation_steps,
             "freeze_backbone": step < self.head_warmup_steps,
+            "koleo_weight": self.args.koleo_weight,
         }
 
     def epoch(self, step: int) -> float:

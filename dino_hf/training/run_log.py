@@ -5,6 +5,7 @@ import os
 
 _LOGGED = (
     "loss",
+    "koleo",
     "lr",
     "weight_decay",
     "momentum",

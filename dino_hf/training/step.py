@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from ..models.heads import DinoHead
-from .loss import DinoLoss, collapse_diagnostics
+from .loss import DinoLoss, collapse_diagnostics, koleo_loss
 from .optimization import clip_gradients_, step_unless_
 from .teacher import ema_update_
 
@@ -45,13 +45,15 @@ def train_step(
     accelerator: Accelerator | None = None,
     accumulation_steps: int = 1,
     freeze_backbone: bool = False,
+    koleo_weight: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """One DINO step, in the reference's order.
 
     1. lr on every parameter group, weight decay on the regularised group(s) only;
-    2. per micro-batch: teacher on the 2 global crops (no grad), student on all crops, loss, backward
-       of loss / accumulation_steps; the center is updated once, after the last micro-batch, with
-       the mean teacher output of the whole batch (so 2 x B/2 computes what 1 x B does);
+    2. per micro-batch: teacher on the 2 global crops (no grad), student on all crops, loss (plus
+       `koleo_weight` times the KoLeo term when it is on), backward of loss / accumulation_steps; the
+       center is updated once, after the last micro-batch, with the mean teacher output of the whole
+       batch (so 2 x B/2 computes what 1 x B does);
     3. per-parameter gradient clipping, last-layer gradients dropped when `freeze_last_layer`,
        backbone gradients dropped when `freeze_backbone`, optimiser step, zero_grad;
     4. EMA of the teacher with `momentum`.
@@ -77,16 +79,24 @@ def train_step(
         accumulation_steps (`int`): split the batch into this many micro-batches of B / steps images,
             one forward and backward each, then one optimiser step (gradient accumulation).
         freeze_backbone (`bool`): train the head alone (warm-up of a fresh head on pretrained weights).
+        koleo_weight (`float`, defaults to 0.0): weight of the KoLeo regulariser (DINOv2 Sec. 4; 0.1
+            there) added to the loss: `koleo_loss` of the student's backbone features of each global
+            crop, summed over the 2 global crops, within each process's micro-batch as DINOv2 does
+            within each GPU's batch. 0 turns it off (the paper's loss).
 
     Returns:
-        0-dim tensors on the device: `loss` (averaged over the micro-batches and the processes),
-        the `collapse_diagnostics`, and `nonfinite` (1.0 when the step was skipped, else 0.0).
+        0-dim tensors on the device: `loss` (the DINO loss, averaged over the micro-batches and the
+        processes), `koleo` (the KoLeo term before weighting, averaged the same way; only when
+        `koleo_weight` is not 0), the `collapse_diagnostics`, and `nonfinite` (1.0 when the step was
+        skipped, else 0.0).
     """
     _set_schedule(optimizer, lr, weight_decay)
     totals, teacher_output = _forward_backward_batch(
-        student, teacher, dino_loss, crops, teacher_temp, accelerator, accumulation_steps
+        student, teacher, dino_loss, crops, teacher_temp, accelerator, accumulation_steps, koleo_weight
     )
     skip = ~torch.isfinite(totals["loss"])  # the loss is the mean over processes: every process agrees
+    if "koleo" in totals:
+        skip = skip | ~torch.isfinite(totals["koleo"])
     # The center moves once per optimisation step, after the loss, with the mean over the whole batch
     # (every micro-batch was scored against the same center, as with 1 x B); not after a non-finite loss.
     dino_loss.update_center(teacher_output, keep=skip)
@@ -109,7 +119,9 @@ def train_step(
     return totals
 
 
-def _forward_backward_batch(student, teacher, dino_loss, crops, teacher_temp, accelerator, accumulation_steps):
+def _forward_backward_batch(
+    student, teacher, dino_loss, crops, teacher_temp, accelerator, accumulation_steps, koleo_weight
+):
     """Forward and backward of the batch in `accumulation_steps` micro-batches (gradients synced on the
     last one only); returns the statistics averaged over them and the teacher output of the batch."""
     batch = crops[0].shape[0]
@@ -125,7 +137,14 @@ def _forward_backward_batch(student, teacher, dino_loss, crops, teacher_temp, ac
         sync = contextlib.nullcontext() if last or accelerator is None else accelerator.no_sync(student)
         with sync:
             stats, teacher_output = _forward_backward(
-                student, teacher, dino_loss, list(micro), teacher_temp, accelerator, 1.0 / accumulation_steps
+                student,
+                teacher,
+                dino_loss,
+                list(micro),
+                teacher_temp,
+                accelerator,
+                1.0 / accumulation_steps,
+                koleo_weight,
             )
         teacher_outputs.append(teacher_output)
         for key, value in stats.items():
@@ -149,21 +168,32 @@ def _unwrap(model: nn.Module, accelerator: Accelerator | None) -> nn.Module:
     return accelerator.unwrap_model(model) if accelerator is not None else model
 
 
-def _forward_backward(student, teacher, dino_loss, crops, teacher_temp, accelerator, scale):
+def _forward_backward(student, teacher, dino_loss, crops, teacher_temp, accelerator, scale, koleo_weight):
     """Forward, loss and backward of one micro-batch; returns its statistics (0-dim tensors) and the
     teacher output `(2 * B, K)`."""
+    stats = {}
     # Mixed precision covers the forwards and the loss, as the reference's autocast block.
     with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
         with torch.no_grad():
             teacher_output = teacher(crops[:2])  # (2 * B, K): only the global crops
-        student_output = student(crops)  # (ncrops * B, K)
+        if koleo_weight:
+            student_output, features = student(crops, return_features=True)  # (ncrops * B, K), (ncrops * B, D)
+        else:
+            student_output = student(crops)  # (ncrops * B, K)
         terms = dino_loss.terms(student_output, teacher_output, teacher_temp)
-        diagnostics = collapse_diagnostics(terms, dino_loss.center)
+        diagnostics = collapse_diagnostics(terms, dino_loss.center if dino_loss.uses_center else None)
+        objective = terms.loss
+        if koleo_weight:
+            global_features = features[: 2 * len(crops[0])].chunk(2)  # 2 x (B, D), as DINOv2's CLS tokens
+            koleo = sum(koleo_loss(crop_features) for crop_features in global_features)
+            objective = objective + koleo_weight * koleo
+            stats["koleo"] = _mean_over_processes(koleo, accelerator)
     if accelerator is not None:
-        accelerator.backward(terms.loss * scale)
+        accelerator.backward(objective * scale)
     else:
-        (terms.loss * scale).backward()
-    return {"loss": _mean_over_processes(terms.loss, accelerator), **diagnostics}, teacher_output.detach()
+        (objective * scale).backward()
+    stats = {"loss": _mean_over_processes(terms.loss, accelerator), **stats, **diagnostics}
+    return stats, teacher_output.detach()
 
 
 def _mean_over_processes(loss: torch.Tensor, accelerator: Accelerator | None) -> torch.Tensor:

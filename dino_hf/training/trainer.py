@@ -133,7 +133,14 @@ def prepare_run(args: DinoTrainingArguments) -> Run:
             "consider --head_warmup_steps (e.g. one epoch of steps) to train the head alone first",
             args.model_name_or_path,
         )
-    dino_loss = DinoLoss(args.out_dim, 2 + args.local_crops_number, args.student_temp, args.center_momentum)
+    dino_loss = DinoLoss(
+        args.out_dim,
+        2 + args.local_crops_number,
+        args.student_temp,
+        args.center_momentum,
+        centering=args.centering,
+        sinkhorn_iterations=args.sinkhorn_iterations,
+    )
     if accelerator.is_main_process:
         (Path(args.output_dir) / "checkpoints").mkdir(parents=True, exist_ok=True)
     accelerator.print(
