@@ -271,6 +271,15 @@ def validate(args: DinoTrainingArguments) -> None:
     local folders and files exist, that a backbone name is known, and the crop sizes against the
     patch size of a preset or saved DinoModel (`train` checks other backbones once built).
     """
+    _validate_ranges(args)
+    _validate_choices(args)
+    _validate_model(args)
+    _validate_data(args)
+    if args.push_to_hub and not args.hub_model_id:
+        _fail("hub_model_id", None, "a repository id such as org/dino-vits16 (required by --push_to_hub)")
+
+
+def _validate_ranges(args: DinoTrainingArguments) -> None:
     positive = (
         "out_dim",
         "per_device_train_batch_size",
@@ -329,6 +338,9 @@ def validate(args: DinoTrainingArguments) -> None:
         scale = getattr(args, name)
         if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
             _fail(name, scale, "two numbers 0 < low <= high <= 1, e.g. 0.4 1.0")
+
+
+def _validate_choices(args: DinoTrainingArguments) -> None:
     if args.centering not in CENTERINGS:
         _fail("centering", args.centering, "center (the paper's running center) or sinkhorn_knopp (DINOv2)")
     if args.koleo_weight and args.per_device_train_batch_size < 2:
@@ -357,10 +369,6 @@ def validate(args: DinoTrainingArguments) -> None:
             args.resume_from_checkpoint,
             "'latest' (the newest valid checkpoint under --output_dir) or an existing checkpoint-<step> folder",
         )
-    _validate_model(args)
-    _validate_data(args)
-    if args.push_to_hub and not args.hub_model_id:
-        _fail("hub_model_id", None, "a repository id such as org/dino-vits16 (required by --push_to_hub)")
 
 
 def _validate_model(args: DinoTrainingArguments) -> None:

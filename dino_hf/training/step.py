@@ -101,6 +101,17 @@ def train_step(
     # (every micro-batch was scored against the same center, as with 1 x B); not after a non-finite loss.
     dino_loss.update_center(teacher_output, keep=skip)
 
+    _prepare_gradients(student, optimizer, accelerator, clip_grad, freeze_last_layer, freeze_backbone)
+    step_unless_(optimizer, skip)
+    optimizer.zero_grad(set_to_none=True)
+    momentum = torch.where(skip, 1.0, torch.tensor(momentum, dtype=torch.float32, device=skip.device))
+    ema_update_(_unwrap(teacher, accelerator), _unwrap(student, accelerator), momentum)
+    totals["nonfinite"] = skip.float()
+    return totals
+
+
+def _prepare_gradients(student, optimizer, accelerator, clip_grad, freeze_last_layer, freeze_backbone) -> None:
+    """Unscaled (fp16), clipped per parameter, and dropped where a part is frozen this step."""
     if accelerator is not None:
         accelerator.unscale_gradients(optimizer)
     clip_gradients_(student, clip_grad)
@@ -111,12 +122,6 @@ def train_step(
     if freeze_backbone:
         for p in _unwrap(student, accelerator).backbone.parameters():
             p.grad = None  # the optimiser skips parameters without a gradient
-    step_unless_(optimizer, skip)
-    optimizer.zero_grad(set_to_none=True)
-    momentum = torch.where(skip, 1.0, torch.tensor(momentum, dtype=torch.float32, device=skip.device))
-    ema_update_(_unwrap(teacher, accelerator), _unwrap(student, accelerator), momentum)
-    totals["nonfinite"] = skip.float()
-    return totals
 
 
 def _forward_backward_batch(
