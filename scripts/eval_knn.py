@@ -1,6 +1,6 @@
 """Weighted k-NN evaluation of a backbone (docs/evaluation.md#weighted-k-nn; reference eval_knn.py).
 
-    python scripts/eval_knn.py --model outputs/dino/checkpoint-1000 --dataset_name imagenet-1k \
+    python scripts/eval_knn.py --model outputs/dino/checkpoints/checkpoint-1000 --dataset_name imagenet-1k \
         --train_split train --eval_split validation
 
 Features are the backbone's output (CLS token after the final LayerNorm) of resize 256 + centre-crop 224

@@ -1,6 +1,6 @@
 """Linear probe on a frozen backbone (docs/evaluation.md#linear-probe; reference eval_linear.py).
 
-    python scripts/eval_linear.py --model outputs/dino/checkpoint-1000 --dataset_name imagenet-1k \
+    python scripts/eval_linear.py --model outputs/dino/checkpoints/checkpoint-1000 --dataset_name imagenet-1k \
         --n_last_blocks 4                       # ViT-S: CLS of the last 4 blocks
     python scripts/eval_linear.py ... --n_last_blocks 1 --avgpool_patchtokens   # ViT-B
 

@@ -1,6 +1,6 @@
 """Embeddings of every image of a dataset, written as a Hugging Face dataset (parquet shards).
 
-    python scripts/extract_features.py --model outputs/dino/checkpoint-1000 --dataset_name beans \
+    python scripts/extract_features.py --model outputs/dino/checkpoints/checkpoint-1000 --dataset_name beans \
         --train_split train --output_dir features/beans [--patch_tokens]
 
 Each row keeps the dataset's original columns and gains `cls_features` (D,), `mean_patch_features`

@@ -37,6 +37,9 @@ def main(argv: list[str]) -> int:
     except (NonFiniteLossError, CheckpointError) as error:
         print(f"pretrain.py: training stopped: {error}", file=sys.stderr)
         return 1
+    except ValueError as error:  # a setting that only the built model or the opened data can refute
+        print(f"pretrain.py: error: {error}", file=sys.stderr)
+        return 2
     if not PartialState().is_main_process:
         return 0
     if result.stopped_by is not None:

@@ -1,7 +1,7 @@
 """The last block's CLS attention of every head, over one image (paper Fig. 1 and 3; reference
 visualize_attention.py).
 
-    python scripts/visualize_attention.py --model outputs/dino/checkpoint-1000 --image cat.jpg \
+    python scripts/visualize_attention.py --model outputs/dino/checkpoints/checkpoint-1000 --image cat.jpg \
         --output_dir attention/
 
 Writes `attn-head{j}.png` (heat map over the image) and `mask-head{j}.png` (the patches that hold

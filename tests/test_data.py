@@ -16,7 +16,7 @@ from PIL import Image
 from dino_hf.augment.multicrop import MultiCropTransform
 from dino_hf.data.decoding import decode_image
 from dino_hf.data.loader import SkipReport, build_multicrop_dataloader
-from dino_hf.data.sources import find_image_column, load_image_stream
+from dino_hf.data.sources import count_rows, find_image_column, load_image_stream
 
 TINY = dict(global_crops_size=32, local_crops_size=16, local_crops_number=2)
 
@@ -198,6 +198,11 @@ def test_parquet_arrow_and_hub_style_loading(tmp_path):
     ds.save_to_disk(str(arrow_dir))
     stream, column = load_image_stream(data_files=str(arrow_dir / "*.arrow"))
     assert column == "picture" and len(list(stream)) == 6
+    # An epoch's length is known from the files' headers, without reading the images.
+    assert count_rows(train_dir=str(tmp_path / "data")) == 6
+    assert count_rows(data_files=str(tmp_path / "data" / "*.parquet")) == 6
+    assert count_rows(data_files=str(arrow_dir / "*.arrow")) == 6
+    assert count_rows(data_files="hf://datasets/org/name/*.parquet") is None
 
 
 def test_webdataset_tar_shards(tmp_path):
@@ -215,6 +220,7 @@ def test_webdataset_tar_shards(tmp_path):
     assert column == "jpg" and stream.num_shards == 2
     rows = list(stream)
     assert len(rows) == 6 and all(decode_image(r[column]).size == (20, 24) for r in rows)
+    assert count_rows(train_dir=str(tmp_path)) == count_rows(data_files=str(tmp_path / "*.tar")) == 6
 
 
 def test_image_column_override_and_error_listing_columns(tmp_path):

@@ -500,3 +500,24 @@ def test_the_default_evaluation_size_is_the_models_own(tmp_path):
     cnn = timm.create_model("resnet10t", num_classes=0, pretrained_cfg_overlay={"input_size": (3, 56, 56)})
     assert native_image_size(cnn) == (56, "timm's pretrained_cfg")
     assert native_image_size(nn.Linear(2, 2)) == (224, "the default: the model names no size")
+
+
+def test_write_feature_dataset_of_a_cnn_writes_its_pooled_feature(tmp_path):
+    torch.manual_seed(0)
+    model = TimmFeatureModel(timm.create_model("resnet10t", num_classes=0))
+    rows = labelled_rows(5)
+    dataset = datasets.Dataset.from_dict(
+        {"image": [row["image"] for row in rows], "label": [row["label"] for row in rows]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}),
+    )
+    counts = write_feature_dataset(
+        model, dataset, "image", tmp_path / "out", eval_transform(32), batch_size=2, device=CPU
+    )
+    assert counts == {"rows": 5, "skipped": 0, "shards": 1}
+    loaded = datasets.load_dataset(str(tmp_path / "out"), split="train", cache_dir=str(tmp_path / "cache"))
+    assert set(loaded.column_names) == {"image", "label", "pooled_features"}
+    with torch.no_grad():
+        expected = model(eval_transform(32)(loaded[3]["image"])[None])[0]
+    np.testing.assert_allclose(loaded[3]["pooled_features"], expected.numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="patch tokens need a ViT"):
+        write_feature_dataset(model, dataset, "image", tmp_path / "out2", eval_transform(32), patch_tokens=True)

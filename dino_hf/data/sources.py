@@ -12,10 +12,13 @@ training state; `SkipReport` adds up the skipped images that the batches report.
 import logging
 import math
 import os
+import tarfile
 from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from datasets import ClassLabel, Features, IterableDataset, load_dataset
 from datasets import Image as ImageFeature
 from datasets.distributed import split_dataset_by_node
@@ -128,6 +131,39 @@ def _expand_data_files(data_files: str | Sequence[str]) -> list:
             raise FileNotFoundError(f"data_files: nothing matches {pattern!r}")
         files += [m for m in matches if os.path.isfile(m)]
     return files
+
+
+def count_rows(train_dir: str | None = None, data_files: str | Sequence[str] | None = None) -> int | None:
+    """The number of samples of a local source, read from the files' headers without decoding:
+    parquet row counts from their metadata, arrow record batches, the samples of webdataset `.tar`
+    shards (their distinct keys), one per image file. None for a source that is not local."""
+    try:
+        files = _list_files(train_dir) if train_dir else _expand_data_files(data_files or [])
+    except FileNotFoundError:
+        return None
+    if not files:
+        return None
+    by_extension = Counter(os.path.splitext(f)[1].lower() for f in files)
+    for extension in _TABLE_BUILDERS:  # a table format, when present, is what the stream reads
+        if by_extension[extension]:
+            return sum(_rows_in_table(f, extension) for f in files if f.lower().endswith(extension))
+    return sum(1 for f in files if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+
+
+def _rows_in_table(path: str, extension: str) -> int:
+    if extension == ".parquet":
+        return pq.ParquetFile(path).metadata.num_rows
+    if extension == ".arrow":
+        with pa.memory_map(path) as source:
+            return sum(batch.num_rows for batch in pa.ipc.open_stream(source))
+    with tarfile.open(path) as shard:  # webdataset: one sample per key, each file of it one field
+        return len({_sample_key(member.name) for member in shard if member.isfile()})
+
+
+def _sample_key(name: str) -> str:
+    """webdataset's key of a member: its path up to the first dot of the file name."""
+    folder, _, file_name = name.rpartition("/")
+    return f"{folder}/{file_name.split('.')[0]}"
 
 
 def _open_files(files: list, split: str, seed: int, world_size: int, source) -> IterableDataset:

@@ -1,6 +1,6 @@
 """Embeddings of a whole dataset for other programs: CLS, mean of the patch tokens and, optionally,
-every patch token, streamed into parquet shards that keep the dataset's original columns (so it
-works on datasets larger than memory)."""
+every patch token of a ViT (the pooled feature of a CNN), streamed into parquet shards that keep the
+dataset's original columns (so it works on datasets larger than memory)."""
 
 import os
 from collections.abc import Callable
@@ -30,14 +30,18 @@ def write_feature_dataset(
     device=None,
 ) -> dict[str, int]:
     """Stream `rows` through the model and write `output_dir/data/{split}-NNNNN.parquet` shards, each
-    row its original columns plus `cls_features` (D,), `mean_patch_features` (D,) and, with
-    `patch_tokens`, `patch_features` (N, D). `datasets.load_dataset(output_dir)` reads the result.
+    row its original columns plus, for a ViT, `cls_features` (D,), `mean_patch_features` (D,) and, with
+    `patch_tokens`, `patch_features` (N, D); for a backbone without tokens (a CNN), `pooled_features`
+    (D,). `datasets.load_dataset(output_dir)` reads the result.
 
     Images are written back exactly as they came (the column is read undecoded); rows whose image does
     not decode are left out and counted. Returns `{"rows": written, "skipped": skipped, "shards": n}`.
     """
-    if not model.has_tokens:
-        raise ValueError("write_feature_dataset needs a ViT (CLS and patch tokens); this backbone has neither")
+    if patch_tokens and not model.has_tokens:
+        raise ValueError(
+            f"patch tokens need a ViT; {type(model.model).__name__} has only a pooled feature: leave out "
+            "--patch_tokens to write it"
+        )
     device = PartialState().device if device is None else device
     model.to(device).eval()
     source_features = getattr(rows, "features", None)
@@ -53,15 +57,14 @@ def write_feature_dataset(
         nonlocal pending, shards
         features = None
         if source_features is not None:
-            width, tokens = len(pending[0]["cls_features"]), pending[0].get("patch_features")
-            features = datasets.Features(
-                {
-                    **source_features,
-                    image_column: datasets.Image(),  # read back decoded, as images
-                    "cls_features": datasets.List(datasets.Value("float32"), length=width),
-                    "mean_patch_features": datasets.List(datasets.Value("float32"), length=width),
-                }
-            )
+            tokens = pending[0].get("patch_features")
+            vectors = {
+                name: datasets.List(datasets.Value("float32"), length=len(pending[0][name]))
+                for name in ("cls_features", "mean_patch_features", "pooled_features")
+                if name in pending[0]
+            }
+            # The image is read back decoded, as images.
+            features = datasets.Features({**source_features, image_column: datasets.Image(), **vectors})
             if tokens is not None:
                 features["patch_features"] = datasets.Array2D(shape=tokens.shape, dtype="float32")
         table = datasets.Dataset.from_list(pending[:count], features=features).data.table
@@ -71,6 +74,13 @@ def write_feature_dataset(
 
     with torch.inference_mode():
         for pixel_values, batch_rows in batches:
+            if not model.has_tokens:
+                pooled = model(pixel_values.to(device)).float().cpu().numpy()  # (B, D)
+                pending += [dict(row, pooled_features=pooled[index]) for index, row in enumerate(batch_rows)]
+                written += len(batch_rows)
+                while len(pending) >= rows_per_shard:
+                    flush(rows_per_shard)
+                continue
             tokens = model.last_blocks(pixel_values.to(device), 1)[-1].float()  # (B, P + N, D)
             patches = tokens[:, model.num_prefix_tokens :]  # (B, N, D)
             cls, mean_patch = tokens[:, 0].cpu().numpy(), patches.mean(dim=1).cpu().numpy()

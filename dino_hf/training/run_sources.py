@@ -5,11 +5,10 @@ the generated demo dataset, made on first use. `dataset_size` is the number of i
 known without reading the stream; an epoch has that many samples unless `--samples_per_epoch` says.
 """
 
-import os
 from pathlib import Path
 
 from ..data.demo import default_demo_root, make_demo_dataset
-from ..data.sources import IMAGE_EXTENSIONS
+from ..data.sources import count_rows
 from .arguments import DinoTrainingArguments
 
 
@@ -50,14 +49,8 @@ def dataset_size(stream, source: dict) -> int | None:
     split = source.get("split", "train")
     if split in splits and splits[split].num_examples:
         return splits[split].num_examples
-    folder = source.get("train_dir")
-    if folder and os.path.isdir(folder):
-        return sum(
-            1
-            for _, _, names in os.walk(folder)
-            for name in names
-            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS and not name.startswith(".")
-        )
+    if source.get("train_dir") or source.get("data_files"):
+        return count_rows(source.get("train_dir"), source.get("data_files"))
     return None
 
 

@@ -154,6 +154,7 @@ class CheckpointWriter:
             steps=step,
             epochs=round(self.plan.epoch(step), 2),
             evaluation=figures,
+            image_size=args.global_crops_size,
         )
 
 
