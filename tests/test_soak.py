@@ -11,30 +11,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_pretrain_script import ENV, SCRIPT, TINY, assert_same_teacher, read_ids, teacher
+from test_pretrain_script import ENV, SCRIPT, arguments, assert_same_teacher, read_ids, teacher
 
 from dino_hf.training.checkpoints import check_checkpoint, list_checkpoints
 
 STEPS = 24
-LONG = [*TINY, "--num_train_epochs", "6", "--checkpointing_steps", "3"]  # 4 steps per epoch
+LONG = ["--num_train_epochs", "6", "--checkpointing_steps", "3"]  # 4 steps per epoch, after TINY's flags
 LOG_LINE = re.compile(r"^step (\d+) (epoch .*?) images_per_second=\S+(.*)$", re.MULTILINE)
 
 
 def command(data: Path, output_dir: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        SCRIPT,
-        *LONG,
-        "--train_dir",
-        str(data / "images"),
-        "--model_name_or_path",
-        str(data / "model"),
-        "--output_dir",
-        str(output_dir),
-        "--log_sample_ids",
-        str(output_dir.parent / f"{output_dir.name}.jsonl"),
-        *extra,
-    ]
+    return [sys.executable, SCRIPT, *arguments(data, output_dir, *LONG, *extra)]
 
 
 def logged_steps(stdout: str) -> dict[int, str]:

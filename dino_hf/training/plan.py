@@ -79,6 +79,8 @@ class TrainingPlan:
             "accumulation_steps": self.args.gradient_accumulation_steps,
             "freeze_backbone": step < self.head_warmup_steps,
             "koleo_weight": self.args.koleo_weight,
+            # The diagnostics are only read when the step after this one is logged.
+            "diagnostics": (step + 1) % self.args.logging_steps == 0 or step + 1 == self.last_step,
         }
 
     def epoch(self, step: int) -> float:

@@ -75,7 +75,6 @@ class CheckpointWriter:
         final = self.checkpoints_dir / f"checkpoint-{step}"
         weights = self._whole_weights(teacher_state)
         export_teacher = self.gathered_teacher(weights.get("teacher"))
-        state.global_step = step
 
         def fresh_staging() -> None:  # a killed earlier attempt may have left files of its own there
             shutil.rmtree(staging, ignore_errors=True)

@@ -46,6 +46,7 @@ def train_step(
     accumulation_steps: int = 1,
     freeze_backbone: bool = False,
     koleo_weight: float = 0.0,
+    diagnostics: bool = True,
 ) -> dict[str, torch.Tensor]:
     """One DINO step, in the reference's order.
 
@@ -79,6 +80,8 @@ def train_step(
         accumulation_steps (`int`): split the batch into this many micro-batches of B / steps images,
             one forward and backward each, then one optimiser step (gradient accumulation).
         freeze_backbone (`bool`): train the head alone (warm-up of a fresh head on pretrained weights).
+        diagnostics (`bool`, defaults to `True`): compute the `collapse_diagnostics`; a caller that only
+            reads them at logging steps turns them off in between.
         koleo_weight (`float`, defaults to 0.0): weight of the KoLeo regulariser (DINOv2 Sec. 4; 0.1
             there) added to the loss: `koleo_loss` of the student's backbone features of each global
             crop, summed over the 2 global crops, within each process's micro-batch as DINOv2 does
@@ -92,7 +95,7 @@ def train_step(
     """
     _set_schedule(optimizer, lr, weight_decay)
     totals, teacher_output = _forward_backward_batch(
-        student, teacher, dino_loss, crops, teacher_temp, accelerator, accumulation_steps, koleo_weight
+        student, teacher, dino_loss, crops, teacher_temp, accelerator, accumulation_steps, koleo_weight, diagnostics
     )
     skip = ~torch.isfinite(totals["loss"])  # the loss is the mean over processes: every process agrees
     if "koleo" in totals:
@@ -104,7 +107,7 @@ def train_step(
     _prepare_gradients(student, optimizer, accelerator, clip_grad, freeze_last_layer, freeze_backbone)
     step_unless_(optimizer, skip)
     optimizer.zero_grad(set_to_none=True)
-    momentum = torch.where(skip, 1.0, torch.tensor(momentum, dtype=torch.float32, device=skip.device))
+    momentum = torch.where(skip, 1.0, momentum)  # 1 leaves the teacher as it is on a skipped step
     ema_update_(_unwrap(teacher, accelerator), _unwrap(student, accelerator), momentum)
     totals["nonfinite"] = skip.float()
     return totals
@@ -125,7 +128,7 @@ def _prepare_gradients(student, optimizer, accelerator, clip_grad, freeze_last_l
 
 
 def _forward_backward_batch(
-    student, teacher, dino_loss, crops, teacher_temp, accelerator, accumulation_steps, koleo_weight
+    student, teacher, dino_loss, crops, teacher_temp, accelerator, accumulation_steps, koleo_weight, diagnostics
 ):
     """Forward and backward of the batch in `accumulation_steps` micro-batches (gradients synced on the
     last one only); returns the statistics averaged over them and the teacher output of the batch."""
@@ -150,6 +153,7 @@ def _forward_backward_batch(
                 accelerator,
                 1.0 / accumulation_steps,
                 koleo_weight,
+                diagnostics,
             )
         teacher_outputs.append(teacher_output)
         for key, value in stats.items():
@@ -173,7 +177,7 @@ def _unwrap(model: nn.Module, accelerator: Accelerator | None) -> nn.Module:
     return accelerator.unwrap_model(model) if accelerator is not None else model
 
 
-def _forward_backward(student, teacher, dino_loss, crops, teacher_temp, accelerator, scale, koleo_weight):
+def _forward_backward(student, teacher, dino_loss, crops, teacher_temp, accelerator, scale, koleo_weight, diagnostics):
     """Forward, loss and backward of one micro-batch; returns its statistics (0-dim tensors) and the
     teacher output `(2 * B, K)`."""
     stats = {}
@@ -186,7 +190,8 @@ def _forward_backward(student, teacher, dino_loss, crops, teacher_temp, accelera
         else:
             student_output = student(crops)  # (ncrops * B, K)
         terms = dino_loss.terms(student_output, teacher_output, teacher_temp)
-        diagnostics = collapse_diagnostics(terms, dino_loss.center if dino_loss.uses_center else None)
+        if diagnostics:
+            stats.update(collapse_diagnostics(terms, dino_loss.center if dino_loss.uses_center else None))
         objective = terms.loss
         if koleo_weight:
             global_features = features[: 2 * len(crops[0])].chunk(2)  # 2 x (B, D), as DINOv2's CLS tokens
@@ -197,7 +202,7 @@ def _forward_backward(student, teacher, dino_loss, crops, teacher_temp, accelera
         accelerator.backward(objective * scale)
     else:
         (objective * scale).backward()
-    stats = {"loss": _mean_over_processes(terms.loss, accelerator), **stats, **diagnostics}
+    stats = {"loss": _mean_over_processes(terms.loss, accelerator), **stats}
     return stats, teacher_output.detach()
 
 
