@@ -1,4 +1,5 @@
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,10 @@ def test_defaults_are_the_reference_recipe(image_dir):
         ({"drop_path_rate": 1.0}, "drop_path_rate", "a rate in [0, 1)"),
         ({"num_train_epochs": 0}, "num_train_epochs", "a number > 0"),
         ({"max_train_steps": 0}, "max_train_steps", "an integer >= 1, or leave it unset"),
+        ({"max_steps": 0}, "max_steps", "an integer >= 1, or leave it unset"),
+        ({"blur_sigma": [1.0, 0.5]}, "blur_sigma", "two numbers 0 < low <= high"),
+        ({"blur_p": [1.0, 0.1]}, "blur_p", "three probabilities (global crop 1, global crop 2, local crops)"),
+        ({"solarize_p": 1.5}, "solarize_p", "a probability in [0, 1]"),
         ({"global_crops_scale": [0.5, 0.2]}, "global_crops_scale", "two numbers 0 < low <= high <= 1"),
         ({"local_crops_scale": [0.05]}, "local_crops_scale", "two numbers 0 < low <= high <= 1"),
         ({"checkpointing_steps": "often"}, "checkpointing_steps", "a number of steps >= 1, or 'epoch'"),
@@ -199,3 +204,46 @@ def test_dinov2_stabilisers_parse_from_the_command_line(image_dir):
     )
     assert (args.centering, args.sinkhorn_iterations, args.koleo_weight) == ("sinkhorn_knopp", 5, 0.1)
     assert args.to_dict()["centering"] == "sinkhorn_knopp"
+
+
+def test_augmentation_strengths_parse_and_default_to_the_paper(image_dir):
+    assert (make(image_dir).blur_sigma, make(image_dir).blur_p, make(image_dir).solarize_p) == (
+        [0.1, 2.0],
+        [1.0, 0.1, 0.5],
+        0.2,
+    )
+    args = parse_training_args(
+        ["--train_dir", image_dir, "--blur_sigma", "0.1", "0.5", "--blur_p", "0.5", "0", "0", "--solarize_p", "0"]
+    )
+    assert (args.blur_sigma, args.blur_p, args.solarize_p) == ([0.1, 0.5], [0.5, 0.0, 0.0], 0.0)
+
+
+def test_max_steps_lays_the_schedules_over_those_steps_whatever_the_dataset_size(image_dir):
+    from dino_hf.training.plan import TrainingPlan
+    from dino_hf.training.schedules import cosine_schedule_value
+
+    for images in (100, 3000):
+        args = make(image_dir, max_steps=25, per_device_train_batch_size=10, warmup_epochs=1, learning_rate=0.256)
+        plan = TrainingPlan.from_args(args, samples_per_epoch=images, num_processes=1, fresh_head=False)
+        warmup = min(images // 10, 24)
+        assert (plan.total_steps, plan.last_step, plan.lr_warmup_steps) == (25, 25, warmup)
+        expected = [cosine_schedule_value(step, 25, 0.01, 1e-6, warmup) for step in range(25)]
+        assert [plan.schedule(step)["lr"] for step in range(25)] == pytest.approx(expected, rel=1e-12)
+        assert plan.schedule(24)["momentum"] == pytest.approx(1 - 0.004 * 0.5 * (1 + math.cos(math.pi * 24 / 25)))
+    # --max_train_steps still only stops early: the schedules keep the epochs' length.
+    args = make(image_dir, max_steps=25, max_train_steps=5, per_device_train_batch_size=10)
+    plan = TrainingPlan.from_args(args, samples_per_epoch=100, num_processes=1, fresh_head=False)
+    assert (plan.total_steps, plan.last_step) == (25, 5)
+
+
+def test_the_run_builds_its_crops_with_the_augmentation_arguments(image_dir):
+    from dino_hf.augment.multicrop import MultiCropTransform
+    from dino_hf.training.trainer import multicrop_options
+
+    args = make(
+        image_dir, global_crops_size=64, local_crops_size=32, blur_sigma=[0.1, 0.6], blur_p=[0.5, 0, 0], solarize_p=0
+    )
+    transform = MultiCropTransform(**multicrop_options(args))
+    assert (transform.global_crops_size, transform.local_crops_size, transform.local_crops_number) == (64, 32, 8)
+    assert (transform.blur_sigma, transform.blur_p, transform.solarize_p) == ((0.1, 0.6), (0.5, 0.0, 0.0), 0.0)
+    assert MultiCropTransform(**multicrop_options(make(image_dir))).blur_sigma == (0.1, 2.0)

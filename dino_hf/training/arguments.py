@@ -119,6 +119,13 @@ class DinoTrainingArguments:
     per_device_train_batch_size: int = field(default=64, metadata={"help": "Images per process per step."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimisation step."})
     num_train_epochs: float = field(default=100, metadata={"help": "Epochs to train."})
+    max_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Train for this many optimisation steps whatever the dataset's size (overrides "
+            "num_train_epochs, as transformers' max_steps; the schedules span these steps)."
+        },
+    )
     max_train_steps: int | None = field(
         default=None, metadata={"help": "Stop after this many optimisation steps (schedules still span all epochs)."}
     )
@@ -136,6 +143,15 @@ class DinoTrainingArguments:
     global_crops_scale: list[float] = field(default_factory=lambda: [0.4, 1.0], metadata={"help": "Area range."})
     local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.4], metadata={"help": "Area range."})
     local_crops_number: int = field(default=8, metadata={"help": "Number of local crops."})
+    blur_sigma: list[float] = field(
+        default_factory=lambda: [0.1, 2.0],
+        metadata={"help": "Range of the Gaussian blur's sigma in pixels of the crop; scale it with small crops."},
+    )
+    blur_p: list[float] = field(
+        default_factory=lambda: [1.0, 0.1, 0.5],
+        metadata={"help": "Blur probabilities of global crop 1, global crop 2 and the local crops."},
+    )
+    solarize_p: float = field(default=0.2, metadata={"help": "Solarisation probability of global crop 2."})
 
     # ---- data --------------------------------------------------------------------------------
     demo: bool = field(
@@ -226,6 +242,8 @@ class DinoTrainingArguments:
     def __post_init__(self):
         self.global_crops_scale = [float(x) for x in self.global_crops_scale]
         self.local_crops_scale = [float(x) for x in self.local_crops_scale]
+        self.blur_sigma = [float(x) for x in self.blur_sigma]
+        self.blur_p = [float(x) for x in self.blur_p]
         validate(self)
 
     @property
@@ -330,7 +348,7 @@ def _validate_ranges(args: DinoTrainingArguments) -> None:
         _fail("drop_path_rate", args.drop_path_rate, "a rate in [0, 1)")
     if args.num_train_epochs <= 0:
         _fail("num_train_epochs", args.num_train_epochs, "a number > 0")
-    for name in ("max_train_steps", "samples_per_epoch", "eval_steps", "eval_image_size", "max_image_pixels"):
+    for name in ("max_steps", "max_train_steps", "samples_per_epoch", "eval_steps", "eval_image_size", "max_image_pixels"):
         value = getattr(args, name)
         if value is not None and value < 1:
             _fail(name, value, "an integer >= 1, or leave it unset")
@@ -338,6 +356,12 @@ def _validate_ranges(args: DinoTrainingArguments) -> None:
         scale = getattr(args, name)
         if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
             _fail(name, scale, "two numbers 0 < low <= high <= 1, e.g. 0.4 1.0")
+    if len(args.blur_sigma) != 2 or not 0 < args.blur_sigma[0] <= args.blur_sigma[1]:
+        _fail("blur_sigma", args.blur_sigma, "two numbers 0 < low <= high, e.g. 0.1 2.0 (pixels)")
+    if len(args.blur_p) != 3 or not all(0 <= p <= 1 for p in args.blur_p):
+        _fail("blur_p", args.blur_p, "three probabilities (global crop 1, global crop 2, local crops), e.g. 1.0 0.1 0.5")
+    if not 0 <= args.solarize_p <= 1:
+        _fail("solarize_p", args.solarize_p, "a probability in [0, 1]")
 
 
 def _validate_choices(args: DinoTrainingArguments) -> None:

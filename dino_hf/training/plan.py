@@ -44,7 +44,7 @@ class TrainingPlan:
             )
         total_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * num_processes
         iterations = max(1, samples_per_epoch // total_batch)
-        total_steps = max(2, round(args.num_train_epochs * iterations))
+        total_steps = max(2, args.max_steps or round(args.num_train_epochs * iterations))
         return cls(
             args=args,
             total_batch=total_batch,

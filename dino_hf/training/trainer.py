@@ -191,6 +191,20 @@ def prepare_run(args: DinoTrainingArguments) -> Run:
     return run
 
 
+def multicrop_options(args: DinoTrainingArguments) -> dict:
+    """The keyword arguments of `MultiCropTransform` / `BatchMultiCrop` that the run's arguments set."""
+    return dict(
+        global_crops_size=args.global_crops_size,
+        local_crops_size=args.local_crops_size,
+        global_crops_scale=tuple(args.global_crops_scale),
+        local_crops_scale=tuple(args.local_crops_scale),
+        local_crops_number=args.local_crops_number,
+        blur_sigma=tuple(args.blur_sigma),
+        blur_p=tuple(args.blur_p),
+        solarize_p=args.solarize_p,
+    )
+
+
 def _build_data(
     args: DinoTrainingArguments, accelerator: Accelerator
 ) -> tuple[DeviceBatches, int | None, tuple | None]:
@@ -206,13 +220,7 @@ def _build_data(
         world_size=accelerator.num_processes,
         seed=args.seed,
     )
-    crop_options = dict(
-        global_crops_size=args.global_crops_size,
-        local_crops_size=args.local_crops_size,
-        global_crops_scale=tuple(args.global_crops_scale),
-        local_crops_scale=tuple(args.local_crops_scale),
-        local_crops_number=args.local_crops_number,
-    )
+    crop_options = multicrop_options(args)
     # With --augment_on gpu the workers decode and cap the size; the crops are made on the accelerator.
     on_device = args.augment_on == "gpu"
     transform = DecodeAndCap(args.augment_cap_size) if on_device else MultiCropTransform(**crop_options)
