@@ -348,7 +348,14 @@ def _validate_ranges(args: DinoTrainingArguments) -> None:
         _fail("drop_path_rate", args.drop_path_rate, "a rate in [0, 1)")
     if args.num_train_epochs <= 0:
         _fail("num_train_epochs", args.num_train_epochs, "a number > 0")
-    for name in ("max_steps", "max_train_steps", "samples_per_epoch", "eval_steps", "eval_image_size", "max_image_pixels"):
+    for name in (
+        "max_steps",
+        "max_train_steps",
+        "samples_per_epoch",
+        "eval_steps",
+        "eval_image_size",
+        "max_image_pixels",
+    ):
         value = getattr(args, name)
         if value is not None and value < 1:
             _fail(name, value, "an integer >= 1, or leave it unset")
@@ -359,7 +366,9 @@ def _validate_ranges(args: DinoTrainingArguments) -> None:
     if len(args.blur_sigma) != 2 or not 0 < args.blur_sigma[0] <= args.blur_sigma[1]:
         _fail("blur_sigma", args.blur_sigma, "two numbers 0 < low <= high, e.g. 0.1 2.0 (pixels)")
     if len(args.blur_p) != 3 or not all(0 <= p <= 1 for p in args.blur_p):
-        _fail("blur_p", args.blur_p, "three probabilities (global crop 1, global crop 2, local crops), e.g. 1.0 0.1 0.5")
+        _fail(
+            "blur_p", args.blur_p, "three probabilities (global crop 1, global crop 2, local crops), e.g. 1.0 0.1 0.5"
+        )
     if not 0 <= args.solarize_p <= 1:
         _fail("solarize_p", args.solarize_p, "a probability in [0, 1]")
 
