@@ -247,3 +247,51 @@ def test_the_run_builds_its_crops_with_the_augmentation_arguments(image_dir):
     assert (transform.global_crops_size, transform.local_crops_size, transform.local_crops_number) == (64, 32, 8)
     assert (transform.blur_sigma, transform.blur_p, transform.solarize_p) == ((0.1, 0.6), (0.5, 0.0, 0.0), 0.0)
     assert MultiCropTransform(**multicrop_options(make(image_dir))).blur_sigma == (0.1, 2.0)
+
+
+def test_config_overrides_change_the_preset_trained_from_scratch(image_dir):
+    from dino_hf.training.networks import build_student_teacher
+
+    args = make(
+        image_dir,
+        model_name_or_path="vit_tiny_patch8",
+        config_overrides="num_hidden_layers=2,qkv_bias=false,layer_norm_eps=1e-5",
+        global_crops_size=32,
+        local_crops_size=16,
+        out_dim=16,
+        head_hidden_dim=32,
+        head_bottleneck_dim=8,
+    )
+    student, teacher, fresh_head = build_student_teacher(args)
+    config = student.backbone.model.config
+    assert (config.num_hidden_layers, config.qkv_bias, config.layer_norm_eps) == (2, False, 1e-5)
+    assert (config.hidden_size, config.patch_size, config.image_size) == (192, 8, 32)  # the rest of the preset
+    assert len(student.backbone.model.encoder.layer) == 2 and teacher.backbone.model.config.num_hidden_layers == 2
+    assert not fresh_head  # from scratch: no head warm-up
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"config_overrides": "num_layers=6"}, "key num_layers isn't in the original config dict"),
+        ({"config_overrides": "num_hidden_layers=six"}, "invalid literal for int"),
+        ({"config_overrides": "num_hidden_layers"}, "comma-separated key=value fields of DinoConfig"),
+        ({"config_overrides": "drop_path_rate=0.2"}, "set drop_path_rate with --drop_path_rate instead"),
+        ({"config_overrides": "image_size=96"}, "set image_size with --global_crops_size instead"),
+        ({"config_overrides": "num_attention_heads=5"}, "hidden_size 192 must be a multiple of num_attention_heads 5"),
+        ({"config_overrides": "patch_size=14"}, "a multiple of the backbone's patch size 14"),
+        (
+            {"config_overrides": "num_hidden_layers=6", "model_name_or_path": None, "backbone": "timm:resnet18"},
+            "it changes a DinoModel preset trained from scratch",
+        ),
+    ],
+)
+def test_config_overrides_refuse_what_they_cannot_change(image_dir, overrides, message):
+    fields = {"model_name_or_path": "vit_tiny_patch8", "global_crops_size": 64, "local_crops_size": 32, **overrides}
+    with pytest.raises(ValueError, match=message):
+        make(image_dir, **fields)
+
+
+def test_config_overrides_of_the_default_preset_parse_from_the_command_line(image_dir):
+    args = parse_training_args(["--train_dir", image_dir, "--config_overrides", "num_hidden_layers=4"])
+    assert (args.model_name_or_path, args.config_overrides) == (None, "num_hidden_layers=4")  # vit_small_patch16

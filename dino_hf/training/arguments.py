@@ -46,6 +46,14 @@ class DinoTrainingArguments:
         default=None,
         metadata={"help": "A timm backbone as timm:NAME (e.g. timm:resnet50, timm:vit_small_patch16_224)."},
     )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={
+            "help": "Fields of a DinoModel preset's DinoConfig to change when training it from scratch, as "
+            "transformers' example scripts take them: comma-separated key=value, e.g. "
+            "num_hidden_layers=6,intermediate_size=768. Only with a preset --model_name_or_path."
+        },
+    )
     drop_path_rate: float = field(default=0.1, metadata={"help": "Stochastic depth of the student (reference 0.1)."})
     out_dim: int = field(default=65536, metadata={"help": "Number of prototypes K of the DINO head."})
     norm_last_layer: bool = field(
@@ -404,7 +412,50 @@ def _validate_choices(args: DinoTrainingArguments) -> None:
         )
 
 
+# DinoConfig fields that have training arguments of their own.
+_OWN_ARGUMENT = {"drop_path_rate": "--drop_path_rate", "image_size": "--global_crops_size"}
+
+
+def preset_overrides(args: DinoTrainingArguments) -> dict:
+    """`--config_overrides` as typed DinoConfig fields, checked against the preset they change.
+
+    The text is parsed by `PretrainedConfig.update_from_string` (transformers' `--config_overrides`):
+    each key must be a field of the config and each value is read as that field's type.
+
+    Raises:
+        ValueError: overrides without a preset, an unknown field, a value of the wrong type, a field
+            that has its own training argument, or a config the ViT cannot be built with.
+    """
+    if not args.config_overrides:
+        return {}
+    spec = None if args.backbone else args.model_name_or_path or "vit_small_patch16"
+    if spec not in PRESETS:
+        _fail(
+            "config_overrides",
+            args.config_overrides,
+            f"it changes a DinoModel preset trained from scratch ({', '.join(PRESETS)}) given as "
+            f"--model_name_or_path; got --model_name_or_path={spec!r} --backbone={args.backbone!r}",
+        )
+    config = DinoConfig.from_preset(spec)
+    try:
+        keys = [item.split("=", 1)[0].strip() for item in args.config_overrides.split(",")]
+        config.update_from_string(args.config_overrides)
+    except (ValueError, TypeError) as error:
+        _fail("config_overrides", args.config_overrides, f"comma-separated key=value fields of DinoConfig ({error})")
+    for key in keys:
+        if key in _OWN_ARGUMENT:
+            _fail("config_overrides", args.config_overrides, f"set {key} with {_OWN_ARGUMENT[key]} instead")
+    if config.hidden_size % config.num_attention_heads:
+        _fail(
+            "config_overrides",
+            args.config_overrides,
+            f"hidden_size {config.hidden_size} must be a multiple of num_attention_heads {config.num_attention_heads}",
+        )
+    return {key: getattr(config, key) for key in keys}
+
+
 def _validate_model(args: DinoTrainingArguments) -> None:
+    preset_overrides(args)
     if args.model_name_or_path and args.backbone:
         _fail("backbone", args.backbone, "leave it unset when --model_name_or_path is given (they are alternatives)")
     if args.backbone is not None:
@@ -420,7 +471,7 @@ def _validate_model(args: DinoTrainingArguments) -> None:
     if spec.startswith(TIMM_PREFIX):
         _check_timm_name("model_name_or_path", spec)
     elif spec in PRESETS:
-        check_crop_sizes(args, DinoConfig.from_preset(spec).patch_size)
+        check_crop_sizes(args, DinoConfig.from_preset(spec, **preset_overrides(args)).patch_size)
     elif os.path.isdir(spec):
         config_file = Path(spec) / "config.json"
         if not config_file.is_file():

@@ -11,7 +11,7 @@ from ..models.configuration_dino import PRESETS
 from ..models.heads import DinoHead
 from ..models.multicrop_wrapper import MultiCropWrapper
 from ..models.references import TIMM_PREFIX
-from .arguments import DinoTrainingArguments, check_crop_sizes
+from .arguments import DinoTrainingArguments, check_crop_sizes, preset_overrides
 from .teacher import build_teacher
 
 
@@ -36,7 +36,11 @@ def build_student_teacher(args: DinoTrainingArguments) -> tuple[MultiCropWrapper
         # A timm model named by --model_name_or_path comes with its trained weights; by --backbone, without.
         from_timm_weights = args.model_name_or_path is not None and spec.startswith(TIMM_PREFIX)
         backbone = build_backbone(
-            spec, drop_path_rate=args.drop_path_rate, image_size=args.global_crops_size, pretrained=from_timm_weights
+            spec,
+            drop_path_rate=args.drop_path_rate,
+            image_size=args.global_crops_size,
+            pretrained=from_timm_weights,
+            **preset_overrides(args),
         )
     pretrained = args.model_name_or_path is not None and spec not in PRESETS
     check_crop_sizes(args, _patch_size(backbone))
