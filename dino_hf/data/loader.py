@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import threading
+import warnings
 from collections import Counter
 
 import torch
@@ -126,15 +127,18 @@ def build_multicrop_dataloader(
             f"the stream has {stream.num_shards} shards: using {stream.num_shards} workers, not {num_workers}"
         )
         num_workers = stream.num_shards
-    return StatefulDataLoader(
-        dataset,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=collate_multicrop,
-        drop_last=drop_last,
-        pin_memory=pin_memory,
-        worker_init_fn=functools.partial(ignore_stop_signals, main_process=os.getpid()),
-    )
+    with warnings.catch_warnings():
+        # torchdata's constructor calls torch.set_vital, which recent torch releases deprecate.
+        warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
+        return StatefulDataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=collate_multicrop,
+            drop_last=drop_last,
+            pin_memory=pin_memory,
+            worker_init_fn=functools.partial(ignore_stop_signals, main_process=os.getpid()),
+        )
 
 
 __all__ = ["STOP_SIGNALS", "SkipReport", "build_multicrop_dataloader", "collate_multicrop", "ignore_stop_signals"]
