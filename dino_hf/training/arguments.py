@@ -412,6 +412,15 @@ def _validate_choices(args: DinoTrainingArguments) -> None:
         )
 
 
+# The backbone trained when neither --model_name_or_path nor --backbone is given.
+DEFAULT_MODEL = "vit_small_patch16"
+
+
+def model_spec(args: DinoTrainingArguments) -> str:
+    """The backbone the run trains: `--backbone`, else `--model_name_or_path`, else `DEFAULT_MODEL`."""
+    return args.backbone or args.model_name_or_path or DEFAULT_MODEL
+
+
 # DinoConfig fields that have training arguments of their own.
 _OWN_ARGUMENT = {"drop_path_rate": "--drop_path_rate", "image_size": "--global_crops_size"}
 
@@ -428,7 +437,7 @@ def preset_overrides(args: DinoTrainingArguments) -> dict:
     """
     if not args.config_overrides:
         return {}
-    spec = None if args.backbone else args.model_name_or_path or "vit_small_patch16"
+    spec = model_spec(args)
     if spec not in PRESETS:
         _fail(
             "config_overrides",
@@ -455,7 +464,7 @@ def preset_overrides(args: DinoTrainingArguments) -> dict:
 
 
 def _validate_model(args: DinoTrainingArguments) -> None:
-    preset_overrides(args)
+    overrides = preset_overrides(args)
     if args.model_name_or_path and args.backbone:
         _fail("backbone", args.backbone, "leave it unset when --model_name_or_path is given (they are alternatives)")
     if args.backbone is not None:
@@ -467,11 +476,11 @@ def _validate_model(args: DinoTrainingArguments) -> None:
             )
         _check_timm_name("backbone", args.backbone)
         return
-    spec = args.model_name_or_path or "vit_small_patch16"
+    spec = model_spec(args)
     if spec.startswith(TIMM_PREFIX):
         _check_timm_name("model_name_or_path", spec)
     elif spec in PRESETS:
-        check_crop_sizes(args, DinoConfig.from_preset(spec, **preset_overrides(args)).patch_size)
+        check_crop_sizes(args, DinoConfig.from_preset(spec, **overrides).patch_size)
     elif os.path.isdir(spec):
         config_file = Path(spec) / "config.json"
         if not config_file.is_file():

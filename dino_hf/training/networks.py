@@ -11,7 +11,7 @@ from ..models.configuration_dino import PRESETS
 from ..models.heads import DinoHead
 from ..models.multicrop_wrapper import MultiCropWrapper
 from ..models.references import TIMM_PREFIX
-from .arguments import DinoTrainingArguments, check_crop_sizes, preset_overrides
+from .arguments import DinoTrainingArguments, check_crop_sizes, model_spec, preset_overrides
 from .teacher import build_teacher
 
 
@@ -26,7 +26,7 @@ def build_student_teacher(args: DinoTrainingArguments) -> tuple[MultiCropWrapper
     Raises:
         ValueError: the crop sizes are not multiples of the backbone's patch size.
     """
-    spec = args.backbone or args.model_name_or_path or "vit_small_patch16"
+    spec = model_spec(args)
     head_state = None
     if spec.endswith((".pth", ".pt", ".safetensors")) and os.path.isfile(spec):
         imported = dino_from_reference(load_checkpoint_file(spec), drop_path_rate=args.drop_path_rate)

@@ -97,20 +97,31 @@ def train_step(
     totals, teacher_output = _forward_backward_batch(
         student, teacher, dino_loss, crops, teacher_temp, accelerator, accumulation_steps, koleo_weight, diagnostics
     )
-    skip = ~torch.isfinite(totals["loss"])  # the loss is the mean over processes: every process agrees
-    if "koleo" in totals:
-        skip = skip | ~torch.isfinite(totals["koleo"])
+    skip = _nonfinite(totals)
     # The center moves once per optimisation step, after the loss, with the mean over the whole batch
     # (every micro-batch was scored against the same center, as with 1 x B); not after a non-finite loss.
     dino_loss.update_center(teacher_output, keep=skip)
-
     _prepare_gradients(student, optimizer, accelerator, clip_grad, freeze_last_layer, freeze_backbone)
+    _optimise_and_follow(student, teacher, optimizer, accelerator, momentum, skip)
+    totals["nonfinite"] = skip.float()
+    return totals
+
+
+def _nonfinite(totals: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Whether this step's loss (or KoLeo term) is not finite, as a bool tensor on the device; the terms
+    are means over the processes, so every process decides the same."""
+    skip = ~torch.isfinite(totals["loss"])
+    if "koleo" in totals:
+        skip = skip | ~torch.isfinite(totals["koleo"])
+    return skip
+
+
+def _optimise_and_follow(student, teacher, optimizer, accelerator, momentum: float, skip: torch.Tensor) -> None:
+    """Optimiser step and teacher EMA, both leaving everything as it was when `skip` is set."""
     step_unless_(optimizer, skip)
     optimizer.zero_grad(set_to_none=True)
     momentum = torch.where(skip, 1.0, momentum)  # 1 leaves the teacher as it is on a skipped step
     ema_update_(_unwrap(teacher, accelerator), _unwrap(student, accelerator), momentum)
-    totals["nonfinite"] = skip.float()
-    return totals
 
 
 def _prepare_gradients(student, optimizer, accelerator, clip_grad, freeze_last_layer, freeze_backbone) -> None:
