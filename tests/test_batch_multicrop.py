@@ -166,13 +166,18 @@ def cpu_params(params, row):
     )
 
 
-def test_each_crop_equals_the_cpu_transform_with_the_same_decisions():
+# The paper's colour jitter, and a strong one (the whole hue circle, --color_jitter 0.4 0.4 0.8 0.5).
+STRONG_COLOUR = dict(jitter_p=1.0, saturation=0.8, hue=0.5, grayscale_p=0.5)
+
+
+@pytest.mark.parametrize("colour", [{}, STRONG_COLOUR], ids=["paper", "strong"])
+def test_each_crop_equals_the_cpu_transform_with_the_same_decisions(colour):
     # The CPU path rounds the resized crop to uint8: differences of about 1/255 before the colour
     # operations, more at the few pixels that the solarisation threshold or a clamp separates.
     batch = 6
     images = smooth_images(batch, 40, seed=4)
-    transform = BatchMultiCrop(**TINY)
-    cpu = MultiCropTransform(**TINY)
+    transform = BatchMultiCrop(**TINY, **colour)
+    cpu = MultiCropTransform(**TINY, **colour)
     groups = transform.sample_params(batch, 40, 40, torch.Generator().manual_seed(7))
     pixels = images.float() / 255
     for params, size in zip(groups, (32, 16)):

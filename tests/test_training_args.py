@@ -60,6 +60,11 @@ def test_defaults_are_the_reference_recipe(image_dir):
         ({"blur_sigma": [1.0, 0.5]}, "blur_sigma", "two numbers 0 < low <= high"),
         ({"blur_p": [1.0, 0.1]}, "blur_p", "three probabilities (global crop 1, global crop 2, local crops)"),
         ({"solarize_p": 1.5}, "solarize_p", "a probability in [0, 1]"),
+        ({"color_jitter": [0.4, 0.4, 0.2]}, "color_jitter", "four strengths: brightness, contrast, saturation"),
+        ({"color_jitter": [0.4, 0.4, 0.2, 0.6]}, "color_jitter", "hue in [0, 0.5]"),
+        ({"color_jitter": [1.5, 0.4, 0.2, 0.1]}, "color_jitter", "saturation in [0, 1]"),
+        ({"color_jitter_p": -0.1}, "color_jitter_p", "a probability in [0, 1]"),
+        ({"grayscale_p": 2.0}, "grayscale_p", "a probability in [0, 1]"),
         ({"global_crops_scale": [0.5, 0.2]}, "global_crops_scale", "two numbers 0 < low <= high <= 1"),
         ({"local_crops_scale": [0.05]}, "local_crops_scale", "two numbers 0 < low <= high <= 1"),
         ({"checkpointing_steps": "often"}, "checkpointing_steps", "a number of steps >= 1, or 'epoch'"),
@@ -207,15 +212,15 @@ def test_dinov2_stabilisers_parse_from_the_command_line(image_dir):
 
 
 def test_augmentation_strengths_parse_and_default_to_the_paper(image_dir):
-    assert (make(image_dir).blur_sigma, make(image_dir).blur_p, make(image_dir).solarize_p) == (
-        [0.1, 2.0],
-        [1.0, 0.1, 0.5],
-        0.2,
-    )
+    default = make(image_dir)
+    assert (default.color_jitter, default.color_jitter_p, default.grayscale_p) == ([0.4, 0.4, 0.2, 0.1], 0.8, 0.2)
+    assert (default.blur_sigma, default.blur_p, default.solarize_p) == ([0.1, 2.0], [1.0, 0.1, 0.5], 0.2)
     args = parse_training_args(
         ["--train_dir", image_dir, "--blur_sigma", "0.1", "0.5", "--blur_p", "0.5", "0", "0", "--solarize_p", "0"]
+        + ["--color_jitter", "0.3", "0.2", "0.8", "0.5", "--color_jitter_p", "1", "--grayscale_p", "0.5"]
     )
     assert (args.blur_sigma, args.blur_p, args.solarize_p) == ([0.1, 0.5], [0.5, 0.0, 0.0], 0.0)
+    assert (args.color_jitter, args.color_jitter_p, args.grayscale_p) == ([0.3, 0.2, 0.8, 0.5], 1.0, 0.5)
 
 
 def test_max_steps_lays_the_schedules_over_those_steps_whatever_the_dataset_size(image_dir):
@@ -240,13 +245,15 @@ def test_the_run_builds_its_crops_with_the_augmentation_arguments(image_dir):
     from dino_hf.augment.multicrop import MultiCropTransform
     from dino_hf.training.trainer import multicrop_options
 
-    args = make(
-        image_dir, global_crops_size=64, local_crops_size=32, blur_sigma=[0.1, 0.6], blur_p=[0.5, 0, 0], solarize_p=0
-    )
+    crops = dict(global_crops_size=64, local_crops_size=32, blur_sigma=[0.1, 0.6], blur_p=[0.5, 0, 0], solarize_p=0)
+    args = make(image_dir, **crops, color_jitter=[0.3, 0.2, 0.8, 0.5], color_jitter_p=1.0, grayscale_p=0.5)
     transform = MultiCropTransform(**multicrop_options(args))
     assert (transform.global_crops_size, transform.local_crops_size, transform.local_crops_number) == (64, 32, 8)
     assert (transform.blur_sigma, transform.blur_p, transform.solarize_p) == ((0.1, 0.6), (0.5, 0.0, 0.0), 0.0)
-    assert MultiCropTransform(**multicrop_options(make(image_dir))).blur_sigma == (0.1, 2.0)
+    jitter = (transform.brightness, transform.contrast, transform.saturation, transform.hue)
+    assert (jitter, transform.jitter_p, transform.grayscale_p) == ((0.3, 0.2, 0.8, 0.5), 1.0, 0.5)
+    paper = MultiCropTransform(**multicrop_options(make(image_dir)))
+    assert (paper.blur_sigma, paper.hue, paper.saturation, paper.grayscale_p) == ((0.1, 2.0), 0.1, 0.2, 0.2)
 
 
 def test_config_overrides_change_the_preset_trained_from_scratch(image_dir):

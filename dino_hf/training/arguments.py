@@ -151,6 +151,15 @@ class DinoTrainingArguments:
     global_crops_scale: list[float] = field(default_factory=lambda: [0.4, 1.0], metadata={"help": "Area range."})
     local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.4], metadata={"help": "Area range."})
     local_crops_number: int = field(default=8, metadata={"help": "Number of local crops."})
+    color_jitter: list[float] = field(
+        default_factory=lambda: [0.4, 0.4, 0.2, 0.1],
+        metadata={
+            "help": "Colour jitter strengths: brightness, contrast, saturation (factors U(1 - s, 1 + s)) and hue "
+            "(shift U(-h, h) in turns, h <= 0.5); raise them where colour tells images apart but not classes."
+        },
+    )
+    color_jitter_p: float = field(default=0.8, metadata={"help": "Probability of a crop's colour jitter."})
+    grayscale_p: float = field(default=0.2, metadata={"help": "Probability of a crop turning grayscale."})
     blur_sigma: list[float] = field(
         default_factory=lambda: [0.1, 2.0],
         metadata={"help": "Range of the Gaussian blur's sigma in pixels of the crop; scale it with small crops."},
@@ -250,6 +259,7 @@ class DinoTrainingArguments:
     def __post_init__(self):
         self.global_crops_scale = [float(x) for x in self.global_crops_scale]
         self.local_crops_scale = [float(x) for x in self.local_crops_scale]
+        self.color_jitter = [float(x) for x in self.color_jitter]
         self.blur_sigma = [float(x) for x in self.blur_sigma]
         self.blur_p = [float(x) for x in self.blur_p]
         validate(self)
@@ -371,14 +381,22 @@ def _validate_ranges(args: DinoTrainingArguments) -> None:
         scale = getattr(args, name)
         if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
             _fail(name, scale, "two numbers 0 < low <= high <= 1, e.g. 0.4 1.0")
+    jitter = args.color_jitter
+    if len(jitter) != 4 or not all(0 <= s <= 1 for s in jitter[:3]) or not 0 <= jitter[3] <= 0.5:
+        _fail(
+            "color_jitter",
+            jitter,
+            "four strengths: brightness, contrast, saturation in [0, 1] and hue in [0, 0.5], e.g. 0.4 0.4 0.2 0.1",
+        )
+    for name in ("color_jitter_p", "grayscale_p", "solarize_p"):
+        if not 0 <= getattr(args, name) <= 1:
+            _fail(name, getattr(args, name), "a probability in [0, 1]")
     if len(args.blur_sigma) != 2 or not 0 < args.blur_sigma[0] <= args.blur_sigma[1]:
         _fail("blur_sigma", args.blur_sigma, "two numbers 0 < low <= high, e.g. 0.1 2.0 (pixels)")
     if len(args.blur_p) != 3 or not all(0 <= p <= 1 for p in args.blur_p):
         _fail(
             "blur_p", args.blur_p, "three probabilities (global crop 1, global crop 2, local crops), e.g. 1.0 0.1 0.5"
         )
-    if not 0 <= args.solarize_p <= 1:
-        _fail("solarize_p", args.solarize_p, "a probability in [0, 1]")
 
 
 def _validate_choices(args: DinoTrainingArguments) -> None:
