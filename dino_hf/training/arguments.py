@@ -377,6 +377,10 @@ def _validate_ranges(args: DinoTrainingArguments) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             _fail(name, value, "an integer >= 1, or leave it unset")
+    _validate_augmentation(args)
+
+
+def _validate_augmentation(args: DinoTrainingArguments) -> None:
     for name in ("global_crops_scale", "local_crops_scale"):
         scale = getattr(args, name)
         if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
