@@ -419,7 +419,8 @@ def _cell(value) -> str:
 
 def table(rows: list[dict], label_epochs: int = 0) -> str:
     columns = ["chance", "pixels"] + (["labels"] if label_epochs else []) + ["random init", "trained"]
-    titles = [f"labels, {label_epochs} epochs" if column == "labels" else column for column in columns]
+    epochs = f"{label_epochs} epoch" + ("s" if label_epochs != 1 else "")
+    titles = [f"labels, {epochs}" if column == "labels" else column for column in columns]
     lines = ["| set | " + " | ".join(titles) + " | gain | minutes |", "|---" * (len(columns) + 3) + "|"]
     for row in rows:
         gain = None if None in (row["random init"], row["trained"]) else row["trained"] - row["random init"]
