@@ -57,13 +57,12 @@ from torch import nn
 from torchvision.transforms import v2
 
 from dino_hf.data.demo import default_demo_root, make_demo_dataset
-from dino_hf.evaluation.features import knn_accuracy
 from dino_hf.evaluation.knn import knn_evaluate
 from dino_hf.models.image_processing_dino import IMAGENET_MEAN, IMAGENET_STD
 from dino_hf.training.arguments import DinoTrainingArguments, parse_training_args
 from dino_hf.training.networks import build_student_teacher
 from dino_hf.training.run_sources import knn_sources
-from dino_hf.training.trainer import train
+from dino_hf.training.trainer import backbone_knn, train
 
 IMAGE_SIZE = 64
 K = 20  # the k reported, as the demo's README table
@@ -386,9 +385,7 @@ def label_reference(path: Path, args: DinoTrainingArguments, epochs: int) -> flo
             loss.backward()
             optimizer.step()
             schedule.step()
-    size = args.eval_image_size or args.global_crops_size
-    metrics = knn_accuracy(backbone, knn_sources(args), size, label_column_name=args.label_column_name)
-    return metrics[METRIC]
+    return backbone_knn(backbone, args, knn_sources(args))[METRIC]
 
 
 def run_set(name: str, path: Path, config: str, output_root: str, extra: list[str], label_epochs: int = 0) -> dict:

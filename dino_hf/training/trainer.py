@@ -475,16 +475,21 @@ def _knn_size(args: DinoTrainingArguments) -> int:
     return args.eval_image_size or args.global_crops_size
 
 
-def _knn(run: Run, teacher: nn.Module) -> dict:
-    args = run.args
+def backbone_knn(backbone: nn.Module, args: DinoTrainingArguments, sources: tuple[dict, dict], device=None) -> dict:
+    """The k-NN metrics of `backbone` on `sources` (memory bank, queries), as a run with `args`
+    evaluates its teacher: at the run's k-NN image size, with its image and label columns."""
     return knn_accuracy(
-        teacher.backbone,
-        run.eval_sources,
+        backbone,
+        sources,
         _knn_size(args),
         image_column_name=args.image_column_name,
         label_column_name=args.label_column_name,
-        device=run.accelerator.device,
+        device=device,
     )
+
+
+def _knn(run: Run, teacher: nn.Module) -> dict:
+    return backbone_knn(teacher.backbone, run.args, run.eval_sources, run.accelerator.device)
 
 
 def _evaluate(run: Run, step: int) -> None:
@@ -552,4 +557,4 @@ def _final_save(run: Run) -> TrainResult:
     return result
 
 
-__all__ = ["NonFiniteLossError", "TrainResult", "train"]
+__all__ = ["NonFiniteLossError", "TrainResult", "backbone_knn", "train"]
