@@ -3,8 +3,10 @@ import math
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 from pathlib import Path
 
+import accelerate
 import numpy as np
 import pytest
 import torch
@@ -13,8 +15,10 @@ from PIL import Image
 from safetensors.torch import load_file
 from tiny import TINY_VIT
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, pipeline
+from transformers.modeling_utils import AttentionInterface
 
 from dino_hf import PRESETS, DinoConfig, DinoModel
+from dino_hf.models import modeling_dino
 
 
 def tiny_config(**overrides) -> DinoConfig:
@@ -187,6 +191,137 @@ def test_stochastic_depth_grows_linearly_and_acts_only_in_training():
     torch.manual_seed(2)
     b = model(x).pooler_output
     assert not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize(
+    "empty_weights",
+    [lambda: torch.device("meta"), lambda: accelerate.init_empty_weights(include_buffers=True)],
+    ids=["torch.device", "init_empty_weights"],
+)
+def test_builds_on_the_meta_device_and_materialises(empty_weights):
+    config = tiny_config(num_hidden_layers=5, drop_path_rate=0.4)
+    with empty_weights():
+        empty = DinoModel(config)
+    assert {t.device.type for t in [*empty.parameters(), *empty.buffers()]} == {"meta"}
+    rates = [layer.drop_path.drop_prob for layer in empty.encoder.layer]
+    assert rates == torch.linspace(0, 0.4, 5).tolist()
+    assert rates == pytest.approx([0.4 * i / 4 for i in range(5)])
+
+    torch.manual_seed(0)
+    model = DinoModel(config).eval()
+    empty.to_empty(device="cpu").load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(empty.eval()(x).last_hidden_state, model(x).last_hidden_state, rtol=0, atol=0)
+
+
+@pytest.fixture
+def attention_calls(monkeypatch) -> Counter:
+    """Counts the calls of each attention implementation that runs on a CPU, each still doing its work."""
+    calls = Counter()
+
+    def spy(name, function):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+
+        return counted
+
+    monkeypatch.setattr(modeling_dino, "eager_attention_forward", spy("eager", modeling_dino.eager_attention_forward))
+    functions = AttentionInterface._global_mapping  # the registry behind ALL_ATTENTION_FUNCTIONS
+    for name in ("sdpa", "flex_attention"):
+        monkeypatch.setitem(functions, name, spy(name, functions[name]))
+    return calls
+
+
+def outputs_with(model: DinoModel, implementation: str, x: torch.Tensor, calls: Counter):
+    """The outputs of `model` under `implementation`, checking that it ran in every block and no other."""
+    model.set_attn_implementation(implementation)
+    assert model.config._attn_implementation == implementation
+    calls.clear()
+    with torch.no_grad():
+        out = model(x, output_hidden_states=True)
+    assert calls == {implementation: model.config.num_hidden_layers}
+    return out
+
+
+def assert_same_outputs(got, expected) -> None:
+    for name in ("last_hidden_state", "pooler_output"):
+        assert (getattr(got, name) - getattr(expected, name)).abs().max() <= 1e-5, name
+    for a, b in zip(got.hidden_states, expected.hidden_states, strict=True):
+        assert (a - b).abs().max() <= 1e-5
+
+
+def test_default_attention_is_sdpa_and_eager_agrees(model, attention_calls):
+    assert model.config._attn_implementation == "sdpa"
+    assert DinoModel._supports_sdpa and DinoModel._supports_flash_attn and DinoModel._supports_flex_attn
+    x = torch.randn(2, 3, 24, 40)
+    sdpa = outputs_with(model, "sdpa", x, attention_calls)
+    eager = outputs_with(model, "eager", x, attention_calls)
+    assert_same_outputs(sdpa, eager)
+    assert (eager.last_hidden_state - reference_vit_forward(model.state_dict(), model.config, x)).abs().max() <= 1e-5
+
+    # The weights are only computed by the eager attention: requesting them takes it for that call.
+    model.set_attn_implementation("sdpa")
+    attention_calls.clear()
+    with torch.no_grad():
+        out = model(x, output_attentions=True)
+    assert attention_calls == {"eager": 2}
+    assert [a.shape for a in out.attentions] == [(2, 2, 16, 16)] * 2
+    torch.testing.assert_close(out.attentions[-1].sum(-1), torch.ones(2, 2, 16))
+    assert (out.last_hidden_state - sdpa.last_hidden_state).abs().max() <= 1e-5
+
+
+@pytest.mark.slow  # flex attention is compiled by inductor on its first call: about a minute on a CPU
+def test_flex_attention_runs_and_agrees(model, attention_calls):
+    x = torch.randn(2, 3, 32, 32)
+    flex = outputs_with(model, "flex_attention", x, attention_calls)
+    assert_same_outputs(flex, outputs_with(model, "eager", x, attention_calls))
+
+
+def test_from_pretrained_takes_the_attention_implementation(model, tmp_path, attention_calls):
+    model.save_pretrained(tmp_path)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x).pooler_output
+    assert DinoModel.from_pretrained(tmp_path).config._attn_implementation == "sdpa"
+    for implementation in ("eager", "sdpa"):
+        loaded = DinoModel.from_pretrained(tmp_path, attn_implementation=implementation).eval()
+        assert loaded.config._attn_implementation == implementation
+        attention_calls.clear()
+        with torch.no_grad():
+            assert (loaded(x).pooler_output - expected).abs().max() <= 1e-5
+        assert attention_calls == {implementation: 2}
+
+
+def test_a_registered_attention_function_is_used(model, monkeypatch):
+    """The attention backend interface: a function registered with `AttentionInterface.register`."""
+    seen = []
+
+    def doubled_scale(module, query, key, value, attention_mask, scaling, dropout=0.0):
+        seen.append(query.shape)
+        return modeling_dino.eager_attention_forward(module, query, key, value, attention_mask, 2 * scaling, dropout)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, "doubled_scale", doubled_scale)
+    assert DinoModel.is_backend_compatible()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        plain = model(x).last_hidden_state
+        model.set_attn_implementation("doubled_scale")
+        doubled = model(x).last_hidden_state
+    assert seen == [(2, 2, 17, 16)] * 2
+    assert (doubled - plain).abs().max() > 1e-4
+
+
+def test_forward_rejects_unknown_arguments_and_ignores_interpolate_pos_encoding(model):
+    x = torch.randn(2, 3, 24, 40)
+    with pytest.raises(TypeError, match="head_mask"):
+        model(x, head_mask=None)
+    with pytest.raises(TypeError, match="bool_masked_pos"):
+        model(x, bool_masked_pos=torch.zeros(2, 15, dtype=torch.bool))
+    with torch.no_grad():
+        expected = model(x).last_hidden_state
+        for value in (True, False, None):
+            assert torch.equal(model(x, interpolate_pos_encoding=value).last_hidden_state, expected)
 
 
 def test_init_follows_the_reference():

@@ -25,9 +25,9 @@ import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import save_file
 from torch import nn
-from transformers import ViTConfig, ViTModel
+from transformers import AutoImageProcessor, PreTrainedModel, ViTConfig, ViTModel
 
-from ..models.backbones import DinoModelBackbone, TimmBackbone
+from ..models.backbones import DinoModelBackbone, TimmBackbone, TransformersBackbone
 from ..models.configuration_dino import PRESETS, DinoConfig
 from ..models.image_processing_dino import IMAGENET_MEAN, IMAGENET_STD, dino_image_processor
 from ..models.modeling_dino import DinoModel
@@ -71,7 +71,9 @@ def export_backbone(
     under a temporary name and renamed, so an interrupted export never leaves a half-written folder.
     Returns `output_dir`.
     """
-    model = backbone_model.model if isinstance(backbone_model, (TimmBackbone, DinoModelBackbone)) else backbone_model
+    wrappers = (TimmBackbone, DinoModelBackbone, TransformersBackbone)
+    model = backbone_model.model if isinstance(backbone_model, wrappers) else backbone_model
+    source = backbone_model.source if isinstance(backbone_model, TransformersBackbone) else None
     output_dir = Path(output_dir).resolve()
     staging = output_dir.with_name(f".{output_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
@@ -79,12 +81,15 @@ def export_backbone(
         if isinstance(model, DinoModel):
             model.save_pretrained(staging)
             dino_image_processor(image_size).save_pretrained(staging)
+        elif isinstance(model, PreTrainedModel):
+            model.save_pretrained(staging)
+            source_image_processor(source, image_size).save_pretrained(staging)
         elif is_timm_model(model):
             _save_timm_folder(model, staging, image_size)
         else:
             raise TypeError(
-                f"cannot export a {type(model).__name__}: expected a DinoModel or a timm model "
-                "(or the TimmBackbone / DinoModelBackbone that build_backbone returns)"
+                f"cannot export a {type(model).__name__}: expected a DinoModel, a transformers model or a timm model "
+                "(or the backbone wrappers that build_backbone returns)"
             )
         if model_card is not None:
             model_card.save(staging / "README.md")
@@ -93,6 +98,35 @@ def export_backbone(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return output_dir
+
+
+def source_image_processor(source: str | None, image_size: int):
+    """The image processor of the checkpoint a run started from, set to the training crop size; DINO's
+    evaluation transform when the source has none.
+
+    The resize keeps the source's ratio of resize to crop (256 / 224 for DINOv2's processors), and the
+    mean and std are ImageNet's, which the training crops were normalised with.
+    """
+    processor = None
+    if source is not None:
+        try:
+            processor = AutoImageProcessor.from_pretrained(source)
+        except (OSError, ValueError):
+            processor = None
+    if processor is None or not hasattr(processor, "crop_size") and not hasattr(processor, "size"):
+        return dino_image_processor(image_size)
+    size = getattr(processor, "size", None) or {}
+    crop = getattr(processor, "crop_size", None) or {}
+    crop_side = crop.get("height") or size.get("shortest_edge") or size.get("height") or image_size
+    resize_side = size.get("shortest_edge") or size.get("height") or crop_side
+    ratio = resize_side / crop_side
+    if getattr(processor, "do_center_crop", False):
+        processor.crop_size = {"height": image_size, "width": image_size}
+        processor.size = {"shortest_edge": round(image_size * ratio)}
+    else:
+        processor.size = {"height": image_size, "width": image_size}
+    processor.image_mean, processor.image_std = list(IMAGENET_MEAN), list(IMAGENET_STD)
+    return processor
 
 
 def is_timm_model(model: nn.Module) -> bool:
@@ -272,6 +306,7 @@ __all__ = [
     "export_backbone",
     "is_timm_model",
     "save_as_timm",
+    "source_image_processor",
     "save_as_vit",
     "timm_model_args",
     "to_timm_model",

@@ -15,9 +15,11 @@ from typing import Any
 import timm.models
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
+from transformers import PreTrainedModel
 
 from ..convert.export import is_timm_model
 from ..models.backbones import DinoModelBackbone, TimmBackbone
+from ..models.transformers_backbone import FAMILIES, TransformersBackbone
 from ..models.modeling_dino import DinoModel
 from ..models.references import is_hub_id
 
@@ -86,7 +88,8 @@ def render_model_card(
         steps, epochs: how long the model was trained.
         hardware: e.g. `"8x A100 80GB, 21 h"`.
         evaluation: measured figures; they go into the card and its `model-index`.
-        base_model: the Hub id of the weights training started from, if any.
+        base_model: the Hub id or folder of the weights training started from, if any (a Hub id also goes
+            into the metadata); a `TransformersBackbone`'s own source when not given.
         license: the license of the weights.
         image_size: the crop size of the exported preprocessing (`export_backbone(image_size=...)`);
             defaults to the size the model was built for.
@@ -94,7 +97,9 @@ def render_model_card(
     Sections whose data is unknown (no evaluation, no recipe) are left out, so the card never shows an
     empty field or a placeholder.
     """
-    model = model.model if isinstance(model, (TimmBackbone, DinoModelBackbone)) else model
+    if base_model is None and isinstance(model, TransformersBackbone):
+        base_model = model.source
+    model = model.model if isinstance(model, (TimmBackbone, DinoModelBackbone, TransformersBackbone)) else model
     description = _describe(model, model_id)
     description["image_size"] = image_size or description["image_size"]
     title = model_id.rstrip("/").split("/")[-1]
@@ -117,7 +122,7 @@ def render_model_card(
         license=license,
         tags=["dino", "self-supervised", "image-feature-extraction", "vision", "dino_hf", _DINO_CITATION_ARXIV],
         datasets=hub_datasets or None,
-        base_model=base_model,
+        base_model=base_model if base_model and is_hub_id(base_model) else None,
         metrics=["accuracy"] if eval_results else None,
         eval_results=eval_results or None,
         model_name=title if eval_results else None,
@@ -170,8 +175,12 @@ def _describe(model: nn.Module, model_id: str) -> dict[str, Any]:
             # dino_hf.convert.export.to_timm_model needs timm's LayerNorm eps and activation.
             timm_convertible=config.layer_norm_eps == 1e-6 and config.hidden_act == "gelu",
         )
+    if isinstance(model, PreTrainedModel):
+        return _describe_transformers(model, num_parameters)
     if not is_timm_model(model):
-        raise TypeError(f"cannot describe a {type(model).__name__}: expected a DinoModel or a timm model")
+        raise TypeError(
+            f"cannot describe a {type(model).__name__}: expected a DinoModel, a transformers model or a timm model"
+        )
     architecture = model.pretrained_cfg.get("architecture") or type(model).__name__
     pool = getattr(model, "global_pool", None)
     pool = getattr(pool, "pool_type", pool)
@@ -187,6 +196,33 @@ def _describe(model: nn.Module, model_id: str) -> dict[str, Any]:
         image_size=model.pretrained_cfg.get("input_size", (3, 224, 224))[-1],
         config_rows=_table_rows(timm.models.get_model_args(model, {})),
         timm_model_name=f"hf-hub:{model_id}" if is_hub_id(model_id, allow_bare_name=True) else f"local-dir:{model_id}",
+    )
+
+
+def _describe_transformers(model: PreTrainedModel, num_parameters: str) -> dict[str, Any]:
+    """Template values of a stock transformers backbone (Dinov2Model, ViTModel, ConvNextModel, ...)."""
+    config = model.config
+    family = FAMILIES[config.model_type]
+    backbone = TransformersBackbone(model, family)
+    patch_size = backbone.patch_size
+    uses_cls = family.feature == "cls"
+    image_size = getattr(config, "image_size", None) or 224
+    return dict(
+        library_name="transformers",
+        stock_transformers=True,
+        architecture=f"transformers `{type(model).__name__}`",
+        architecture_summary=f"transformers `{type(model).__name__}` backbone",
+        num_parameters=num_parameters,
+        feature_size=backbone.num_features,
+        feature_description=(
+            "the CLS token after the final norm"
+            if uses_cls or family.fixed_patch_grid
+            else "the pooled, normalised final features"
+        ),
+        feature_code="last_hidden_state[:, 0]" if uses_cls else "pooler_output",
+        patch_size=patch_size,
+        image_size=image_size if isinstance(image_size, int) else image_size[0],
+        config_rows=[],
     )
 
 

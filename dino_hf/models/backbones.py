@@ -15,16 +15,23 @@ Accepted specs:
 """
 
 import copy
+import dataclasses
 import difflib
+import json
 import os
+from pathlib import Path
 
 import timm
 import torch
+from timm.models import PretrainedCfg
 from torch import nn
+from transformers import AutoConfig
 
 from .configuration_dino import PRESETS, DinoConfig
 from .modeling_dino import DinoModel
 from .references import TIMM_PREFIX, is_external_timm_name, is_hub_id, is_timm_folder
+from .transformers_backbone import TransformersBackbone, accepted_models_text, load_transformers_backbone
+from .weight_check import check_state_dict, load_checked, read_tensors, weight_files
 
 
 class TimmBackbone(nn.Module):
@@ -45,6 +52,25 @@ class TimmBackbone(nn.Module):
         """`pixel_values (B, 3, H, W)` -> features `(B, num_features)`."""
         return self.model(pixel_values)
 
+    def forward_tokens(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`pixel_values (B, 3, H, W)` -> `(features (B, num_features), patch_tokens (B, P, C))`.
+
+        timm's `forward` is `forward_head(forward_features(x))` and, built with `num_classes=0`, its head
+        is the identity: `forward_head(..., pre_logits=True)` of the same `forward_features` gives the
+        features of `forward` bit for bit. The patch tokens are `forward_features` without its prefix
+        tokens (CLS, registers: `num_prefix_tokens`) for a ViT, after its final norm; for a CNN, the final
+        feature map `(B, C, h, w)` (NHWC for the models whose `output_fmt` says so) as `(B, h * w, C)`.
+        """
+        tokens = self.model.forward_features(pixel_values)
+        features = self.model.forward_head(tokens, pre_logits=True)  # (B, num_features)
+        if tokens.ndim == 4 and getattr(self.model, "output_fmt", "NCHW") == "NHWC":
+            patch_tokens = tokens.flatten(1, 2)  # (B, h * w, C)
+        elif tokens.ndim == 4:
+            patch_tokens = tokens.flatten(2).transpose(1, 2)  # (B, h * w, C)
+        else:
+            patch_tokens = tokens[:, getattr(self.model, "num_prefix_tokens", 0) :]  # (B, P, C)
+        return features, patch_tokens
+
 
 class DinoModelBackbone(nn.Module):
     """A `DinoModel`; the feature is `pooler_output`, the CLS token after the final LayerNorm.
@@ -61,6 +87,13 @@ class DinoModelBackbone(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`pixel_values (B, 3, H, W)`, H and W multiples of the patch size -> `(B, hidden_size)`."""
         return self.model(pixel_values, return_dict=True).pooler_output
+
+    def forward_tokens(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`pixel_values (B, 3, H, W)` -> `(features (B, hidden_size), patch_tokens (B, N, hidden_size))`:
+        from one forward, the `pooler_output` of `forward` and the N patch tokens of `last_hidden_state`
+        (after the final LayerNorm, CLS token removed)."""
+        output = self.model(pixel_values, return_dict=True)
+        return output.pooler_output, output.last_hidden_state[:, 1:]  # (B, D), (B, N, D)
 
 
 def build_backbone(
@@ -97,16 +130,66 @@ def build_backbone(
         raise TypeError(f"backbone spec should be a string, a DinoConfig or a DinoModel, got {type(spec).__name__}")
     if spec.startswith(TIMM_PREFIX):
         name = spec[len(TIMM_PREFIX) :]
+        if name.startswith("local-dir:"):
+            return TimmBackbone(load_timm_folder(name, drop_path_rate=drop_path_rate, **kwargs))
         return TimmBackbone(_create_timm_model(name, drop_path_rate, image_size, pretrained, **kwargs))
     if spec in PRESETS:
         _refuse_pretrained(pretrained, f"the preset {spec!r}")
         config = DinoConfig.from_preset(spec, drop_path_rate=drop_path_rate, image_size=image_size, **kwargs)
         return DinoModelBackbone(DinoModel(config))
     if os.path.isdir(spec) and is_timm_folder(spec):
-        return TimmBackbone(_create_timm_model(f"local-dir:{spec}", drop_path_rate, image_size, True, **kwargs))
+        return TimmBackbone(load_timm_folder(spec, drop_path_rate=drop_path_rate, **kwargs))
     if os.path.isdir(spec) or is_hub_id(spec):
-        return DinoModelBackbone(DinoModel.from_pretrained(spec, drop_path_rate=drop_path_rate, **kwargs))
+        return _saved_transformers_model(spec, drop_path_rate, **kwargs)
     raise ValueError(_unknown_spec_message(spec))
+
+
+def _saved_transformers_model(spec: str, drop_path_rate: float, **kwargs) -> nn.Module:
+    """A folder or Hub id, dispatched on its own `model_type`: a DinoModel of this project, or any
+    transformers vision backbone (`load_transformers_backbone`); every weight checked either way."""
+    try:
+        config = AutoConfig.from_pretrained(spec, **_hub_options(kwargs))
+    except ValueError as error:
+        raise ValueError(
+            f"{spec}: its config.json is not one transformers knows ({error}); expected {accepted_models_text()}"
+        ) from None
+    if config.model_type != DinoConfig.model_type:
+        return load_transformers_backbone(spec, drop_path_rate=drop_path_rate, **kwargs)
+    model = load_checked(DinoModel, spec, drop_path_rate=drop_path_rate, **kwargs)
+    return DinoModelBackbone(model)
+
+
+def _hub_options(kwargs: dict) -> dict:
+    return {key: kwargs[key] for key in ("revision", "token", "cache_dir") if key in kwargs}
+
+
+def load_timm_folder(folder: str | os.PathLike, *, drop_path_rate: float = 0.0, **kwargs) -> nn.Module:
+    """The timm model saved in `folder` (by timm's `save_for_hf`, by dino_hf, or by transformers'
+    `TimmWrapperModel.save_pretrained`), with `num_classes=0` and every weight checked.
+
+    ViTs are built with `dynamic_img_size=True`, so that local crops go through; the classifier that
+    `num_classes=0` leaves out is named in the log.
+    """
+    folder = Path(str(folder).removeprefix("local-dir:"))
+    config = json.loads((folder / "config.json").read_text())
+    options = {key: value for key, value in (config.get("model_args") or {}).items() if key != "num_classes"}
+    options.update(num_classes=0, drop_path_rate=drop_path_rate, **kwargs)
+    cfg_fields = {f.name for f in dataclasses.fields(PretrainedCfg)}
+    overlay = {key: value for key, value in (config.get("pretrained_cfg") or {}).items() if key in cfg_fields}
+    architecture = config["architecture"]
+    try:
+        model = timm.create_model(architecture, pretrained_cfg_overlay=overlay, dynamic_img_size=True, **options)
+    except TypeError as error:
+        if "dynamic_img_size" not in str(error):
+            raise
+        model = timm.create_model(architecture, pretrained_cfg_overlay=overlay, **options)
+    classifier = overlay.get("classifier") or "head"
+    heads = tuple(f"{name}." for name in ([classifier] if isinstance(classifier, str) else classifier))
+    tensors = dict(read_tensors(weight_files(folder)))
+    if config.get("model_type") == "timm_wrapper":  # TimmWrapperModel may save timm's names under `timm_model.`
+        tensors = {key.removeprefix("timm_model."): tensor for key, tensor in tensors.items()}
+    check_state_dict(model, tensors, folder, dropped_prefixes=heads)
+    return model
 
 
 def _create_timm_model(name: str, drop_path_rate: float, image_size: int, pretrained: bool, **kwargs) -> nn.Module:
@@ -152,4 +235,4 @@ def _unknown_spec_message(spec: str) -> str:
     )
 
 
-__all__ = ["DinoModelBackbone", "TimmBackbone", "build_backbone"]
+__all__ = ["DinoModelBackbone", "TimmBackbone", "TransformersBackbone", "build_backbone", "load_timm_folder"]

@@ -13,15 +13,16 @@ and transformers: they are copied next to saved weights so that
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 
 from .configuration_dino import PRESETS, DinoConfig
 from .image_processing_dino import dino_image_processor
@@ -101,15 +102,48 @@ class DinoEmbeddings(nn.Module):
         return self.dropout(tokens)
 
 
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention with an explicit softmax, the "eager" implementation (transformers' ViT
+    `eager_attention_forward`, the reference's `Attention.forward`).
+
+    query, key, value (B, heads, N, head_dim); attention_mask None or added to the scores
+    (B or 1, heads or 1, N, N) -> output (B, N, heads, head_dim), weights (B, heads, N, N): the
+    softmaxed scores, before the attention dropout (what DINO's attention maps show).
+    """
+    scores = torch.matmul(query, key.transpose(-2, -1)) * scaling  # (B, heads, N, N)
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    weights = torch.softmax(scores, dim=-1)  # (B, heads, N, N)
+    output = torch.matmul(F.dropout(weights, p=dropout, training=module.training), value)  # (B, heads, N, head_dim)
+    return output.transpose(1, 2).contiguous(), weights  # (B, N, heads, head_dim)
+
+
 class DinoSelfAttention(nn.Module):
-    """Multi-head self-attention: fused SDPA kernel, or an explicit softmax when weights are requested."""
+    """Multi-head self-attention (transformers' `ViTAttention` without its output projection).
+
+    The attention function is `config._attn_implementation` looked up in transformers'
+    `ALL_ATTENTION_FUNCTIONS` ("sdpa" by default, "eager", "flex_attention", "flash_attention_*" or
+    one registered with `AttentionInterface.register`), read at every call so that
+    `set_attn_implementation` takes effect. When the weights are requested (`output_attentions`), the
+    call goes through `eager_attention_forward`, the one implementation that computes them.
+    """
 
     def __init__(self, config: DinoConfig):
         super().__init__()
+        self.config = config
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.scale = self.head_dim**-0.5
         self.dropout_prob = config.attention_probs_dropout_prob
+        self.is_causal = False  # read by the SDPA and flash implementations
         self.query = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
         self.key = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
         self.value = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
@@ -121,14 +155,18 @@ class DinoSelfAttention(nn.Module):
         q = self.query(hidden_states).view(shape).transpose(1, 2)  # (B, heads, N, head_dim)
         k = self.key(hidden_states).view(shape).transpose(1, 2)  # (B, heads, N, head_dim)
         v = self.value(hidden_states).view(shape).transpose(1, 2)  # (B, heads, N, head_dim)
-        dropout = self.dropout_prob if self.training else 0.0
-        if output_attentions:
-            weights = torch.softmax((q @ k.transpose(-2, -1)) * self.scale, dim=-1)  # (B, heads, N, N)
-            context = F.dropout(weights, p=dropout, training=self.training) @ v  # (B, heads, N, head_dim)
-        else:
-            weights = None
-            context = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.scale)
-        context = context.transpose(1, 2).reshape(batch_size, seq_len, dim)  # (B, N, D)
+        implementation = "eager" if output_attentions else self.config._attn_implementation
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        context, weights = attention_interface(
+            self,
+            q,
+            k,
+            v,
+            None,
+            dropout=self.dropout_prob if self.training else 0.0,
+            scaling=self.scale,
+        )  # (B, N, heads, head_dim), (B, heads, N, N) or None
+        context = context.reshape(batch_size, seq_len, dim)  # (B, N, D)
         return context, weights
 
 
@@ -220,7 +258,9 @@ class DinoEncoder(nn.Module):
     def __init__(self, config: DinoConfig):
         super().__init__()
         # Stochastic depth grows linearly from 0 at the first block to drop_path_rate at the last.
-        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        # The rates are computed on the CPU, whatever the default device, so that the model can be built
+        # on the meta device (`with torch.device("meta")`, accelerate's `init_empty_weights`).
+        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers, device="cpu").tolist()
         self.layer = nn.ModuleList([DinoLayer(config, rate) for rate in rates])
 
     def forward(
@@ -250,7 +290,11 @@ class DinoPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
     _no_split_modules = ["DinoEmbeddings", "DinoLayer"]
+    # The attention goes through transformers' attention interface (`DinoSelfAttention`), as ViT's does.
     _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -305,14 +349,20 @@ class DinoModel(DinoPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
+        interpolate_pos_encoding: bool | None = None,
     ) -> BaseModelOutputWithPooling | tuple:
         """
         Args:
             pixel_values (B, 3, H, W): images normalised with the ImageNet mean and std; H and W any
                 multiples of the patch size.
-            output_attentions: also return each block's attention weights, (B, heads, 1+N, 1+N) each.
+            output_attentions: also return each block's attention weights, (B, heads, 1+N, 1+N) each;
+                they are computed by the eager attention whatever `attn_implementation` is.
             output_hidden_states: also return the embeddings and each block's output, (B, 1+N, D) each.
+            return_dict: a `BaseModelOutputWithPooling` (default) or a plain tuple.
+            interpolate_pos_encoding: accepted because transformers' ViT code passes it, and ignored:
+                the position embeddings are always interpolated to the input size (DINO's bicubic
+                interpolation, `DinoEmbeddings.interpolate_pos_encoding`), so True, False and None give
+                the same output. Any other keyword argument is a TypeError.
 
         Returns:
             `BaseModelOutputWithPooling` with `last_hidden_state` (B, 1+N, D) after the final LayerNorm

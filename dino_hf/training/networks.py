@@ -11,6 +11,7 @@ from ..models.configuration_dino import PRESETS
 from ..models.heads import DinoHead
 from ..models.multicrop_wrapper import MultiCropWrapper
 from ..models.references import TIMM_PREFIX
+from ..models.transformers_backbone import TransformersBackbone
 from .arguments import DinoTrainingArguments, check_crop_sizes, model_spec, preset_overrides
 from .teacher import build_teacher
 
@@ -42,8 +43,8 @@ def build_student_teacher(args: DinoTrainingArguments) -> tuple[MultiCropWrapper
             pretrained=from_timm_weights,
             **preset_overrides(args),
         )
-    pretrained = args.model_name_or_path is not None and spec not in PRESETS
-    check_crop_sizes(args, _patch_size(backbone))
+    pretrained = has_trained_weights(args)
+    _check_input_sizes(args, backbone)
     head = DinoHead(
         backbone.num_features,
         args.out_dim,
@@ -59,6 +60,24 @@ def build_student_teacher(args: DinoTrainingArguments) -> tuple[MultiCropWrapper
     return student, build_teacher(student), pretrained and head_state is None
 
 
+def has_trained_weights(args: DinoTrainingArguments) -> bool:
+    """Whether the run's backbone comes with trained weights: `--model_name_or_path` a saved model
+    folder, a Hub id, a reference file or trained timm weights (`timm:NAME`); not a DinoModel preset
+    (with or without `--config_overrides`), nor a `--backbone`, which start from random weights."""
+    return args.model_name_or_path is not None and model_spec(args) not in PRESETS
+
+
+def _check_input_sizes(args: DinoTrainingArguments, backbone: nn.Module) -> None:
+    """The crop sizes against what the built backbone takes: multiples of a ViT's patch size; for the
+    transformers CNNs and Swin, sizes their strides and windows allow."""
+    if isinstance(backbone, TransformersBackbone):
+        backbone.check_input_size(args.global_crops_size, "--global_crops_size")
+        if args.local_crops_number:
+            backbone.check_input_size(args.local_crops_size, "--local_crops_size")
+        return
+    check_crop_sizes(args, _patch_size(backbone))
+
+
 def _patch_size(backbone: nn.Module) -> int | None:
     """The patch size of a ViT backbone (DinoModel or timm), None for a CNN."""
     config = getattr(backbone.model, "config", None)
@@ -70,4 +89,4 @@ def _patch_size(backbone: nn.Module) -> int | None:
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
-__all__ = ["build_student_teacher"]
+__all__ = ["build_student_teacher", "has_trained_weights"]
