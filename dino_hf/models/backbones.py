@@ -8,10 +8,16 @@ as `.model` (what gets exported).
 Accepted specs:
 - `"timm:NAME"`: `timm.create_model(NAME, num_classes=0)`. Models with a fixed input size (ViTs)
   are built with `dynamic_img_size=True`, so 96 px local crops go through a 224 px model.
-- a DinoModel preset name (`"vit_small_patch16"`, see `dino_hf.PRESETS`), a `DinoConfig`, a
-  `DinoModel`, a local folder written by `DinoModel.save_pretrained`, or a Hub id ("org/name").
-- a local folder saved by timm (its `config.json` names an `architecture`): that timm model with the
-  folder's weights.
+- a DinoModel preset name (`"vit_small_patch16"`, see `dino_hf.PRESETS`), a `DinoConfig` or a
+  `DinoModel`.
+- a local folder or a Hub id ("org/name") of a transformers model, dispatched on its own
+  `model_type`: a DinoModel of this project, or a transformers vision backbone (ViT, DeiT, Dinov2,
+  DINOv3, ConvNeXt, Swin; `dino_hf.models.transformers_backbone`), every weight checked.
+- a local folder saved by timm or by transformers' `TimmWrapperModel` (its `config.json` names an
+  `architecture`), or `"timm:local-dir:PATH"`: that timm model with the folder's weights, checked.
+
+Whatever the source, a checkpoint whose tensors do not fill the model is refused
+(`dino_hf.models.weight_check`).
 """
 
 import copy

@@ -294,7 +294,8 @@ class DinoPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
-    _supports_attention_backend = True
+    # Attention backends that pass extra keyword arguments through `forward` do not apply: it refuses them.
+    _supports_attention_backend = False
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
