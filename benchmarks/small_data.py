@@ -350,28 +350,27 @@ def pixel_knn(path: Path) -> tuple[float, int]:
     return metrics[METRIC], int(train_y.max()) + 1
 
 
-def label_reference(path: Path, args: DinoTrainingArguments, epochs: int) -> float:
-    """k-NN top-1 (%) of the recipe's backbone after `epochs` epochs of training with the labels.
+def fit_labels(
+    backbone: nn.Module, path: Path, *, epochs: int, crop_size: int, crop_scale: tuple, batch_size: int
+) -> nn.Module:
+    """Trains `backbone` in place on the classes of `<path>/train` and returns it (random draws from
+    torch's global generator, which the caller seeds).
 
-    The backbone the recipe would train (same spec, random init and global crop size) learns the
-    classes of `<path>/train` through a linear layer (cross-entropy, AdamW at 1e-3 with weight decay
-    0.05, one-cycle schedule, the recipe's batch size, random resized crops at the recipe's global
-    scale and flips), and is then evaluated exactly as the DINO teacher is. It says how much of the
-    set this network can learn in that many epochs when it is told the classes.
+    A linear layer on the backbone's features, cross-entropy, AdamW at 1e-3 with weight decay 0.05 and a
+    one-cycle schedule, random resized crops of `crop_size` at `crop_scale` and flips, ImageNet mean and std.
     """
-    torch.manual_seed(args.seed)
     images, labels = _load_split(path / "train")
     images = images.view(-1, IMAGE_SIZE, IMAGE_SIZE, 3).permute(0, 3, 1, 2)
-    backbone = build_student_teacher(args)[0].backbone.train()
+    backbone.train()
     classifier = nn.Linear(backbone.num_features, int(labels.max()) + 1)
     augment = v2.Compose(
         [
-            v2.RandomResizedCrop(args.global_crops_size, scale=tuple(args.global_crops_scale), antialias=True),
+            v2.RandomResizedCrop(crop_size, scale=crop_scale, antialias=True),
             v2.RandomHorizontalFlip(),
             v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]
     )
-    batch_size = min(args.per_device_train_batch_size, len(labels))
+    batch_size = min(batch_size, len(labels))
     steps_per_epoch = len(labels) // batch_size
     optimizer = torch.optim.AdamW([*backbone.parameters(), *classifier.parameters()], lr=1e-3, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=epochs * steps_per_epoch)
@@ -385,6 +384,27 @@ def label_reference(path: Path, args: DinoTrainingArguments, epochs: int) -> flo
             loss.backward()
             optimizer.step()
             schedule.step()
+    return backbone
+
+
+def label_reference(path: Path, args: DinoTrainingArguments, epochs: int) -> float:
+    """k-NN top-1 (%) of the recipe's backbone after `epochs` epochs of training with the labels.
+
+    The backbone the recipe would train (same spec, random init and global crop size) learns the
+    classes of `<path>/train` (`fit_labels`, with the recipe's batch size and global crop scale), and is
+    then evaluated exactly as the DINO teacher is. It says how much of the set this network can learn
+    in that many epochs when it is told the classes.
+    """
+    torch.manual_seed(args.seed)
+    backbone = build_student_teacher(args)[0].backbone
+    fit_labels(
+        backbone,
+        path,
+        epochs=epochs,
+        crop_size=args.global_crops_size,
+        crop_scale=tuple(args.global_crops_scale),
+        batch_size=args.per_device_train_batch_size,
+    )
     return backbone_knn(backbone, args, knn_sources(args))[METRIC]
 
 
@@ -403,7 +423,7 @@ def run_set(name: str, path: Path, config: str, output_root: str, extra: list[st
     start = time.perf_counter()
     result = train(args)
     row["minutes"] = (time.perf_counter() - start) / 60
-    row |= {"random init": result.knn_random_init.get(METRIC), "trained": result.knn.get(METRIC)}
+    row |= {"random init": result.knn_start.get(METRIC), "trained": result.knn.get(METRIC)}
     if result.stopped_by:
         print(f"{name}: training stopped by {result.stopped_by} at step {result.global_step}; no trained k-NN")
     print(f"{name}: " + ", ".join(f"{key} {_cell(value)}" for key, value in row.items() if key != "set"))

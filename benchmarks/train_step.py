@@ -18,6 +18,13 @@ memory held before the first step. Images are source images (10 crops each) per 
     python benchmarks/train_step.py                  # CPU: batch 4, 2 x (1 warm-up + 1 timed step)
     python benchmarks/train_step.py --batch 128      # GPU (bf16): defaults batch 128, 5 + 20 steps
 
+With `--anchor`, the comparison is our step with anchoring to the start on (the Gram loss at weight 1
+and the cosine term at weight 1 against a frozen copy of the backbone, `dino_hf.training.anchor`)
+against our step without it, side by side, with the anchor's weights in MiB (the extra memory it
+holds beside the student and the teacher):
+
+    python benchmarks/train_step.py --anchor
+
 Per-step overhead (Python, launches, host synchronisation) shows with a tiny model on small crops,
 where the arithmetic is negligible; steps/s is then the figure:
 
@@ -37,6 +44,7 @@ import torch
 from dino_hf.models.backbones import build_backbone
 from dino_hf.models.heads import DinoHead
 from dino_hf.models.multicrop_wrapper import MultiCropWrapper
+from dino_hf.training.anchor import Anchor
 from dino_hf.training.loss import DinoLoss
 from dino_hf.training.optimization import build_optimizer, get_param_groups
 from dino_hf.training.speed import apply_speed_options
@@ -64,9 +72,15 @@ def build(args, device):
     return student, teacher, dino_loss, crops
 
 
-def ours(args, device):
-    """A function doing one step with dino_hf's train_step and speed options."""
+def ours(args, device, anchored: bool = False):
+    """A function doing one step with dino_hf's train_step and speed options; `anchored`: with the Gram
+    loss and the cosine term (weights 1) against a frozen copy of the starting backbone. Also returns the
+    bytes of the anchor's weights (0 without it)."""
     student, teacher, dino_loss, crops = build(args, device)
+    anchoring = {}
+    if anchored:  # taken before the speed options, as the trainer does
+        anchor = Anchor(student.backbone, gram=True, cosine=True).to(device)
+        anchoring = dict(anchor=anchor, gram_weight=1.0, anchor_cosine_weight=1.0)
     apply_speed_options(student, teacher, torch_compile=args.torch_compile)
     optimizer = build_optimizer("adamw", get_param_groups(student), device=device)
     accelerator = None
@@ -75,9 +89,15 @@ def ours(args, device):
 
         accelerator = Accelerator(mixed_precision="bf16")
         student, optimizer = accelerator.prepare(student, optimizer)
-    return lambda: train_step(
-        student, teacher, dino_loss, optimizer, crops, freeze_last_layer=False, accelerator=accelerator, **SCHEDULE
-    )
+
+    def step():
+        options = dict(freeze_last_layer=False, accelerator=accelerator, **anchoring, **SCHEDULE)
+        return train_step(student, teacher, dino_loss, optimizer, crops, **options)
+
+    anchor_bytes = 0
+    if anchored:
+        anchor_bytes = sum(t.numel() * t.element_size() for t in anchoring["anchor"].state_dict().values())
+    return step, anchor_bytes
 
 
 def baseline(args, device):
@@ -120,15 +140,19 @@ def baseline(args, device):
             center.mul_(0.9).add_(0.1 * torch.cat(teacher_out).mean(dim=0, keepdim=True))
         return loss.item()
 
-    return step
+    return step, 0
 
 
 def worker(args):
-    """Runs one variant and prints a JSON line: images/s, step seconds, peak memory in MiB."""
+    """Runs one variant and prints a JSON line: images/s, step seconds, peak memory and the anchor's
+    weights in MiB."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    step = (ours if args.worker == "ours" else baseline)(args, device)
+    if args.worker == "baseline":
+        step, anchor_bytes = baseline(args, device)
+    else:
+        step, anchor_bytes = ours(args, device, anchored=args.worker == "anchored")
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
@@ -149,7 +173,16 @@ def worker(args):
         memory = (torch.cuda.max_memory_allocated() - held) / 2**20
     else:
         memory = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024
-    print(json.dumps({"images_per_second": args.batch / seconds, "step_seconds": seconds, "memory_mib": memory}))
+    print(
+        json.dumps(
+            {
+                "images_per_second": args.batch / seconds,
+                "step_seconds": seconds,
+                "memory_mib": memory,
+                "anchor_mib": anchor_bytes / 2**20,
+            }
+        )
+    )
 
 
 def main():
@@ -165,12 +198,17 @@ def main():
     parser.add_argument("--repeats", type=int, default=None, help="runs of each variant, alternating (CPU 2, GPU 1)")
     parser.add_argument("--torch_compile", action="store_true", help="compile our backbone and head")
     parser.add_argument(
+        "--anchor",
+        action="store_true",
+        help="compare our step with anchoring on (Gram loss and cosine term, weights 1) to our step without it",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
         help="torch CPU threads (CPU default 1: on shared cores more threads wait on each other)",
     )
-    parser.add_argument("--worker", choices=["ours", "baseline"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["ours", "anchored", "baseline"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     args.batch = args.batch or (128 if cuda else 4)
@@ -187,11 +225,16 @@ def main():
         f"{args.model}, 2 x {args.global_size} + {args.local_crops} x {args.local_size} crops, "
         f"out_dim {args.out_dim}, batch {args.batch}, "
         f"best of {args.repeats} x ({args.warmup} warm-up + {args.steps} timed steps), {hardware}; ours {precision}"
-        f"{' + torch.compile' if args.torch_compile else ''}, baseline fp32"
+        f"{' + torch.compile' if args.torch_compile else ''}"
+        f"{', with and without anchoring' if args.anchor else ', baseline fp32'}"
     )
+    # (variant, column title) of the two columns; the ratio is the first's over the second's.
+    columns = [("ours", "dino_hf"), ("baseline", "baseline")]
+    if args.anchor:
+        columns = [("anchored", "+ anchor"), ("ours", "dino_hf")]
     results = {}
     for _ in range(args.repeats):
-        for variant in ("ours", "baseline"):
+        for variant, _title in columns:
             command = [sys.executable, __file__, "--worker", variant] + sys.argv[1:]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode:
@@ -208,10 +251,14 @@ def main():
         ("seconds/step", "step_seconds", "{:.3f}"),
         (memory, "memory_mib", "{:.0f}"),
     ]
-    print(f"{'':38s} {'dino_hf':>10s} {'baseline':>10s} {'ratio':>7s}")
+    if args.anchor:
+        rows.append(("anchor weights (MiB)", "anchor_mib", "{:.1f}"))
+    (first, first_title), (second, second_title) = columns
+    print(f"{'':38s} {first_title:>10s} {second_title:>10s} {'ratio':>7s}")
     for label, key, fmt in rows:
-        a, b = results["ours"][key], results["baseline"][key]
-        print(f"{label:38s} {fmt.format(a):>10s} {fmt.format(b):>10s} {a / b if b else float('nan'):6.2f}x")
+        a, b = results[first][key], results[second][key]
+        ratio = f"{a / b:6.2f}x" if b else ""
+        print(f"{label:38s} {fmt.format(a):>10s} {fmt.format(b):>10s} {ratio:>7s}")
 
 
 if __name__ == "__main__":

@@ -36,3 +36,35 @@ def data(tmp_path_factory):
         )
     ).save_pretrained(root / "model")
     return root
+
+
+@pytest.fixture(scope="session")
+def labelled_images(tmp_path_factory):
+    """A k-NN evaluation folder: `train/` (10 images per class) and `validation/` (5 per class) with the
+    class sub-folders `red/` and `blue/`, 40 x 40 noisy images of their colour: a random-init tiny ViT
+    tells them apart (k-NN top-1 100 %), a backbone that ignores its input does not (50 %)."""
+    root = tmp_path_factory.mktemp("labelled")
+    rng = np.random.default_rng(1)
+    for split, count in (("train", 10), ("validation", 5)):
+        for name, colour in (("red", (200, 40, 40)), ("blue", (40, 40, 200))):
+            (root / split / name).mkdir(parents=True)
+            for index in range(count):
+                pixels = np.clip(rng.normal(colour, 40, (40, 40, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{index}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_run(data, tmp_path_factory):
+    """The output folder of a 2-step run (tests/runs.py's TINY settings) on `data`: its checkpoint is
+    `checkpoints/checkpoint-2`, its export `teacher_backbone/`."""
+    from runs import train_in_process
+
+    output_dir = tmp_path_factory.mktemp("trained_run") / "out"
+    train_in_process(
+        train_dir=str(data / "images"),
+        model_name_or_path=str(data / "model"),
+        output_dir=str(output_dir),
+        max_train_steps=2,
+    )
+    return output_dir

@@ -1,9 +1,18 @@
+import copy
+
 import pytest
 import torch
+from tiny import TINY_VIT
 from torch import nn
 
+from dino_hf import DinoConfig, DinoModel
+from dino_hf.models.backbones import DinoModelBackbone
 from dino_hf.models.heads import DinoHead
+from dino_hf.models.multicrop_wrapper import MultiCropWrapper
+from dino_hf.training.loss import DinoLoss
 from dino_hf.training.optimization import LARS, build_optimizer, clip_gradients_, get_param_groups
+from dino_hf.training.step import train_step
+from dino_hf.training.teacher import build_teacher
 
 
 class Tiny(nn.Module):
@@ -21,6 +30,8 @@ def test_param_groups_split_and_skip_frozen():
     regularized, not_regularized = get_param_groups(model)
     names = {id(p): n for n, p in model.named_parameters()}
     assert regularized["regularized"] and not not_regularized["regularized"]
+    assert regularized["lr_scale"] == not_regularized["lr_scale"] == 1.0  # no layer decay by default
+    assert not regularized["backbone"] and not not_regularized["backbone"]  # no .backbone in this model
     assert not_regularized["weight_decay"] == 0.0 and "weight_decay" not in regularized
     assert sorted(names[id(p)] for p in regularized["params"]) == sorted(
         ["linear.weight", "head.mlp.0.weight", "head.mlp.2.weight", "head.mlp.4.weight", "head.last_layer.weight_v"]
@@ -80,3 +91,41 @@ def test_build_optimizer_by_name():
     assert [g["regularized"] for g in lars.param_groups] == [True, False]
     with pytest.raises(ValueError, match="adamw, sgd, lars"):
         build_optimizer("adam", groups)
+
+
+def two_groups(model: nn.Module) -> list[dict]:
+    """The parameter groups before layer decay: regularised and not, over backbone and head together."""
+    groups = [{"params": [], "regularized": True}, {"params": [], "weight_decay": 0.0, "regularized": False}]
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            groups[name.endswith(".bias") or param.ndim == 1]["params"].append(param)
+    return [{**group, "lr_scale": 1.0, "backbone": False} for group in groups]
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd", "lars"])
+def test_default_groups_train_bit_for_bit_as_two_groups(name):
+    """Backbone and head in groups of their own change no number of the paper's recipe."""
+    torch.manual_seed(0)
+    backbone = DinoModelBackbone(DinoModel(DinoConfig(**TINY_VIT, drop_path_rate=0.0)))
+    student = MultiCropWrapper(backbone, DinoHead(32, out_dim=16, hidden_dim=16, bottleneck_dim=8))
+    networks = [(student, build_teacher(student), DinoLoss(16, 4))]
+    networks.append(copy.deepcopy(networks[0]))
+    start = copy.deepcopy(student.state_dict())
+    optimizers = [
+        build_optimizer(name, get_param_groups(networks[0][0]), device="cpu"),
+        build_optimizer(name, two_groups(networks[1][0]), device="cpu"),
+    ]
+    assert (len(optimizers[0].param_groups), len(optimizers[1].param_groups)) == (4, 2)
+    crops = [torch.randn(2, 3, 32, 32) for _ in range(2)] + [torch.randn(2, 3, 16, 16) for _ in range(2)]
+    step = dict(lr=0.01, weight_decay=0.04, momentum=0.9, teacher_temp=0.04, clip_grad=3.0, freeze_last_layer=False)
+    for _ in range(3):
+        for (s, t, loss), optimizer in zip(networks, optimizers):
+            train_step(s, t, loss, optimizer, crops, **step)
+    (student, teacher, _), (other_student, other_teacher, _) = networks
+    moved = "backbone.model.layernorm.weight"
+    assert not torch.equal(student.state_dict()[moved], start[moved])
+    for (key, value), other in zip(
+        [*student.state_dict().items(), *teacher.state_dict().items()],
+        [*other_student.state_dict().values(), *other_teacher.state_dict().values()],
+    ):
+        assert torch.equal(value, other), key

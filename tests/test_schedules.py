@@ -3,7 +3,10 @@ import math
 import numpy as np
 import pytest
 
+from dino_hf.training.arguments import DinoTrainingArguments
+from dino_hf.training.plan import TrainingPlan
 from dino_hf.training.schedules import (
+    backbone_lr_factor_at,
     cosine_schedule_value,
     learning_rate_at,
     scaled_learning_rate,
@@ -87,3 +90,40 @@ def test_out_of_range_steps_are_refused():
         learning_rate_at(0, 10, 0.002, warmup_steps=10)
     with pytest.raises(ValueError, match="non-negative"):
         teacher_temperature_at(-1, 10)
+
+
+def test_backbone_lr_factor_pinned_values():
+    # The head alone for 3 steps, then the backbone's own warm-up np.linspace(0, 1, 5), then 1.
+    ours = [backbone_lr_factor_at(step, 3, 5) for step in range(10)]
+    assert ours == [0.0] * 3 + np.linspace(0, 1, 5).tolist() + [1.0, 1.0]
+    assert ours[3:8] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert [backbone_lr_factor_at(step, 2, 0) for step in range(4)] == [0.0, 0.0, 1.0, 1.0]  # joins at once
+    assert [backbone_lr_factor_at(step, 0, 0) for step in range(3)] == [1.0, 1.0, 1.0]  # the paper's recipe
+    with pytest.raises(ValueError, match=">= 0"):
+        backbone_lr_factor_at(-1, 3, 5)
+
+
+def plan(tmp_path, fresh_head=True, **overrides) -> TrainingPlan:
+    """40 steps of 4 images, 10 per epoch: an lr warm-up of 2 epochs = 20 steps."""
+    options = dict(per_device_train_batch_size=4, num_train_epochs=4, warmup_epochs=2, **overrides)
+    args = DinoTrainingArguments(train_dir=str(tmp_path), **options)
+    return TrainingPlan.from_args(args, samples_per_epoch=40, num_processes=1, fresh_head=fresh_head)
+
+
+def test_the_backbone_warm_up_lasts_the_lr_warm_up_after_a_head_warm_up(tmp_path):
+    warmed = plan(tmp_path, head_warmup_steps=5)
+    assert (warmed.lr_warmup_steps, warmed.head_warmup_steps, warmed.backbone_warmup_steps) == (20, 5, 20)
+    factors = [warmed.schedule(step)["backbone_lr_factor"] for step in range(40)]
+    assert factors == [backbone_lr_factor_at(step, 5, 20) for step in range(40)]
+    assert factors[4] == 0.0 and factors[5] == 0.0 and factors[6] == pytest.approx(1 / 19) and factors[24] == 1.0
+    assert [warmed.step_options(step)["freeze_backbone"] for step in (4, 5)] == [True, False]
+    explicit = plan(tmp_path, head_warmup_steps=5, backbone_warmup_steps=0)
+    assert [explicit.schedule(step)["backbone_lr_factor"] for step in (4, 5)] == [0.0, 1.0]
+
+
+def test_without_a_head_warm_up_the_schedules_are_the_papers(tmp_path):
+    for unchanged in (plan(tmp_path), plan(tmp_path, fresh_head=False, head_warmup_steps=5)):
+        assert unchanged.backbone_warmup_steps == 0
+        assert set(unchanged.schedule(3)) == {"lr", "weight_decay", "momentum", "teacher_temp"}
+    own = plan(tmp_path, backbone_warmup_steps=4)  # asked for: the backbone warms up from step 0
+    assert [own.schedule(step)["backbone_lr_factor"] for step in range(5)] == [0.0, 1 / 3, 2 / 3, 1.0, 1.0]

@@ -8,6 +8,7 @@ from torch.nn import functional as F
 from dino_hf.models.backbones import build_backbone
 from dino_hf.models.heads import DinoHead
 from dino_hf.models.multicrop_wrapper import MultiCropWrapper
+from dino_hf.training.anchor import Anchor
 from dino_hf.training.arguments import DinoTrainingArguments
 from dino_hf.training.loss import DinoLoss, koleo_loss, sinkhorn_knopp
 from dino_hf.training.optimization import build_optimizer, get_param_groups
@@ -23,6 +24,8 @@ STABILISERS = {
     "paper": ({}, {}),
     "sinkhorn_knopp": ({"centering": "sinkhorn_knopp"}, {}),
     "koleo": ({}, {"koleo_weight": 0.1}),
+    # Anchoring to the start (the anchor, built from the student in the test, joins these options).
+    "anchor": ({}, {"gram_weight": 1.0, "anchor_cosine_weight": 1.0}),
 }
 
 
@@ -101,8 +104,9 @@ def test_one_step_equals_step_by_hand(optimizer_name, freeze_last_layer):
     moved = not torch.equal(student.head.last_layer.weight_v, last_layer_before)
     assert moved != freeze_last_layer
     assert all(p.grad is None for p in student.parameters())
-    assert [g["lr"] for g in optimizer.param_groups] == [STEP["lr"], STEP["lr"]]
-    assert [g["weight_decay"] for g in optimizer.param_groups] == [STEP["weight_decay"], 0.0]
+    groups = optimizer.param_groups  # backbone and head, each regularised and not
+    assert [g["lr"] for g in groups] == [STEP["lr"]] * 4
+    assert [g["weight_decay"] for g in groups] == [STEP["weight_decay"] if g["regularized"] else 0.0 for g in groups]
 
 
 def test_clipping_is_active_in_the_step():
@@ -247,6 +251,8 @@ def test_a_steady_state_step_reads_nothing_back(optimizer_name, through_accelera
     accelerate = pytest.importorskip("accelerate")
     loss_options, step_options = STABILISERS[stabiliser]
     student, teacher, dino_loss, crops = setup(batch=4, **loss_options)  # micro-batches of 2: KoLeo needs 2
+    if stabiliser == "anchor":
+        step_options = {**step_options, "anchor": Anchor(student.backbone, gram=True, cosine=True, remove_neg=True)}
     optimizer = build_optimizer(optimizer_name, get_param_groups(student), device="cpu")
     accelerator = None
     if through_accelerator:

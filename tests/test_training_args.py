@@ -302,3 +302,12 @@ def test_config_overrides_refuse_what_they_cannot_change(image_dir, overrides, m
 def test_config_overrides_of_the_default_preset_parse_from_the_command_line(image_dir):
     args = parse_training_args(["--train_dir", image_dir, "--config_overrides", "num_hidden_layers=4"])
     assert (args.model_name_or_path, args.config_overrides) == (None, "num_hidden_layers=4")  # vit_small_patch16
+
+
+def test_a_configs_knn_guard_gives_way_without_an_evaluation_set(tmp_path, image_dir):
+    config = tmp_path / "guarded.yaml"
+    config.write_text("eval_steps: 50\nstop_if_knn_drops: 5.0\n")
+    args = parse_training_args(["--config", str(config), "--train_dir", image_dir])
+    assert args.eval_steps is None and args.stop_if_knn_drops is None
+    with pytest.raises(ValueError, match="--eval_steps=50 is not valid"):
+        parse_training_args(["--config", str(config), "--train_dir", image_dir, "--eval_steps", "50"])

@@ -262,3 +262,44 @@ def test_timm_dinov3_names_build_with_rope_at_any_size():
     with torch.no_grad():
         assert backbone(torch.randn(1, 3, 32, 32)).shape == (1, 384)
         assert backbone(torch.randn(1, 3, 16, 16)).shape == (1, 384)
+
+
+@pytest.mark.parametrize("model_type", ["dinov2_with_registers", "dinov3_vit", "convnext"])
+def test_exports_of_every_family_load_as_feature_models(checkpoints, tmp_path, model_type):
+    from dino_hf.evaluation.feature_models import load_feature_model
+
+    backbone = build_backbone(str(checkpoints / model_type)).eval()
+    export = export_backbone(backbone, tmp_path / "export", image_size=32)
+    feature_model, transform = load_feature_model(export)
+    assert feature_model.image_size == 32
+    pixel_values = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(feature_model(pixel_values), backbone(pixel_values), rtol=0, atol=1e-6)
+        if feature_model.has_tokens:
+            (last,) = feature_model.last_blocks(pixel_values, 1)
+            hidden = backbone.model(pixel_values).last_hidden_state
+            torch.testing.assert_close(last, hidden, rtol=0, atol=1e-5)
+            attention = feature_model.last_selfattention(pixel_values)
+            assert attention.shape == (2, 2, hidden.shape[1], hidden.shape[1])
+            torch.testing.assert_close(attention.sum(-1), torch.ones(2, 2, hidden.shape[1]))
+
+
+def test_the_printed_loading_line_loads_each_kind_of_export(checkpoints, tmp_path):
+    from dino_hf.convert.export import loading_snippet
+
+    exports = {
+        "Dinov2Model": export_backbone(
+            build_backbone(str(checkpoints / "dinov2")), tmp_path / "dinov2", image_size=32
+        ),
+        "ResNet": export_backbone(build_backbone("timm:resnet10t"), tmp_path / "resnet", image_size=32),
+    }
+    for name, export in exports.items():
+        line = loading_snippet(export)
+        assert "dino_hf" not in line
+        completed = subprocess.run(
+            [sys.executable, "-c", f"{line}; assert type(model).__name__ == {name!r}, type(model)"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert completed.returncode == 0, completed.stderr

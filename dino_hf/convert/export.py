@@ -129,6 +129,16 @@ def source_image_processor(source: str | None, image_size: int):
     return processor
 
 
+def loading_snippet(folder: str | Path) -> str:
+    """One line of Python that loads the export in `folder`: timm for a timm folder, `AutoModel` for a
+    transformers one (after `import dino_hf` for a DinoModel, which registers it)."""
+    config = json.loads((Path(folder) / "config.json").read_text())
+    if "architecture" in config:
+        return f'import timm; model = timm.create_model("local-dir:{folder}", pretrained=True)'
+    load = f'from transformers import AutoModel; model = AutoModel.from_pretrained("{folder}")'
+    return f"import dino_hf; {load}" if config.get("model_type") == DinoConfig.model_type else load
+
+
 def is_timm_model(model: nn.Module) -> bool:
     """Whether `model` is a timm model (it has a `pretrained_cfg` dict and `num_features`)."""
     return isinstance(getattr(model, "pretrained_cfg", None), dict) and hasattr(model, "num_features")
@@ -305,6 +315,7 @@ def save_as_timm(model: DinoModel, save_directory: str | Path) -> None:
 __all__ = [
     "export_backbone",
     "is_timm_model",
+    "loading_snippet",
     "save_as_timm",
     "source_image_processor",
     "save_as_vit",

@@ -1,6 +1,7 @@
 """Any backbone dino_hf can read, as a frozen feature extractor for the evaluations.
 
-`load_feature_model(spec)` reads a `DinoModel` folder or Hub id, a transformers ViT folder, timm's
+`load_feature_model(spec)` reads a `DinoModel` folder or Hub id, a transformers vision backbone folder
+(ViT, Dinov2, DINOv3, ConvNeXt, Swin, ...), timm's
 pretrained weights or a timm folder, a training checkpoint (its teacher) or a model instance, and
 returns it behind one `FeatureModel` interface (the DINO feature, the last blocks' tokens, the last
 self-attention), with DINO's evaluation transform (`eval_transform`).
@@ -19,12 +20,14 @@ from huggingface_hub import snapshot_download
 from PIL import Image
 from torch import nn
 from torchvision import transforms
+from transformers import PreTrainedModel
 
 from ..convert.conversions import dino_from_vit
 from ..models.backbones import DinoModelBackbone, TimmBackbone, build_backbone
 from ..models.image_processing_dino import IMAGENET_MEAN, IMAGENET_STD
 from ..models.modeling_dino import DinoModel
 from ..models.references import TIMM_PREFIX, is_hub_id, is_timm_folder
+from ..models.transformers_backbone import FAMILIES, TransformersBackbone, load_transformers_backbone
 
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # the trainer's checkpoint folders
 
@@ -111,6 +114,44 @@ class TimmFeatureModel(FeatureModel):
         return captured[0]  # (B, heads, P + N, P + N)
 
 
+class TransformersFeatureModel(FeatureModel):
+    """A transformers vision backbone (Dinov2, DINOv3, DeiT, ConvNeXt, Swin; `TransformersBackbone`). The
+    ViT families expose their tokens and attention; ConvNeXt and Swin only their pooled feature."""
+
+    def __init__(self, backbone: TransformersBackbone):
+        super().__init__()
+        self.backbone = backbone.eval()
+        self.model = backbone.model
+        self.num_features = backbone.num_features
+        self.has_tokens = backbone.family.fixed_patch_grid
+        self.patch_size = backbone.patch_size
+        self.num_prefix_tokens = backbone.num_prefix_tokens
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.backbone(pixel_values)  # (B, D)
+
+    def _require_tokens(self, what: str) -> None:
+        if not self.has_tokens:
+            raise ValueError(f"{what} needs a ViT's tokens; {type(self.model).__name__} only has a pooled feature")
+
+    def last_blocks(self, pixel_values: torch.Tensor, n: int = 1) -> tuple[torch.Tensor, ...]:
+        self._require_tokens("last_blocks")
+        hidden_states = self.backbone.model_outputs(pixel_values, output_hidden_states=True).hidden_states
+        norm = getattr(self.model, "layernorm", None) or self.model.norm  # the final norm (DINOv3: `norm`)
+        return tuple(norm(hidden) for hidden in hidden_states[-n:])  # n x (B, P + N, D)
+
+    def last_selfattention(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The last block's attention weights, computed by the eager attention for this call (the fused
+        kernels never materialise them)."""
+        self._require_tokens("last_selfattention")
+        implementation = self.model.config._attn_implementation
+        self.model.set_attn_implementation("eager")
+        try:
+            return self.backbone.model_outputs(pixel_values, output_attentions=True).attentions[-1]
+        finally:
+            self.model.set_attn_implementation(implementation)
+
+
 def load_feature_model(
     spec: "str | os.PathLike | nn.Module", image_size: int | None = None
 ) -> tuple[FeatureModel, Callable[[Image.Image], torch.Tensor]]:
@@ -144,13 +185,23 @@ def load_feature_model(
             model = DinoModel.from_pretrained(folder, drop_path_rate=0.0)
         elif config.get("model_type") == "vit":
             model = dino_from_vit(folder)
+        elif config.get("model_type") in FAMILIES:
+            model = load_transformers_backbone(str(folder))
         else:
             raise ValueError(
                 f"{folder}/config.json has model_type {config.get('model_type')!r}; load_feature_model reads "
-                "DinoModel ('dino_vit'), transformers ViT ('vit') and timm folders ('architecture')"
+                f"DinoModel ('dino_vit'), transformers vision backbones ({', '.join(sorted(FAMILIES))}) and timm "
+                "folders ('architecture')"
             )
         model.requires_grad_(False)  # read from disk: nothing of it is trained here
-    feature_model = DinoFeatureModel(model) if isinstance(model, DinoModel) else TimmFeatureModel(model)
+    if isinstance(model, PreTrainedModel) and model.config.model_type in FAMILIES:
+        model = TransformersBackbone(model, FAMILIES[model.config.model_type])
+    if isinstance(model, TransformersBackbone):
+        feature_model = TransformersFeatureModel(model)
+    elif isinstance(model, DinoModel):
+        feature_model = DinoFeatureModel(model)
+    else:
+        feature_model = TimmFeatureModel(model)
     if image_size is None:
         image_size, source = native_image_size(model, folder)
     else:
@@ -170,7 +221,9 @@ def native_image_size(model: nn.Module, folder: Path | None = None) -> tuple[int
     if folder is not None:
         processor_file = folder / "preprocessor_config.json"
         if processor_file.is_file():
-            crop = json.loads(processor_file.read_text()).get("crop_size")
+            processor = json.loads(processor_file.read_text())
+            crop = processor.get("crop_size") if processor.get("do_center_crop", True) else None
+            crop = crop or processor.get("size")
             crop = crop.get("height") if isinstance(crop, dict) else crop
             if crop:
                 return int(crop), "the crop size of its image processor"
@@ -226,6 +279,7 @@ __all__ = [
     "DinoFeatureModel",
     "FeatureModel",
     "TimmFeatureModel",
+    "TransformersFeatureModel",
     "eval_transform",
     "load_feature_model",
     "native_image_size",

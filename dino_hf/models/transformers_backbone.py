@@ -108,8 +108,9 @@ class TransformersBackbone(nn.Module):
     Args:
         model (`PreTrainedModel`): the model as `AutoModel` builds it; it is exported as it is.
         family (`Family`): how the feature and the patch tokens are read (`FAMILIES[model_type]`).
-        frozen_heads (`list[str]`): parameters that DINO does not train (a ViT's pooler), kept as they
-            were loaded so that the export is the input's class with all its weights.
+        frozen_heads (`list[str]`): name prefixes of parameters that DINO does not train (a ViT's pooler,
+            the mask token), kept as they were loaded so that the export is the input's class with all its
+            weights.
         source (`str`, optional): the folder or Hub id it was loaded from (the model card's `base_model`).
     """
 
@@ -129,9 +130,11 @@ class TransformersBackbone(nn.Module):
         self.num_prefix_tokens = _prefix_tokens(config)
         self.patch_size = int(config.patch_size) if family.fixed_patch_grid else None
 
-    def _outputs(self, pixel_values: torch.Tensor):
+    def model_outputs(self, pixel_values: torch.Tensor, **kwargs):
+        """The model's own output for `pixel_values (B, 3, H, W)` at any size it takes (`kwargs`, e.g.
+        `output_hidden_states`, go to its forward)."""
         options = {"interpolate_pos_encoding": True} if self.family.interpolate_pos_encoding else {}
-        return self.model(pixel_values=pixel_values, return_dict=True, **options)
+        return self.model(pixel_values=pixel_values, return_dict=True, **options, **kwargs)
 
     def _feature(self, outputs) -> torch.Tensor:
         if self.family.feature == "cls":
@@ -140,11 +143,11 @@ class TransformersBackbone(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`pixel_values (B, 3, H, W)` -> the global feature `(B, num_features)`."""
-        return self._feature(self._outputs(pixel_values))
+        return self._feature(self.model_outputs(pixel_values))
 
     def forward_tokens(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`pixel_values (B, 3, H, W)` -> (the global feature `(B, D)`, the patch tokens `(B, P, C)`)."""
-        outputs = self._outputs(pixel_values)
+        outputs = self.model_outputs(pixel_values)
         tokens = outputs.last_hidden_state
         if self.family.token_grid:
             tokens = tokens.flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h * w, C)
@@ -249,14 +252,17 @@ def load_transformers_backbone(
 
 def _head_options(model_type: str, keys: set[str]) -> tuple[dict, list[str]]:
     """Constructor options that match the checkpoint's optional parts (a ViT's pooler and mask token),
-    and the parts that are kept but not trained."""
+    and the parameter-name prefixes that are kept as loaded but not trained (the pooler, the mask token)."""
+    # DINO does not mask patches: the mask token gets no gradient, so it is kept as loaded (and DDP does
+    # not wait for its gradient).
+    untrained = ["embeddings.mask_token"] if any(key.endswith("embeddings.mask_token") for key in keys) else []
     if model_type not in ("vit", "deit"):
-        return {}, []
+        return {}, untrained
     has_pooler = any(key.split(".", 1)[-1].startswith("pooler.") or key.startswith("pooler.") for key in keys)
     options = {"add_pooling_layer": has_pooler}
     if any(key.endswith("embeddings.mask_token") for key in keys):
         options["use_mask_token"] = True
-    return options, ["pooler."] if has_pooler else []
+    return options, untrained + (["pooler."] if has_pooler else [])
 
 
 def folder_model_type(folder: str | os.PathLike) -> str | None:

@@ -23,6 +23,9 @@ from transformers import HfArgumentParser
 
 from ..models.configuration_dino import PRESETS, DinoConfig
 from ..models.references import TIMM_PREFIX, is_external_timm_name, is_hub_id
+from ..models.transformers_backbone import FAMILIES, accepted_models_text, check_vision_config
+from .checkpoints import checkpoint_holding, is_checkpoint, named_checkpoint
+from .init_checkpoint import take_architecture
 from .loss import CENTERINGS
 from .optimization import OPTIMIZERS
 
@@ -76,6 +79,38 @@ class DinoTrainingArguments:
             "frozen, for this many optimisation steps before the backbone joins."
         },
     )
+    backbone_warmup_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Steps of the backbone's own linear lr warm-up from 0, after the head warm-up: its lr is the "
+            "global schedule's times a factor that rises from 0 to 1 over these steps. Unset: the length of the "
+            "lr warm-up (--warmup_epochs) when there is a head warm-up, else 0 (the paper's schedule); 0 joins "
+            "the global schedule at once."
+        },
+    )
+    layer_decay: float = field(
+        default=1.0,
+        metadata={
+            "help": "Layer-wise lr decay: block i (0-based) of L trains at lr x layer_decay^(L - i), the patch "
+            "embedding and tokens at layer_decay^(L + 1), the final norm and head at x 1 (DINOv2 / DINOv3: 0.9); "
+            "1.0 turns it off. ConvNeXt and Swin count their blocks over all stages."
+        },
+    )
+    patch_embed_lr_mult: float = field(
+        default=1.0,
+        metadata={
+            "help": "Extra lr multiplier of the patch embedding (a CNN's stem) (DINOv2 / DINOv3: 0.2); 1.0 turns "
+            "it off."
+        },
+    )
+    freeze_blocks: int = field(
+        default=0,
+        metadata={
+            "help": "Freeze the patch embedding (with the CLS, position and register tokens) and the first N "
+            "blocks of a ViT, or the first N stages of a hierarchical model (ConvNeXt, Swin, ResNet); they are "
+            "not trained and the teacher keeps them. 0 freezes nothing."
+        },
+    )
 
     # ---- DINO objective ----------------------------------------------------------------------
     momentum_teacher: float = field(
@@ -106,6 +141,37 @@ class DinoTrainingArguments:
         metadata={
             "help": "Weight of the KoLeo regulariser on the student's backbone features of the global crops "
             "(DINOv2: 0.1); 0 turns it off."
+        },
+    )
+
+    # ---- anchoring to the starting weights (continued pretraining), off by default ------------
+    gram_loss_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of DINOv3's Gram anchoring loss: the patch-to-patch similarities of the student's "
+            "global crops kept close to those of the Gram teacher (DINOv3 ramps it to 2.0); 0 turns it off."
+        },
+    )
+    gram_warmup_steps: int = field(
+        default=0,
+        metadata={"help": "Steps over which the Gram loss weight ramps linearly from 0 (0: full weight at once)."},
+    )
+    gram_teacher: Literal["start"] = field(
+        default="start",
+        metadata={
+            "help": "The Gram teacher: 'start', a frozen copy of the backbone taken before the first step "
+            "(saved with every checkpoint, so that a resumed run anchors to the same weights)."
+        },
+    )
+    gram_remove_neg: bool = field(
+        default=False,
+        metadata={"help": "Set the negative entries of both Gram matrices to 0 before their difference."},
+    )
+    anchor_cosine_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of 1 - cos(student feature, starting backbone's feature) of the global crops, against "
+            "the same frozen copy as the Gram teacher; 0 turns it off."
         },
     )
 
@@ -209,6 +275,14 @@ class DinoTrainingArguments:
     eval_image_size: int | None = field(
         default=None, metadata={"help": "k-NN input size (default: global crop size)."}
     )
+    stop_if_knn_drops: float | None = field(
+        default=None,
+        metadata={
+            "help": "Stop the run (with a checkpoint and the final export, exit status 0) when the teacher's "
+            "k-NN top-1 falls this many points below its best; the best teacher is kept as "
+            "OUTPUT_DIR/teacher_backbone_best either way. Needs --eval_steps and an evaluation set. Unset: off."
+        },
+    )
 
     # ---- output, checkpoints, logging --------------------------------------------------------
     output_dir: str = field(default="outputs/dino", metadata={"help": "Where checkpoints and the export go."})
@@ -217,6 +291,15 @@ class DinoTrainingArguments:
     )
     checkpoints_total_limit: int = field(default=3, metadata={"help": "Keep the last K checkpoints."})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder."})
+    init_from_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "Start a new run from the student, teacher, heads and center of a training checkpoint of "
+            "this project (a checkpoint-<step> folder, or a run's OUTPUT_DIR for its newest): step 0, a fresh "
+            "optimiser, this run's data and --output_dir. The model and head settings left unset are the "
+            "checkpoint's. --resume_from_checkpoint continues the same run instead."
+        },
+    )
     logging_steps: int = field(default=10, metadata={"help": "Log metrics every N steps."})
     report_to: str = field(
         default="none", metadata={"help": "Trackers through Accelerate: none, all, tensorboard, wandb, ..."}
@@ -262,6 +345,8 @@ class DinoTrainingArguments:
         self.color_jitter = [float(x) for x in self.color_jitter]
         self.blur_sigma = [float(x) for x in self.blur_sigma]
         self.blur_p = [float(x) for x in self.blur_p]
+        if self.init_from_checkpoint:
+            take_architecture(self)  # the networks to build are the checkpoint's
         validate(self)
 
     @property
@@ -292,12 +377,9 @@ def check_crop_sizes(args: DinoTrainingArguments, patch_size: int | None) -> Non
         sizes.append(("local_crops_size", args.local_crops_size))
     for name, size in sizes:
         if size % patch_size:
-            _fail(
-                name,
-                size,
-                f"a multiple of the backbone's patch size {patch_size}, e.g. "
-                f"{max(patch_size, size - size % patch_size)}",
-            )
+            below = size - size % patch_size
+            examples = f"{below} or {below + patch_size}" if below else str(patch_size)
+            _fail(name, size, f"a multiple of the backbone's patch size {patch_size}, e.g. {examples}")
 
 
 def validate(args: DinoTrainingArguments) -> None:
@@ -308,6 +390,7 @@ def validate(args: DinoTrainingArguments) -> None:
     patch size of a preset or saved DinoModel (`train` checks other backbones once built).
     """
     _validate_ranges(args)
+    _validate_optimiser_options(args)
     _validate_choices(args)
     _validate_model(args)
     _validate_data(args)
@@ -348,6 +431,9 @@ def _validate_ranges(args: DinoTrainingArguments) -> None:
         "dataloader_num_workers",
         "skip_nonfinite_steps",
         "koleo_weight",
+        "gram_loss_weight",
+        "gram_warmup_steps",
+        "anchor_cosine_weight",
     )
     for name in non_negative:
         if getattr(args, name) < 0:
@@ -378,6 +464,23 @@ def _validate_ranges(args: DinoTrainingArguments) -> None:
         if value is not None and value < 1:
             _fail(name, value, "an integer >= 1, or leave it unset")
     _validate_augmentation(args)
+
+
+def _validate_optimiser_options(args: DinoTrainingArguments) -> None:
+    """The continued-pretraining options of the optimiser (layer decay, freezing, backbone warm-up);
+    whether the backbone's family has a known layout is checked once it is built."""
+    if not 0 < args.layer_decay <= 1:
+        _fail("layer_decay", args.layer_decay, "a factor in (0, 1]: 1.0 turns it off, DINOv2 uses 0.9")
+    if args.patch_embed_lr_mult <= 0:
+        _fail(
+            "patch_embed_lr_mult",
+            args.patch_embed_lr_mult,
+            "a multiplier > 0 (DINOv2 uses 0.2); freeze the patch embedding with --freeze_blocks",
+        )
+    if args.freeze_blocks < 0:
+        _fail("freeze_blocks", args.freeze_blocks, "a number of blocks (ViT) or stages >= 0")
+    if args.backbone_warmup_steps is not None and args.backbone_warmup_steps < 0:
+        _fail("backbone_warmup_steps", args.backbone_warmup_steps, "a number of steps >= 0, or leave it unset")
 
 
 def _validate_augmentation(args: DinoTrainingArguments) -> None:
@@ -414,6 +517,8 @@ def _validate_choices(args: DinoTrainingArguments) -> None:
         )
     if args.augment_on not in ("cpu", "gpu"):
         _fail("augment_on", args.augment_on, "cpu or gpu")
+    if args.gram_teacher != "start":
+        _fail("gram_teacher", args.gram_teacher, "start (a frozen copy of the backbone before the first step)")
     if args.optimizer not in OPTIMIZERS:
         _fail("optimizer", args.optimizer, f"one of {', '.join(OPTIMIZERS)}")
     if args.mixed_precision not in (None, "no", "fp16", "bf16"):
@@ -426,11 +531,12 @@ def _validate_choices(args: DinoTrainingArguments) -> None:
         args.checkpointing_steps.isdigit() and int(args.checkpointing_steps) > 0
     ):
         _fail("checkpointing_steps", args.checkpointing_steps, "a number of steps >= 1, or 'epoch'")
-    if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
-        _fail(
-            "resume_from_checkpoint",
+    if args.resume_from_checkpoint not in (None, "latest"):
+        named_checkpoint(
             args.resume_from_checkpoint,
-            "'latest' (the newest valid checkpoint under --output_dir) or an existing checkpoint-<step> folder",
+            "resume_from_checkpoint",
+            output_dir=Path(args.output_dir),
+            also_accepted="'latest' (the newest valid checkpoint under --output_dir)",
         )
 
 
@@ -505,14 +611,19 @@ def _validate_model(args: DinoTrainingArguments) -> None:
         check_crop_sizes(args, DinoConfig.from_preset(spec, **overrides).patch_size)
     elif os.path.isdir(spec):
         config_file = Path(spec) / "config.json"
+        _refuse_checkpoint_parts(spec)
         if not config_file.is_file():
-            _fail(
-                "model_name_or_path",
-                spec,
-                "a folder written by DinoModel.save_pretrained (this one has no config.json)",
-            )
-        check_crop_sizes(args, json.loads(config_file.read_text()).get("patch_size"))
+            _fail("model_name_or_path", spec, f"{accepted_models_text()} (this folder has no config.json)")
+        config = json.loads(config_file.read_text())
+        if "architecture" not in config:  # a transformers folder; timm folders are checked once built
+            try:
+                model_type = check_vision_config(config, spec)
+            except ValueError as error:
+                raise ValueError(f"--model_name_or_path: {error}") from None
+            if model_type == DinoConfig.model_type or FAMILIES[model_type].fixed_patch_grid:
+                check_crop_sizes(args, config.get("patch_size"))
     elif os.path.isfile(spec):
+        _refuse_checkpoint_parts(spec)
         if not spec.endswith((".pth", ".pt", ".safetensors")):
             _fail("model_name_or_path", spec, "a reference DINO checkpoint file ending in .pth, .pt or .safetensors")
     elif not is_hub_id(spec):
@@ -521,6 +632,24 @@ def _validate_model(args: DinoTrainingArguments) -> None:
             spec,
             f"a DinoModel preset ({', '.join(PRESETS)}), an existing folder or checkpoint file, or a Hub id org/name",
         )
+
+
+def _refuse_checkpoint_parts(spec: str) -> None:
+    """A training checkpoint, or a file of one, is no model to start from: --init_from_checkpoint takes it."""
+    path = Path(spec)
+    if is_checkpoint(path):
+        holder, what = path, "a training checkpoint"
+    elif path.is_file() and (holder := checkpoint_holding(path)) is not None:
+        what = f"the file {path.name} of the training checkpoint {holder}"
+    else:
+        return
+    _fail(
+        "model_name_or_path",
+        spec,
+        f"a model, and this is {what}: start from all of it (student, teacher, heads, center) with "
+        f"--init_from_checkpoint {holder}, or from its teacher backbone alone with --model_name_or_path "
+        f"{holder / 'teacher_backbone'}",
+    )
 
 
 def _check_timm_name(field_name: str, spec: str) -> None:
@@ -559,6 +688,31 @@ def _validate_data(args: DinoTrainingArguments) -> None:
                 )
     if args.eval_steps is not None and not (args.eval_dataset_name or args.eval_train_dir or args.demo):
         _fail("eval_steps", args.eval_steps, "set it together with --eval_dataset_name or --eval_train_dir")
+    if args.stop_if_knn_drops is not None and (args.stop_if_knn_drops <= 0 or args.eval_steps is None):
+        _fail(
+            "stop_if_knn_drops",
+            args.stop_if_knn_drops,
+            "points of k-NN top-1 accuracy > 0, set together with --eval_steps N and an evaluation set "
+            "(--eval_train_dir or --eval_dataset_name)",
+        )
+    if args.dataset_name:
+        _refuse_saved_dataset(args.dataset_name, args.train_split)
+
+
+def _refuse_saved_dataset(name: str, split: str) -> None:
+    """A folder of `Dataset.save_to_disk` (or `DatasetDict.save_to_disk`) does not stream; its arrow files do."""
+    if os.path.isfile(os.path.join(name, "state.json")):
+        files = os.path.join(name, "*.arrow")
+    elif os.path.isfile(os.path.join(name, "dataset_dict.json")):
+        files = os.path.join(name, split, "*.arrow")
+    else:
+        return
+    _fail(
+        "dataset_name",
+        name,
+        f"a Hub dataset id or a folder of data files; this folder was written by save_to_disk: pass its arrow "
+        f"files as --data_files '{files}'",
+    )
 
 
 def parse_training_args(argv: list[str] | None = None) -> DinoTrainingArguments:
@@ -567,7 +721,8 @@ def parse_training_args(argv: list[str] | None = None) -> DinoTrainingArguments:
     Unknown keys in the YAML file are an error that lists them. A config's `demo: true` gives way to
     a data source (`--dataset_name`, `--train_dir`, `--data_files`) named on the command line or in the
     same file, so `--config configs/demo.yaml --train_dir ~/images` runs the demo recipe on those
-    images; `--demo` given on the command line together with a data source is an error.
+    images; `--demo` given on the command line together with a data source is an error. A config's
+    `eval_steps` and `stop_if_knn_drops` (the k-NN guard) are dropped when no evaluation set is named.
     """
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
@@ -590,6 +745,12 @@ def parse_training_args(argv: list[str] | None = None) -> DinoTrainingArguments:
     demo_on_command_line = any(arg == "--demo" or arg.startswith("--demo=") for arg in rest)
     if values["demo"] and not demo_on_command_line and any(values[name] for name in DATA_SOURCE_FIELDS):
         values["demo"] = False  # a config's demo data gives way to data named on the command line or in the file
+    if not (values["eval_dataset_name"] or values["eval_train_dir"] or values["demo"]):
+        # A config's k-NN guard gives way when no evaluation set is named (unlabelled domain images); the
+        # same flags given on the command line without one are refused by `validate`.
+        for name in ("eval_steps", "stop_if_knn_drops"):
+            if not any(arg == f"--{name}" or arg.startswith(f"--{name}=") for arg in rest):
+                values[name] = None
     return DinoTrainingArguments(**values)
 
 

@@ -13,10 +13,11 @@ Files: `student.safetensors`, `teacher.safetensors`, `dino_loss.safetensors` (th
 and `data_state_<rank>.pt` (one per process: its RNG states and its position in the data stream),
 `trainer_state.json` (step, counters, `num_processes`), `training_args.json` (the resolved
 configuration, without secrets), `teacher_backbone/` (the exported model folder) and
-`manifest.json`. Weights and optimiser state are whole (gathered from the shards under FSDP,
-`dino_hf.training.sharding`), so a checkpoint resumes with any number of processes and under FSDP or
-not. What goes into the files is gathered by `dino_hf.training.saving`; the data position by
-`dino_hf.training.batches.EndlessBatches`.
+`manifest.json`; with anchoring on, also `gram_teacher.safetensors` (the frozen starting backbone,
+`dino_hf.training.anchor`; optional, so checkpoints without it load). Weights and optimiser state
+are whole (gathered from the shards under FSDP, `dino_hf.training.sharding`), so a checkpoint
+resumes with any number of processes and under FSDP or not. What goes into the files is gathered by
+`dino_hf.training.saving`; the data position by `dino_hf.training.batches.EndlessBatches`.
 """
 
 import errno
@@ -45,6 +46,8 @@ REQUIRED_FILES = (
     "training_args.json",
 )
 MANIFEST = "manifest.json"
+# The anchor's weights (`dino_hf.training.anchor.Anchor`), written only by runs with anchoring on.
+ANCHOR_FILE = "gram_teacher.safetensors"
 # What a failed write raises (a full disk, a read-only folder, a file size limit): OSError from open
 # and write, RuntimeError from torch.save, SafetensorError from safetensors.
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
@@ -156,8 +159,10 @@ def write_shared_state(
     scaler_state: dict | None,
     trainer_state: dict,
     training_args: dict,
+    anchor_state: dict | None = None,
 ) -> None:
-    """Write the state that all processes share (called on the main process only)."""
+    """Write the state that all processes share (called on the main process only); `anchor_state`: the
+    anchor's weights, when the run has one."""
     folder.mkdir(parents=True, exist_ok=True)
     save_file(_contiguous(student_state), folder / "student.safetensors")
     save_file(_contiguous(teacher_state), folder / "teacher.safetensors")
@@ -165,6 +170,8 @@ def write_shared_state(
     torch.save(optimizer_state, folder / "optimizer.pt")
     if scaler_state is not None:
         torch.save(scaler_state, folder / "scaler.pt")
+    if anchor_state is not None:
+        save_file(_contiguous(anchor_state), folder / ANCHOR_FILE)
     (folder / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2, sort_keys=True) + "\n")
     (folder / "training_args.json").write_text(json.dumps(training_args, indent=2, sort_keys=True) + "\n")
 
@@ -226,7 +233,10 @@ def check_checkpoint(folder: Path) -> None:
             raise CheckpointError(f"{path} is missing")
         if path.stat().st_size != size:
             raise CheckpointError(f"{path} has {path.stat().st_size} bytes, {size} were written: it is damaged")
-    for name in ("student.safetensors", "teacher.safetensors", "dino_loss.safetensors"):
+    weight_files = ["student.safetensors", "teacher.safetensors", "dino_loss.safetensors"]
+    if ANCHOR_FILE in sizes:
+        weight_files.append(ANCHOR_FILE)
+    for name in weight_files:
         try:
             with safe_open(folder / name, framework="pt") as handle:
                 for key in handle.keys():
@@ -269,6 +279,103 @@ def find_resume_checkpoint(output_dir: Path, resume_from_checkpoint: str) -> Pat
     return None
 
 
+def is_checkpoint(folder: Path) -> bool:
+    """Whether `folder` is a complete checkpoint by its layout (its manifest is there); `check_checkpoint`
+    reads the files."""
+    return (Path(folder) / MANIFEST).is_file()
+
+
+def checkpoint_holding(path: Path) -> Path | None:
+    """The checkpoint that `path` is part of (one of its files, its `teacher_backbone` export or a
+    file of it), or None."""
+    for parent in Path(path).absolute().parents[:2]:
+        if is_checkpoint(parent):
+            return parent
+    return None
+
+
+def checkpoints_of_run(folder: Path) -> list[Path]:
+    """The complete checkpoints of the run whose output folder (or `checkpoints` folder) is `folder`,
+    oldest first."""
+    folder = Path(folder)
+    for candidate in (folder / "checkpoints", folder):
+        found = [path for path in list_checkpoints(candidate) if is_checkpoint(path)]
+        if found:
+            return found
+    return []
+
+
+def _run_of(path: Path, output_dir: Path) -> Path:
+    """The run folder whose checkpoints a refusal about `path` lists: the one `path` is in, else
+    `output_dir`."""
+    for folder in (path, *path.absolute().parents[:3]):
+        if checkpoints_of_run(folder):
+            return folder
+    return Path(output_dir)
+
+
+def _not_a_checkpoint(path: Path, flag: str) -> str:
+    """What `path`, which is no checkpoint and no run folder, is instead."""
+    if not path.exists():
+        return "does not exist"
+    if path.is_file():
+        return "is a file"
+    if (path / "config.json").is_file():
+        what = "is an exported model folder (a backbone, without the head, center and optimiser of a checkpoint)"
+        if flag == "init_from_checkpoint":
+            what += "; to start from that backbone alone pass it as --model_name_or_path"
+        return what
+    if any((path / name).is_file() for name in REQUIRED_FILES):
+        return f"is an incomplete checkpoint (no {MANIFEST}: its write did not finish)"
+    return f"is not a checkpoint (it has no {MANIFEST}, {', '.join(REQUIRED_FILES[:3])}, ...)"
+
+
+def named_checkpoint(
+    path: str | Path, flag: str, *, output_dir: Path, run_folder_means_latest: bool = False, also_accepted: str = ""
+) -> Path:
+    """The checkpoint folder that `--flag` names by `path`, judged by its layout (the files are read
+    when it is loaded). With `run_folder_means_latest`, a run's output folder (or its `checkpoints`
+    folder) stands for its newest complete checkpoint. `also_accepted`: what else the flag takes, for
+    the message.
+
+    Raises:
+        ValueError: `path` is a file or the export of a checkpoint (the message names the checkpoint),
+            missing, another file, an exported model folder, a run's output folder (without
+            `run_folder_means_latest`), a checkpoint whose write did not finish, or any other folder;
+            the message lists the checkpoints of the run `path` is in, else of `output_dir`.
+    """
+    path = Path(path)
+    if is_checkpoint(path):
+        return path
+    holder = checkpoint_holding(path)
+    if holder is not None:
+        part = "the exported teacher backbone" if path.is_dir() else f"the file {path.name}"
+        raise ValueError(
+            f"--{flag}={str(path)!r} is not valid: it is {part} of the checkpoint {holder}; pass the folder, "
+            f"--{flag} {holder}"
+        )
+    run_checkpoints = checkpoints_of_run(path) if path.is_dir() else []
+    if run_checkpoints and run_folder_means_latest:
+        return run_checkpoints[-1]
+    expected = "a checkpoint-<step> folder that a training run wrote under OUTPUT_DIR/checkpoints"
+    if run_folder_means_latest:
+        expected += ", or a run's OUTPUT_DIR (its newest checkpoint is taken)"
+    if also_accepted:
+        expected += f", or {also_accepted}"
+    run = _run_of(path, output_dir)
+    existing = checkpoints_of_run(run)
+    if existing:
+        listed = f"the checkpoints under {existing[-1].parent} are {', '.join(p.name for p in existing[-5:])}"
+    else:
+        listed = f"there is no complete checkpoint under {run / 'checkpoints'}"
+    if run_checkpoints:
+        what = "is the output folder of a run, not one of its checkpoints"
+        listed += f" ('latest' with --output_dir {path} takes the newest)"
+    else:
+        what = _not_a_checkpoint(path, flag)
+    raise ValueError(f"--{flag}={str(path)!r} is not valid: it {what}. It takes {expected}; {listed}")
+
+
 def load_checkpoint(folder: Path, rank: int) -> dict:
     """Everything `write_*` wrote, as tensors and plain values (the caller puts them in place)."""
     state = {
@@ -280,6 +387,7 @@ def load_checkpoint(folder: Path, rank: int) -> dict:
         "scaler": None,
         "rng": None,
         "data": None,
+        "anchor": load_file(folder / ANCHOR_FILE) if (folder / ANCHOR_FILE).is_file() else None,
     }
     if (folder / "scaler.pt").is_file():
         state["scaler"] = torch.load(folder / "scaler.pt", map_location="cpu", weights_only=True)
@@ -291,13 +399,18 @@ def load_checkpoint(folder: Path, rank: int) -> dict:
 
 
 __all__ = [
+    "ANCHOR_FILE",
     "CheckpointError",
     "WRITE_ERRORS",
     "check_checkpoint",
+    "checkpoint_holding",
+    "checkpoints_of_run",
     "finalize",
     "find_resume_checkpoint",
+    "is_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "named_checkpoint",
     "staging_dir",
     "write_error_advice",
     "write_process_state",

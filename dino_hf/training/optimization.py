@@ -1,7 +1,8 @@
 """Optimisers of DINO and what the reference does to gradients before a step.
 
-- Parameter groups: weight decay only on the regularised group (every trainable parameter except
-  biases and 1-D tensors such as norm weights); frozen parameters are left out.
+- Parameter groups: weight decay only on the regularised groups (every trainable parameter except
+  biases and 1-D tensors such as norm weights); frozen parameters are left out; each group has its
+  lr multiplier (layer-wise decay, `layer_decay.py`) and says whether it is the backbone's.
 - Gradient clipping per parameter: each parameter's gradient is scaled to norm <= clip (3.0), not
   one global norm.
 - AdamW for ViTs (default), SGD and LARS for ResNet-50.
@@ -12,31 +13,53 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.optim import optimizer as torch_optimizer
 
+from .layer_decay import lr_scales
 from .sharding import local_tensors
 
 OPTIMIZERS = ("adamw", "sgd", "lars")
 
 
-def get_param_groups(model: nn.Module) -> list[dict]:
-    """Two groups: `{"params": regularised, "regularized": True}` and
-    `{"params": not regularised, "weight_decay": 0.0, "regularized": False}`.
+def get_param_groups(model: nn.Module, *, layer_decay: float = 1.0, patch_embed_lr_mult: float = 1.0) -> list[dict]:
+    """The trainable parameters of `model` in groups of equal (`regularized`, `lr_scale`, `backbone`).
 
-    The `regularized` key tells `train_step` which group follows the weight decay schedule. Biases
-    (names ending in `.bias`) and 1-D tensors are not regularised; parameters with
-    `requires_grad=False` (e.g. the frozen `last_layer.weight_g`) are left out.
+    Each group carries the three keys, which `train_step` reads every step:
+    - `regularized`: whether the group follows the weight decay schedule. Biases (names ending in
+      `.bias`) and 1-D tensors are not regularised; their groups keep `weight_decay=0.0`.
+    - `lr_scale`: the group's multiple of the scheduled lr: layer-wise decay and the patch
+      embedding's multiplier (`dino_hf.training.layer_decay.lr_scales`), 1.0 when both are 1.0 (the
+      paper's recipe) and for the head.
+    - `backbone`: whether the parameters are `model.backbone`'s (the backbone's own lr warm-up after a
+      head warm-up).
+
+    Parameters with `requires_grad=False` (the frozen `last_layer.weight_g`, frozen blocks) are left
+    out.
+
+    Args:
+        model (`nn.Module`): the student (`MultiCropWrapper`); any module when both options are 1.0.
+        layer_decay (`float`, defaults to 1.0): block i (0-based) of L trains at lr x
+            layer_decay^(L - i) (DINOv2: 0.9); 1.0 turns it off.
+        patch_embed_lr_mult (`float`, defaults to 1.0): extra multiplier of the patch embedding (a CNN's
+            stem; DINOv2: 0.2).
+
+    Raises:
+        ValueError: layer decay or a patch-embedding multiplier on a backbone whose layout is unknown.
     """
-    regularized, not_regularized = [], []
+    scales = lr_scales(model, layer_decay, patch_embed_lr_mult)
+    backbone = getattr(model, "backbone", None)
+    in_backbone = {id(param) for param in backbone.parameters()} if isinstance(backbone, nn.Module) else set()
+    groups: dict[tuple, dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if name.endswith(".bias") or param.ndim == 1:
-            not_regularized.append(param)
-        else:
-            regularized.append(param)
-    return [
-        {"params": regularized, "regularized": True},
-        {"params": not_regularized, "weight_decay": 0.0, "regularized": False},
-    ]
+        regularized = not (name.endswith(".bias") or param.ndim == 1)
+        key = (regularized, scales.get(id(param), 1.0), id(param) in in_backbone)
+        if key not in groups:
+            groups[key] = {"params": [], "regularized": regularized, "lr_scale": key[1], "backbone": key[2]}
+            if not regularized:
+                groups[key]["weight_decay"] = 0.0
+        groups[key]["params"].append(param)
+    # The backbone's groups first, from the lowest lr (the embeddings) up, regularised before not; the head last.
+    return [groups[key] for key in sorted(groups, key=lambda key: (not key[2], key[1], not key[0]))]
 
 
 @torch.no_grad()
@@ -177,8 +200,9 @@ def build_optimizer(
     """The optimiser of the reference by name: `"adamw"` (ViTs; betas 0.9/0.999, eps 1e-8), `"sgd"`
     or `"lars"` (ResNet-50; momentum 0.9).
 
-    `lr` and the regularised group's `weight_decay` are overwritten each step by the schedules
-    (`train_step`); the groups from `get_param_groups` keep their own `weight_decay=0.0`. With a
+    `lr` (times each group's `lr_scale`) and the regularised groups' `weight_decay` are overwritten
+    each step by the schedules (`train_step`); the groups from `get_param_groups` that are not
+    regularised keep their own `weight_decay=0.0`. With a
     `device`, AdamW and SGD use its fused (or multi-tensor) kernels (`optimizer_kernel_options`):
     build them on parameters that already live there.
     """

@@ -6,6 +6,8 @@ import os
 _LOGGED = (
     "loss",
     "koleo",
+    "gram",
+    "anchor_cos",
     "lr",
     "weight_decay",
     "momentum",

@@ -7,6 +7,7 @@ the resolved arguments and the teacher export with its model card), then the ren
 error on any process is raised on every process as `CheckpointError`, the previous checkpoint intact.
 """
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from ..hub.push import HubPusher
 from . import checkpoints
 from .arguments import DinoTrainingArguments
 from .collectives import on_every_process
+from .guard import figure_name, guarded_figure
 from .loss import DinoLoss
 from .plan import TrainingPlan
 from .sharding import whole_optimizer_state_dict, whole_state_dict
@@ -28,11 +30,13 @@ DEMO_DATASET = "dino_hf demo shapes"
 
 
 class CheckpointWriter:
-    """Checkpoints and exports of one run. `last` is the newest checkpoint written (or resumed from).
+    """Checkpoints and exports of one run. `last` is the newest checkpoint written (or resumed from);
+    `export_dir` is where the last teacher is exported, `best_export_dir` the teacher of the best k-NN.
 
     `whole_teacher`: under FSDP, a whole copy of the teacher on the main process, made before the
     teacher was sharded, that gathered weights are loaded into for the k-NN and the export; otherwise
-    the teacher itself.
+    the teacher itself. `anchor`: the run's frozen starting backbone (`dino_hf.training.anchor`), whole
+    on every process, saved with each checkpoint; None when anchoring is off.
     """
 
     def __init__(
@@ -48,13 +52,17 @@ class CheckpointWriter:
         optimizer,
         batches,
         pusher: HubPusher | None,
+        anchor: nn.Module | None = None,
     ):
         self.accelerator, self.args, self.plan = accelerator, args, plan
         self.student, self.teacher, self.whole_teacher = student, teacher, whole_teacher
         self.dino_loss, self.optimizer, self.batches, self.pusher = dino_loss, optimizer, batches, pusher
+        self.anchor = anchor
         self.output_dir = Path(args.output_dir)
         self.checkpoints_dir = self.output_dir / "checkpoints"
         self.export_dir = self.output_dir / "teacher_backbone"
+        # The teacher of the best k-NN measured so far (`dino_hf.training.guard`), beside the last one.
+        self.best_export_dir = self.output_dir / "teacher_backbone_best"
         self.last: Path | None = None
 
     def gathered_teacher(self, weights: dict | None = None) -> nn.Module:
@@ -91,6 +99,7 @@ class CheckpointWriter:
                 scaler_state=accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                 trainer_state=state.to_dict(),
                 training_args=self.args.to_dict(),
+                anchor_state=self.anchor.state_dict() if self.anchor is not None else None,
             )
             checkpoints.finalize(staging, self.checkpoints_dir, step, self.args.checkpoints_total_limit)
 
@@ -135,6 +144,21 @@ class CheckpointWriter:
             image_size=self.args.global_crops_size,
             model_card=self._model_card(teacher, step, state),
         )
+
+    def export_best(self, teacher: nn.Module, step: int, state: RunState) -> None:
+        """`teacher`, of the best k-NN measured so far (`state.knn_best`, at `step`), to `best_export_dir`;
+        its model card gives those figures and says which teacher it is (main process)."""
+        knn = state.knn_best
+        card = self._model_card(teacher, step, dataclasses.replace(state, knn=knn))
+        key = guarded_figure(knn)
+        note = (
+            f"The teacher of the best k-NN measured during its run: step {step}, {figure_name(key)} "
+            f"{knn[key]:.1f} % (the run's last teacher is in {self.export_dir.name}/)."
+        )
+        title, _, rest = card.text.partition("\n\n")
+        card.text = f"{title}\n\n{note}\n\n{rest}"
+        size = self.args.global_crops_size
+        export_backbone(teacher.backbone, self.best_export_dir, image_size=size, model_card=card)
 
     def _model_card(self, teacher: nn.Module, step: int, state: RunState):
         args = self.args

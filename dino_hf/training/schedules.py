@@ -88,6 +88,27 @@ def teacher_temperature_at(
     return teacher_temp
 
 
+def backbone_lr_factor_at(step: int, head_warmup_steps: int, backbone_warmup_steps: int) -> float:
+    """Multiplier of the backbone's learning rate (on top of the global schedule and the layer decay):
+    0 while the head trains alone (`step < head_warmup_steps`), then a linear warm-up of its own from
+    0 to 1 over `backbone_warmup_steps` (`np.linspace(0, 1, n)[step - head_warmup_steps]`, as the lr
+    warm-up), then 1. Both 0 (the paper's recipe): 1 at every step.
+
+    Continued pretraining (docs/recipe.md#layer-decay-freezing-and-the-backbone-warm-up): a backbone that joins after the head
+    warm-up starts from lr 0 rather than at the global schedule's value of that step.
+    """
+    if step < 0 or head_warmup_steps < 0 or backbone_warmup_steps < 0:
+        raise ValueError(
+            f"step {step}, head_warmup_steps {head_warmup_steps} and backbone_warmup_steps "
+            f"{backbone_warmup_steps} must all be >= 0"
+        )
+    if step < head_warmup_steps:
+        return 0.0
+    if step < head_warmup_steps + backbone_warmup_steps:
+        return _linspace_value(step - head_warmup_steps, backbone_warmup_steps, 0.0, 1.0)
+    return 1.0
+
+
 def _linspace_value(step: int, num: int, start: float, stop: float) -> float:
     """`np.linspace(start, stop, num)[step]` (endpoint included; a single point is `start`)."""
     if num == 1:
@@ -98,6 +119,7 @@ def _linspace_value(step: int, num: int, start: float, stop: float) -> float:
 
 
 __all__ = [
+    "backbone_lr_factor_at",
     "cosine_schedule_value",
     "learning_rate_at",
     "scaled_learning_rate",

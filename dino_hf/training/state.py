@@ -10,7 +10,9 @@ class RunState:
 
     `global_step`: optimisation steps done; `nonfinite_skipped`: steps skipped on a non-finite loss;
     `skipped_samples`: images skipped by reason; `stream_retries`: stream reads retried;
-    `knn_random_init` / `knn`: the k-NN figures of the random-init and the latest teacher;
+    `knn_start` / `knn`: the k-NN figures of the teacher at step 0 (random-init or the starting
+    weights) and of the latest one; `knn_best` / `knn_best_step`: the figures of the best k-NN measured
+    so far (`dino_hf.training.guard`) and its step (None before the first measurement);
     `num_processes`: the processes that wrote the checkpoint (their data positions).
     """
 
@@ -18,8 +20,10 @@ class RunState:
     nonfinite_skipped: int = 0
     skipped_samples: dict = field(default_factory=dict)
     stream_retries: int = 0
-    knn_random_init: dict = field(default_factory=dict)
+    knn_start: dict = field(default_factory=dict)
     knn: dict = field(default_factory=dict)
+    knn_best: dict = field(default_factory=dict)
+    knn_best_step: int | None = None
     num_processes: int = 1
 
     def to_dict(self) -> dict:

@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from ..models.heads import DinoHead
+from .anchor import COSINE, GRAM, Anchor
 from .loss import DinoLoss, collapse_diagnostics, koleo_loss
 from .optimization import clip_gradients_, step_unless_
 from .teacher import ema_update_
@@ -27,6 +28,9 @@ NONFINITE_HINTS = (
     "--mixed_precision bf16 or no), a teacher temperature above 0.07, a learning rate too high for the "
     "batch, or non-finite input images"
 )
+# The terms a step may add to the DINO loss, in the order they are added; each is logged and checked
+# for non-finite values.
+REGULARISERS = ("koleo", GRAM, COSINE)
 
 
 def train_step(
@@ -45,16 +49,21 @@ def train_step(
     accelerator: Accelerator | None = None,
     accumulation_steps: int = 1,
     freeze_backbone: bool = False,
+    backbone_lr_factor: float = 1.0,
     koleo_weight: float = 0.0,
+    anchor: Anchor | None = None,
+    gram_weight: float = 0.0,
+    anchor_cosine_weight: float = 0.0,
     diagnostics: bool = True,
 ) -> dict[str, torch.Tensor]:
     """One DINO step, in the reference's order.
 
-    1. lr on every parameter group, weight decay on the regularised group(s) only;
+    1. lr on every parameter group (times the group's `lr_scale`, and `backbone_lr_factor` for the
+       backbone's groups), weight decay on the regularised group(s) only;
     2. per micro-batch: teacher on the 2 global crops (no grad), student on all crops, loss (plus
-       `koleo_weight` times the KoLeo term when it is on), backward of loss / accumulation_steps; the
-       center is updated once, after the last micro-batch, with the mean teacher output of the whole
-       batch (so 2 x B/2 computes what 1 x B does);
+       `koleo_weight` times the KoLeo term and the anchor's weighted terms when they are on), backward
+       of loss / accumulation_steps; the center is updated once, after the last micro-batch, with the
+       mean teacher output of the whole batch (so 2 x B/2 computes what 1 x B does);
     3. per-parameter gradient clipping, last-layer gradients dropped when `freeze_last_layer`,
        backbone gradients dropped when `freeze_backbone`, optimiser step, zero_grad;
     4. EMA of the teacher with `momentum`.
@@ -80,22 +89,34 @@ def train_step(
         accumulation_steps (`int`): split the batch into this many micro-batches of B / steps images,
             one forward and backward each, then one optimiser step (gradient accumulation).
         freeze_backbone (`bool`): train the head alone (warm-up of a fresh head on pretrained weights).
+        backbone_lr_factor (`float`, defaults to 1.0): this step's multiplier of the backbone groups' lr
+            (`schedules.backbone_lr_factor_at`: 0 during the head warm-up, then the backbone's own
+            linear warm-up to 1).
         diagnostics (`bool`, defaults to `True`): compute the `collapse_diagnostics`; a caller that only
             reads them at logging steps turns them off in between.
         koleo_weight (`float`, defaults to 0.0): weight of the KoLeo regulariser (DINOv2 Sec. 4; 0.1
             there) added to the loss: `koleo_loss` of the student's backbone features of each global
             crop, summed over the 2 global crops, within each process's micro-batch as DINOv2 does
             within each GPU's batch. 0 turns it off (the paper's loss).
+        anchor (`Anchor`, optional): the frozen starting backbone (`dino_hf.training.anchor`); it sees
+            the global crops of each micro-batch and gives the terms it was built for, `gram` (DINOv3's
+            Gram loss of the global crops' patch tokens) and / or `anchor_cos` (1 - cos of the global
+            features). None (the default) computes neither (the paper's loss).
+        gram_weight, anchor_cosine_weight (`float`, defaults to 0.0): this step's weights of the
+            anchor's `gram` and `anchor_cos` terms in the objective (0 at the start of the Gram warm-up:
+            the term is still computed and reported). A weight above 0 needs an anchor with that term.
 
     Returns:
         0-dim tensors on the device: `loss` (the DINO loss, averaged over the micro-batches and the
         processes), `koleo` (the KoLeo term before weighting, averaged the same way; only when
-        `koleo_weight` is not 0), the `collapse_diagnostics`, and `nonfinite` (1.0 when the step was
+        `koleo_weight` is not 0), `gram` and `anchor_cos` (likewise, the terms the anchor computes;
+        only with an anchor), the `collapse_diagnostics`, and `nonfinite` (1.0 when the step was
         skipped, else 0.0).
     """
-    _set_schedule(optimizer, lr, weight_decay)
+    weights = _regulariser_weights(koleo_weight, anchor, gram_weight, anchor_cosine_weight)
+    _set_schedule(optimizer, lr, weight_decay, backbone_lr_factor)
     totals, teacher_output = _forward_backward_batch(
-        student, teacher, dino_loss, crops, teacher_temp, accelerator, accumulation_steps, koleo_weight, diagnostics
+        student, teacher, dino_loss, crops, teacher_temp, accelerator, accumulation_steps, weights, anchor, diagnostics
     )
     skip = _nonfinite(totals)
     # The center moves once per optimisation step, after the loss, with the mean over the whole batch
@@ -107,12 +128,28 @@ def train_step(
     return totals
 
 
+def _regulariser_weights(koleo_weight: float, anchor: Anchor | None, gram_weight: float, cosine_weight: float):
+    """The weight of each term the step adds to the DINO loss, by name (`REGULARISERS`): KoLeo when its
+    weight is not 0, the anchor's terms whenever there is an anchor."""
+    weights = {"koleo": koleo_weight} if koleo_weight else {}
+    for name, weight in ((GRAM, gram_weight), (COSINE, cosine_weight)):
+        if anchor is not None and name in anchor.term_names:
+            weights[name] = weight
+        elif weight:
+            raise ValueError(
+                f"a {name} weight of {weight} needs an anchor built with that term "
+                "(dino_hf.training.anchor.build_anchor, --gram_loss_weight / --anchor_cosine_weight)"
+            )
+    return weights
+
+
 def _nonfinite(totals: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Whether this step's loss (or KoLeo term) is not finite, as a bool tensor on the device; the terms
-    are means over the processes, so every process decides the same."""
+    """Whether this step's loss (or a term added to it: KoLeo, the anchor's) is not finite, as a bool
+    tensor on the device; the terms are means over the processes, so every process decides the same."""
     skip = ~torch.isfinite(totals["loss"])
-    if "koleo" in totals:
-        skip = skip | ~torch.isfinite(totals["koleo"])
+    for name in REGULARISERS:
+        if name in totals:
+            skip = skip | ~torch.isfinite(totals[name])
     return skip
 
 
@@ -139,7 +176,7 @@ def _prepare_gradients(student, optimizer, accelerator, clip_grad, freeze_last_l
 
 
 def _forward_backward_batch(
-    student, teacher, dino_loss, crops, teacher_temp, accelerator, accumulation_steps, koleo_weight, diagnostics
+    student, teacher, dino_loss, crops, teacher_temp, accelerator, accumulation_steps, weights, anchor, diagnostics
 ):
     """Forward and backward of the batch in `accumulation_steps` micro-batches (gradients synced on the
     last one only); returns the statistics averaged over them and the teacher output of the batch."""
@@ -163,7 +200,8 @@ def _forward_backward_batch(
                 teacher_temp,
                 accelerator,
                 1.0 / accumulation_steps,
-                koleo_weight,
+                weights,
+                anchor,
                 diagnostics,
             )
         teacher_outputs.append(teacher_output)
@@ -172,14 +210,18 @@ def _forward_backward_batch(
     return totals, torch.cat(teacher_outputs)
 
 
-def _set_schedule(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+def _set_schedule(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float, backbone_lr_factor: float) -> None:
+    """lr x `lr_scale` (x `backbone_lr_factor` for the backbone's groups) on every group, and the weight
+    decay on the regularised ones. With the paper's settings both multipliers are 1.0: lr exactly."""
     for group in optimizer.param_groups:
-        if "regularized" not in group:
+        missing = [key for key in ("regularized", "lr_scale", "backbone") if key not in group]
+        if missing:
             raise ValueError(
-                "optimizer parameter groups carry no 'regularized' flag; build them with "
-                "dino_hf.training.optimization.get_param_groups(student)"
+                f"optimizer parameter groups lack the key(s) {', '.join(repr(key) for key in missing)}; build them "
+                "with dino_hf.training.optimization.get_param_groups(student)"
             )
-        group["lr"] = lr
+        scale = group["lr_scale"] * backbone_lr_factor if group["backbone"] else group["lr_scale"]
+        group["lr"] = lr * scale
         if group["regularized"]:
             group["weight_decay"] = weight_decay
 
@@ -188,33 +230,52 @@ def _unwrap(model: nn.Module, accelerator: Accelerator | None) -> nn.Module:
     return accelerator.unwrap_model(model) if accelerator is not None else model
 
 
-def _forward_backward(student, teacher, dino_loss, crops, teacher_temp, accelerator, scale, koleo_weight, diagnostics):
+def _forward_backward(
+    student, teacher, dino_loss, crops, teacher_temp, accelerator, scale, weights, anchor, diagnostics
+):
     """Forward, loss and backward of one micro-batch; returns its statistics (0-dim tensors) and the
-    teacher output `(2 * B, K)`."""
+    teacher output `(2 * B, K)`. `weights`: the terms added to the DINO loss (`_regulariser_weights`)."""
     stats = {}
     # Mixed precision covers the forwards and the loss, as the reference's autocast block.
     with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
         with torch.no_grad():
             teacher_output = teacher(crops[:2])  # (2 * B, K): only the global crops
-        if koleo_weight:
-            student_output, features = student(crops, return_features=True)  # (ncrops * B, K), (ncrops * B, D)
+        gram = anchor is not None and anchor.gram
+        if weights:
+            # (ncrops * B, K), (ncrops * B, D) and, for the Gram loss, the first group's (2 * B, P, C)
+            outputs = student(crops, return_features=True, return_patch_tokens=gram)
+            student_output, features, patch_tokens = outputs if gram else (*outputs, None)
         else:
             student_output = student(crops)  # (ncrops * B, K)
         terms = dino_loss.terms(student_output, teacher_output, teacher_temp)
         if diagnostics:
             stats.update(collapse_diagnostics(terms, dino_loss.center if dino_loss.uses_center else None))
         objective = terms.loss
-        if koleo_weight:
-            global_features = features[: 2 * len(crops[0])].chunk(2)  # 2 x (B, D), as DINOv2's CLS tokens
-            koleo = sum(koleo_loss(crop_features) for crop_features in global_features)
-            objective = objective + koleo_weight * koleo
-            stats["koleo"] = _mean_over_processes(koleo, accelerator)
+        if weights:
+            global_features = features[: 2 * len(crops[0])]  # (2 * B, D), as DINOv2's CLS tokens
+            regularisers = _regularisers(weights, anchor, crops, global_features, patch_tokens)
+            for name, value in regularisers.items():
+                objective = objective + weights[name] * value
+                stats[name] = _mean_over_processes(value, accelerator)
     if accelerator is not None:
         accelerator.backward(objective * scale)
     else:
         (objective * scale).backward()
     stats = {"loss": _mean_over_processes(terms.loss, accelerator), **stats}
     return stats, teacher_output.detach()
+
+
+def _regularisers(weights, anchor, crops, global_features, patch_tokens) -> dict[str, torch.Tensor]:
+    """The terms named in `weights`, before weighting: KoLeo of each global crop's features, summed over
+    the 2 crops, and the anchor's terms of the 2 global crops (`patch_tokens`: the student's, first
+    group of crops, of which the global crops are the first 2 * B rows)."""
+    values = {}
+    if "koleo" in weights:
+        values["koleo"] = sum(koleo_loss(crop_features) for crop_features in global_features.chunk(2))
+    if anchor is not None:
+        global_patch_tokens = patch_tokens[: len(global_features)] if patch_tokens is not None else None
+        values.update(anchor.terms(torch.cat(crops[:2]), global_features, global_patch_tokens))
+    return values
 
 
 def _mean_over_processes(loss: torch.Tensor, accelerator: Accelerator | None) -> torch.Tensor:

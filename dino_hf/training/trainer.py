@@ -23,17 +23,24 @@ from tqdm.auto import tqdm
 
 from ..augment.batch_multicrop import BatchMultiCrop, DecodeAndCap
 from ..augment.multicrop import MultiCropTransform
+from ..data.image_values import check_image_column
 from ..data.loader import SkipReport, build_multicrop_dataloader
 from ..data.sources import load_image_stream
 from ..evaluation.features import knn_accuracy
 from ..hub.push import HubPusher
+from ..models.configuration_dino import PRESETS
 from . import checkpoints
-from .arguments import DinoTrainingArguments
+from .anchor import Anchor, build_anchor
+from .arguments import DinoTrainingArguments, model_spec
 from .batches import DeviceBatches, EndlessBatches
 from .collectives import on_any_process
+from .guard import observe
+from .init_checkpoint import init_checkpoint_folder, load_start
+from .layer_decay import freeze_blocks_
 from .loss import DinoLoss
-from .networks import build_student_teacher
+from .networks import build_student_teacher, has_trained_weights
 from .optimization import build_optimizer, get_param_groups
+from .output_folder import removed_if_refused
 from .plan import TrainingPlan
 from .preemption import PreemptionSignals
 from .run_log import SampleLog, knn_line, log_line
@@ -59,6 +66,10 @@ class TrainResult:
 
     `stopped_by` names the signal (SIGTERM, SIGUSR1, SIGINT) that stopped the run before its last
     step; the checkpoint of `global_step` was written then, and no final export or evaluation was made.
+    `knn_start` is the k-NN of the teacher at step 0, named `start` ("random-init", or "starting" when
+    the run started from trained weights); `knn_best` and `knn_best_step` those of the best teacher,
+    exported to `best_export_dir`. `knn_stop` says why `--stop_if_knn_drops` ended the run early (with a
+    checkpoint and the final export).
     """
 
     output_dir: Path
@@ -66,7 +77,12 @@ class TrainResult:
     global_step: int
     checkpoint: Path | None = None
     knn: dict = field(default_factory=dict)
-    knn_random_init: dict = field(default_factory=dict)
+    knn_start: dict = field(default_factory=dict)
+    start: str = "random-init"
+    knn_best: dict = field(default_factory=dict)
+    knn_best_step: int | None = None
+    best_export_dir: Path | None = None
+    knn_stop: str | None = None
     skipped_samples: dict = field(default_factory=dict)
     push_report: str | None = None
     stopped_by: str | None = None
@@ -94,6 +110,9 @@ class Run:
     skip_report: SkipReport = field(default_factory=SkipReport)
     sample_log: SampleLog | None = None
     nonfinite: "NonFiniteTally | None" = None
+    knn_step: int | None = None  # the step of the last k-NN measurement
+    knn_stop: str | None = None  # why --stop_if_knn_drops ended the run
+    anchor: Anchor | None = None
 
 
 def train(args: DinoTrainingArguments) -> TrainResult:
@@ -108,7 +127,8 @@ def train(args: DinoTrainingArguments) -> TrainResult:
         checkpoints.CheckpointError: a checkpoint could not be written (the previous one is intact)
             or the one named by `resume_from_checkpoint` is damaged.
     """
-    with PreemptionSignals() as signals:
+    # A run refused (ValueError: exit status 2) before its first checkpoint leaves nothing behind.
+    with PreemptionSignals() as signals, removed_if_refused(args.output_dir):
         run = prepare_run(args)
         resume(run)
         stopped_by = train_loop(run, signals)
@@ -127,12 +147,6 @@ def prepare_run(args: DinoTrainingArguments) -> Run:
     set_seed(args.seed)
     # Networks first: a backbone that cannot take the crop sizes fails before any other work.
     student, teacher, fresh_head = build_student_teacher(args)
-    if fresh_head and not args.head_warmup_steps and accelerator.is_main_process:
-        logger.warning(
-            "%s has trained weights but no DINO head: the random head's first gradients reach the backbone; "
-            "consider --head_warmup_steps (e.g. one epoch of steps) to train the head alone first",
-            args.model_name_or_path,
-        )
     dino_loss = DinoLoss(
         args.out_dim,
         2 + args.local_crops_number,
@@ -141,8 +155,16 @@ def prepare_run(args: DinoTrainingArguments) -> Run:
         centering=args.centering,
         sinkhorn_iterations=args.sinkhorn_iterations,
     )
-    if accelerator.is_main_process:
-        (Path(args.output_dir) / "checkpoints").mkdir(parents=True, exist_ok=True)
+    if args.init_from_checkpoint:  # before anything copies the networks (the anchor)
+        _start_from_checkpoint(args, accelerator, student, teacher, dino_loss)
+        fresh_head = False
+    if fresh_head and not args.head_warmup_steps and accelerator.is_main_process:
+        logger.warning(
+            "%s has trained weights but no DINO head: the random head's first gradients reach the backbone; "
+            "consider --head_warmup_steps (e.g. one epoch of steps) to train the head alone first",
+            args.model_name_or_path,
+        )
+    anchor = _build_anchor(args, accelerator, student)  # before the first step, and before any wrapping
     accelerator.print(
         f"networks: {type(student.backbone.model).__name__} student and teacher, head of {args.out_dim} prototypes"
     )
@@ -170,6 +192,7 @@ def prepare_run(args: DinoTrainingArguments) -> Run:
         optimizer=optimizer,
         batches=batches,
         pusher=pusher,
+        anchor=anchor,
     )
     run = Run(
         args,
@@ -183,12 +206,44 @@ def prepare_run(args: DinoTrainingArguments) -> Run:
         writer,
         eval_sources,
         state=RunState(num_processes=accelerator.num_processes),
+        anchor=anchor,
     )
     if args.log_sample_ids:
         run.sample_log = SampleLog(args.log_sample_ids, accelerator.process_index)
     if args.report_to != "none":
         accelerator.init_trackers("dino_hf", config=args.to_dict())
     return run
+
+
+def _start_from_checkpoint(
+    args: DinoTrainingArguments, accelerator: Accelerator, student: nn.Module, teacher: nn.Module, dino_loss: DinoLoss
+) -> None:
+    """`--init_from_checkpoint`: the checkpoint's student, teacher and center in the built networks."""
+    folder = init_checkpoint_folder(args.init_from_checkpoint, args.output_dir)
+    load_start(folder, student, teacher, dino_loss)
+    newest = "" if folder == Path(args.init_from_checkpoint) else f" (the newest of {args.init_from_checkpoint})"
+    accelerator.print(
+        f"starting from {folder}{newest}: its student, teacher, heads and center; step 0, a fresh optimiser"
+    )
+
+
+def _build_anchor(args: DinoTrainingArguments, accelerator: Accelerator, student: nn.Module) -> Anchor | None:
+    """The frozen copy of the student's backbone that `--gram_loss_weight` and `--anchor_cosine_weight`
+    anchor to, on the device (None when both are 0)."""
+    anchor = build_anchor(args, student.backbone)
+    if anchor is None:
+        return None
+    random_start = args.model_name_or_path is None or args.model_name_or_path in PRESETS
+    if random_start and accelerator.is_main_process:
+        logger.warning(
+            "anchoring is on (--gram_loss_weight %g, --anchor_cosine_weight %g) but %s starts from random "
+            "weights: the student is anchored to its random init; anchoring is meant for continued "
+            "pretraining from trained weights (--model_name_or_path)",
+            args.gram_loss_weight,
+            args.anchor_cosine_weight,
+            model_spec(args),
+        )
+    return anchor.to(accelerator.device)
 
 
 def multicrop_options(args: DinoTrainingArguments) -> dict:
@@ -226,6 +281,9 @@ def _build_data(
         world_size=accelerator.num_processes,
         seed=args.seed,
     )
+    check_image_column(
+        stream, image_column, named_by_user=bool(args.image_column_name), source=describe_source(source, args.demo)
+    )
     crop_options = multicrop_options(args)
     # With --augment_on gpu the workers decode and cap the size; the crops are made on the accelerator.
     on_device = args.augment_on == "gpu"
@@ -262,7 +320,9 @@ def _place_networks(args: DinoTrainingArguments, accelerator: Accelerator, stude
     teacher copy for the main process (FSDP) or the teacher itself, and the optimiser."""
     apply_speed_options(student, teacher, torch_compile=args.torch_compile, channels_last=args.channels_last)
     student.to(accelerator.device)
-    optimizer = build_optimizer(args.optimizer, get_param_groups(student), device=accelerator.device)
+    freeze_blocks_(student, args.freeze_blocks)  # requires_grad off before the optimiser and DDP see them
+    groups = get_param_groups(student, layer_decay=args.layer_decay, patch_embed_lr_mult=args.patch_embed_lr_mult)
+    optimizer = build_optimizer(args.optimizer, groups, device=accelerator.device)
     if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
         raise ValueError(
             "FSDP version 1 is not supported: the teacher follows the student shard by shard with FSDP2; "
@@ -280,7 +340,8 @@ def _place_networks(args: DinoTrainingArguments, accelerator: Accelerator, stude
 
 def resume(run: Run) -> None:
     """Continue from `--resume_from_checkpoint` (weights, optimiser, center, scaler, run state, data
-    position and RNG states), or start: then the k-NN of the random-init teacher is measured."""
+    position and RNG states), or start: then the k-NN of the teacher at step 0 (random-init, or the
+    starting weights) is measured, and that teacher is the first best (`teacher_backbone_best`)."""
     args, accelerator = run.args, run.accelerator
     folder = None
     if args.resume_from_checkpoint:
@@ -291,10 +352,11 @@ def resume(run: Run) -> None:
         _load_checkpoint(run, folder)
         accelerator.print(f"resumed from {folder} at step {run.state.global_step}")
     elif run.eval_sources is not None and accelerator.is_main_process:
-        run.state.knn_random_init = _knn(run, run.writer.whole_teacher)
+        run.state.knn_start = _knn(run, run.writer.whole_teacher)
         accelerator.print(
-            f"k-NN of the random-init teacher at {_knn_size(args)} px: {knn_line(run.state.knn_random_init)}"
+            f"k-NN of the {start_name(args)} teacher at {_knn_size(args)} px: {knn_line(run.state.knn_start)}"
         )
+        _judge(run, run.writer.whole_teacher, run.state.knn_start, 0)
     run.nonfinite = NonFiniteTally(run.state.nonfinite_skipped, accelerator.device)
 
 
@@ -305,6 +367,8 @@ def _load_checkpoint(run: Run, folder: Path) -> None:
     load_whole_state_dict(student, saved["student"])
     load_whole_state_dict(run.teacher, saved["teacher"])
     run.dino_loss.load_state_dict(saved["dino_loss"])
+    if run.anchor is not None:
+        _load_anchor(run.anchor, saved["anchor"], folder)
     load_whole_optimizer_state_dict(student, run.optimizer, saved["optimizer"])
     if saved["scaler"] is not None and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(saved["scaler"])
@@ -324,6 +388,20 @@ def _load_checkpoint(run: Run, folder: Path) -> None:
     run.state.num_processes = accelerator.num_processes
     run.skip_report.counts.update(run.state.skipped_samples)
     run.writer.last = folder
+
+
+def _load_anchor(anchor: Anchor, weights: dict | None, folder: Path) -> None:
+    """The anchor the checkpoint's run started from, so that a resumed run anchors to the same weights
+    even if the source has changed since; a checkpoint of a run without anchoring has none."""
+    if weights is None:
+        logger.warning(
+            "%s has no %s (its run had no anchoring): anchoring to the backbone as built now from the run's "
+            "--model_name_or_path / --backbone",
+            folder,
+            checkpoints.ANCHOR_FILE,
+        )
+        return
+    anchor.load_state_dict(weights)
 
 
 def train_loop(run: Run, signals: PreemptionSignals) -> str | None:
@@ -355,6 +433,7 @@ def train_loop(run: Run, signals: PreemptionSignals) -> str | None:
             crops,
             **schedule,
             accelerator=accelerator,
+            anchor=run.anchor,
             **plan.step_options(step),
         )
         run.nonfinite.add(step, metrics)
@@ -368,7 +447,8 @@ def train_loop(run: Run, signals: PreemptionSignals) -> str | None:
         elif checkpoint_due:
             _check_nonfinite(run)
         if args.eval_steps and step % args.eval_steps == 0 and run.eval_sources is not None:
-            _evaluate(run, step)
+            if _evaluate(run, step):
+                break  # --stop_if_knn_drops: the final save checkpoints and exports this step
         if last:
             break
         if checkpoint_due:
@@ -492,14 +572,38 @@ def _knn(run: Run, teacher: nn.Module) -> dict:
     return backbone_knn(teacher.backbone, run.args, run.eval_sources, run.accelerator.device)
 
 
-def _evaluate(run: Run, step: int) -> None:
-    """The k-NN of the teacher at `step` (all processes call it: under FSDP the teacher is gathered)."""
+def _evaluate(run: Run, step: int) -> bool:
+    """The k-NN of the teacher at `step` (all processes call it: under FSDP the teacher is gathered); a
+    new best is exported. Returns whether `--stop_if_knn_drops` ends the run here (on every process)."""
     teacher = run.writer.gathered_teacher()
+    stop = None
     if run.accelerator.is_main_process:
         run.state.knn = _knn(run, teacher)
+        run.knn_step = step
         run.accelerator.log({f"eval/{key}": value for key, value in run.state.knn.items()}, step=step)
         run.accelerator.print(f"step {step} k-NN at {_knn_size(run.args)} px: {knn_line(run.state.knn)}")
-    run.accelerator.wait_for_everyone()
+        stop = _judge(run, teacher, run.state.knn, step, run.args.stop_if_knn_drops)
+    return on_any_process(run.accelerator, stop is not None)  # a collective: the others wait for the k-NN
+
+
+def start_name(args: DinoTrainingArguments) -> str:
+    """The teacher at step 0: "starting" when the run starts from trained weights (a saved model, a Hub
+    id, trained timm weights, a reference file, `--init_from_checkpoint`), else "random-init"."""
+    return "starting" if args.init_from_checkpoint or has_trained_weights(args) else "random-init"
+
+
+def _judge(run: Run, teacher: nn.Module, knn: dict, step: int, stop_if_drops: float | None = None) -> str | None:
+    """The k-NN figures `knn` of `teacher` at `step` against the best so far (main process): a new best
+    is exported to `teacher_backbone_best`; returns why the run stops, if it does."""
+    writer = run.writer
+    verdict = observe(run.state, knn, step, stop_if_drops)
+    if verdict.new_best:
+        writer.export_best(teacher, step, run.state)
+        run.accelerator.print(f"step {step}: the best k-NN so far; teacher exported to {writer.best_export_dir}")
+    if verdict.stop is not None:
+        run.knn_stop = verdict.stop
+        run.accelerator.print(f"step {step}: stopping with a checkpoint and the final export: {verdict.stop}")
+    return verdict.stop
 
 
 def _stopped(run: Run, stopped_by: str) -> TrainResult:
@@ -529,8 +633,10 @@ def _final_save(run: Run) -> TrainResult:
     final_state = whole_state_dict(run.teacher) if accelerator.is_fsdp2 else None
     final_teacher = writer.gathered_teacher(final_state)
     if run.eval_sources is not None and accelerator.is_main_process:
-        state.knn = _knn(run, final_teacher)
-        accelerator.log({f"eval/{key}": value for key, value in state.knn.items()}, step=state.global_step)
+        if run.knn_step != state.global_step:  # not measured at this step already
+            state.knn = _knn(run, final_teacher)
+            accelerator.log({f"eval/{key}": value for key, value in state.knn.items()}, step=state.global_step)
+            _judge(run, final_teacher, state.knn, state.global_step)
         accelerator.print(f"k-NN of the trained teacher at {_knn_size(run.args)} px: {knn_line(state.knn)}")
     final = writer.save(state.global_step, _synced(run), final_state)
     result = TrainResult(
@@ -539,7 +645,12 @@ def _final_save(run: Run) -> TrainResult:
         state.global_step,
         checkpoint=final,
         knn=state.knn,
-        knn_random_init=state.knn_random_init,
+        knn_start=state.knn_start,
+        start=start_name(run.args),
+        knn_best=state.knn_best,
+        knn_best_step=state.knn_best_step,
+        best_export_dir=writer.best_export_dir if state.knn_best_step is not None else None,
+        knn_stop=run.knn_stop,
         skipped_samples=dict(run.skip_report.counts),
     )
     if accelerator.is_main_process:

@@ -1,0 +1,209 @@
+"""Continued-pretraining benchmark: a "released" checkpoint continued with DINO on a new domain, with and
+without the safeguards of `configs/continue_pretraining.yaml`. Offline, on the CPU.
+
+1. The released checkpoints: a small ViT saved as a transformers `Dinov2Model` folder, and a timm
+   ResNet-10-T saved as a timm folder, each trained with the labels of one generated set (`--release`,
+   the small-data benchmark's textures by default; `benchmarks/small_data.py`). They are made once and
+   reused (`--root`).
+2. Each is continued with DINO on another generated set, the "domain" (`--domain`: by default the demo's
+   set of shape-and-texture classes, `dino_hf.data.demo`, where DINO learns in CPU minutes),
+   for the same number of steps under:
+   - (a) the paper's recipe without safeguards: the fresh DINO head and the backbone train together
+     from the first step, one learning rate for every layer, nothing to hold the student near its start;
+   - (b) `configs/continue_pretraining.yaml`: head warm-up with the backbone frozen, then the backbone's
+     own learning-rate warm-up, layer-wise decay, a lower patch-embedding rate, Gram anchoring to the
+     start and the k-NN guard (the best export kept, the run stopped when the k-NN falls);
+   - (c) the frozen start: the released checkpoint itself, no training.
+3. It prints, side by side, the weighted k-NN top-1 (k = 20) on the domain's and the release set's
+   validation splits at the start, at the best step (by the domain k-NN that the run measures every
+   `--eval_steps`) and at the end.
+
+    python benchmarks/continued_pretraining.py
+    python benchmarks/continued_pretraining.py --starts vit --max_steps 60
+
+Flags it does not know go to both recipes' training arguments, after its own, so they override them
+(e.g. `--learning_rate`). Run it with `OMP_NUM_THREADS=1` on a shared machine.
+"""
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import timm
+import torch
+import transformers
+from small_data import IMAGE_SIZE, METRIC, fit_labels, hardware, make_set
+
+from dino_hf.data.demo import default_demo_root, make_demo_dataset
+from dino_hf.models.backbones import TimmBackbone, TransformersBackbone, build_backbone
+from dino_hf.models.transformers_backbone import FAMILIES
+from dino_hf.training.arguments import parse_training_args
+from dino_hf.training.trainer import backbone_knn, train
+
+# The released models: built here, trained with the labels of the release set for LABEL_EPOCHS.
+LABEL_EPOCHS = 12
+STARTS = {
+    "vit": "Dinov2Model ViT (4 blocks, width 192, patch 8)",
+    "resnet": "timm ResNet-10-T",
+}
+# What both recipes share: the budget (crops, batch, steps, evaluation), not the recipe.
+BUDGET = [
+    "--global_crops_size", str(IMAGE_SIZE),
+    "--local_crops_size", str(IMAGE_SIZE // 2),
+    "--local_crops_number", "2",
+    "--out_dim", "1024",
+    "--head_hidden_dim", "512",
+    "--head_bottleneck_dim", "128",
+    "--per_device_train_batch_size", "32",
+    "--dataloader_num_workers", "1",
+    "--shuffle_buffer_size", "1000",
+    "--logging_steps", "10",
+    "--checkpointing_steps", "100000",
+    "--warmup_epochs", "1",
+    "--mixed_precision", "no",
+]  # fmt: skip
+RECIPES = {
+    "(a) paper recipe, no safeguards": [],
+    # The config's step counts, scaled to the benchmark's runs.
+    "(b) continue_pretraining.yaml": [
+        "--config",
+        "configs/continue_pretraining.yaml",
+        "--head_warmup_steps",
+        "20",
+        "--backbone_warmup_steps",
+        "20",
+    ],  # fmt: skip
+}
+
+
+def make_release(start: str, release: Path, root: Path) -> Path:
+    """The released checkpoint `start` trained with the labels of `release`, as its own class's folder
+    (reused when it exists)."""
+    folder = root / f"{start}_{release.name}_labels{LABEL_EPOCHS}"
+    if (folder / "config.json").is_file():
+        return folder
+    torch.manual_seed(0)
+    if start == "vit":
+        config = transformers.Dinov2Config(
+            hidden_size=192,
+            num_hidden_layers=4,
+            num_attention_heads=3,
+            mlp_ratio=4,
+            image_size=IMAGE_SIZE,
+            patch_size=8,
+        )
+        backbone = TransformersBackbone(transformers.Dinov2Model(config), FAMILIES["dinov2"])
+    else:
+        backbone = TimmBackbone(timm.create_model("resnet10t", pretrained=False, num_classes=0))
+    fit_labels(backbone, release, epochs=LABEL_EPOCHS, crop_size=IMAGE_SIZE, crop_scale=(0.4, 1.0), batch_size=32)
+    staging = folder.with_name(f".{folder.name}.{os.getpid()}")
+    if start == "vit":
+        backbone.model.save_pretrained(staging)
+    else:
+        timm.models.save_for_hf(backbone.model, staging, safe_serialization=True)
+    staging.rename(folder)
+    return folder
+
+
+def knn(spec: str | Path, data: Path) -> float:
+    """k-NN top-1 (%) at k = 20 of a saved backbone on `<data>/validation` (memory bank `<data>/train`)."""
+    args = parse_training_args(_data_flags(data) + ["--model_name_or_path", str(spec)])
+    backbone = build_backbone(str(spec), drop_path_rate=0.0)
+    sources = ({"train_dir": str(data / "train")}, {"train_dir": str(data / "validation")})
+    return backbone_knn(backbone, args, sources)[METRIC]
+
+
+def _data_flags(domain: Path) -> list[str]:
+    return [
+        "--train_dir", str(domain / "train"),
+        "--eval_train_dir", str(domain),
+        "--eval_train_split", "train",
+        "--eval_split", "validation",
+        "--samples_per_epoch", str(sum(1 for _ in (domain / "train").glob("*/*.png"))),
+        "--global_crops_size", str(IMAGE_SIZE),
+    ]  # fmt: skip
+
+
+def continue_run(start: Path, recipe: list[str], domain: Path, release: Path, output_dir: Path, extra: list[str]):
+    """One continued run: its domain k-NN at the start, best step and end, and the release set's k-NN
+    of the best and the last export."""
+    args = parse_training_args(
+        recipe
+        + BUDGET
+        + _data_flags(domain)
+        + ["--model_name_or_path", str(start), "--output_dir", str(output_dir)]
+        + extra
+    )
+    began = time.perf_counter()
+    result = train(args)
+    row = {
+        "domain start": result.knn_start.get(METRIC),
+        "domain best": result.knn_best.get(METRIC),
+        "best step": result.knn_best_step,
+        "domain end": result.knn.get(METRIC),
+        "release best": knn(result.best_export_dir, release) if result.best_export_dir else None,
+        "release end": knn(result.export_dir, release),
+        "steps": result.global_step,
+        "minutes": (time.perf_counter() - began) / 60,
+    }
+    if result.knn_stop:
+        print(f"stopped by the k-NN guard: {result.knn_stop}")
+    return row
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f}" if isinstance(value, float) else str(value)
+
+
+COLUMNS = ["domain start", "domain best", "best step", "domain end", "release start", "release best", "release end"]
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| start | recipe | " + " | ".join(COLUMNS) + " | steps | minutes |", "|---" * (len(COLUMNS) + 4) + "|"]
+    for row in rows:
+        cells = [row.get(column) for column in COLUMNS] + [row.get("steps"), row.get("minutes")]
+        lines.append(f"| {row['start']} | {row['recipe']} | " + " | ".join(_cell(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--starts", default="vit,resnet", help=f"comma-separated: {', '.join(STARTS)}")
+    parser.add_argument("--release", default="textures", help="the set the released checkpoints learned")
+    parser.add_argument("--domain", default="demo", help="the set DINO continues on (demo: the demo's own set)")
+    parser.add_argument("--max_steps", type=int, default=150, help="steps of each continued run")
+    parser.add_argument("--eval_steps", type=int, default=25, help="k-NN of the teacher every this many steps")
+    parser.add_argument("--root", default=os.path.join(default_demo_root(), "small_data"), help="where sets are made")
+    parser.add_argument("--output_dir", default="outputs/continued_pretraining", help="one folder per run")
+    args, extra = parser.parse_known_args()
+    extra = ["--max_steps", str(args.max_steps), "--eval_steps", str(args.eval_steps), *extra]
+    print(f"# continued-pretraining benchmark: release {args.release}, domain {args.domain} {' '.join(extra)}")
+    print(hardware())
+    began = time.perf_counter()
+    names = (args.release, args.domain)
+    release, domain = (Path(make_demo_dataset()) if name == "demo" else make_set(name, args.root) for name in names)
+    rows = []
+    for start in [name.strip() for name in args.starts.split(",") if name.strip()]:
+        made = time.perf_counter()
+        folder = make_release(start, release, Path(args.root) / "released")
+        frozen = {"domain start": knn(folder, domain), "release start": knn(folder, release)}
+        print(f"{STARTS[start]}: {folder} ready in {(time.perf_counter() - made) / 60:.1f} min; start {frozen}")
+        rows.append(
+            {"start": STARTS[start], "recipe": "(c) frozen start", **frozen, "domain end": frozen["domain start"]}
+        )
+        rows[-1]["release end"] = frozen["release start"]
+        for recipe, flags in RECIPES.items():
+            output_dir = Path(args.output_dir) / f"{start}_{recipe.split()[0].strip('()')}"
+            row = continue_run(folder, flags, domain, release, output_dir, extra)
+            rows.append({"start": STARTS[start], "recipe": recipe, **row, "release start": frozen["release start"]})
+            print(table(rows[-1:]))
+    print(f"\nk-NN top-1 (%) at k = 20 on the validation splits; {hardware()}")
+    print(f"{(time.perf_counter() - began) / 60:.1f} min in all\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
