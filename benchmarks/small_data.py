@@ -8,6 +8,7 @@ deterministically and offline, as 64 px PNGs in imagefolder layout
 - `shapes`: 10 shapes (circle, triangle, square, star, plus, arrow, heart, crescent, spiral,
   zigzag), outlined or filled, in a random colour, position, scale and rotation, over a blotchy
   colour background with thin clutter strokes; a little smaller in the frame than the demo's objects.
+  They are drawn by `dino_hf.data.segmentation`, which also makes them a segmentation set.
 - `textures`: 10 procedural textures filling the frame (stripes, waves, zigzag, checker, dots, grid,
   rings, sunburst, blobs, bricks) in two random colours, at a random angle, period and phase.
 - `digits`: the 10 digits in Pillow's bundled font (`ImageFont.load_default(size=...)`) at a random
@@ -52,11 +53,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 from torchvision.transforms import v2
 
 from dino_hf.data.demo import default_demo_root, make_demo_dataset
+from dino_hf.data.segmentation import (
+    SHAPES,
+    blotchy,
+    cluttered_background,
+    draw_shape,
+    mean_colour,
+    paint,
+    random_colour,
+)
 from dino_hf.evaluation.knn import knn_evaluate
 from dino_hf.models.image_processing_dino import IMAGENET_MEAN, IMAGENET_STD
 from dino_hf.training.arguments import DinoTrainingArguments, parse_training_args
@@ -70,136 +80,6 @@ METRIC = f"knn_top1@{K}"
 # Bump when a generator changes, so that a dataset made by the old one is not reused.
 GENERATOR_VERSION = 2
 _MARKER = "dataset_info.json"
-
-
-# ---- shared drawing helpers -------------------------------------------------------------------
-
-
-def _colour(rng: np.random.Generator, away_from: np.ndarray | None = None) -> np.ndarray:
-    """A random RGB colour; with `away_from`, one at least 200 (L1) from that colour where 20 tries find one."""
-    colour = rng.uniform(0, 255, 3)
-    for _ in range(20):
-        if away_from is None or np.abs(colour - away_from).sum() >= 200:
-            break
-        colour = rng.uniform(0, 255, 3)
-    return colour
-
-
-def _blotchy(size: int, cells: int, rng: np.random.Generator) -> np.ndarray:
-    """(size, size, 3) float: a `cells` x `cells` grid of random colours, smoothly upsampled."""
-    grid = rng.uniform(0, 255, (cells, cells, 3)).astype(np.uint8)
-    return np.asarray(Image.fromarray(grid).resize((size, size), Image.BICUBIC), dtype=np.float32)
-
-
-def _cluttered_background(size: int, rng: np.random.Generator) -> Image.Image:
-    """Soft blotches of colour with 1-3 thin random strokes and arcs on top: clutter the object has to be told from."""
-    image = Image.fromarray(_blotchy(size, int(rng.integers(2, 4)), rng).astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    for _ in range(rng.integers(1, 4)):
-        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-        x0, y0, x1, y1 = (int(v) for v in rng.integers(-size // 4, size + size // 4, 4))
-        if rng.random() < 0.6:
-            draw.line((x0, y0, x1, y1), fill=colour, width=1)
-        else:
-            box = (min(x0, x1), min(y0, y1), max(x0, x1) + 4, max(y0, y1) + 4)
-            draw.arc(box, float(rng.uniform(0, 360)), float(rng.uniform(0, 360)), fill=colour, width=1)
-    return image
-
-
-def _paint(background: Image.Image, mask: Image.Image, colour: np.ndarray, noise: float, rng) -> Image.Image:
-    """`colour` where `mask` is set, over `background`, then Gaussian colour noise of std `noise`."""
-    size = background.size[0]
-    alpha = np.asarray(mask, dtype=np.float32)[..., None] / 255
-    pixels = (1 - alpha) * np.asarray(background, dtype=np.float32) + alpha * colour
-    pixels += rng.normal(0, noise, (size, size, 3))
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-
-
-def _mean_colour(image: Image.Image, mask: Image.Image) -> np.ndarray:
-    """Mean colour of `image` under `mask` (the background the object is drawn on)."""
-    weights = np.asarray(mask, dtype=np.float32)[..., None] + 1e-3
-    return (np.asarray(image, dtype=np.float32) * weights).sum((0, 1)) / weights.sum()
-
-
-# ---- (a) shapes: outlined or filled, on clutter ----------------------------
-
-SHAPES = ("circle", "triangle", "square", "star", "plus", "arrow", "heart", "crescent", "spiral", "zigzag")
-_OPEN_SHAPES = ("spiral", "zigzag")  # always drawn as a stroke
-
-
-def _shape_points(shape: str, n: int = 60) -> list[tuple[float, float]]:
-    """The outline of `shape` in unit coordinates (radius about 1), before rotation and scaling."""
-    if shape == "circle":
-        t = np.linspace(0, 2 * np.pi, n, endpoint=False)
-        return list(zip(np.cos(t), np.sin(t)))
-    if shape in ("triangle", "square"):
-        sides = 3 if shape == "triangle" else 4
-        return [(math.cos(2 * math.pi * i / sides), math.sin(2 * math.pi * i / sides)) for i in range(sides)]
-    if shape == "star":
-        return [
-            (
-                (1.0 if i % 2 == 0 else 0.4) * math.cos(math.pi * i / 5),
-                (1.0 if i % 2 == 0 else 0.4) * math.sin(math.pi * i / 5),
-            )
-            for i in range(10)
-        ]
-    if shape == "plus":
-        w = 0.33
-        return [
-            (w, -1),
-            (w, -w),
-            (1, -w),
-            (1, w),
-            (w, w),
-            (w, 1),
-            (-w, 1),
-            (-w, w),
-            (-1, w),
-            (-1, -w),
-            (-w, -w),
-            (-w, -1),
-        ]
-    if shape == "arrow":
-        return [(-1, -0.25), (0.2, -0.25), (0.2, -0.7), (1, 0), (0.2, 0.7), (0.2, 0.25), (-1, 0.25)]
-    if shape == "heart":
-        t = np.linspace(0, 2 * np.pi, n, endpoint=False)
-        x, y = 16 * np.sin(t) ** 3, 13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t)
-        return list(zip(x / 16, -(y + 2) / 16))
-    if shape == "crescent":
-        outer = np.linspace(-0.8 * np.pi, 0.8 * np.pi, n // 2)
-        inner = np.linspace(0.62 * np.pi, -0.62 * np.pi, n // 2)
-        return list(zip(np.cos(outer), np.sin(outer))) + list(zip(0.45 + 0.75 * np.cos(inner), 0.75 * np.sin(inner)))
-    if shape == "spiral":
-        t = np.linspace(0, 4 * np.pi, n)
-        return list(zip(t / (4 * np.pi) * np.cos(t), t / (4 * np.pi) * np.sin(t)))
-    # zigzag: five strokes across
-    return [(-1 + 0.4 * i, 0.45 if i % 2 else -0.45) for i in range(6)]
-
-
-def draw_shape(class_index: int, size: int, rng: np.random.Generator) -> Image.Image:
-    """A shape of class `class_index`, outlined or filled, at a random place, scale and rotation."""
-    shape = SHAPES[class_index]
-    background = _cluttered_background(size, rng)
-    radius = rng.uniform(0.28, 0.44) * size
-    cx, cy = rng.uniform(radius, size - radius, 2)
-    angle, flip = rng.uniform(0, 2 * math.pi), rng.choice((-1.0, 1.0))
-    cos, sin = math.cos(angle), math.sin(angle)
-    points = [
-        (cx + radius * (x * cos - flip * y * sin), cy + radius * (x * sin + flip * y * cos))
-        for x, y in _shape_points(shape)
-    ]
-    mask = Image.new("L", (size, size), 0)
-    draw = ImageDraw.Draw(mask)
-    width = int(rng.integers(3, 6))
-    if shape in _OPEN_SHAPES:
-        draw.line(points, fill=255, width=width, joint="curve")
-    elif rng.random() < 0.5:
-        draw.polygon(points, fill=255)
-    else:  # the outline: the filled shape less its erosion
-        draw.polygon(points, fill=255)
-        mask = Image.fromarray(np.asarray(mask) - np.asarray(mask.filter(ImageFilter.MinFilter(2 * width - 1))))
-    colour = _colour(rng, away_from=_mean_colour(background, mask))
-    return _paint(background, mask, colour, noise=8, rng=rng)
 
 
 # ---- (b) textures: the whole frame, two random colours -----------------------------------------
@@ -237,7 +117,7 @@ def _texture_pattern(texture: str, size: int, rng: np.random.Generator) -> np.nd
         theta = np.arctan2(yy - centre[1], xx - centre[0])
         return np.sin(int(rng.integers(5, 12)) * theta + 2 * np.pi * phase) > 0
     if texture == "blobs":
-        noise = _blotchy(size, int(rng.integers(5, 10)), rng)[..., 0]
+        noise = blotchy(size, int(rng.integers(5, 10)), rng)[..., 0]
         return noise > np.median(noise)
     # bricks: rows of rectangles, every other row shifted by half a brick, with mortar lines
     row = np.floor(v)
@@ -247,9 +127,9 @@ def _texture_pattern(texture: str, size: int, rng: np.random.Generator) -> np.nd
 def draw_texture(class_index: int, size: int, rng: np.random.Generator) -> Image.Image:
     """The texture of class `class_index` over the whole frame, in two contrasting random colours."""
     pattern = _texture_pattern(TEXTURES[class_index], size, rng).astype(np.float32)[..., None]
-    first = _colour(rng)
-    second = _colour(rng, away_from=first)
-    shading = _blotchy(size, 2, rng).mean(-1, keepdims=True) / 255 - 0.5  # uneven light, -0.5 .. 0.5
+    first = random_colour(rng)
+    second = random_colour(rng, away_from=first)
+    shading = blotchy(size, 2, rng).mean(-1, keepdims=True) / 255 - 0.5  # uneven light, -0.5 .. 0.5
     pixels = (1 - pattern) * first + pattern * second + 40 * shading + rng.normal(0, 10, (size, size, 3))
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
@@ -266,7 +146,7 @@ def _font(size: int) -> ImageFont.FreeTypeFont:
 
 def draw_digit(class_index: int, size: int, rng: np.random.Generator) -> Image.Image:
     """The digit `class_index` at a random size, stroke, rotation, position and colour, on clutter."""
-    background = _cluttered_background(size, rng)
+    background = cluttered_background(size, rng)
     canvas = Image.new("L", (2 * size, 2 * size), 0)
     stroke = int(rng.integers(0, 3))
     ImageDraw.Draw(canvas).text(
@@ -285,8 +165,8 @@ def draw_digit(class_index: int, size: int, rng: np.random.Generator) -> Image.I
         glyph = glyph.resize((max(1, round(glyph.width * scale)), max(1, round(glyph.height * scale))), Image.BILINEAR)
     mask = Image.new("L", (size, size), 0)
     mask.paste(glyph, (int(rng.integers(0, size - glyph.width + 1)), int(rng.integers(0, size - glyph.height + 1))))
-    colour = _colour(rng, away_from=_mean_colour(background, mask))
-    return _paint(background, mask, colour, noise=8, rng=rng)
+    colour = random_colour(rng, away_from=mean_colour(background, mask))
+    return paint(background, mask, colour, noise=8, rng=rng)
 
 
 # ---- the sets -----------------------------------------------------------------------------------

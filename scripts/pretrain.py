@@ -48,8 +48,7 @@ def run(argv: list[str], console: RunConsole) -> int:
     except ValueError as error:
         print(f"pretrain.py: error: {error}", file=sys.stderr)
         return 2
-    if PartialState().is_main_process:
-        console.log_to(Path(args.output_dir) / LOG_FILE_NAME)
+    console.log_to(Path(args.output_dir) / LOG_FILE_NAME)
     try:
         result = train(args)
     except (NonFiniteLossError, CheckpointError) as error:

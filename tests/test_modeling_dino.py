@@ -59,9 +59,13 @@ def reference_pos_embed(pos_embed: torch.Tensor, patch_size: int, height: int, w
     return torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1)
 
 
-def reference_vit_forward(state: dict, config: DinoConfig, x: torch.Tensor) -> torch.Tensor:
+def reference_vit_forward(
+    state: dict, config: DinoConfig, x: torch.Tensor, bool_masked_pos: torch.Tensor | None = None
+) -> torch.Tensor:
     """An independent ViT forward from the raw weights: the reference's pre-norm blocks with a fused
-    softmax attention, returning the normalised tokens (B, 1+N, D)."""
+    softmax attention, returning the normalised tokens (B, 1+R+N, D). The patches marked in
+    `bool_masked_pos` (B, N) are set to `embeddings.mask_token` before the position embeddings are added;
+    `embeddings.register_tokens`, when in `state`, go after the CLS token once they are added (DINOv2)."""
     eps, heads, p = config.layer_norm_eps, config.num_attention_heads, config.patch_size
     tokens = F.conv2d(
         x,
@@ -70,9 +74,15 @@ def reference_vit_forward(state: dict, config: DinoConfig, x: torch.Tensor) -> t
         stride=p,
     )
     tokens = tokens.flatten(2).transpose(1, 2)
+    if bool_masked_pos is not None:
+        tokens = tokens.clone()
+        tokens[bool_masked_pos] = state["embeddings.mask_token"].reshape(-1)
     cls = state["embeddings.cls_token"].expand(x.shape[0], -1, -1)
     tokens = torch.cat((cls, tokens), dim=1)
     tokens = tokens + reference_pos_embed(state["embeddings.position_embeddings"], p, x.shape[2], x.shape[3])
+    if "embeddings.register_tokens" in state:
+        registers = state["embeddings.register_tokens"].expand(x.shape[0], -1, -1)
+        tokens = torch.cat((tokens[:, :1], registers, tokens[:, 1:]), dim=1)
     B, N, D = tokens.shape
     for i in range(config.num_hidden_layers):
         s = lambda name: state[f"encoder.layer.{i}.{name}"]  # noqa: E731
@@ -302,7 +312,8 @@ def test_a_registered_attention_function_is_used(model, monkeypatch):
         return modeling_dino.eager_attention_forward(module, query, key, value, attention_mask, 2 * scaling, dropout)
 
     monkeypatch.setitem(AttentionInterface._global_mapping, "doubled_scale", doubled_scale)
-    assert DinoModel.is_backend_compatible()
+    # Registered functions are looked up by name; backends that pass kwargs through forward are refused.
+    assert not DinoModel.is_backend_compatible()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         plain = model(x).last_hidden_state
@@ -316,7 +327,7 @@ def test_forward_rejects_unknown_arguments_and_ignores_interpolate_pos_encoding(
     x = torch.randn(2, 3, 24, 40)
     with pytest.raises(TypeError, match="head_mask"):
         model(x, head_mask=None)
-    with pytest.raises(TypeError, match="bool_masked_pos"):
+    with pytest.raises(ValueError, match=r"no mask token; build it with DinoConfig\(use_mask_token=True\)"):
         model(x, bool_masked_pos=torch.zeros(2, 15, dtype=torch.bool))
     with torch.no_grad():
         expected = model(x).last_hidden_state
@@ -458,3 +469,164 @@ def test_a_folder_exported_by_version_0_1_0_loads_with_the_same_features(tmp_pat
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------------
+# The mask token (iBOT, DINOv2 Sec. 3)
+
+
+def masked_model(**overrides) -> DinoModel:
+    """A tiny model with a mask token set to random values, so that a masked patch can be told apart."""
+    torch.manual_seed(0)
+    model = DinoModel(tiny_config(use_mask_token=True, **overrides)).eval()
+    with torch.no_grad():
+        model.embeddings.mask_token.normal_()
+    return model
+
+
+def random_mask(batch: int, patches: int, seed: int = 0) -> torch.Tensor:
+    mask = torch.rand(batch, patches, generator=torch.Generator().manual_seed(seed)) < 0.4  # (B, N)
+    mask[0, 0], mask[0, 1] = True, False  # both kinds of patches in every draw
+    return mask
+
+
+def test_the_mask_token_is_off_by_default_and_starts_at_zero(model):
+    assert model.config.use_mask_token is False and model.embeddings.mask_token is None
+    assert not any("mask_token" in key for key in model.state_dict())
+    model = DinoModel(tiny_config(use_mask_token=True))
+    assert model.embeddings.mask_token.shape == (1, 1, 32)
+    assert torch.count_nonzero(model.embeddings.mask_token) == 0
+
+
+@pytest.mark.parametrize("size", [(32, 32), (24, 40)])
+def test_masked_patches_get_the_mask_token_before_the_position_embeddings(size):
+    model = masked_model()
+    x = torch.randn(2, 3, *size)
+    mask = random_mask(2, (size[0] // 8) * (size[1] // 8))
+    with torch.no_grad():
+        got = model(x, bool_masked_pos=mask).last_hidden_state
+        embedded = model.embeddings(x, mask)  # (B, 1 + N, D)
+    assert (got - reference_vit_forward(model.state_dict(), model.config, x, mask)).abs().max() <= 1e-5
+    # At a masked position the embedding is exactly mask token + position; elsewhere the patch's own.
+    position = model.embeddings.interpolate_pos_encoding(*size)[0, 1:]  # (N, D)
+    token = model.embeddings.mask_token[0, 0]
+    with torch.no_grad():
+        plain = model.embeddings(x)
+    for b in range(2):
+        torch.testing.assert_close(embedded[b, 1:][mask[b]], (token + position)[mask[b]], rtol=0, atol=0)
+        torch.testing.assert_close(embedded[b, 1:][~mask[b]], plain[b, 1:][~mask[b]], rtol=0, atol=0)
+    assert (got - model(x).last_hidden_state).abs().max() > 1e-3
+
+
+def test_a_model_without_masks_computes_what_it_did():
+    """The mask token takes no random draw at init: the same seed gives the same other weights, and a
+    forward without `bool_masked_pos` (or with nothing masked) is bit for bit the model without one."""
+    torch.manual_seed(0)
+    plain = DinoModel(tiny_config()).eval()
+    torch.manual_seed(0)
+    with_token = DinoModel(tiny_config(use_mask_token=True)).eval()
+    state = with_token.state_dict()
+    assert set(state) - set(plain.state_dict()) == {"embeddings.mask_token"}
+    for key, value in plain.state_dict().items():
+        assert torch.equal(state[key], value), key
+    with torch.no_grad():
+        with_token.embeddings.mask_token.normal_()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = plain(x).last_hidden_state
+        assert torch.equal(with_token(x).last_hidden_state, expected)
+        nothing = torch.zeros(2, 16, dtype=torch.bool)
+        assert torch.equal(with_token(x, bool_masked_pos=nothing).last_hidden_state, expected)
+
+
+def test_gradients_reach_the_mask_token_when_patches_are_masked():
+    model = masked_model().train()
+    x = torch.randn(2, 3, 32, 32)
+    model(x, bool_masked_pos=random_mask(2, 16)).last_hidden_state.square().mean().backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert missing == []
+    assert model.embeddings.mask_token.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+    model(x).last_hidden_state.square().mean().backward()
+    assert model.embeddings.mask_token.grad is None  # unmasked forwards do not use it
+
+
+def test_bool_masked_pos_must_be_a_bool_per_patch():
+    model = masked_model()
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"shape \(batch, patches\) = \(2, 16\), got torch.bool \(2, 15\)"):
+        model(x, bool_masked_pos=torch.zeros(2, 15, dtype=torch.bool))
+    with pytest.raises(ValueError, match="got torch.int64"):
+        model(x, bool_masked_pos=torch.zeros(2, 16, dtype=torch.long))
+
+
+def test_enable_mask_token_adds_one_that_saves_and_loads(model, tmp_path):
+    from dino_hf.models.weight_check import load_checked
+
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x).last_hidden_state
+    token = model.enable_mask_token()
+    assert token is model.embeddings.mask_token and model.enable_mask_token() is token
+    assert torch.count_nonzero(token) == 0 and model.config.use_mask_token
+    assert "embeddings.mask_token" in dict(model.named_parameters())
+    with torch.no_grad():
+        assert torch.equal(model(x).last_hidden_state, expected)
+        token.normal_()
+        masked = model(x, bool_masked_pos=random_mask(2, 16)).last_hidden_state
+    model.save_pretrained(tmp_path)
+    loaded = load_checked(DinoModel, str(tmp_path)).eval()  # every tensor, the mask token included
+    assert torch.equal(loaded.embeddings.mask_token, token)
+    with torch.no_grad():
+        assert (loaded(x, bool_masked_pos=random_mask(2, 16)).last_hidden_state - masked).abs().max() <= 1e-6
+
+
+def test_save_load_round_trip_with_registers_and_mask_token(tmp_path):
+    from dino_hf.models.weight_check import load_checked
+
+    model = masked_model(num_register_tokens=2)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["num_register_tokens"], config["use_mask_token"]) == (2, True)
+    x, mask = torch.randn(2, 3, 32, 32), random_mask(2, 16)
+    with torch.no_grad():
+        expected = model(x, bool_masked_pos=mask)
+    for loaded in (AutoModel.from_pretrained(tmp_path), load_checked(DinoModel, str(tmp_path))):
+        loaded.eval()
+        assert set(loaded.state_dict()) == set(model.state_dict())
+        for key, value in model.state_dict().items():
+            assert torch.equal(loaded.state_dict()[key], value), key
+        with torch.no_grad():
+            got = loaded(x, bool_masked_pos=mask)
+        assert got.last_hidden_state.shape == (2, 1 + 2 + 16, 32)
+        assert (got.last_hidden_state - expected.last_hidden_state).abs().max() <= 1e-6
+
+
+def test_the_0_1_0_folder_has_neither_registers_nor_a_mask_token():
+    from dino_hf.models.weight_check import load_checked
+
+    model = load_checked(DinoModel, str(EXPORT_V010))  # refuses a missing or an extra tensor
+    assert (model.config.num_register_tokens, model.config.use_mask_token) == (0, False)
+    assert (model.num_register_tokens, model.num_prefix_tokens) == (0, 1)
+    assert model.embeddings.mask_token is None and model.embeddings.register_tokens is None
+    expected = load_file(str(EXPORT_V010) + ".expected.safetensors")
+    with torch.no_grad():
+        assert (model.eval()(expected["pixel_values"]).pooler_output - expected["pooler_output"]).abs().max() <= 1e-5
+
+
+def test_builds_on_the_meta_device_with_registers_and_mask_token():
+    config = tiny_config(num_register_tokens=3, use_mask_token=True)
+    with torch.device("meta"):
+        empty = DinoModel(config)
+    assert {p.device.type for p in empty.parameters()} == {"meta"}
+    assert empty.embeddings.register_tokens.shape == (1, 3, 32) and empty.embeddings.mask_token.shape == (1, 1, 32)
+    model = masked_model(num_register_tokens=3)
+    empty.to_empty(device="cpu").load_state_dict(model.state_dict())
+    x, mask = torch.randn(2, 3, 32, 32), random_mask(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            empty.eval()(x, bool_masked_pos=mask).last_hidden_state,
+            model(x, bool_masked_pos=mask).last_hidden_state,
+            rtol=0,
+            atol=0,
+        )

@@ -303,3 +303,33 @@ def test_the_printed_loading_line_loads_each_kind_of_export(checkpoints, tmp_pat
             timeout=120,
         )
         assert completed.returncode == 0, completed.stderr
+
+
+@pytest.mark.parametrize("model_type", ["vit", "dinov2", "dinov3_vit"])
+def test_masked_patches_take_the_models_own_mask_token(checkpoints, model_type):
+    from dino_hf.models.transformers_backbone import load_transformers_backbone
+
+    backbone = load_transformers_backbone(str(checkpoints / model_type), mask_token=True).eval()
+    token = backbone.model.embeddings.mask_token
+    assert token.requires_grad
+    if model_type == "vit":  # saved without one: added at zero, DINOv2's initialisation
+        assert torch.equal(token, torch.zeros_like(token))
+    with torch.no_grad():
+        token.normal_()  # a non-zero token, so that masking changes the tokens
+        pixel_values = torch.randn(2, 3, 32, 32)
+        masked = torch.zeros(2, 16, dtype=torch.bool)
+        masked[0, :5] = True
+        _, plain = backbone.forward_tokens(pixel_values)
+        _, tokens = backbone.forward_tokens(pixel_values, bool_masked_pos=masked)
+        _, none_masked = backbone.forward_tokens(pixel_values, bool_masked_pos=torch.zeros_like(masked))
+    assert torch.equal(none_masked, plain)
+    assert not torch.allclose(tokens[0], plain[0]) and torch.allclose(tokens[1], plain[1], atol=1e-6)
+    unmasked = load_transformers_backbone(str(checkpoints / "dinov2"))
+    assert not unmasked.model.embeddings.mask_token.requires_grad  # kept as loaded when nothing is masked
+
+
+def test_masked_patches_are_refused_for_a_cnn(checkpoints):
+    from dino_hf.models.transformers_backbone import load_transformers_backbone
+
+    with pytest.raises(ValueError, match="has no mask token for masked patches"):
+        load_transformers_backbone(str(checkpoints / "convnext"), mask_token=True)

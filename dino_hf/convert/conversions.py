@@ -7,6 +7,8 @@
 - the reference DINO checkpoints (docs/formats.md#reference-checkpoints): full training checkpoints
   with `teacher` / `student` (keys `[module.]backbone.*` with timm's names, `[module.]head.*`), and
   backbone-only state dicts.
+- transformers `Dinov2WithRegistersModel` models and folders whose blocks are DINO's (LayerScale all
+  ones, GELU MLP): `dino_from_dinov2_with_registers` (docs/formats.md#dinov2-with-registers).
 
 `convert_checkpoint` reads any of these and writes a `DinoModel` folder, or a transformers ViT or timm
 folder (`dino_hf.convert.export`), in one call.
@@ -24,12 +26,13 @@ from typing import NamedTuple
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import ViTModel
+from transformers import AutoConfig, Dinov2WithRegistersModel, PreTrainedModel, ViTModel
 
 from ..models.configuration_dino import PRESETS, DinoConfig
 from ..models.heads import DinoHead
 from ..models.modeling_dino import DinoModel
-from .export import save_as_timm, save_as_vit
+from ..models.weight_check import load_checked
+from .export import DINOV2_BLOCK_NAMES, as_plain_vit, dinov2_block_key, save_as_timm, save_as_vit
 from .timm_weights import DINO_LAYER_NORM_EPS, dino_key_to_timm, timm_to_dino_state_dict
 from .weight_files import load_checkpoint_file
 
@@ -300,6 +303,92 @@ def dino_from_reference(
     return ImportedCheckpoint(model, head, _head_config(head, norm_last_layer, name))
 
 
+def dino_from_dinov2_with_registers(source: "Dinov2WithRegistersModel | str | Path", **config_overrides) -> DinoModel:
+    """DinoModel from a transformers `Dinov2WithRegistersModel` (or a model built on one, such as
+    `Dinov2WithRegistersForImageClassification`, whose head is left out), or from its folder or Hub id,
+    every weight of which is checked as it loads (`weight_check.load_checked`).
+
+    The network must be DINO's: a GELU MLP (not SwiGLU) and every LayerScale exactly 1, which
+    DinoModel does not have; the released DINOv2 checkpoints learn theirs, so they are refused (train
+    them as transformers backbones instead). The register tokens are copied; the mask token is kept
+    (`use_mask_token=True`) when it is not all zeros, i.e. when it was trained; pass
+    `use_mask_token=True` / `False` to keep or drop it whatever its values. `config_overrides` go to
+    `DinoConfig` (stochastic depth is DinoConfig's default, 0.1, unless given).
+
+    Raises:
+        ValueError: not a Dinov2WithRegisters model or folder, SwiGLU, LayerScale other than 1, a
+            non-square image or patch size, or a folder that does not fill the model.
+    """
+    if isinstance(source, (str, Path)):
+        config = AutoConfig.from_pretrained(str(source))
+        if config.model_type != "dinov2_with_registers":
+            raise ValueError(
+                f"{source}: model_type {config.model_type!r}, not 'dinov2_with_registers'; for a transformers "
+                f"ViT folder use dino_from_vit (--from vit)"
+            )
+        name = str(source)
+        source = load_checked(Dinov2WithRegistersModel, name, dropped_prefixes=("classifier.",))
+    elif not isinstance(source, PreTrainedModel) or source.config.model_type != "dinov2_with_registers":
+        raise ValueError(f"expected a Dinov2WithRegistersModel, its folder or Hub id; got a {type(source).__name__}")
+    else:
+        name = type(source).__name__
+    model = source.base_model
+    config = _dinov2_fields(model, name)
+    state = {_dino_key_from_dinov2(key): tensor for key, tensor in model.state_dict().items() if ".lambda1" not in key}
+    mask_token = state.pop("embeddings.mask_token").reshape(1, 1, -1)  # (1, D) -> (1, 1, D)
+    if not config["num_register_tokens"]:
+        del state["embeddings.register_tokens"]  # (1, 0, D): DinoModel holds no empty weight
+    config["use_mask_token"] = config_overrides.pop("use_mask_token", bool(mask_token.count_nonzero()))
+    if config["use_mask_token"]:
+        state["embeddings.mask_token"] = mask_token
+    return _build_dino(state, DinoConfig(**(config | config_overrides)), name)
+
+
+def _dinov2_fields(model: nn.Module, source: str) -> dict:
+    """DinoConfig fields of a Dinov2WithRegistersModel, after checking that DinoModel can hold its network."""
+    config = model.config
+    if config.use_swiglu_ffn:
+        raise ValueError(
+            f"{source} has a SwiGLU MLP (use_swiglu_ffn=True, as DINOv2's ViT-g); DinoModel's MLP is one GELU "
+            f"layer, so it cannot be converted: train it as a transformers backbone (--model_name_or_path FOLDER)"
+        )
+    for key, tensor in model.state_dict().items():
+        if key.endswith(".lambda1") and not torch.equal(tensor, torch.ones_like(tensor)):
+            raise ValueError(
+                f"{source}: LayerScale {key} is not all ones (values {tensor.min().item():.3g} to "
+                f"{tensor.max().item():.3g}); DinoModel has no LayerScale, so only a Dinov2WithRegisters model "
+                f"with LayerScale exactly 1 converts (the released DINOv2 checkpoints learn theirs: train them "
+                f"as transformers backbones, --model_name_or_path FOLDER)"
+            )
+    sizes = {}
+    for field in ("image_size", "patch_size"):
+        value = getattr(config, field)
+        if isinstance(value, (list, tuple)):
+            if len(set(value)) != 1:
+                raise ValueError(f"{source}: {field} {value} is not square; DinoModel's is square")
+            value = value[0]
+        sizes[field] = int(value)
+    return dict(
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        intermediate_size=int(config.hidden_size * config.mlp_ratio),
+        hidden_act=config.hidden_act,
+        hidden_dropout_prob=config.hidden_dropout_prob,
+        attention_probs_dropout_prob=config.attention_probs_dropout_prob,
+        initializer_range=config.initializer_range,
+        layer_norm_eps=config.layer_norm_eps,
+        num_channels=config.num_channels,
+        qkv_bias=config.qkv_bias,
+        num_register_tokens=config.num_register_tokens,
+        **sizes,
+    )
+
+
+def _dino_key_from_dinov2(key: str) -> str:
+    return dinov2_block_key(key, {dinov2: dino for dino, dinov2 in DINOV2_BLOCK_NAMES.items()}) or key
+
+
 def _head_config(head: dict[str, torch.Tensor], norm_last_layer: bool, source: str) -> dict:
     """`DinoHead` keyword arguments read off the head's shapes; checked by loading the weights."""
     linears = sorted(
@@ -352,7 +441,8 @@ def convert_checkpoint(
     Source formats: "vit" (transformers ViT folder or weights file), "timm" (timm folder or weights
     file), "dino" (a reference checkpoint .pth, or a dino_hf folder). Target formats: "dino" (a
     DinoModel folder, with the head as `dino_head.safetensors` + `dino_head_config.json`), "vit",
-    "timm" (backbone only). Returns what was read.
+    "timm" (backbone only; a model with register tokens is refused there and the mask token is left
+    out, `export.as_plain_vit`). Returns what was read.
     """
     if source_format not in ("vit", "timm", "dino"):
         raise ValueError(f"unknown source format {source_format!r}; use 'vit', 'timm' or 'dino'")
@@ -373,15 +463,16 @@ def convert_checkpoint(
             save_file(head, Path(target) / HEAD_WEIGHTS_NAME, metadata={"format": "pt"})
             (Path(target) / HEAD_CONFIG_NAME).write_text(json.dumps(imported.head_config, indent=2) + "\n")
     elif target_format == "vit":
-        save_as_vit(imported.model, target)
+        save_as_vit(as_plain_vit(imported.model, "vit"), target)
     else:
-        save_as_timm(imported.model, target)
+        save_as_timm(as_plain_vit(imported.model, "timm"), target)
     return imported
 
 
 __all__ = [
     "ImportedCheckpoint",
     "convert_checkpoint",
+    "dino_from_dinov2_with_registers",
     "dino_from_reference",
     "dino_from_timm",
     "dino_from_vit",

@@ -9,11 +9,14 @@
 - `save_as_timm` writes a `DinoModel` as a timm folder that loads with
   `timm.create_model("local-dir:PATH", pretrained=True)` and with `TimmWrapperModel`; `to_timm_model`
   returns that timm `VisionTransformer`.
+- `dino_to_dinov2_with_registers` returns a `DinoModel` (with or without registers) as transformers'
+  `Dinov2WithRegistersModel`, LayerScale at 1 (docs/formats.md#dinov2-with-registers).
 
 All of them compute the same features at the native image size; at other sizes each library
 interpolates the position embeddings its own way (docs/recipe.md#position-embedding-interpolation).
 """
 
+import copy
 import json
 import os
 import shutil
@@ -25,7 +28,14 @@ import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoImageProcessor, PreTrainedModel, ViTConfig, ViTModel
+from transformers import (
+    AutoImageProcessor,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersModel,
+    PreTrainedModel,
+    ViTConfig,
+    ViTModel,
+)
 
 from ..models.backbones import DinoModelBackbone, TimmBackbone, TransformersBackbone
 from ..models.configuration_dino import PRESETS, DinoConfig
@@ -199,6 +209,7 @@ def save_as_vit(model: DinoModel, save_directory: str | Path) -> None:
     (the CLS token after the final norm). At other image sizes `ViTModel` needs
     `interpolate_pos_encoding=True`, which interpolates slightly differently from DINO.
     """
+    model = as_plain_vit(model, "vit")
     config = model.config
     ViTConfig(
         hidden_size=config.hidden_size,
@@ -265,6 +276,7 @@ def _timm_architecture(config: DinoConfig) -> str:
 
 def to_timm_model(model: DinoModel) -> nn.Module:
     """A timm `VisionTransformer` (num_classes=0, dynamic image size) with the same weights."""
+    model = as_plain_vit(model, "timm")
     timm_model = timm.create_model(
         _timm_architecture(model.config), pretrained=False, num_classes=0, **timm_model_args(model.config)
     )
@@ -282,6 +294,7 @@ def save_as_timm(model: DinoModel, save_directory: str | Path) -> None:
     duplicate. The folder loads with `timm.create_model("local-dir:PATH", pretrained=True)` and with
     `TimmWrapperModel.from_pretrained(PATH)`.
     """
+    model = as_plain_vit(model, "timm")
     config = model.config
     save_directory = Path(save_directory)
     save_directory.mkdir(parents=True, exist_ok=True)
@@ -312,7 +325,128 @@ def save_as_timm(model: DinoModel, save_directory: str | Path) -> None:
     (save_directory / "config.json").write_text(json.dumps(timm_config, indent=2) + "\n")
 
 
+def as_plain_vit(model: DinoModel, target: str) -> DinoModel:
+    """`model` as the ViT and timm layouts can hold it (`save_as_vit`, `save_as_timm`): without the mask
+    token, which only training with masked patches uses (a copy; `model` itself when it has none).
+
+    Raises:
+        ValueError: a model with register tokens, for which `target` ("vit", "timm") has no place.
+    """
+    if model.config.num_register_tokens:
+        raise ValueError(
+            f"this DinoModel has {model.config.num_register_tokens} register tokens, which the {target} layout "
+            f"cannot hold; export it as a DinoModel folder or as transformers' Dinov2WithRegistersModel "
+            f"(dino_hf.convert.export.dino_to_dinov2_with_registers)"
+        )
+    if model.embeddings.mask_token is None:
+        return model
+    config = copy.deepcopy(model.config)
+    config.use_mask_token = False
+    plain = DinoModel(config)
+    plain.load_state_dict({key: value for key, value in model.state_dict().items() if key != "embeddings.mask_token"})
+    return plain.to(device=model.device, dtype=model.dtype).eval()
+
+
+# ---------------------------------------------------------------------------------------------------
+# A DinoModel, as transformers' Dinov2WithRegistersModel
+
+# DinoModel block module -> Dinov2WithRegistersModel block module, in the names transformers v5 holds in
+# memory (on disk its attention is `attention.attention.{query,key,value}` and `attention.output.dense`,
+# as DinoModel's). The other weights (`embeddings.*`, `layernorm`) have the same names in both.
+DINOV2_BLOCK_NAMES = {
+    "layernorm_before": "norm1",
+    "attention.attention.query": "attention.q_proj",
+    "attention.attention.key": "attention.k_proj",
+    "attention.attention.value": "attention.v_proj",
+    "attention.output.dense": "attention.o_proj",
+    "layernorm_after": "norm2",
+    "intermediate.dense": "mlp.fc1",
+    "output.dense": "mlp.fc2",
+}
+
+
+def dinov2_block_key(key: str, block_names: dict[str, str]) -> str | None:
+    """`encoder.layer.{i}.{module}.{param}` with `module` renamed by `block_names`; None for another key."""
+    head, separator, rest = key.partition("encoder.layer.")
+    if head or not separator:
+        return None
+    index, _, name = rest.partition(".")
+    module, _, param = name.rpartition(".")
+    if module not in block_names:
+        return None
+    return f"encoder.layer.{index}.{block_names[module]}.{param}"
+
+
+def dinov2_with_registers_config(config: DinoConfig) -> Dinov2WithRegistersConfig:
+    """The `Dinov2WithRegistersConfig` of the same network: plain GELU MLP (`use_swiglu_ffn=False`),
+    LayerScale at 1, stochastic depth 0 (the released checkpoints' value; DinoModel's grows over the
+    blocks, Dinov2's is one rate for all, so a fine-tuning run sets its own).
+
+    Raises:
+        ValueError: an MLP width that is not a whole multiple of the hidden size (Dinov2 has `mlp_ratio`,
+            an int, where DinoModel has `intermediate_size`).
+    """
+    if config.intermediate_size % config.hidden_size:
+        raise ValueError(
+            f"Dinov2WithRegistersConfig sets the MLP width as hidden_size x mlp_ratio (an int); intermediate_size "
+            f"{config.intermediate_size} is not a multiple of hidden_size {config.hidden_size}"
+        )
+    return Dinov2WithRegistersConfig(
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        mlp_ratio=config.intermediate_size // config.hidden_size,
+        hidden_act=config.hidden_act,
+        hidden_dropout_prob=config.hidden_dropout_prob,
+        attention_probs_dropout_prob=config.attention_probs_dropout_prob,
+        initializer_range=config.initializer_range,
+        layer_norm_eps=config.layer_norm_eps,
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+        num_channels=config.num_channels,
+        qkv_bias=config.qkv_bias,
+        layerscale_value=1.0,
+        drop_path_rate=0.0,
+        use_swiglu_ffn=False,
+        num_register_tokens=config.num_register_tokens,
+        architectures=["Dinov2WithRegistersModel"],
+    )
+
+
+def dino_to_dinov2_with_registers(model: DinoModel) -> Dinov2WithRegistersModel:
+    """A transformers `Dinov2WithRegistersModel` computing what `model` computes at its native image size.
+
+    Each LayerScale is exactly 1 (DinoModel has none), the registers are copied (none when the DinoModel
+    has none), and the mask token is DinoModel's, or zeros (Dinov2's init) when it has none. At other
+    image sizes the two interpolate the position embeddings differently (docs/formats.md#dinov2-with-registers).
+    `save_pretrained` of the result writes a folder that `AutoModel` loads without dino_hf.
+    """
+    config = model.config
+    target = Dinov2WithRegistersModel(dinov2_with_registers_config(config))
+    state = {}
+    for key, tensor in model.state_dict().items():
+        if key == "embeddings.mask_token":
+            state[key] = tensor.reshape(1, config.hidden_size)  # (1, D): Dinov2's shape
+        else:
+            state[dinov2_block_key(key, DINOV2_BLOCK_NAMES) or key] = tensor
+    target_state = target.state_dict()
+    for key, tensor in target_state.items():
+        if key.endswith(".lambda1"):
+            state[key] = torch.ones_like(tensor)  # (D,): LayerScale that leaves the block unchanged
+        elif key == "embeddings.mask_token":
+            state.setdefault(key, torch.zeros_like(tensor))
+        elif key == "embeddings.register_tokens" and not config.num_register_tokens:
+            state[key] = tensor  # (1, 0, D)
+    target.load_state_dict(state, strict=True)
+    return target.to(device=model.device, dtype=model.dtype).eval()
+
+
 __all__ = [
+    "DINOV2_BLOCK_NAMES",
+    "as_plain_vit",
+    "dino_to_dinov2_with_registers",
+    "dinov2_block_key",
+    "dinov2_with_registers_config",
     "export_backbone",
     "is_timm_model",
     "loading_snippet",

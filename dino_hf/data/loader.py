@@ -20,6 +20,7 @@ from datasets import IterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from .decoding import DEFAULT_MAX_PIXELS
+from .masks import BlockMasking
 from .stream import MultiCropStream
 
 logger = logging.getLogger(__name__)
@@ -29,16 +30,41 @@ logger = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
-def collate_multicrop(samples: list) -> dict:
+def collate_multicrop(samples: list, masks: BlockMasking | None = None) -> dict:
     """Stacks samples of `MultiCropStream`: `{"crops": [2 x (B, 3, G, G), N x (B, 3, L, L)],
     "ids": [B str], "skipped": {reason: count}, "stream_retries": int}` (the retried stream reads
-    reported by these samples; samples without the key count 0)."""
+    reported by these samples; samples without the key count 0). With `masks` (iBOT), also
+    `"masks"`: the batch's `PatchMasks`, drawn from the seeds of the samples (`SeededCrops`)."""
     crops = [torch.stack(views) for views in zip(*(s["crops"] for s in samples))]
     skipped = Counter()
     for sample in samples:
         skipped.update(sample["skipped"])
     retries = sum(s.get("stream_retries", 0) for s in samples)
-    return {"crops": crops, "ids": [s["id"] for s in samples], "skipped": dict(skipped), "stream_retries": retries}
+    batch = {"crops": crops, "ids": [s["id"] for s in samples], "skipped": dict(skipped), "stream_retries": retries}
+    if masks is not None:
+        batch["masks"] = masks([s["crops"].seed for s in samples])
+    return batch
+
+
+class SeededCrops(list):
+    """The crops of one sample, with `seed`: the seed of the generator its augmentation drew from,
+    which is the sample's position in the stream (`MultiCropStream`), so that what is drawn from it
+    again in the worker (the batch's masks) is the same in a resumed run."""
+
+    def __init__(self, crops: list, seed: int):
+        super().__init__(crops)
+        self.seed = seed
+
+
+class KeepSeed:
+    """A `transform(image, generator)` whose crops come back as `SeededCrops`, carrying the generator's
+    seed to `collate_multicrop`; the crops themselves are the transform's."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, image, generator: torch.Generator) -> SeededCrops:
+        return SeededCrops(self.transform(image, generator), generator.initial_seed())
 
 
 class SkipReport:
@@ -98,6 +124,7 @@ def build_multicrop_dataloader(
     max_retries: int = 5,
     retry_delay: float = 1.0,
     max_retry_delay: float = 60.0,
+    masks: BlockMasking | None = None,
 ) -> StatefulDataLoader:
     """A resumable loader of multi-crop batches (see `collate_multicrop`) from `stream`.
 
@@ -107,12 +134,13 @@ def build_multicrop_dataloader(
     between processes (e.g. seed + rank). Transient read failures of the stream are retried in
     place (`max_retries`, `retry_delay`, `max_retry_delay`: see `MultiCropStream`) and counted in
     `batch["stream_retries"]`. Workers ignore the SIGTERM, SIGUSR1 and SIGINT that other processes
-    send them (`ignore_stop_signals`).
+    send them (`ignore_stop_signals`). With `masks` (iBOT), each batch also carries its block masks
+    (`collate_multicrop`), drawn in the workers and seeded by the positions of its samples.
     """
     dataset = MultiCropStream(
         stream,
         image_column,
-        transform,
+        transform if masks is None else KeepSeed(transform),
         seed,
         shuffle_buffer_size,
         id_column,
@@ -134,11 +162,19 @@ def build_multicrop_dataloader(
             dataset,
             batch_size=batch_size,
             num_workers=num_workers,
-            collate_fn=collate_multicrop,
+            collate_fn=collate_multicrop if masks is None else functools.partial(collate_multicrop, masks=masks),
             drop_last=drop_last,
             pin_memory=pin_memory,
             worker_init_fn=functools.partial(ignore_stop_signals, main_process=os.getpid()),
         )
 
 
-__all__ = ["STOP_SIGNALS", "SkipReport", "build_multicrop_dataloader", "collate_multicrop", "ignore_stop_signals"]
+__all__ = [
+    "STOP_SIGNALS",
+    "KeepSeed",
+    "SeededCrops",
+    "SkipReport",
+    "build_multicrop_dataloader",
+    "collate_multicrop",
+    "ignore_stop_signals",
+]

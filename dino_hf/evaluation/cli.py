@@ -1,6 +1,7 @@
 """The command-line options the evaluation scripts share: the model, its image size and the labelled
-data of the train and eval splits."""
+data of the train and eval splits (class labels, or segmentation masks)."""
 
+from ..data.segmentation import segmentation_folder, segmentation_rows
 from ..data.sources import load_image_stream
 from .features import find_label_column
 
@@ -71,4 +72,48 @@ def load_split(args, which: str = "train") -> tuple[object, str, str | None]:
     return rows, image_column, find_label_column(rows, args.label_column_name)
 
 
-__all__ = ["add_dataset_arguments", "add_model_argument", "image_size_line", "load_split"]
+def add_segmentation_arguments(parser) -> None:
+    """Command-line options that name the image / mask pairs of a dense evaluation (train and eval splits)."""
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset_name", help="Hub dataset id or a local dataset folder (an image and a mask column).")
+    group.add_argument("--dataset_config_name", help="Configuration of the dataset.")
+    group.add_argument("--train_split", default="train", help="Split of --dataset_name used as the train set.")
+    group.add_argument("--eval_split", default="validation", help="Split of --dataset_name used as the eval set.")
+    for which in ("train", "eval"):
+        group.add_argument(
+            f"--{which}_dir", help=f"Folder of the {which} split: images/ and masks/<same relative path>.png."
+        )
+        group.add_argument(f"--{which}_files", nargs="+", help=f"Parquet or arrow files of the {which} split.")
+    group.add_argument("--image_column_name", help="Image column (found automatically).")
+    group.add_argument(
+        "--mask_column_name", help="Mask column (found automatically: the single-channel image column)."
+    )
+    group.add_argument(
+        "--no_streaming", dest="streaming", action="store_false", help="Download the dataset instead of streaming it."
+    )
+
+
+def load_segmentation_split(args, which: str = "train") -> tuple[object, str, str]:
+    """`(rows, image_column, mask_column)` of the `which` ("train" or "eval") split named by the options
+    of `add_segmentation_arguments` (see `dino_hf.data.segmentation.segmentation_rows`)."""
+    folder, files = getattr(args, f"{which}_dir"), getattr(args, f"{which}_files")
+    if folder:
+        rows = segmentation_folder(folder)
+    elif files or args.dataset_name:
+        source = dict(data_files=files) if files else dict(dataset_name=args.dataset_name)
+        if not files:
+            source |= dict(dataset_config_name=args.dataset_config_name, split=getattr(args, f"{which}_split"))
+        rows, _ = load_image_stream(image_column_name=args.image_column_name, streaming=args.streaming, **source)
+    else:
+        raise ValueError(f"no data for the {which} split: pass --dataset_name, --{which}_dir or --{which}_files")
+    return segmentation_rows(rows, args.image_column_name, args.mask_column_name)
+
+
+__all__ = [
+    "add_dataset_arguments",
+    "add_model_argument",
+    "add_segmentation_arguments",
+    "image_size_line",
+    "load_segmentation_split",
+    "load_split",
+]

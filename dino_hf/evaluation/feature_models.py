@@ -43,6 +43,10 @@ class FeatureModel(nn.Module, abc.ABC):
 
     has_tokens = True
 
+    def _require_tokens(self, what: str) -> None:
+        if not self.has_tokens:
+            raise ValueError(f"{what} needs a ViT's tokens; {type(self.model).__name__} only has a pooled feature")
+
     @abc.abstractmethod
     def last_blocks(self, pixel_values: torch.Tensor, n: int = 1) -> tuple[torch.Tensor, ...]:
         """Outputs of the last `n` blocks after the final LayerNorm: n tensors (B, P + N, D), oldest first."""
@@ -87,10 +91,6 @@ class TimmFeatureModel(FeatureModel):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values)  # (B, D)
 
-    def _require_tokens(self, what: str) -> None:
-        if not self.has_tokens:
-            raise ValueError(f"{what} needs a ViT's tokens; {type(self.model).__name__} only has a pooled feature")
-
     def last_blocks(self, pixel_values: torch.Tensor, n: int = 1) -> tuple[torch.Tensor, ...]:
         self._require_tokens("last_blocks")
         outputs = self.model.forward_intermediates(
@@ -129,10 +129,6 @@ class TransformersFeatureModel(FeatureModel):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.backbone(pixel_values)  # (B, D)
-
-    def _require_tokens(self, what: str) -> None:
-        if not self.has_tokens:
-            raise ValueError(f"{what} needs a ViT's tokens; {type(self.model).__name__} only has a pooled feature")
 
     def last_blocks(self, pixel_values: torch.Tensor, n: int = 1) -> tuple[torch.Tensor, ...]:
         self._require_tokens("last_blocks")

@@ -173,7 +173,9 @@ def _describe(model: nn.Module, model_id: str) -> dict[str, Any]:
             image_size=config.image_size,
             config_rows=[(name, getattr(config, name)) for name in fields],
             # dino_hf.convert.export.to_timm_model needs timm's LayerNorm eps and activation.
-            timm_convertible=config.layer_norm_eps == 1e-6 and config.hidden_act == "gelu",
+            timm_convertible=config.layer_norm_eps == 1e-6
+            and config.hidden_act == "gelu"
+            and not config.num_register_tokens,
         )
     if isinstance(model, PreTrainedModel):
         return _describe_transformers(model, num_parameters)

@@ -36,7 +36,7 @@ from transformers import AutoConfig
 from .configuration_dino import PRESETS, DinoConfig
 from .modeling_dino import DinoModel
 from .references import TIMM_PREFIX, is_external_timm_name, is_hub_id, is_timm_folder
-from .transformers_backbone import TransformersBackbone, accepted_models_text, load_transformers_backbone
+from .transformers_backbone import MASKABLE, TransformersBackbone, accepted_models_text, load_transformers_backbone
 from .weight_check import check_state_dict, load_checked, read_tensors, weight_files
 
 
@@ -94,12 +94,19 @@ class DinoModelBackbone(nn.Module):
         """`pixel_values (B, 3, H, W)`, H and W multiples of the patch size -> `(B, hidden_size)`."""
         return self.model(pixel_values, return_dict=True).pooler_output
 
-    def forward_tokens(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_tokens(
+        self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """`pixel_values (B, 3, H, W)` -> `(features (B, hidden_size), patch_tokens (B, N, hidden_size))`:
         from one forward, the `pooler_output` of `forward` and the N patch tokens of `last_hidden_state`
-        (after the final LayerNorm, CLS token removed)."""
-        output = self.model(pixel_values, return_dict=True)
-        return output.pooler_output, output.last_hidden_state[:, 1:]  # (B, D), (B, N, D)
+        (after the final LayerNorm, CLS token and registers removed).
+
+        `bool_masked_pos (B, N)`: patches replaced by the model's mask token (iBOT; a model built with
+        `use_mask_token`, see `build_backbone(..., mask_token=True)`).
+        """
+        masking = {} if bool_masked_pos is None else {"bool_masked_pos": bool_masked_pos}
+        output = self.model(pixel_values, return_dict=True, **masking)
+        return output.pooler_output, output.last_hidden_state[:, self.model.num_prefix_tokens :]  # (B, D), (B, N, D)
 
 
 def build_backbone(
@@ -108,6 +115,7 @@ def build_backbone(
     drop_path_rate: float = 0.1,
     image_size: int = 224,
     pretrained: bool = False,
+    mask_token: bool = False,
     **kwargs,
 ) -> TimmBackbone | DinoModelBackbone:
     """The backbone named by `spec` (see the module docstring), as a `(B, 3, H, W) -> (B, D)` module.
@@ -122,18 +130,30 @@ def build_backbone(
         pretrained (`bool`, defaults to `False`): load timm's pretrained weights (needs the Hub).
             Saved models (DinoModel or timm folder, Hub id) always load their weights; presets and configs
             have none.
+        mask_token (`bool`, defaults to `False`): a backbone with a learned mask token for masked patches
+            (iBOT): a DinoModel gets one at zero if it has none (`DinoModel.enable_mask_token`), a
+            transformers ViT trains its own (`load_transformers_backbone(..., mask_token=True)`); a timm
+            model or a CNN is refused (`MASKED_PATCH_MODELS` says what works).
         **kwargs: passed to `timm.create_model`, to `DinoConfig.from_preset` or to
             `DinoModel.from_pretrained`.
     """
     if isinstance(spec, DinoModel):
+        if mask_token:
+            spec.enable_mask_token()
         return DinoModelBackbone(spec)
     if isinstance(spec, DinoConfig):
         _refuse_pretrained(pretrained, "a DinoConfig")
         config = copy.deepcopy(spec)
         config.drop_path_rate = drop_path_rate
+        config.use_mask_token = config.use_mask_token or mask_token
         return DinoModelBackbone(DinoModel(config))
     if not isinstance(spec, str):
         raise TypeError(f"backbone spec should be a string, a DinoConfig or a DinoModel, got {type(spec).__name__}")
+    if mask_token and (spec.startswith(TIMM_PREFIX) or (os.path.isdir(spec) and is_timm_folder(spec))):
+        raise ValueError(
+            f"{spec} is a timm model, which dino_hf cannot give a mask token for masked patches (iBOT); use "
+            f"{MASKED_PATCH_MODELS}"
+        )
     if spec.startswith(TIMM_PREFIX):
         name = spec[len(TIMM_PREFIX) :]
         if name.startswith("local-dir:"):
@@ -141,18 +161,28 @@ def build_backbone(
         return TimmBackbone(_create_timm_model(name, drop_path_rate, image_size, pretrained, **kwargs))
     if spec in PRESETS:
         _refuse_pretrained(pretrained, f"the preset {spec!r}")
+        if mask_token:
+            kwargs["use_mask_token"] = True
         config = DinoConfig.from_preset(spec, drop_path_rate=drop_path_rate, image_size=image_size, **kwargs)
         return DinoModelBackbone(DinoModel(config))
     if os.path.isdir(spec) and is_timm_folder(spec):
         return TimmBackbone(load_timm_folder(spec, drop_path_rate=drop_path_rate, **kwargs))
     if os.path.isdir(spec) or is_hub_id(spec):
-        return _saved_transformers_model(spec, drop_path_rate, **kwargs)
+        return _saved_transformers_model(spec, drop_path_rate, mask_token, **kwargs)
     raise ValueError(_unknown_spec_message(spec))
 
 
-def _saved_transformers_model(spec: str, drop_path_rate: float, **kwargs) -> nn.Module:
+# What masked-patch training (iBOT) takes, for error messages.
+MASKED_PATCH_MODELS = (
+    "a ViT with a mask token: a DinoModel (a preset, a saved folder, a Hub id or a reference DINO checkpoint) "
+    f"or a transformers {', '.join(MASKABLE)} checkpoint"
+)
+
+
+def _saved_transformers_model(spec: str, drop_path_rate: float, mask_token: bool = False, **kwargs) -> nn.Module:
     """A folder or Hub id, dispatched on its own `model_type`: a DinoModel of this project, or any
-    transformers vision backbone (`load_transformers_backbone`); every weight checked either way."""
+    transformers vision backbone (`load_transformers_backbone`); every weight checked either way.
+    `mask_token`: see `build_backbone`."""
     try:
         config = AutoConfig.from_pretrained(spec, **_hub_options(kwargs))
     except ValueError as error:
@@ -160,8 +190,10 @@ def _saved_transformers_model(spec: str, drop_path_rate: float, **kwargs) -> nn.
             f"{spec}: its config.json is not one transformers knows ({error}); expected {accepted_models_text()}"
         ) from None
     if config.model_type != DinoConfig.model_type:
-        return load_transformers_backbone(spec, drop_path_rate=drop_path_rate, **kwargs)
+        return load_transformers_backbone(spec, drop_path_rate=drop_path_rate, mask_token=mask_token, **kwargs)
     model = load_checked(DinoModel, spec, drop_path_rate=drop_path_rate, **kwargs)
+    if mask_token:
+        model.enable_mask_token()
     return DinoModelBackbone(model)
 
 
@@ -241,4 +273,11 @@ def _unknown_spec_message(spec: str) -> str:
     )
 
 
-__all__ = ["DinoModelBackbone", "TimmBackbone", "TransformersBackbone", "build_backbone", "load_timm_folder"]
+__all__ = [
+    "MASKED_PATCH_MODELS",
+    "DinoModelBackbone",
+    "TimmBackbone",
+    "TransformersBackbone",
+    "build_backbone",
+    "load_timm_folder",
+]

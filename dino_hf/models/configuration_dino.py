@@ -3,7 +3,10 @@ Self-Supervised Vision Transformers").
 
 The fields and their names follow transformers' `ViTConfig` wherever the architecture is the same, so
 that converting between the two is a rename. The defaults are DINO's ViT-S/16: LayerNorm eps 1e-6
-(the value the released weights were trained with) and stochastic depth 0.1.
+(the value the released weights were trained with) and stochastic depth 0.1. Two additions from
+DINOv2, both off by default so that the model is DINO's bit for bit: register tokens
+(`num_register_tokens`, `Dinov2WithRegistersConfig`'s name) and iBOT's mask token (`use_mask_token`,
+`ViTConfig`'s name).
 """
 
 from transformers import PretrainedConfig
@@ -40,6 +43,13 @@ class DinoConfig(PretrainedConfig):
         qkv_bias (`bool`, defaults to `True`): bias on the query, key and value projections.
         drop_path_rate (`float`, defaults to 0.1): stochastic depth at the last block, growing
             linearly from 0 at the first block (paper Sec. 3, reference `drop_path_rate`).
+        num_register_tokens (`int`, defaults to 0): learned register tokens placed after the CLS token,
+            without position embedding (Darcet et al. 2024, "Vision Transformers Need Registers": 4 in
+            DINOv2-with-registers and DINOv3). They take part in attention; the patch tokens,
+            features and attention maps leave them out (`DinoModel.num_prefix_tokens`).
+        use_mask_token (`bool`, defaults to `False`): give the embeddings a learned mask token, which
+            replaces the patches that `bool_masked_pos` marks (iBOT, DINOv2 Sec. 3). Off, the model
+            has no such weight, as the DINO checkpoints.
 
     Example:
 
@@ -68,6 +78,8 @@ class DinoConfig(PretrainedConfig):
         num_channels: int = 3,
         qkv_bias: bool = True,
         drop_path_rate: float = 0.1,
+        num_register_tokens: int = 0,
+        use_mask_token: bool = False,
         **kwargs,
     ):
         if hidden_size % num_attention_heads != 0:
@@ -82,6 +94,11 @@ class DinoConfig(PretrainedConfig):
             )
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+        if type(num_register_tokens) is not int or num_register_tokens < 0:
+            raise ValueError(
+                f"num_register_tokens must be a whole number >= 0 (0: no registers; DINOv2 uses 4), "
+                f"got {num_register_tokens!r}"
+            )
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
         self.num_attention_heads = num_attention_heads
@@ -96,13 +113,16 @@ class DinoConfig(PretrainedConfig):
         self.num_channels = num_channels
         self.qkv_bias = qkv_bias
         self.drop_path_rate = drop_path_rate
+        self.num_register_tokens = num_register_tokens
+        self.use_mask_token = bool(use_mask_token)
         super().__init__(**kwargs)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "DinoConfig":
         """Config of one of DINO's ViTs by name, e.g. `"vit_small_patch16"`; see `PRESETS`.
 
-        Keyword arguments override fields of the preset (e.g. `drop_path_rate=0.0`).
+        Keyword arguments override fields of the preset (e.g. `drop_path_rate=0.0`,
+        `num_register_tokens=4`).
         """
         size, _, patch = name.rpartition("_patch")
         if size not in _VIT_SIZES or patch not in ("8", "16"):

@@ -57,12 +57,24 @@ class DinoPatchEmbeddings(nn.Module):
 
 
 class DinoEmbeddings(nn.Module):
-    """CLS token + patch embeddings + learned absolute position embeddings, interpolated to any size."""
+    """CLS token + patch embeddings + learned absolute position embeddings, interpolated to any size;
+    then the register tokens, if any, between the CLS token and the patches.
+
+    With `config.use_mask_token`, a learned `mask_token` (1, 1, D) replaces the patches that
+    `bool_masked_pos` marks, after the patch projection and before the position embeddings are added
+    (iBOT, DINOv2 Sec. 3; transformers' `ViTEmbeddings`). The register tokens come after the position
+    embeddings and get none (Darcet et al. 2024; transformers' `Dinov2WithRegistersEmbeddings`).
+    """
 
     def __init__(self, config: DinoConfig):
         super().__init__()
         grid = config.image_size // config.patch_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        # Absent (None, no weight in the state dict) when off, so that DINO's checkpoints load as they are.
+        mask_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size)) if config.use_mask_token else None
+        self.register_parameter("mask_token", mask_token)
+        registers = torch.zeros(1, config.num_register_tokens, config.hidden_size)
+        self.register_parameter("register_tokens", nn.Parameter(registers) if config.num_register_tokens else None)
         self.position_embeddings = nn.Parameter(torch.zeros(1, grid * grid + 1, config.hidden_size))
         self.patch_embeddings = DinoPatchEmbeddings(config)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
@@ -92,14 +104,35 @@ class DinoEmbeddings(nn.Module):
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, dim)  # (1, h*w, D)
         return torch.cat((pos[:, :1], patch_pos), dim=1)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values (B, C, H, W) -> tokens (B, 1 + N, D), CLS first."""
+    def forward(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """pixel_values (B, C, H, W), bool_masked_pos None or (B, N) bool (True: masked) -> tokens
+        (B, 1 + R + N, D): CLS, the R registers, the N patches."""
         batch_size, _, height, width = pixel_values.shape
         patches = self.patch_embeddings(pixel_values)  # (B, N, D)
+        if bool_masked_pos is not None:
+            patches = self._mask_patches(patches, bool_masked_pos)  # (B, N, D)
         cls = self.cls_token.expand(batch_size, -1, -1)  # (B, 1, D)
         tokens = torch.cat((cls, patches), dim=1)  # (B, 1 + N, D)
         tokens = tokens + self.interpolate_pos_encoding(height, width)
+        if self.register_tokens is not None:
+            registers = self.register_tokens.expand(batch_size, -1, -1)  # (B, R, D)
+            tokens = torch.cat((tokens[:, :1], registers, tokens[:, 1:]), dim=1)  # (B, 1 + R + N, D)
         return self.dropout(tokens)
+
+    def _mask_patches(self, patches: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
+        """patches (B, N, D) with the positions where bool_masked_pos (B, N) is True set to the mask token."""
+        if self.mask_token is None:
+            raise ValueError(
+                "bool_masked_pos was given, but this model has no mask token; build it with "
+                "DinoConfig(use_mask_token=True) or call DinoModel.enable_mask_token() before training with masks"
+            )
+        if bool_masked_pos.shape != patches.shape[:2] or bool_masked_pos.dtype != torch.bool:
+            raise ValueError(
+                f"bool_masked_pos must be a bool tensor of shape (batch, patches) = {tuple(patches.shape[:2])}, "
+                f"got {bool_masked_pos.dtype} {tuple(bool_masked_pos.shape)}"
+            )
+        mask_token = self.mask_token.to(patches.dtype)  # (1, 1, D)
+        return torch.where(bool_masked_pos.unsqueeze(-1), mask_token, patches)  # (B, N, D)
 
 
 def eager_attention_forward(
@@ -300,7 +333,9 @@ class DinoPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         """The reference's init: trunc_normal(0.02) for Linear weights and the CLS / position
-        embeddings, zero biases, LayerNorm 1 / 0; the patch convolution keeps PyTorch's default."""
+        embeddings, zero biases, LayerNorm 1 / 0; the patch convolution keeps PyTorch's default. The
+        register tokens are initialised like the CLS token (Darcet et al. 2024), the mask token at zero
+        (DINOv2's `mask_token`)."""
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
             init.trunc_normal_(module.weight, std=std)
@@ -316,11 +351,21 @@ class DinoPreTrainedModel(PreTrainedModel):
         elif isinstance(module, DinoEmbeddings):
             init.trunc_normal_(module.position_embeddings, std=std)
             init.trunc_normal_(module.cls_token, std=std)
+            if module.register_tokens is not None:
+                init.trunc_normal_(module.register_tokens, std=std)
+            if module.mask_token is not None:
+                init.zeros_(module.mask_token)
 
 
 class DinoModel(DinoPreTrainedModel):
     """DINO's ViT backbone. The feature used downstream (`pooler_output`) is the CLS token after the
     final LayerNorm.
+
+    The token sequence is the CLS token, the `config.num_register_tokens` registers, then the patches:
+    `num_prefix_tokens` (1 + registers) tokens come before the patches in `last_hidden_state`, as in
+    transformers' `Dinov2WithRegistersModel` and timm's ViTs, so `last_hidden_state[:,
+    model.num_prefix_tokens:]` are the patch tokens. `get_intermediate_layers` and
+    `get_last_selfattention` leave the registers out.
 
     Example:
 
@@ -341,12 +386,36 @@ class DinoModel(DinoPreTrainedModel):
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
 
+    @property
+    def num_register_tokens(self) -> int:
+        """Register tokens between the CLS token and the patches (`config.num_register_tokens`)."""
+        return self.config.num_register_tokens
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patches in `last_hidden_state` and the attention weights: CLS and registers."""
+        return 1 + self.config.num_register_tokens
+
     def get_input_embeddings(self) -> nn.Module:
         return self.embeddings.patch_embeddings
+
+    def enable_mask_token(self) -> nn.Parameter:
+        """Give a model built without one a mask token (zeros, as at init) and set
+        `config.use_mask_token`, so that `bool_masked_pos` can be passed and the model saves and loads
+        with it: for iBOT training from a DINO checkpoint. Call it before building the optimiser. A
+        model that has one keeps it. Returns the mask token (1, 1, D)."""
+        embeddings = self.embeddings
+        if embeddings.mask_token is None:
+            like = embeddings.cls_token
+            mask_token = torch.zeros(like.shape, dtype=like.dtype, device=like.device)
+            embeddings.mask_token = nn.Parameter(mask_token)  # (1, 1, D)
+            self.config.use_mask_token = True
+        return embeddings.mask_token
 
     def forward(
         self,
         pixel_values: torch.Tensor,
+        bool_masked_pos: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
@@ -356,9 +425,14 @@ class DinoModel(DinoPreTrainedModel):
         Args:
             pixel_values (B, 3, H, W): images normalised with the ImageNet mean and std; H and W any
                 multiples of the patch size.
-            output_attentions: also return each block's attention weights, (B, heads, 1+N, 1+N) each;
-                they are computed by the eager attention whatever `attn_implementation` is.
-            output_hidden_states: also return the embeddings and each block's output, (B, 1+N, D) each.
+            bool_masked_pos (B, N) bool, optional: patches to replace by the mask token (True), N =
+                (H / p) * (W / p) in row-major order, as transformers' ViTModel / Dinov2Model take it
+                (iBOT). Needs a model with a mask token (`DinoConfig(use_mask_token=True)`); None leaves
+                every patch as it is.
+            output_attentions: also return each block's attention weights, (B, heads, T, T) each with
+                T = 1 + R + N tokens (CLS, R registers, N patches); they are computed by the eager
+                attention whatever `attn_implementation` is.
+            output_hidden_states: also return the embeddings and each block's output, (B, T, D) each.
             return_dict: a `BaseModelOutputWithPooling` (default) or a plain tuple.
             interpolate_pos_encoding: accepted because transformers' ViT code passes it, and ignored:
                 the position embeddings are always interpolated to the input size (DINO's bicubic
@@ -366,8 +440,9 @@ class DinoModel(DinoPreTrainedModel):
                 the same output. Any other keyword argument is a TypeError.
 
         Returns:
-            `BaseModelOutputWithPooling` with `last_hidden_state` (B, 1+N, D) after the final LayerNorm
-            and `pooler_output` (B, D), its CLS token: the DINO feature.
+            `BaseModelOutputWithPooling` with `last_hidden_state` (B, T, D) after the final LayerNorm,
+            registers included (the patch tokens are `[:, num_prefix_tokens:]`), and `pooler_output`
+            (B, D), its CLS token: the DINO feature.
         """
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         output_hidden_states = (
@@ -376,9 +451,9 @@ class DinoModel(DinoPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
 
-        embedded = self.embeddings(pixel_values)  # (B, 1 + N, D)
+        embedded = self.embeddings(pixel_values, bool_masked_pos)  # (B, T, D)
         encoded = self.encoder(embedded, output_attentions, output_hidden_states)
-        sequence_output = self.layernorm(encoded.last_hidden_state)  # (B, 1 + N, D)
+        sequence_output = self.layernorm(encoded.last_hidden_state)  # (B, T, D)
         pooled_output = sequence_output[:, 0]  # (B, D)
 
         if not return_dict:
@@ -391,20 +466,32 @@ class DinoModel(DinoPreTrainedModel):
             attentions=encoded.attentions,
         )
 
+    def _without_registers(self, tokens: torch.Tensor, dim: int) -> torch.Tensor:
+        """`tokens` with the register positions removed along `dim`: T = 1 + R + N -> 1 + N."""
+        if not self.num_register_tokens:
+            return tokens
+        cls = tokens.narrow(dim, 0, 1)
+        patches = tokens.narrow(dim, self.num_prefix_tokens, tokens.shape[dim] - self.num_prefix_tokens)
+        return torch.cat((cls, patches), dim=dim)
+
     def get_intermediate_layers(self, pixel_values: torch.Tensor, n: int = 1) -> tuple[torch.Tensor, ...]:
         """Outputs of the last `n` blocks, each passed through the final LayerNorm, as the reference's
-        linear evaluation uses them: a tuple of n tensors (B, 1 + N, D), oldest first."""
+        linear evaluation uses them: a tuple of n tensors (B, 1 + N, D), oldest first, the CLS token
+        then the patches (register tokens left out)."""
         if not 1 <= n <= self.config.num_hidden_layers:
             raise ValueError(f"n must be between 1 and num_hidden_layers={self.config.num_hidden_layers}, got {n}")
         hidden_states = self.embeddings(pixel_values.to(self.layernorm.weight.dtype))
         blocks = self.encoder(hidden_states, output_hidden_states=True).hidden_states[-n:]
-        return tuple(self.layernorm(block) for block in blocks)
+        return tuple(self._without_registers(self.layernorm(block), dim=1) for block in blocks)
 
     def get_last_selfattention(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Attention weights of the last block, (B, heads, 1 + N, 1 + N); row 0 is the CLS query, the
-        one DINO's attention maps show (paper Fig. 1 and 3)."""
+        """Attention weights of the last block between the CLS token and the patches, (B, heads, 1 + N,
+        1 + N); row 0 is the CLS query, the one DINO's attention maps show (paper Fig. 1 and 3). With
+        registers, their rows and columns are left out, so a row sums to 1 minus the attention its query
+        gives the registers."""
         hidden_states = self.embeddings(pixel_values.to(self.layernorm.weight.dtype))
-        return self.encoder(hidden_states, output_attentions=True).attentions[-1]
+        attention = self.encoder(hidden_states, output_attentions=True).attentions[-1]  # (B, heads, T, T)
+        return self._without_registers(self._without_registers(attention, dim=2), dim=3)  # (B, heads, 1+N, 1+N)
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
         """Write `config.json`, `model.safetensors` and `preprocessor_config.json` (DINO's evaluation

@@ -18,12 +18,20 @@ class MultiCropWrapper(nn.Module):
         backbone (`nn.Module`): maps `(B, 3, H, W)` to features `(B, D)` (see `build_backbone`); its
             `forward_tokens` gives the same features and the patch tokens `(B, P, C)`.
         head (`nn.Module`): maps `(B, D)` to `(B, K)` (a `DinoHead`).
+        ibot_head (`nn.Module`, optional): the head of the masked patch tokens (iBOT), separate from
+            `head` as in DINOv3; None (the default, and DINOv2's choice) sends them through `head`.
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module):
+    def __init__(self, backbone: nn.Module, head: nn.Module, ibot_head: nn.Module | None = None):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.ibot_head = ibot_head  # None registers nothing: the state dict is DINO's
+
+    @property
+    def patch_head(self) -> nn.Module:
+        """The head the patch tokens go through: `ibot_head`, or DINO's `head` when it shares it."""
+        return self.ibot_head if self.ibot_head is not None else self.head
 
     @property
     def _no_split_modules(self) -> list[str] | None:
@@ -37,6 +45,8 @@ class MultiCropWrapper(nn.Module):
         crops: list[torch.Tensor] | torch.Tensor,
         return_features: bool = False,
         return_patch_tokens: bool = False,
+        bool_masked_pos: torch.Tensor | None = None,
+        patch_indices: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Head outputs of all crops, and optionally the backbone features and patch tokens they came from.
 
@@ -48,20 +58,29 @@ class MultiCropWrapper(nn.Module):
             return_patch_tokens (`bool`, defaults to `False`): also return the patch tokens of the first
                 group of crops (for DINO the 2 global crops), taken from the same backbone call as their
                 features (the backbone's `forward_tokens`): what Gram anchoring compares.
+            bool_masked_pos (`torch.Tensor` of shape `(R, P)`, bool, optional): patches of the first R rows
+                of the first group (for DINO the 2B global crops, in crop order) that the backbone replaces
+                by its mask token (iBOT's student); any further rows of the group are left whole.
+            patch_indices (`torch.Tensor` of shape `(M,)`, int64, optional): rows of the first group's
+                patch tokens flattened to `(count * B * P, C)` to send through `patch_head` (the masked
+                patches, `PatchMasks.indices`).
 
         Returns:
             `logits (len(crops) * B, K)`, rows in crop order [crop 1 batch, crop 2 batch, ...]; with
             `return_features`, also `features (len(crops) * B, D)` in the same row order; with
-            `return_patch_tokens`, last, `patch_tokens (count * B, P, C)` of the `count` crops of the first
-            group (2 for DINO's crops), rows in crop order.
+            `return_patch_tokens`, `patch_tokens (count * B, P, C)` of the `count` crops of the first
+            group (2 for DINO's crops), rows in crop order; with `patch_indices`, last,
+            `patch_logits (M, K)`, the patch head's outputs of those rows.
         """
         if isinstance(crops, torch.Tensor):
             crops = [crops]
         # Grouped on the host from the shapes alone: no tensor is read back from the device.
         groups = [torch.cat(list(group)) for _, group in itertools.groupby(crops, key=lambda crop: crop.shape[-1])]
         patch_tokens = None
-        if return_patch_tokens:
-            first, patch_tokens = self.backbone.forward_tokens(groups[0])  # (count * B, D), (count * B, P, C)
+        if return_patch_tokens or bool_masked_pos is not None or patch_indices is not None:
+            masking = {} if bool_masked_pos is None else {"bool_masked_pos": _cover(bool_masked_pos, len(groups[0]))}
+            # (count * B, D), (count * B, P, C)
+            first, patch_tokens = self.backbone.forward_tokens(groups[0], **masking)
             features = torch.cat([first, *(self.backbone(group) for group in groups[1:])])  # (len(crops) * B, D)
         else:
             features = torch.cat([self.backbone(group) for group in groups])  # (len(crops) * B, D)
@@ -69,7 +88,19 @@ class MultiCropWrapper(nn.Module):
         outputs = (logits, features) if return_features else (logits,)
         if return_patch_tokens:
             outputs += (patch_tokens,)
+        if patch_indices is not None:
+            rows = patch_tokens.flatten(0, 1).index_select(0, patch_indices)  # (M, C): a fixed shape, no host read
+            outputs += (self.patch_head(rows),)  # (M, K)
         return outputs if len(outputs) > 1 else logits
+
+
+def _cover(bool_masked_pos: torch.Tensor, rows: int) -> torch.Tensor:
+    """`bool_masked_pos (R, P)` extended with unmasked rows to the `rows` crops of a backbone call (local
+    crops of the global crops' size join their call)."""
+    if len(bool_masked_pos) == rows:
+        return bool_masked_pos
+    whole = bool_masked_pos.new_zeros((rows - len(bool_masked_pos), bool_masked_pos.shape[1]))
+    return torch.cat([bool_masked_pos, whole])  # (rows, P)
 
 
 __all__ = ["MultiCropWrapper"]

@@ -145,9 +145,16 @@ class TransformersBackbone(nn.Module):
         """`pixel_values (B, 3, H, W)` -> the global feature `(B, num_features)`."""
         return self._feature(self.model_outputs(pixel_values))
 
-    def forward_tokens(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`pixel_values (B, 3, H, W)` -> (the global feature `(B, D)`, the patch tokens `(B, P, C)`)."""
-        outputs = self.model_outputs(pixel_values)
+    def forward_tokens(
+        self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`pixel_values (B, 3, H, W)` -> (the global feature `(B, D)`, the patch tokens `(B, P, C)`).
+
+        `bool_masked_pos (B, P)`: patches replaced by the model's mask token (the families of `MASKABLE`,
+        loaded with `mask_token=True`).
+        """
+        masking = {} if bool_masked_pos is None else {"bool_masked_pos": bool_masked_pos}
+        outputs = self.model_outputs(pixel_values, **masking)
         tokens = outputs.last_hidden_state
         if self.family.token_grid:
             tokens = tokens.flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h * w, C)
@@ -219,8 +226,13 @@ def _prefix_tokens(config: PretrainedConfig) -> int:
     return 1 + int(getattr(config, "num_register_tokens", 0) or 0)
 
 
+# Families whose models take `bool_masked_pos` (a learned mask token in place of masked patches: iBOT).
+MASKABLE = ("vit", "deit", "dinov2", "dinov2_with_registers", "dinov3_vit")
+MASK_TOKEN = "embeddings.mask_token"
+
+
 def load_transformers_backbone(
-    name_or_path: str, *, drop_path_rate: float | None = None, **kwargs
+    name_or_path: str, *, drop_path_rate: float | None = None, mask_token: bool = False, **kwargs
 ) -> TransformersBackbone:
     """The transformers vision backbone at `name_or_path` (a folder or a Hub id), every weight loaded.
 
@@ -228,39 +240,59 @@ def load_transformers_backbone(
         name_or_path (`str`): a folder saved with `save_pretrained`, or a Hub id.
         drop_path_rate (`float`, optional): stochastic depth of the student, where the config has one
             (the export keeps the checkpoint's own value).
+        mask_token (`bool`, defaults to `False`): train the model's mask token, for masked patches
+            (`forward_tokens(..., bool_masked_pos=...)`, iBOT). A ViT or DeiT checkpoint saved without one
+            gets one, at zero (DINOv2's initialisation); otherwise the mask token is kept as loaded, frozen.
         **kwargs: passed to `from_pretrained` (e.g. `revision`, `token`).
 
     Raises:
-        ValueError: not a vision backbone of `FAMILIES`, or a checkpoint that does not fill the model
-            (missing, unexpected or mis-shaped tensors; see `weight_check.load_checked`).
+        ValueError: not a vision backbone of `FAMILIES`, a checkpoint that does not fill the model
+            (missing, unexpected or mis-shaped tensors; see `weight_check.load_checked`), or `mask_token`
+            for a family without one (`MASKABLE`).
     """
     config = AutoConfig.from_pretrained(name_or_path, **kwargs)
     model_type = check_vision_config(config, name_or_path)
     model_class = MODEL_MAPPING[type(config)]
+    if mask_token and model_type not in MASKABLE:
+        raise ValueError(
+            f"{name_or_path} is a {model_type} model, which has no mask token for masked patches; masked-patch "
+            f"training (iBOT) needs a ViT: a transformers {', '.join(MASKABLE)} checkpoint or a DinoModel"
+        )
     keys = checkpoint_keys(name_or_path, **kwargs)
-    init_options, frozen = _head_options(model_type, keys)
+    init_options, frozen = _head_options(model_type, keys, mask_token)
+    new_mask_token = mask_token and not any(key.endswith(MASK_TOKEN) for key in keys)
     source_drop_path = getattr(config, "drop_path_rate", None)
     if drop_path_rate is not None and source_drop_path is not None:
         config.drop_path_rate = drop_path_rate
     model = load_checked(
-        model_class, name_or_path, config=config, dropped_prefixes=DROPPED_HEAD_PREFIXES, **init_options, **kwargs
+        model_class,
+        name_or_path,
+        config=config,
+        dropped_prefixes=DROPPED_HEAD_PREFIXES,
+        new_tensors=(MASK_TOKEN,) if new_mask_token else (),
+        **init_options,
+        **kwargs,
     )
+    if new_mask_token:
+        with torch.no_grad():
+            model.embeddings.mask_token.zero_()
     if source_drop_path is not None:
         model.config.drop_path_rate = source_drop_path  # what the export's config says
     return TransformersBackbone(model, FAMILIES[model_type], frozen_heads=frozen, source=str(name_or_path))
 
 
-def _head_options(model_type: str, keys: set[str]) -> tuple[dict, list[str]]:
+def _head_options(model_type: str, keys: set[str], mask_token: bool) -> tuple[dict, list[str]]:
     """Constructor options that match the checkpoint's optional parts (a ViT's pooler and mask token),
     and the parameter-name prefixes that are kept as loaded but not trained (the pooler, the mask token)."""
-    # DINO does not mask patches: the mask token gets no gradient, so it is kept as loaded (and DDP does
-    # not wait for its gradient).
-    untrained = ["embeddings.mask_token"] if any(key.endswith("embeddings.mask_token") for key in keys) else []
+    has_mask_token = any(key.endswith(MASK_TOKEN) for key in keys)
+    # Without masked patches the mask token gets no gradient: it is kept as loaded (and DDP does not
+    # wait for its gradient).
+    untrained = [MASK_TOKEN] if has_mask_token and not mask_token else []
     if model_type not in ("vit", "deit"):
         return {}, untrained
     has_pooler = any(key.split(".", 1)[-1].startswith("pooler.") or key.startswith("pooler.") for key in keys)
     options = {"add_pooling_layer": has_pooler}
-    if any(key.endswith("embeddings.mask_token") for key in keys):
+    if has_mask_token or mask_token:
         options["use_mask_token"] = True
     return options, untrained + (["pooler."] if has_pooler else [])
 
@@ -275,6 +307,7 @@ def folder_model_type(folder: str | os.PathLike) -> str | None:
 
 __all__ = [
     "FAMILIES",
+    "MASKABLE",
     "TransformersBackbone",
     "accepted_models_text",
     "check_vision_config",

@@ -104,12 +104,20 @@ def _quiet_transformers_loading():
             transformers.logging.enable_progress_bar()
 
 
-def load_checked(model_class, name_or_path: str, *, dropped_prefixes: tuple[str, ...] = (), **kwargs) -> nn.Module:
+def load_checked(
+    model_class,
+    name_or_path: str,
+    *,
+    dropped_prefixes: tuple[str, ...] = (),
+    new_tensors: tuple[str, ...] = (),
+    **kwargs,
+) -> nn.Module:
     """`model_class.from_pretrained(name_or_path, **kwargs)` in fp32, then every tensor checked.
 
     Returns the model when each of its tensors came from the checkpoint (the checkpoint's tensors
     compared by value) and each of the checkpoint's tensors went into it, except those under
-    `dropped_prefixes` (task heads), which are logged.
+    `dropped_prefixes` (task heads), which are logged. `new_tensors` are parts the caller adds to the
+    architecture on purpose (a mask token for masked patches) and initialises itself.
 
     Raises:
         WeightLoadingError: missing, unexpected or mis-shaped tensors, or tensors whose values differ
@@ -126,7 +134,9 @@ def load_checked(model_class, name_or_path: str, *, dropped_prefixes: tuple[str,
     unexpected = sorted(key for key in info["unexpected_keys"] if not _dropped(key, prefix, dropped_prefixes))
     dropped = sorted(set(info["unexpected_keys"]) - set(unexpected))
     problems = {
-        "missing from the checkpoint (they would start from random init)": sorted(info["missing_keys"]),
+        "missing from the checkpoint (they would start from random init)": sorted(
+            set(info["missing_keys"]) - set(new_tensors)
+        ),
         "in the checkpoint but not in the model": unexpected,
         "of a different shape": [f"{key} {tuple(a)} vs {tuple(b)}" for key, a, b in sorted(info["mismatched_keys"])],
         "not equal to the checkpoint's after loading": _differing(

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import glob
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +22,10 @@ import yaml
 from accelerate.utils import LoggerType
 from transformers import HfArgumentParser
 
+from ..models.backbones import MASKED_PATCH_MODELS
 from ..models.configuration_dino import PRESETS, DinoConfig
 from ..models.references import TIMM_PREFIX, is_external_timm_name, is_hub_id
-from ..models.transformers_backbone import FAMILIES, accepted_models_text, check_vision_config
+from ..models.transformers_backbone import FAMILIES, MASKABLE, accepted_models_text, check_vision_config
 from .checkpoints import checkpoint_holding, is_checkpoint, named_checkpoint
 from .init_checkpoint import take_architecture
 from .loss import CENTERINGS
@@ -144,6 +146,32 @@ class DinoTrainingArguments:
         },
     )
 
+    # ---- iBOT masked-patch loss (DINOv2 Sec. 3), off by default ------------------------------
+    ibot_loss_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of iBOT's masked-patch loss beside the DINO loss (DINOv2: 1.0): the student's global "
+            "crops are block-masked with the backbone's mask token and its patch tokens predict the teacher's "
+            "at the masked patches. Needs a ViT with a mask token (a DinoModel, or a transformers vit, deit, "
+            "dinov2, dinov2_with_registers or dinov3_vit checkpoint); 0 turns it off."
+        },
+    )
+    mask_ratio_min_max: list[float] = field(
+        default_factory=lambda: [0.1, 0.5],
+        metadata={"help": "Range of the fraction of patches a masked global crop hides (DINOv2: 0.1 0.5)."},
+    )
+    mask_sample_probability: float = field(
+        default=0.5,
+        metadata={"help": "Fraction of the global crops of a batch that are masked (DINOv2: 0.5)."},
+    )
+    ibot_separate_head: bool = field(
+        default=False,
+        metadata={
+            "help": "Send the masked patch tokens through a head of their own, of the DINO head's shape (DINOv3); "
+            "off, they share the DINO head (DINOv2)."
+        },
+    )
+
     # ---- anchoring to the starting weights (continued pretraining), off by default ------------
     gram_loss_weight: float = field(
         default=0.0,
@@ -156,11 +184,39 @@ class DinoTrainingArguments:
         default=0,
         metadata={"help": "Steps over which the Gram loss weight ramps linearly from 0 (0: full weight at once)."},
     )
-    gram_teacher: Literal["start"] = field(
+    gram_teacher: Literal["start", "ema"] = field(
         default="start",
         metadata={
-            "help": "The Gram teacher: 'start', a frozen copy of the backbone taken before the first step "
-            "(saved with every checkpoint, so that a resumed run anchors to the same weights)."
+            "help": "The Gram teacher: 'start', a frozen copy of the backbone taken before the first step (continued "
+            "pretraining); or 'ema' (DINOv3), a snapshot of the EMA teacher's backbone taken at --gram_start_step "
+            "and refreshed every --gram_update_steps; the Gram loss is off before the first snapshot. Saved with "
+            "every checkpoint, so that a resumed run has the same Gram teacher."
+        },
+    )
+    gram_start_step: int = field(
+        default=0,
+        metadata={
+            "help": "--gram_teacher ema: the step before which the first snapshot of the EMA teacher is taken "
+            "(DINOv3: 1M iterations); the Gram loss and its warm-up start there."
+        },
+    )
+    gram_update_steps: int = field(
+        default=0,
+        metadata={
+            "help": "--gram_teacher ema: refresh the snapshot every N steps after the first (DINOv3: 10000); 0 never "
+            "refreshes it."
+        },
+    )
+    gram_max_updates: int | None = field(
+        default=None,
+        metadata={"help": "--gram_teacher ema: refresh it at most this many times (DINOv3: 3); unset: no limit."},
+    )
+    gram_teacher_resolution_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "DINOv3's high-resolution Gram teacher: it sees the global crops resized by this factor "
+            "(bicubic), its patch-token map resized (bicubic) to the student's grid (DINOv3: 2.0); 1.0 is off. "
+            "The crops' size times it must be a size the backbone takes (a multiple of a ViT's patch size)."
         },
     )
     gram_remove_neg: bool = field(
@@ -345,6 +401,7 @@ class DinoTrainingArguments:
         self.color_jitter = [float(x) for x in self.color_jitter]
         self.blur_sigma = [float(x) for x in self.blur_sigma]
         self.blur_p = [float(x) for x in self.blur_p]
+        self.mask_ratio_min_max = [float(x) for x in self.mask_ratio_min_max]
         if self.init_from_checkpoint:
             take_architecture(self)  # the networks to build are the checkpoint's
         validate(self)
@@ -352,6 +409,11 @@ class DinoTrainingArguments:
     @property
     def checkpoint_every_epoch(self) -> bool:
         return self.checkpointing_steps == "epoch"
+
+    @property
+    def gram_teacher_crops_size(self) -> int:
+        """The side of the global crops the Gram teacher sees (`--gram_teacher_resolution_scale`)."""
+        return round(self.global_crops_size * self.gram_teacher_resolution_scale)
 
     def to_dict(self) -> dict:
         """The resolved configuration, secrets removed: what is saved next to every checkpoint."""
@@ -380,6 +442,14 @@ def check_crop_sizes(args: DinoTrainingArguments, patch_size: int | None) -> Non
             below = size - size % patch_size
             examples = f"{below} or {below + patch_size}" if below else str(patch_size)
             _fail(name, size, f"a multiple of the backbone's patch size {patch_size}, e.g. {examples}")
+    size, scale = args.gram_teacher_crops_size, args.gram_teacher_resolution_scale
+    if args.gram_loss_weight and scale != 1 and size % patch_size:
+        _fail(
+            "gram_teacher_resolution_scale",
+            scale,
+            f"the Gram teacher's crops of {args.global_crops_size} x {scale:g} = {size} px must be a multiple of the "
+            f"backbone's patch size {patch_size}; e.g. 2.0 gives {2 * args.global_crops_size}",
+        )
 
 
 def validate(args: DinoTrainingArguments) -> None:
@@ -392,7 +462,9 @@ def validate(args: DinoTrainingArguments) -> None:
     _validate_ranges(args)
     _validate_optimiser_options(args)
     _validate_choices(args)
+    _validate_gram(args)
     _validate_model(args)
+    _validate_ibot(args)
     _validate_data(args)
     if args.push_to_hub and not args.hub_model_id:
         _fail("hub_model_id", None, "a repository id such as org/dino-vits16 (required by --push_to_hub)")
@@ -434,6 +506,7 @@ def _validate_ranges(args: DinoTrainingArguments) -> None:
         "gram_loss_weight",
         "gram_warmup_steps",
         "anchor_cosine_weight",
+        "ibot_loss_weight",
     )
     for name in non_negative:
         if getattr(args, name) < 0:
@@ -517,8 +590,6 @@ def _validate_choices(args: DinoTrainingArguments) -> None:
         )
     if args.augment_on not in ("cpu", "gpu"):
         _fail("augment_on", args.augment_on, "cpu or gpu")
-    if args.gram_teacher != "start":
-        _fail("gram_teacher", args.gram_teacher, "start (a frozen copy of the backbone before the first step)")
     if args.optimizer not in OPTIMIZERS:
         _fail("optimizer", args.optimizer, f"one of {', '.join(OPTIMIZERS)}")
     if args.mixed_precision not in (None, "no", "fp16", "bf16"):
@@ -538,6 +609,99 @@ def _validate_choices(args: DinoTrainingArguments) -> None:
             output_dir=Path(args.output_dir),
             also_accepted="'latest' (the newest valid checkpoint under --output_dir)",
         )
+
+
+def _validate_gram(args: DinoTrainingArguments) -> None:
+    """Gram anchoring's options (docs/recipe.md#gram-anchoring): the EMA Gram teacher's schedule only
+    with `--gram_teacher ema`, the high-resolution Gram teacher only with the Gram loss."""
+    if args.gram_teacher not in ("start", "ema"):
+        _fail("gram_teacher", args.gram_teacher, "start (a frozen copy of the backbone before the first step) or ema")
+    for name in ("gram_start_step", "gram_update_steps", "gram_max_updates"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            _fail(name, value, "a number of steps >= 0")
+    if args.gram_teacher == "ema":
+        if not args.gram_loss_weight:
+            _fail("gram_teacher", "ema", "the EMA Gram teacher serves the Gram loss: set --gram_loss_weight > 0")
+        if args.anchor_cosine_weight:
+            _fail(
+                "anchor_cosine_weight",
+                args.anchor_cosine_weight,
+                "0 with --gram_teacher ema: the cosine term anchors to the start (--gram_teacher start)",
+            )
+        if args.gram_max_updates is not None and not args.gram_update_steps:
+            _fail("gram_max_updates", args.gram_max_updates, "set together with --gram_update_steps N (the refreshes)")
+    else:
+        for name, unset in (("gram_start_step", 0), ("gram_update_steps", 0), ("gram_max_updates", None)):
+            if getattr(args, name) != unset:
+                _fail(
+                    name,
+                    getattr(args, name),
+                    "left unset with --gram_teacher start (taken once, before the first step); it schedules the "
+                    "snapshots of --gram_teacher ema",
+                )
+    scale = args.gram_teacher_resolution_scale
+    if scale != 1:
+        if scale < 1 or not args.gram_loss_weight or args.anchor_cosine_weight:
+            _fail(
+                "gram_teacher_resolution_scale",
+                scale,
+                "a factor >= 1 (DINOv3: 2.0) with --gram_loss_weight > 0 and --anchor_cosine_weight 0 (the cosine "
+                "term compares features at the student's resolution); 1.0 turns it off",
+            )
+        if not math.isclose(args.global_crops_size * scale, args.gram_teacher_crops_size, abs_tol=1e-6):
+            _fail(
+                "gram_teacher_resolution_scale",
+                scale,
+                f"a factor that makes the {args.global_crops_size} px global crops a whole number of pixels "
+                f"(x {scale:g} gives {args.global_crops_size * scale:g}), e.g. 2.0",
+            )
+
+
+def _validate_ibot(args: DinoTrainingArguments) -> None:
+    """iBOT's options: the mask settings, at least one masked crop per micro-batch, and a backbone with a
+    mask token (what can be told from the arguments and a folder's config.json; `build_backbone`
+    refuses the rest)."""
+    if not args.ibot_loss_weight:
+        if args.ibot_separate_head:
+            _fail("ibot_separate_head", True, "set together with --ibot_loss_weight > 0 (it is iBOT's patch head)")
+        return
+    ratio = args.mask_ratio_min_max
+    if len(ratio) != 2 or not 0 <= ratio[0] <= ratio[1] <= 1:
+        _fail("mask_ratio_min_max", ratio, "two fractions 0 <= min <= max <= 1 of a crop's patches, e.g. 0.1 0.5")
+    probability, crops = args.mask_sample_probability, 2 * args.per_device_train_batch_size
+    if not 0 < probability <= 1 or int(crops * probability) < 1:
+        _fail(
+            "mask_sample_probability",
+            probability,
+            f"a fraction in (0, 1] that masks at least one of the {crops} global crops of a micro-batch "
+            f"(int({crops} x p) >= 1, so p >= {1 / crops:g} with --per_device_train_batch_size "
+            f"{args.per_device_train_batch_size}); DINOv2 uses 0.5",
+        )
+    unmaskable = _unmaskable_backbone(args)
+    if unmaskable:
+        raise ValueError(
+            f"--ibot_loss_weight={args.ibot_loss_weight!r} is not valid with {unmaskable}: iBOT replaces masked "
+            f"patches by the backbone's mask token, which it has not; use {MASKED_PATCH_MODELS}"
+        )
+
+
+def _unmaskable_backbone(args: DinoTrainingArguments) -> str | None:
+    """What the run's backbone is when it is known to have no mask token (a timm model, a CNN or Swin of
+    transformers), else None."""
+    spec = model_spec(args)
+    if spec.startswith(TIMM_PREFIX):
+        return f"the timm model {spec}"
+    config_file = Path(spec) / "config.json"
+    if not (os.path.isdir(spec) and config_file.is_file()):
+        return None
+    config = json.loads(config_file.read_text())
+    if "architecture" in config:
+        return f"the timm model in {spec}"
+    model_type = config.get("model_type")
+    if model_type not in (*MASKABLE, DinoConfig.model_type):
+        return f"the {model_type} model in {spec}"
+    return None
 
 
 # The backbone trained when neither --model_name_or_path nor --backbone is given.

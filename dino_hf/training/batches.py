@@ -59,7 +59,8 @@ class DeviceBatches:
     run makes the same batches with and without the overlap (`prefetch=False`).
 
     Each item is `(crops, batch)`: the crops on the device, `[global 1, global 2, local ...]`, and
-    the loader's batch (its `ids`, `skipped` and `stream_retries`). The crops of `multicrop` draw
+    the loader's batch (its `ids`, `skipped` and `stream_retries`; with iBOT, its `masks` on the device,
+    copied like the crops). The crops of `multicrop` draw
     from a generator seeded by the step and the process, so that a resumed run makes the same ones
     without saved state. `state_dict()` is the position after the last batch handed out: a
     prefetched batch is not counted, and a resumed run reads it again.
@@ -93,8 +94,8 @@ class DeviceBatches:
         if ready is not None:
             stream = torch.cuda.current_stream(self.device)
             stream.wait_event(ready)
-            for crop in crops:  # made on the side stream, used on this one
-                crop.record_stream(stream)
+            for tensor in [*crops, *batch.get("masks", ())]:  # made on the side stream, used on this one
+                tensor.record_stream(stream)
         self.step += 1
         return crops, batch
 
@@ -104,6 +105,8 @@ class DeviceBatches:
         context = torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
         with context:
             crops = [crop.to(self.device, non_blocking=True) for crop in batch["crops"]]
+            if "masks" in batch:  # iBOT's masks (`PatchMasks`), drawn by the workers
+                batch = {**batch, "masks": batch["masks"].to(self.device, non_blocking=True)}
             if self.multicrop is not None:
                 self._generator.manual_seed(self.seed * 1_000_003 + self.process_index * 10_007 + step)
                 crops = self.multicrop(crops[0], self._generator)

@@ -13,10 +13,12 @@ Files: `student.safetensors`, `teacher.safetensors`, `dino_loss.safetensors` (th
 and `data_state_<rank>.pt` (one per process: its RNG states and its position in the data stream),
 `trainer_state.json` (step, counters, `num_processes`), `training_args.json` (the resolved
 configuration, without secrets), `teacher_backbone/` (the exported model folder) and
-`manifest.json`; with anchoring on, also `gram_teacher.safetensors` (the frozen starting backbone,
-`dino_hf.training.anchor`; optional, so checkpoints without it load). Weights and optimiser state
-are whole (gathered from the shards under FSDP, `dino_hf.training.sharding`), so a checkpoint
-resumes with any number of processes and under FSDP or not. What goes into the files is gathered by
+`manifest.json`; with anchoring on, also `gram_teacher.safetensors` (the Gram teacher: the frozen
+starting backbone or the EMA teacher's last snapshot, with the step it was taken at, `snapshot_step`;
+`dino_hf.training.anchor`; optional, so checkpoints without it load); with iBOT on, also
+`ibot_loss.safetensors` (the patch center, `dino_hf.training.ibot`; optional likewise). Weights and
+optimiser state are whole (gathered from the shards under FSDP, `dino_hf.training.sharding`), so a
+checkpoint resumes with any number of processes and under FSDP or not. What goes into the files is gathered by
 `dino_hf.training.saving`; the data position by `dino_hf.training.batches.EndlessBatches`.
 """
 
@@ -46,8 +48,11 @@ REQUIRED_FILES = (
     "training_args.json",
 )
 MANIFEST = "manifest.json"
-# The anchor's weights (`dino_hf.training.anchor.Anchor`), written only by runs with anchoring on.
+# The anchor's weights and snapshot step (`dino_hf.training.anchor.Anchor`), written only by runs with
+# anchoring on.
 ANCHOR_FILE = "gram_teacher.safetensors"
+# iBOT's loss state, the patch center (`dino_hf.training.ibot.IBotLoss`), written only by runs with iBOT on.
+IBOT_FILE = "ibot_loss.safetensors"
 # What a failed write raises (a full disk, a read-only folder, a file size limit): OSError from open
 # and write, RuntimeError from torch.save, SafetensorError from safetensors.
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
@@ -160,9 +165,10 @@ def write_shared_state(
     trainer_state: dict,
     training_args: dict,
     anchor_state: dict | None = None,
+    ibot_state: dict | None = None,
 ) -> None:
     """Write the state that all processes share (called on the main process only); `anchor_state`: the
-    anchor's weights, when the run has one."""
+    anchor's weights, when the run has one; `ibot_state`: the iBOT loss's (its patch center), likewise."""
     folder.mkdir(parents=True, exist_ok=True)
     save_file(_contiguous(student_state), folder / "student.safetensors")
     save_file(_contiguous(teacher_state), folder / "teacher.safetensors")
@@ -172,6 +178,8 @@ def write_shared_state(
         torch.save(scaler_state, folder / "scaler.pt")
     if anchor_state is not None:
         save_file(_contiguous(anchor_state), folder / ANCHOR_FILE)
+    if ibot_state is not None:
+        save_file(_contiguous(ibot_state), folder / IBOT_FILE)
     (folder / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2, sort_keys=True) + "\n")
     (folder / "training_args.json").write_text(json.dumps(training_args, indent=2, sort_keys=True) + "\n")
 
@@ -234,8 +242,7 @@ def check_checkpoint(folder: Path) -> None:
         if path.stat().st_size != size:
             raise CheckpointError(f"{path} has {path.stat().st_size} bytes, {size} were written: it is damaged")
     weight_files = ["student.safetensors", "teacher.safetensors", "dino_loss.safetensors"]
-    if ANCHOR_FILE in sizes:
-        weight_files.append(ANCHOR_FILE)
+    weight_files += [name for name in (ANCHOR_FILE, IBOT_FILE) if name in sizes]
     for name in weight_files:
         try:
             with safe_open(folder / name, framework="pt") as handle:
@@ -388,6 +395,7 @@ def load_checkpoint(folder: Path, rank: int) -> dict:
         "rng": None,
         "data": None,
         "anchor": load_file(folder / ANCHOR_FILE) if (folder / ANCHOR_FILE).is_file() else None,
+        "ibot_loss": load_file(folder / IBOT_FILE) if (folder / IBOT_FILE).is_file() else None,
     }
     if (folder / "scaler.pt").is_file():
         state["scaler"] = torch.load(folder / "scaler.pt", map_location="cpu", weights_only=True)
@@ -400,6 +408,7 @@ def load_checkpoint(folder: Path, rank: int) -> dict:
 
 __all__ = [
     "ANCHOR_FILE",
+    "IBOT_FILE",
     "CheckpointError",
     "WRITE_ERRORS",
     "check_checkpoint",

@@ -14,40 +14,64 @@ import os
 import sys
 import threading
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
+import accelerate
+import accelerate.state
 import huggingface_hub.utils
 import transformers
 
 LOG_FILE_NAME = "train.log"
 
 
+def accelerate_main_process() -> bool | None:
+    """Whether this is the run's main process; None while the run's Accelerator does not exist yet
+    (asking Accelerate earlier would set up its process state before the trainer does, and wrongly:
+    a CPU run of several processes is declared by the Accelerator)."""
+    if not accelerate.state.is_initialized():
+        return None
+    return accelerate.PartialState().is_main_process
+
+
 class RunLog:
-    """The log file of a run: whole lines, as a terminal would show them.
+    """The log file of a run, written by its main process: whole lines, as a terminal shows them.
 
     A carriage return starts its line again (a progress bar redraws itself with one), so the file
-    keeps a bar's last state, once, when its line ends. The file (and its folder) is made at the first
-    line, and appended to: a resumed run goes on in the same file. A failed write (a full disk) stops
-    the log, never the run.
+    keeps a bar's last state, once, when its line ends. Lines printed before `main_process()` knows
+    the answer wait in memory. The file, and its folder, are made at the first line after that, and
+    appended to: a resumed run goes on in the same file. A failed write (a full disk) stops the log,
+    never the run.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, main_process: Callable[[], bool | None] = accelerate_main_process):
         self.path = Path(path)
+        self.main_process = main_process
         self.file: TextIO | None = None
-        self._failed = False
+        self._waiting: list[str] = []
+        self._off = False
 
     def write_line(self, line: str) -> None:
-        if self._failed:
+        if self._off:
             return
+        self._waiting.append(line)
+        if self.file is None:
+            main = self.main_process()
+            if main is None:
+                return
+            if not main:
+                self._off, self._waiting = True, []
+                return
         try:
             if self.file is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (open for the whole run)
-            self.file.write(line)
+            self.file.write("".join(self._waiting))
             self.file.flush()
         except (OSError, ValueError):
-            self._failed = True
+            self._off = True
+        self._waiting = []
 
     def close(self) -> None:
         if self.file is not None:
@@ -78,15 +102,22 @@ class ConsoleStream:
     def write(self, text: str) -> int:
         with self._lock:
             if self.terminal_alive:
-                try:
-                    self.terminal.write(text)
-                    if "\n" in text:
-                        self.terminal.flush()
-                except (OSError, ValueError):
-                    self.terminal_alive = False
+                self._to_terminal(text)
             if self.log is not None:
                 self._log(text)
         return len(text)
+
+    def _to_terminal(self, text: str) -> None:
+        try:
+            try:
+                self.terminal.write(text)
+            except UnicodeEncodeError:  # a character the terminal's encoding lacks: replaced there only
+                encoding = self.terminal.encoding or "ascii"
+                self.terminal.write(text.encode(encoding, "replace").decode(encoding))
+            if "\n" in text:
+                self.terminal.flush()
+        except (OSError, ValueError):
+            self.terminal_alive = False
 
     def _log(self, text: str) -> None:
         *lines, self._line = (self._line + text).split("\n")
@@ -144,7 +175,7 @@ os.register_at_fork(after_in_child=_new_locks_after_fork)
 
 class RunConsole:
     """`sys.stdout` and `sys.stderr` as `ConsoleStream`s while it is entered; `log_to(path)` starts
-    the log file (on the main process).
+    the log file.
 
     Python's logging handlers that hold the original streams (transformers', datasets', the Hub's)
     are pointed at the console streams too: a handler whose write fails prints a traceback to
@@ -236,4 +267,11 @@ def quiet_transformers_progress() -> None:
         huggingface_hub.utils.enable_progress_bars()
 
 
-__all__ = ["LOG_FILE_NAME", "ConsoleStream", "RunConsole", "RunLog", "quiet_transformers_progress"]
+__all__ = [
+    "LOG_FILE_NAME",
+    "ConsoleStream",
+    "RunConsole",
+    "RunLog",
+    "accelerate_main_process",
+    "quiet_transformers_progress",
+]

@@ -10,6 +10,7 @@ Sinkhorn-Knopp centering of the teacher (`DinoLoss(centering="sinkhorn_knopp")`,
 and the KoLeo regulariser of the student's features (`koleo_loss`).
 """
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -168,7 +169,9 @@ class DinoLoss(nn.Module):
 
 
 @torch.no_grad()
-def sinkhorn_knopp(teacher_output: torch.Tensor, teacher_temp: float, n_iterations: int = 3) -> torch.Tensor:
+def sinkhorn_knopp(
+    teacher_output: torch.Tensor, teacher_temp: float, n_iterations: int = 3, valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """Teacher distributions by Sinkhorn-Knopp normalisation over the batch, in place of the running
     center (DINOv2, Oquab et al. 2023, Sec. 4; `dinov2/loss/dino_clstoken_loss.py:
     DINOLoss.sinkhorn_knopp_teacher`, after SwAV, Caron et al. 2020).
@@ -185,6 +188,10 @@ def sinkhorn_knopp(teacher_output: torch.Tensor, teacher_temp: float, n_iteratio
             crops' rows).
         teacher_temp (`float`): teacher temperature of this step.
         n_iterations (`int`, defaults to 3): Sinkhorn-Knopp iterations (DINOv2's 3).
+        valid (`torch.Tensor` of shape `(B,)`, bool, optional): the rows that take part (iBOT's masked
+            patches; the others are padding of a fixed-shape batch): the other rows get no mass and
+            come back as zeros, and B_all counts the valid rows of all processes, as a tensor (no
+            host read). A batch without valid rows gives zeros.
 
     Returns:
         `torch.Tensor` of shape `(B, K)`: the teacher distributions, each row summing to 1, in float32
@@ -193,6 +200,8 @@ def sinkhorn_knopp(teacher_output: torch.Tensor, teacher_temp: float, n_iteratio
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     world_size = torch.distributed.get_world_size() if distributed else 1
     logits = teacher_output.to(torch.promote_types(teacher_output.dtype, torch.float32)) / teacher_temp  # (B, K)
+    if valid is not None:
+        logits = logits.masked_fill(~valid[:, None], torch.finfo(logits.dtype).min)  # no part in the largest logit
     # Each prototype's largest logit over the batch is taken out so that exp cannot overflow; the first
     # row normalisation divides that factor out again, so the result is the formula's.
     row_max = logits.max(dim=0, keepdim=True).values  # (1, K)
@@ -200,17 +209,28 @@ def sinkhorn_knopp(teacher_output: torch.Tensor, teacher_temp: float, n_iteratio
         torch.distributed.all_reduce(row_max, op=torch.distributed.ReduceOp.MAX)
     q = torch.exp(logits - row_max).t()  # (K, B)
     prototypes, samples = q.shape[0], q.shape[1] * world_size
+    floor = _no_floor
+    if valid is not None:
+        q = q * valid.to(q.dtype)  # (K, B): the padding rows get no mass
+        samples = valid.to(q.dtype).sum()
+        if distributed:
+            torch.distributed.all_reduce(samples)
+        floor = functools.partial(torch.clamp_min, min=torch.finfo(q.dtype).tiny)  # empty columns stay 0, not NaN
     total = q.sum()
     if distributed:
         torch.distributed.all_reduce(total)
-    q = q / total
+    q = q / floor(total)
     for _ in range(n_iterations):
         rows = q.sum(dim=1, keepdim=True)  # (K, 1): each prototype's weight, to become 1 / K
         if distributed:
             torch.distributed.all_reduce(rows)
-        q = q / rows / prototypes
-        q = q / q.sum(dim=0, keepdim=True) / samples  # each sample's weight, to become 1 / B_all
+        q = q / floor(rows) / prototypes
+        q = q / floor(q.sum(dim=0, keepdim=True)) / floor(samples)  # each sample's weight, to become 1 / B_all
     return (q * samples).t()  # (B, K)
+
+
+def _no_floor(value: torch.Tensor) -> torch.Tensor:
+    return value
 
 
 def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

@@ -24,14 +24,20 @@ def build_student_teacher(args: DinoTrainingArguments) -> tuple[MultiCropWrapper
     alone for `head_warmup_steps` before the backbone joins, so that a random head does not wreck
     the features. Presets and timm names start from random weights: no warm-up.
 
+    With iBOT on (`--ibot_loss_weight`), the backbone has a trained mask token, and with
+    `--ibot_separate_head` the student has a second head of the same shape for the patch tokens
+    (`MultiCropWrapper.ibot_head`, DINOv3); the teacher copies both.
+
     Raises:
-        ValueError: the crop sizes are not multiples of the backbone's patch size.
+        ValueError: the crop sizes are not multiples of the backbone's patch size; iBOT on a backbone
+            without a mask token (a timm model, a CNN).
     """
     spec = model_spec(args)
     head_state = None
+    mask_token = args.ibot_loss_weight > 0
     if spec.endswith((".pth", ".pt", ".safetensors")) and os.path.isfile(spec):
         imported = dino_from_reference(load_checkpoint_file(spec), drop_path_rate=args.drop_path_rate)
-        backbone = build_backbone(imported.model)
+        backbone = build_backbone(imported.model, mask_token=mask_token)
         head_state = imported.head_state_dict
     else:
         # A timm model named by --model_name_or_path comes with its trained weights; by --backbone, without.
@@ -41,12 +47,22 @@ def build_student_teacher(args: DinoTrainingArguments) -> tuple[MultiCropWrapper
             drop_path_rate=args.drop_path_rate,
             image_size=args.global_crops_size,
             pretrained=from_timm_weights,
+            mask_token=mask_token,
             **preset_overrides(args),
         )
     pretrained = has_trained_weights(args)
     _check_input_sizes(args, backbone)
-    head = DinoHead(
-        backbone.num_features,
+    head = _head(args, backbone.num_features)
+    if head_state is not None:
+        head.load_state_dict(head_state)
+    ibot_head = _head(args, backbone.num_features) if mask_token and args.ibot_separate_head else None
+    student = MultiCropWrapper(backbone, head, ibot_head)
+    return student, build_teacher(student), pretrained and head_state is None
+
+
+def _head(args: DinoTrainingArguments, in_dim: int) -> DinoHead:
+    return DinoHead(
+        in_dim,
         args.out_dim,
         use_bn=args.use_bn_in_head,
         norm_last_layer=args.norm_last_layer,
@@ -54,10 +70,6 @@ def build_student_teacher(args: DinoTrainingArguments) -> tuple[MultiCropWrapper
         hidden_dim=args.head_hidden_dim,
         bottleneck_dim=args.head_bottleneck_dim,
     )
-    if head_state is not None:
-        head.load_state_dict(head_state)
-    student = MultiCropWrapper(backbone, head)
-    return student, build_teacher(student), pretrained and head_state is None
 
 
 def has_trained_weights(args: DinoTrainingArguments) -> bool:

@@ -7,7 +7,7 @@ become step counts here, once, from the number of images an epoch holds and the 
 
 from dataclasses import dataclass
 
-from .anchor import gram_weight_at
+from .anchor import GramSnapshots, gram_weight_at
 from .arguments import DinoTrainingArguments
 from .schedules import (
     backbone_lr_factor_at,
@@ -35,6 +35,7 @@ class TrainingPlan:
     head_warmup_steps: int
     backbone_warmup_steps: int  # the backbone's own lr warm-up, after the head warm-up
     checkpoint_every: int
+    gram_snapshots: GramSnapshots | None = None  # when the EMA Gram teacher is taken (--gram_teacher ema)
 
     @classmethod
     def from_args(
@@ -66,11 +67,13 @@ class TrainingPlan:
             head_warmup_steps=head_warmup_steps,
             backbone_warmup_steps=backbone_warmup_steps,
             checkpoint_every=iterations if args.checkpoint_every_epoch else int(args.checkpointing_steps),
+            gram_snapshots=GramSnapshots.from_args(args),
         )
 
     def schedule(self, step: int) -> dict[str, float]:
         """The schedules' values at `step`: lr, weight decay, teacher momentum and temperature, the
-        Gram loss weight when Gram anchoring is on, and the backbone's lr factor when the backbone
+        Gram loss weight when Gram anchoring is on (0 before the first snapshot of an EMA Gram
+        teacher, `GramSnapshots`), and the backbone's lr factor when the backbone
         has a schedule of its own (a head warm-up or a backbone warm-up)."""
         args = self.args
         values = {
@@ -82,7 +85,9 @@ class TrainingPlan:
             ),
         }
         if args.gram_loss_weight:
-            values["gram_weight"] = gram_weight_at(step, args.gram_warmup_steps, args.gram_loss_weight)
+            values["gram_weight"] = gram_weight_at(
+                step, args.gram_warmup_steps, args.gram_loss_weight, start_step=args.gram_start_step
+            )
         if self.head_warmup_steps or self.backbone_warmup_steps:
             values["backbone_lr_factor"] = backbone_lr_factor_at(
                 step, self.head_warmup_steps, self.backbone_warmup_steps
@@ -98,6 +103,7 @@ class TrainingPlan:
             "freeze_backbone": step < self.head_warmup_steps,
             "koleo_weight": self.args.koleo_weight,
             "anchor_cosine_weight": self.args.anchor_cosine_weight,
+            "ibot_weight": self.args.ibot_loss_weight,
             # The diagnostics are only read when the step after this one is logged.
             "diagnostics": (step + 1) % self.args.logging_steps == 0 or step + 1 == self.last_step,
         }

@@ -14,7 +14,8 @@ class PreemptionSignals:
 
     Schedulers and terminals signal every process of the job; the loader's workers ignore these
     signals (`data.ignore_stop_signals`), so that the main process stops them itself once the
-    checkpoint is written.
+    checkpoint is written. A `| tee` that the same signal stopped takes the run's stdout with it;
+    `console.RunConsole` (scripts/pretrain.py) keeps that from stopping the run.
 
     A context manager: the previous handlers are restored on exit. Outside the main thread (where
     Python cannot install handlers) it does nothing.

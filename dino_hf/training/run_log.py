@@ -5,6 +5,8 @@ import os
 
 _LOGGED = (
     "loss",
+    "ibot",
+    "total_loss",
     "koleo",
     "gram",
     "anchor_cos",

@@ -35,8 +35,10 @@ class CheckpointWriter:
 
     `whole_teacher`: under FSDP, a whole copy of the teacher on the main process, made before the
     teacher was sharded, that gathered weights are loaded into for the k-NN and the export; otherwise
-    the teacher itself. `anchor`: the run's frozen starting backbone (`dino_hf.training.anchor`), whole
-    on every process, saved with each checkpoint; None when anchoring is off.
+    the teacher itself. `anchor`: the run's Gram teacher (`dino_hf.training.anchor`: the frozen starting
+    backbone or the EMA teacher's last snapshot), whole on every process, saved with each checkpoint;
+    None when anchoring is off. `ibot_loss`: the run's iBOT loss (its patch center), saved with each
+    checkpoint; None when iBOT is off.
     """
 
     def __init__(
@@ -53,11 +55,13 @@ class CheckpointWriter:
         batches,
         pusher: HubPusher | None,
         anchor: nn.Module | None = None,
+        ibot_loss: nn.Module | None = None,
     ):
         self.accelerator, self.args, self.plan = accelerator, args, plan
         self.student, self.teacher, self.whole_teacher = student, teacher, whole_teacher
         self.dino_loss, self.optimizer, self.batches, self.pusher = dino_loss, optimizer, batches, pusher
         self.anchor = anchor
+        self.ibot_loss = ibot_loss
         self.output_dir = Path(args.output_dir)
         self.checkpoints_dir = self.output_dir / "checkpoints"
         self.export_dir = self.output_dir / "teacher_backbone"
@@ -100,6 +104,7 @@ class CheckpointWriter:
                 trainer_state=state.to_dict(),
                 training_args=self.args.to_dict(),
                 anchor_state=self.anchor.state_dict() if self.anchor is not None else None,
+                ibot_state=self.ibot_loss.state_dict() if self.ibot_loss is not None else None,
             )
             checkpoints.finalize(staging, self.checkpoints_dir, step, self.args.checkpoints_total_limit)
 

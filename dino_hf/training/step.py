@@ -12,13 +12,16 @@ change, and `nonfinite` says so.
 """
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 from accelerate import Accelerator
 from torch import nn
 
+from ..data.masks import PatchMasks
 from ..models.heads import DinoHead
 from .anchor import COSINE, GRAM, Anchor
+from .ibot import IBOT, IBotLoss
 from .loss import DinoLoss, collapse_diagnostics, koleo_loss
 from .optimization import clip_gradients_, step_unless_
 from .teacher import ema_update_
@@ -30,7 +33,16 @@ NONFINITE_HINTS = (
 )
 # The terms a step may add to the DINO loss, in the order they are added; each is logged and checked
 # for non-finite values.
-REGULARISERS = ("koleo", GRAM, COSINE)
+REGULARISERS = (IBOT, "koleo", GRAM, COSINE)
+
+
+class IBotStep(NamedTuple):
+    """iBOT in a step: its loss (with the patch center), this step's weight, and the masks (of the
+    batch, or of one micro-batch)."""
+
+    loss: IBotLoss
+    weight: float
+    masks: PatchMasks
 
 
 def train_step(
@@ -55,6 +67,9 @@ def train_step(
     gram_weight: float = 0.0,
     anchor_cosine_weight: float = 0.0,
     diagnostics: bool = True,
+    ibot_loss: IBotLoss | None = None,
+    ibot_weight: float = 0.0,
+    masks: PatchMasks | None = None,
 ) -> dict[str, torch.Tensor]:
     """One DINO step, in the reference's order.
 
@@ -98,30 +113,56 @@ def train_step(
             there) added to the loss: `koleo_loss` of the student's backbone features of each global
             crop, summed over the 2 global crops, within each process's micro-batch as DINOv2 does
             within each GPU's batch. 0 turns it off (the paper's loss).
-        anchor (`Anchor`, optional): the frozen starting backbone (`dino_hf.training.anchor`); it sees
-            the global crops of each micro-batch and gives the terms it was built for, `gram` (DINOv3's
+        anchor (`Anchor`, optional): the frozen Gram teacher (the starting backbone, or a snapshot of
+            the EMA teacher; `dino_hf.training.anchor`); it sees the global crops of each micro-batch
+            (resized by its `resolution_scale`) and gives the terms it was built for, `gram` (DINOv3's
             Gram loss of the global crops' patch tokens) and / or `anchor_cos` (1 - cos of the global
             features). None (the default) computes neither (the paper's loss).
         gram_weight, anchor_cosine_weight (`float`, defaults to 0.0): this step's weights of the
             anchor's `gram` and `anchor_cos` terms in the objective (0 at the start of the Gram warm-up:
             the term is still computed and reported). A weight above 0 needs an anchor with that term.
+        ibot_loss (`IBotLoss`, optional): iBOT's masked-patch loss (`dino_hf.training.ibot`) with its
+            patch center, which is updated after the loss like the DINO center (once per step, with all
+            micro-batches' masked patches; not on a skipped step). None (the default) is the paper's loss.
+        ibot_weight (`float`, defaults to 0.0): its weight in the objective (DINOv2: 1.0); it needs
+            `ibot_loss`.
+        masks (`PatchMasks`, optional): the batch's block masks, on the device (`batch["masks"]`), drawn
+            for `accumulation_steps` micro-batches; with `ibot_loss` the student's global crops are
+            masked, each micro-batch with its own masks, and the iBOT loss is computed per micro-batch.
 
     Returns:
         0-dim tensors on the device: `loss` (the DINO loss, averaged over the micro-batches and the
         processes), `koleo` (the KoLeo term before weighting, averaged the same way; only when
         `koleo_weight` is not 0), `gram` and `anchor_cos` (likewise, the terms the anchor computes;
-        only with an anchor), the `collapse_diagnostics`, and `nonfinite` (1.0 when the step was
-        skipped, else 0.0).
+        only with an anchor), `ibot` (the iBOT term before weighting; only with `ibot_loss`), `total_loss`
+        (the objective: `loss` plus each added term times its weight; only when a term is added), the
+        `collapse_diagnostics`, and `nonfinite` (1.0 when the step was skipped, else 0.0).
     """
     weights = _regulariser_weights(koleo_weight, anchor, gram_weight, anchor_cosine_weight)
+    ibot = _ibot_step(ibot_loss, ibot_weight, masks, accumulation_steps)
     _set_schedule(optimizer, lr, weight_decay, backbone_lr_factor)
-    totals, teacher_output = _forward_backward_batch(
-        student, teacher, dino_loss, crops, teacher_temp, accelerator, accumulation_steps, weights, anchor, diagnostics
+    totals, teacher_output, teacher_patch_output = _forward_backward_batch(
+        student,
+        teacher,
+        dino_loss,
+        crops,
+        teacher_temp,
+        accelerator,
+        accumulation_steps,
+        weights,
+        anchor,
+        diagnostics,
+        ibot,
     )
     skip = _nonfinite(totals)
     # The center moves once per optimisation step, after the loss, with the mean over the whole batch
     # (every micro-batch was scored against the same center, as with 1 x B); not after a non-finite loss.
     dino_loss.update_center(teacher_output, keep=skip)
+    if ibot is not None:  # the patch center likewise, over the masked patches of the whole batch
+        ibot.loss.update_center(teacher_patch_output, ibot.masks.weights.flatten(), keep=skip)
+    if weights or ibot is not None:
+        added = {**weights, **({IBOT: ibot.weight} if ibot is not None else {})}
+        totals["total_loss"] = totals["loss"] + sum(weight * totals[name] for name, weight in added.items())
     _prepare_gradients(student, optimizer, accelerator, clip_grad, freeze_last_layer, freeze_backbone)
     _optimise_and_follow(student, teacher, optimizer, accelerator, momentum, skip)
     totals["nonfinite"] = skip.float()
@@ -143,8 +184,29 @@ def _regulariser_weights(koleo_weight: float, anchor: Anchor | None, gram_weight
     return weights
 
 
+def _ibot_step(
+    ibot_loss: IBotLoss | None, weight: float, masks: PatchMasks | None, accumulation_steps: int
+) -> IBotStep | None:
+    """iBOT's part of the step, its inputs checked; None without an iBOT loss."""
+    if ibot_loss is None:
+        if weight or masks is not None:
+            raise ValueError(
+                "masks or an iBOT weight were given without an iBOT loss: pass ibot_loss "
+                "(dino_hf.training.ibot.build_ibot_loss, --ibot_loss_weight > 0)"
+            )
+        return None
+    if masks is None:
+        raise ValueError("an iBOT loss needs the batch's masks: pass masks=batch['masks'] (drawn by the loader)")
+    if len(masks.indices) != accumulation_steps:
+        raise ValueError(
+            f"the masks were drawn for {len(masks.indices)} micro-batches and the step makes {accumulation_steps}; "
+            "build the loader's BlockMasking with micro_batches=accumulation_steps"
+        )
+    return IBotStep(ibot_loss, weight, masks)
+
+
 def _nonfinite(totals: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Whether this step's loss (or a term added to it: KoLeo, the anchor's) is not finite, as a bool
+    """Whether this step's loss (or a term added to it: iBOT, KoLeo, the anchor's) is not finite, as a bool
     tensor on the device; the terms are means over the processes, so every process decides the same."""
     skip = ~torch.isfinite(totals["loss"])
     for name in REGULARISERS:
@@ -176,10 +238,21 @@ def _prepare_gradients(student, optimizer, accelerator, clip_grad, freeze_last_l
 
 
 def _forward_backward_batch(
-    student, teacher, dino_loss, crops, teacher_temp, accelerator, accumulation_steps, weights, anchor, diagnostics
+    student,
+    teacher,
+    dino_loss,
+    crops,
+    teacher_temp,
+    accelerator,
+    accumulation_steps,
+    weights,
+    anchor,
+    diagnostics,
+    ibot=None,
 ):
     """Forward and backward of the batch in `accumulation_steps` micro-batches (gradients synced on the
-    last one only); returns the statistics averaged over them and the teacher output of the batch."""
+    last one only); returns the statistics averaged over them, the teacher output of the batch and,
+    with iBOT, the teacher's patch outputs of all micro-batches `(accumulation_steps * M, K)` (else None)."""
     batch = crops[0].shape[0]
     if batch % accumulation_steps:
         raise ValueError(
@@ -187,12 +260,15 @@ def _forward_backward_batch(
             f"use a batch that is a multiple of {accumulation_steps}"
         )
     micro_batches = list(zip(*(crop.chunk(accumulation_steps) for crop in crops)))
-    teacher_outputs, totals = [], {}
+    micro_ibot = [None] * accumulation_steps
+    if ibot is not None:  # each micro-batch with its own masks
+        micro_ibot = [ibot._replace(masks=masks) for masks in ibot.masks.micro_batches()]
+    teacher_outputs, teacher_patch_outputs, totals = [], [], {}
     for index, micro in enumerate(micro_batches):
         last = index == len(micro_batches) - 1
         sync = contextlib.nullcontext() if last or accelerator is None else accelerator.no_sync(student)
         with sync:
-            stats, teacher_output = _forward_backward(
+            stats, teacher_output, teacher_patch_output = _forward_backward(
                 student,
                 teacher,
                 dino_loss,
@@ -203,11 +279,13 @@ def _forward_backward_batch(
                 weights,
                 anchor,
                 diagnostics,
+                micro_ibot[index],
             )
         teacher_outputs.append(teacher_output)
+        teacher_patch_outputs.append(teacher_patch_output)
         for key, value in stats.items():
             totals[key] = totals[key] + value / accumulation_steps if key in totals else value / accumulation_steps
-    return totals, torch.cat(teacher_outputs)
+    return totals, torch.cat(teacher_outputs), None if ibot is None else torch.cat(teacher_patch_outputs)
 
 
 def _set_schedule(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float, backbone_lr_factor: float) -> None:
@@ -231,26 +309,39 @@ def _unwrap(model: nn.Module, accelerator: Accelerator | None) -> nn.Module:
 
 
 def _forward_backward(
-    student, teacher, dino_loss, crops, teacher_temp, accelerator, scale, weights, anchor, diagnostics
+    student, teacher, dino_loss, crops, teacher_temp, accelerator, scale, weights, anchor, diagnostics, ibot=None
 ):
-    """Forward, loss and backward of one micro-batch; returns its statistics (0-dim tensors) and the
-    teacher output `(2 * B, K)`. `weights`: the terms added to the DINO loss (`_regulariser_weights`)."""
+    """Forward, loss and backward of one micro-batch; returns its statistics (0-dim tensors), the
+    teacher output `(2 * B, K)` and, with iBOT, the teacher's patch outputs `(M, K)` at the micro-batch's
+    masked patches (else None). `weights`: the terms added to the DINO loss (`_regulariser_weights`);
+    `ibot`: the `IBotStep` with this micro-batch's masks, or None."""
     stats = {}
     # Mixed precision covers the forwards and the loss, as the reference's autocast block.
     with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
         with torch.no_grad():
-            teacher_output = teacher(crops[:2])  # (2 * B, K): only the global crops
+            if ibot is None:
+                teacher_output, teacher_patch_output = teacher(crops[:2]), None  # (2 * B, K): the global crops
+            else:  # and (M, K) at the masked patches, of the whole crops
+                teacher_output, teacher_patch_output = teacher(crops[:2], patch_indices=ibot.masks.indices[0])
         gram = anchor is not None and anchor.gram
-        if weights:
-            # (ncrops * B, K), (ncrops * B, D) and, for the Gram loss, the first group's (2 * B, P, C)
-            outputs = student(crops, return_features=True, return_patch_tokens=gram)
-            student_output, features, patch_tokens = outputs if gram else (*outputs, None)
+        if weights or ibot is not None:
+            # (ncrops * B, K); (ncrops * B, D), for the Gram loss the first group's (2 * B, P, C) and for
+            # iBOT (M, K) at the masked patches, each or None
+            student_output, features, patch_tokens, student_patch_output = _student_outputs(
+                student, crops, bool(weights), gram, ibot
+            )
         else:
             student_output = student(crops)  # (ncrops * B, K)
         terms = dino_loss.terms(student_output, teacher_output, teacher_temp)
         if diagnostics:
             stats.update(collapse_diagnostics(terms, dino_loss.center if dino_loss.uses_center else None))
         objective = terms.loss
+        if ibot is not None:
+            value = ibot.loss(
+                student_patch_output, teacher_patch_output, ibot.masks.weights[0], teacher_temp, 2 * len(crops[0])
+            )
+            objective = objective + ibot.weight * value
+            stats[IBOT] = _mean_over_processes(value, accelerator)
         if weights:
             global_features = features[: 2 * len(crops[0])]  # (2 * B, D), as DINOv2's CLS tokens
             regularisers = _regularisers(weights, anchor, crops, global_features, patch_tokens)
@@ -262,7 +353,20 @@ def _forward_backward(
     else:
         (objective * scale).backward()
     stats = {"loss": _mean_over_processes(terms.loss, accelerator), **stats}
-    return stats, teacher_output.detach()
+    return stats, teacher_output.detach(), teacher_patch_output
+
+
+def _student_outputs(student, crops, features: bool, patch_tokens: bool, ibot: IBotStep | None) -> tuple:
+    """The student's logits of all crops and, each when asked (else None), its backbone features, the
+    first group's patch tokens and, with iBOT, the patch head's logits `(M, K)` at the masked patches of
+    the masked global crops. One backbone call per crop size serves them all."""
+    options = {"return_features": features, "return_patch_tokens": patch_tokens}
+    if ibot is not None:
+        options.update(bool_masked_pos=ibot.masks.crop_masks(), patch_indices=ibot.masks.indices[0])
+    outputs = list(student(crops, **options))
+    logits = outputs.pop(0)
+    asked = (features, patch_tokens, ibot is not None)
+    return (logits, *(outputs.pop(0) if wanted else None for wanted in asked))
 
 
 def _regularisers(weights, anchor, crops, global_features, patch_tokens) -> dict[str, torch.Tensor]:

@@ -28,9 +28,8 @@ from ..data.loader import SkipReport, build_multicrop_dataloader
 from ..data.sources import load_image_stream
 from ..evaluation.features import knn_accuracy
 from ..hub.push import HubPusher
-from ..models.configuration_dino import PRESETS
 from . import checkpoints
-from .anchor import Anchor, build_anchor
+from .anchor import SNAPSHOT_STEP, Anchor, build_anchor
 from .arguments import DinoTrainingArguments, model_spec
 from .batches import DeviceBatches, EndlessBatches
 from .collectives import on_any_process
@@ -229,12 +228,13 @@ def _start_from_checkpoint(
 
 def _build_anchor(args: DinoTrainingArguments, accelerator: Accelerator, student: nn.Module) -> Anchor | None:
     """The frozen copy of the student's backbone that `--gram_loss_weight` and `--anchor_cosine_weight`
-    anchor to, on the device (None when both are 0)."""
+    anchor to, on the device (None when both are 0); with `--gram_teacher ema` it holds the place of the
+    EMA teacher's first snapshot (`_anchor_at`)."""
     anchor = build_anchor(args, student.backbone)
     if anchor is None:
         return None
-    random_start = args.model_name_or_path is None or args.model_name_or_path in PRESETS
-    if random_start and accelerator.is_main_process:
+    random_start = not (has_trained_weights(args) or args.init_from_checkpoint)
+    if random_start and args.gram_teacher == "start" and accelerator.is_main_process:
         logger.warning(
             "anchoring is on (--gram_loss_weight %g, --anchor_cosine_weight %g) but %s starts from random "
             "weights: the student is anchored to its random init; anchoring is meant for continued "
@@ -368,7 +368,9 @@ def _load_checkpoint(run: Run, folder: Path) -> None:
     load_whole_state_dict(run.teacher, saved["teacher"])
     run.dino_loss.load_state_dict(saved["dino_loss"])
     if run.anchor is not None:
-        _load_anchor(run.anchor, saved["anchor"], folder)
+        step = saved["trainer_state"]["global_step"]
+        snapshots = run.plan.gram_snapshots
+        _load_anchor(run.anchor, saved["anchor"], folder, step, snapshots.held(step) if snapshots is not None else 0)
     load_whole_optimizer_state_dict(student, run.optimizer, saved["optimizer"])
     if saved["scaler"] is not None and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(saved["scaler"])
@@ -390,18 +392,55 @@ def _load_checkpoint(run: Run, folder: Path) -> None:
     run.writer.last = folder
 
 
-def _load_anchor(anchor: Anchor, weights: dict | None, folder: Path) -> None:
-    """The anchor the checkpoint's run started from, so that a resumed run anchors to the same weights
-    even if the source has changed since; a checkpoint of a run without anchoring has none."""
+def _load_anchor(anchor: Anchor, weights: dict | None, folder: Path, step: int, expected: int | None) -> None:
+    """The anchor of the checkpoint's run (the start, or the EMA Gram teacher's last snapshot), so that a
+    resumed run anchors to the same weights even if the source has changed since; a checkpoint of a run
+    without anchoring has none. `expected`: the step its weights must have been taken at after `step`
+    steps by this run's Gram settings (0: the start; None: no EMA snapshot yet).
+
+    Raises:
+        ValueError: the saved Gram teacher was taken at another step than this run's settings say (the
+            Gram settings changed), or an EMA snapshot is due before `step` and the checkpoint has none.
+    """
     if weights is None:
-        logger.warning(
-            "%s has no %s (its run had no anchoring): anchoring to the backbone as built now from the run's "
-            "--model_name_or_path / --backbone",
-            folder,
-            checkpoints.ANCHOR_FILE,
-        )
+        if anchor.taken_at() != expected:
+            raise ValueError(
+                f"{folder} has no {checkpoints.ANCHOR_FILE} (its run had no Gram anchoring), and this run's "
+                f"--gram_teacher ema takes its first snapshot at step {expected}, before the resumed step {step}; "
+                f"resume with --gram_start_step {step} or later"
+            )
+        if expected == 0:
+            logger.warning(
+                "%s has no %s (its run had no anchoring): anchoring to the backbone as built now from the run's "
+                "--model_name_or_path / --backbone",
+                folder,
+                checkpoints.ANCHOR_FILE,
+            )
         return
+    if SNAPSHOT_STEP not in weights:  # written before the step was saved, when the start was the only anchor
+        weights = {**weights, SNAPSHOT_STEP: torch.tensor(0)}
     anchor.load_state_dict(weights)
+    saved, wanted = ("none" if at is None else f"step {at}" for at in (anchor.taken_at(), expected))
+    if saved != wanted:
+        raise ValueError(
+            f"{folder / checkpoints.ANCHOR_FILE} holds the Gram teacher taken at {saved}, but this run's Gram "
+            f"settings (--gram_teacher, --gram_start_step, --gram_update_steps, --gram_max_updates) give {wanted} "
+            f"after {step} steps: resume with the settings of the run that wrote it (its training_args.json), or "
+            "start a new run from it with --init_from_checkpoint"
+        )
+
+
+def _anchor_at(run: Run, step: int) -> Anchor | None:
+    """The anchor that `step` trains against. With `--gram_teacher ema`, the EMA teacher's backbone is taken
+    as the Gram teacher before the steps its schedule names (`GramSnapshots`; every process, a collective
+    under FSDP), and there is none before the first snapshot: the Gram loss is off, without its forward."""
+    snapshots = run.plan.gram_snapshots
+    if run.anchor is None or snapshots is None:
+        return run.anchor
+    if snapshots.due(step):
+        run.anchor.snapshot_(run.teacher.backbone, step)
+        run.accelerator.print(f"step {step}: Gram teacher taken from the EMA teacher")
+    return run.anchor if step >= snapshots.start else None
 
 
 def train_loop(run: Run, signals: PreemptionSignals) -> str | None:
@@ -433,7 +472,7 @@ def train_loop(run: Run, signals: PreemptionSignals) -> str | None:
             crops,
             **schedule,
             accelerator=accelerator,
-            anchor=run.anchor,
+            anchor=_anchor_at(run, step),
             **plan.step_options(step),
         )
         run.nonfinite.add(step, metrics)
