@@ -280,7 +280,7 @@ def test_a_wrong_resolution_scale_is_refused_by_the_anchor():
 @pytest.mark.parametrize(
     "options, error",
     [
-        (dict(gram_teacher="ema"), "needs|serves the Gram loss"),
+        (dict(gram_teacher="ema"), "--gram_teacher='ema' .* serves the Gram loss"),
         (dict(gram_teacher="ema", gram_loss_weight=1.0, anchor_cosine_weight=0.5), "--anchor_cosine_weight"),
         (dict(gram_teacher="ema", gram_loss_weight=1.0, gram_max_updates=3), "--gram_max_updates"),
         (dict(gram_teacher="ema", gram_loss_weight=1.0, gram_start_step=-1), "--gram_start_step"),

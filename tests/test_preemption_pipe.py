@@ -55,9 +55,7 @@ def arguments(data: Path, output_dir: Path, *extra: str) -> list[str]:
 def start_piped(command: list[str], copy: Path, env: dict) -> tuple[subprocess.Popen, subprocess.Popen]:
     """`command 2>&1 | tee copy` in a process group of its own, as a shell starts a pipeline: returns
     the run and the reader; the group's id is the reader's pid."""
-    reader = subprocess.Popen(
-        ["tee", str(copy)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, process_group=0
-    )
+    reader = subprocess.Popen(["tee", str(copy)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, process_group=0)
     run = subprocess.Popen(
         command,
         env=env,
@@ -113,9 +111,7 @@ def test_one_process_piped_through_tee_checkpoints_exits_0_and_resumes(data, tmp
     assert run.returncode == 0
 
     resume = arguments(data, out, "--resume_from_checkpoint", "latest", "--max_train_steps", str(step + 1))
-    completed = subprocess.run(
-        [sys.executable, SCRIPT, *resume], env=ENV, capture_output=True, text=True, timeout=300
-    )
+    completed = subprocess.run([sys.executable, SCRIPT, *resume], env=ENV, capture_output=True, text=True, timeout=300)
     assert_resumed(completed, out, step)
 
 

@@ -3,13 +3,17 @@ import math
 
 import pytest
 import torch
+from tiny import TINY_VIT
 from torch.nn import functional as F
 
+from dino_hf.data.masks import BlockMasking
 from dino_hf.models.backbones import build_backbone
+from dino_hf.models.configuration_dino import DinoConfig
 from dino_hf.models.heads import DinoHead
 from dino_hf.models.multicrop_wrapper import MultiCropWrapper
 from dino_hf.training.anchor import Anchor
 from dino_hf.training.arguments import DinoTrainingArguments
+from dino_hf.training.ibot import IBotLoss
 from dino_hf.training.loss import DinoLoss, koleo_loss, sinkhorn_knopp
 from dino_hf.training.optimization import build_optimizer, get_param_groups
 from dino_hf.training.plan import TrainingPlan
@@ -26,15 +30,25 @@ STABILISERS = {
     "koleo": ({}, {"koleo_weight": 0.1}),
     # Anchoring to the start (the anchor, built from the student in the test, joins these options).
     "anchor": ({}, {"gram_weight": 1.0, "anchor_cosine_weight": 1.0}),
+    # DINOv3's EMA Gram teacher at twice the resolution, refreshed from the teacher before every step.
+    "gram_ema": ({}, {"gram_weight": 1.0}),
+    # iBOT's masked-patch loss, with its patch center and with Sinkhorn-Knopp (the loss and the masks,
+    # on a DinoModel with a mask token, join these options in the test).
+    "ibot": ({}, {"ibot_weight": 1.0}),
+    "ibot_sinkhorn_knopp": ({"centering": "sinkhorn_knopp"}, {"ibot_weight": 1.0}),
 }
 
 
-def setup(batch=B, **loss_options):
-    """Fixed student, a teacher that differs from it, a non-zero center and fixed crops of `batch` images."""
+def setup(batch=B, mask_token=False, **loss_options):
+    """Fixed student, a teacher that differs from it, a non-zero center and fixed crops of `batch` images.
+    `mask_token`: a DinoModel backbone with a mask token (iBOT) in place of the timm ViT."""
     torch.manual_seed(0)
-    backbone = build_backbone(
-        "timm:test_vit", drop_path_rate=0.0, image_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2
-    )
+    if mask_token:
+        backbone = build_backbone(DinoConfig(**TINY_VIT), drop_path_rate=0.0, mask_token=True)
+    else:
+        backbone = build_backbone(
+            "timm:test_vit", drop_path_rate=0.0, image_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2
+        )
     student = MultiCropWrapper(backbone, DinoHead(32, out_dim=K, hidden_dim=48, bottleneck_dim=16))
     teacher = build_teacher(student)
     with torch.no_grad():
@@ -250,9 +264,18 @@ class HostReads(torch.overrides.TorchFunctionMode):
 def test_a_steady_state_step_reads_nothing_back(optimizer_name, through_accelerator, stabiliser):
     accelerate = pytest.importorskip("accelerate")
     loss_options, step_options = STABILISERS[stabiliser]
-    student, teacher, dino_loss, crops = setup(batch=4, **loss_options)  # micro-batches of 2: KoLeo needs 2
+    ibot = "ibot_weight" in step_options
+    # micro-batches of 2: KoLeo needs 2
+    student, teacher, dino_loss, crops = setup(batch=4, mask_token=ibot, **loss_options)
     if stabiliser == "anchor":
         step_options = {**step_options, "anchor": Anchor(student.backbone, gram=True, cosine=True, remove_neg=True)}
+    if ibot:  # the masks drawn as the loader draws them, for 2 micro-batches
+        masks = BlockMasking((4, 4), micro_batches=2)(list(range(4)))
+        step_options = {**step_options, "ibot_loss": IBotLoss(K, **loss_options), "masks": masks}
+    gram_teacher = None
+    if stabiliser == "gram_ema":
+        gram_teacher = Anchor(student.backbone, gram=True, cosine=False, resolution_scale=2.0, snapshot_step=None)
+        step_options = {**step_options, "anchor": gram_teacher}
     optimizer = build_optimizer(optimizer_name, get_param_groups(student), device="cpu")
     accelerator = None
     if through_accelerator:
@@ -261,6 +284,8 @@ def test_a_steady_state_step_reads_nothing_back(optimizer_name, through_accelera
     try:
         for step in range(3):
             with HostReads() as reads:
+                if gram_teacher is not None:  # as the trainer's loop does before a refresh step
+                    gram_teacher.snapshot_(teacher.backbone, step)
                 stats = train_step(
                     student,
                     teacher,

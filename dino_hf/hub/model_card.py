@@ -19,9 +19,9 @@ from transformers import PreTrainedModel
 
 from ..convert.export import is_timm_model
 from ..models.backbones import DinoModelBackbone, TimmBackbone
-from ..models.transformers_backbone import FAMILIES, TransformersBackbone
 from ..models.modeling_dino import DinoModel
 from ..models.references import is_hub_id
+from ..models.transformers_backbone import FAMILIES, TransformersBackbone
 
 MODEL_CARD_TEMPLATE = "backbone.md"
 _SECRET_WORDS = ("token", "secret", "password")

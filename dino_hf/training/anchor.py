@@ -3,12 +3,13 @@
 DINOv3's Gram loss (Simeoni et al. 2025, Sec. 4 "Gram anchoring"; reference
 `dinov3/loss/gram_loss.py: GramLoss` with `img_level=True`) keeps the patch-to-patch similarities of
 the student's global-crop patch tokens close to those of a frozen "Gram teacher", the `Anchor` here
-(docs/recipe.md#gram-anchoring). Two Gram teachers:
+(docs/recipe.md#anchoring-to-the-start). Two Gram teachers:
 
 - `start`: a copy of the student's backbone taken before the first step, the natural Gram teacher for
   continued pretraining; a cosine term on the global feature (`anchor_cosine_loss`) may anchor to it too.
 - `ema`: DINOv3's own, a snapshot of the EMA teacher's backbone taken at a step and refreshed on a
-  schedule (`GramSnapshots`); before the first snapshot the Gram loss is off.
+  schedule (`GramSnapshots`, docs/recipe.md#ema-and-high-resolution-gram-teachers); before the first
+  snapshot the Gram loss is off.
 
 The Gram teacher may see the global crops at a higher resolution (DINOv3's high-resolution Gram
 teacher, `resolution_scale`); its patch-token map is then resized (bicubic) to the student's grid.

@@ -612,8 +612,9 @@ def _validate_choices(args: DinoTrainingArguments) -> None:
 
 
 def _validate_gram(args: DinoTrainingArguments) -> None:
-    """Gram anchoring's options (docs/recipe.md#gram-anchoring): the EMA Gram teacher's schedule only
-    with `--gram_teacher ema`, the high-resolution Gram teacher only with the Gram loss."""
+    """Gram anchoring's options (docs/recipe.md#ema-and-high-resolution-gram-teachers): the EMA Gram
+    teacher's schedule only with `--gram_teacher ema`, the high-resolution Gram teacher only with the
+    Gram loss."""
     if args.gram_teacher not in ("start", "ema"):
         _fail("gram_teacher", args.gram_teacher, "start (a frozen copy of the backbone before the first step) or ema")
     for name in ("gram_start_step", "gram_update_steps", "gram_max_updates"):

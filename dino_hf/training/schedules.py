@@ -94,8 +94,8 @@ def backbone_lr_factor_at(step: int, head_warmup_steps: int, backbone_warmup_ste
     0 to 1 over `backbone_warmup_steps` (`np.linspace(0, 1, n)[step - head_warmup_steps]`, as the lr
     warm-up), then 1. Both 0 (the paper's recipe): 1 at every step.
 
-    Continued pretraining (docs/recipe.md#layer-decay-freezing-and-the-backbone-warm-up): a backbone that joins after the head
-    warm-up starts from lr 0 rather than at the global schedule's value of that step.
+    Continued pretraining (docs/recipe.md#layer-decay-freezing-and-the-backbone-warm-up): a backbone that
+    joins after the head warm-up starts from lr 0 rather than at the global schedule's value of that step.
     """
     if step < 0 or head_warmup_steps < 0 or backbone_warmup_steps < 0:
         raise ValueError(

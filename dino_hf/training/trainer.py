@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -25,6 +26,7 @@ from ..augment.batch_multicrop import BatchMultiCrop, DecodeAndCap
 from ..augment.multicrop import MultiCropTransform
 from ..data.image_values import check_image_column
 from ..data.loader import SkipReport, build_multicrop_dataloader
+from ..data.masks import BlockMasking
 from ..data.sources import load_image_stream
 from ..evaluation.features import knn_accuracy
 from ..hub.push import HubPusher
@@ -34,6 +36,7 @@ from .arguments import DinoTrainingArguments, model_spec
 from .batches import DeviceBatches, EndlessBatches
 from .collectives import on_any_process
 from .guard import observe
+from .ibot import IBotLoss, build_ibot_loss, build_masking
 from .init_checkpoint import init_checkpoint_folder, load_start
 from .layer_decay import freeze_blocks_
 from .loss import DinoLoss
@@ -112,6 +115,7 @@ class Run:
     knn_step: int | None = None  # the step of the last k-NN measurement
     knn_stop: str | None = None  # why --stop_if_knn_drops ended the run
     anchor: Anchor | None = None
+    ibot_loss: IBotLoss | None = None
 
 
 def train(args: DinoTrainingArguments) -> TrainResult:
@@ -154,8 +158,9 @@ def prepare_run(args: DinoTrainingArguments) -> Run:
         centering=args.centering,
         sinkhorn_iterations=args.sinkhorn_iterations,
     )
+    ibot_loss = build_ibot_loss(args)  # None unless --ibot_loss_weight
     if args.init_from_checkpoint:  # before anything copies the networks (the anchor)
-        _start_from_checkpoint(args, accelerator, student, teacher, dino_loss)
+        _start_from_checkpoint(args, accelerator, student, teacher, dino_loss, ibot_loss)
         fresh_head = False
     if fresh_head and not args.head_warmup_steps and accelerator.is_main_process:
         logger.warning(
@@ -168,7 +173,7 @@ def prepare_run(args: DinoTrainingArguments) -> Run:
         f"networks: {type(student.backbone.model).__name__} student and teacher, head of {args.out_dim} prototypes"
     )
 
-    batches, samples_per_epoch, eval_sources = _build_data(args, accelerator)
+    batches, samples_per_epoch, eval_sources = _build_data(args, accelerator, build_masking(args, student.backbone))
     plan = TrainingPlan.from_args(args, samples_per_epoch, accelerator.num_processes, fresh_head)
     accelerator.print(
         f"plan: {plan.last_step} of {plan.total_steps} steps of {plan.total_batch} images, "
@@ -177,6 +182,8 @@ def prepare_run(args: DinoTrainingArguments) -> Run:
 
     student, teacher, whole_teacher, optimizer = _place_networks(args, accelerator, student, teacher)
     dino_loss.to(accelerator.device)
+    if ibot_loss is not None:
+        ibot_loss.to(accelerator.device)
     pusher = None
     if args.push_to_hub and accelerator.is_main_process:
         pusher = HubPusher(args.hub_model_id, token=args.hub_token, private=args.hub_private_repo)
@@ -192,6 +199,7 @@ def prepare_run(args: DinoTrainingArguments) -> Run:
         batches=batches,
         pusher=pusher,
         anchor=anchor,
+        ibot_loss=ibot_loss,
     )
     run = Run(
         args,
@@ -206,6 +214,7 @@ def prepare_run(args: DinoTrainingArguments) -> Run:
         eval_sources,
         state=RunState(num_processes=accelerator.num_processes),
         anchor=anchor,
+        ibot_loss=ibot_loss,
     )
     if args.log_sample_ids:
         run.sample_log = SampleLog(args.log_sample_ids, accelerator.process_index)
@@ -215,11 +224,19 @@ def prepare_run(args: DinoTrainingArguments) -> Run:
 
 
 def _start_from_checkpoint(
-    args: DinoTrainingArguments, accelerator: Accelerator, student: nn.Module, teacher: nn.Module, dino_loss: DinoLoss
+    args: DinoTrainingArguments,
+    accelerator: Accelerator,
+    student: nn.Module,
+    teacher: nn.Module,
+    dino_loss: DinoLoss,
+    ibot_loss: IBotLoss | None = None,
 ) -> None:
-    """`--init_from_checkpoint`: the checkpoint's student, teacher and center in the built networks."""
+    """`--init_from_checkpoint`: the checkpoint's student, teacher and center in the built networks (and
+    its patch center, when both runs have iBOT on)."""
     folder = init_checkpoint_folder(args.init_from_checkpoint, args.output_dir)
     load_start(folder, student, teacher, dino_loss)
+    if ibot_loss is not None and (folder / checkpoints.IBOT_FILE).is_file():
+        ibot_loss.load_state_dict(load_file(folder / checkpoints.IBOT_FILE))
     newest = "" if folder == Path(args.init_from_checkpoint) else f" (the newest of {args.init_from_checkpoint})"
     accelerator.print(
         f"starting from {folder}{newest}: its student, teacher, heads and center; step 0, a fresh optimiser"
@@ -267,9 +284,10 @@ def multicrop_options(args: DinoTrainingArguments) -> dict:
 
 
 def _build_data(
-    args: DinoTrainingArguments, accelerator: Accelerator
+    args: DinoTrainingArguments, accelerator: Accelerator, masks: BlockMasking | None = None
 ) -> tuple[DeviceBatches, int | None, tuple | None]:
-    """The run's batches on the device, the images per epoch where known, and the k-NN's sources."""
+    """The run's batches on the device, the images per epoch where known, and the k-NN's sources.
+    `masks`: iBOT's masking; the workers then draw each batch's masks (`batch["masks"]`)."""
     with accelerator.main_process_first():
         source = train_source(args)
         eval_sources = knn_sources(args)
@@ -298,6 +316,7 @@ def _build_data(
         shuffle_buffer_size=args.shuffle_buffer_size,
         pin_memory=accelerator.device.type == "cuda",
         **({"max_pixels": args.max_image_pixels} if args.max_image_pixels else {}),
+        masks=masks,
     )
     # Each pass over the loader draws a worker seed from the generator; a private one keeps the global
     # RNG (stochastic depth) independent of how many passes were started, so a resumed run matches.
@@ -367,6 +386,8 @@ def _load_checkpoint(run: Run, folder: Path) -> None:
     load_whole_state_dict(student, saved["student"])
     load_whole_state_dict(run.teacher, saved["teacher"])
     run.dino_loss.load_state_dict(saved["dino_loss"])
+    if run.ibot_loss is not None:
+        _load_ibot_loss(run.ibot_loss, saved["ibot_loss"], folder)
     if run.anchor is not None:
         step = saved["trainer_state"]["global_step"]
         snapshots = run.plan.gram_snapshots
@@ -430,6 +451,17 @@ def _load_anchor(anchor: Anchor, weights: dict | None, folder: Path, step: int, 
         )
 
 
+def _load_ibot_loss(ibot_loss: IBotLoss, state: dict | None, folder: Path) -> None:
+    """The patch center of the checkpoint's run; a checkpoint of a run without iBOT has none, and the
+    center then starts at zero."""
+    if state is None:
+        logger.warning(
+            "%s has no %s (its run had no iBOT loss): the patch center starts at zero", folder, checkpoints.IBOT_FILE
+        )
+        return
+    ibot_loss.load_state_dict(state)
+
+
 def _anchor_at(run: Run, step: int) -> Anchor | None:
     """The anchor that `step` trains against. With `--gram_teacher ema`, the EMA teacher's backbone is taken
     as the Gram teacher before the steps its schedule names (`GramSnapshots`; every process, a collective
@@ -473,6 +505,8 @@ def train_loop(run: Run, signals: PreemptionSignals) -> str | None:
             **schedule,
             accelerator=accelerator,
             anchor=_anchor_at(run, step),
+            ibot_loss=run.ibot_loss,
+            masks=batch.get("masks"),
             **plan.step_options(step),
         )
         run.nonfinite.add(step, metrics)
@@ -510,12 +544,15 @@ class NonFiniteTally:
         self.last_step = torch.tensor(-1.0, device=device)
         self.last_loss = torch.tensor(0.0, device=device)
         self.reported = already
+        self.what = "DINO loss"  # the loss it keeps: DINO's, or the total when terms are added to it
 
     def add(self, step: int, metrics: dict) -> None:
         skipped = metrics["nonfinite"] > 0
         self.count += metrics["nonfinite"]
         self.last_step = torch.where(skipped, float(step), self.last_step)
-        self.last_loss = torch.where(skipped, metrics["loss"], self.last_loss)
+        if "total_loss" in metrics:
+            self.what = "loss (DINO and the terms added to it)"
+        self.last_loss = torch.where(skipped, metrics.get("total_loss", metrics["loss"]), self.last_loss)
 
     def read(self) -> tuple[int, int, float]:
         """(skipped steps so far, the last skipped step, its loss)."""
@@ -529,7 +566,7 @@ def _check_nonfinite(run: Run) -> None:
         return
     run.nonfinite.reported = run.state.nonfinite_skipped = count
     allowed = run.args.skip_nonfinite_steps
-    reason = f"DINO loss is {loss}; {NONFINITE_HINTS}"
+    reason = f"{run.nonfinite.what} is {loss}; {NONFINITE_HINTS}"
     if count > allowed:
         raise NonFiniteLossError(
             f"step {step}: {reason}. Last good checkpoint: "
