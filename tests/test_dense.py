@@ -138,6 +138,30 @@ def test_patch_features_are_the_last_block_tokens_on_the_grid(tiny_model):
     torch.testing.assert_close(grid[:, :, 0, 1], tokens[:, 2])
 
 
+@pytest.mark.parametrize("family", ["dino_vit", "dinov2_with_registers", "dinov3_vit"])
+def test_patch_features_drop_the_register_tokens(family):
+    import transformers as tf
+
+    sizes = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
+    if family == "dino_vit":
+        model = DinoModel(DinoConfig(**TINY_VIT, num_register_tokens=2)).eval()
+    elif family == "dinov3_vit":
+        config = tf.DINOv3ViTConfig(**sizes, intermediate_size=64, num_register_tokens=2)
+        model = tf.DINOv3ViTModel(config).eval()
+    else:
+        config = tf.Dinov2WithRegistersConfig(**sizes, mlp_ratio=2, num_register_tokens=2)
+        model = tf.Dinov2WithRegistersModel(config).eval()
+    feature_model = load_feature_model(model)[0]
+    # DinoModel's last_blocks leave the registers out already; transformers' keep them in the prefix.
+    prefix = model.num_prefix_tokens if family == "dino_vit" else feature_model.num_prefix_tokens
+    assert prefix == 3  # CLS + 2 registers
+    pixel_values = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(pixel_values).last_hidden_state[:, 3:]  # (1, 16, 32), after the final norm
+        grid = patch_features(feature_model, pixel_values)
+    torch.testing.assert_close(grid.flatten(2).transpose(1, 2), expected)
+
+
 def test_segmentation_transform_moves_image_and_mask_together():
     pixels = np.zeros((40, 60, 3), np.uint8)
     pixels[:, :30] = 255  # the left half white, as the mask's class 1
@@ -189,7 +213,7 @@ def test_principal_components_match_an_eigendecomposition():
 
 @pytest.mark.parametrize("swap", [False, True])
 def test_foreground_is_the_inner_object_whichever_sign_the_svd_gives(swap):
-    """4 x 4 grids: the outer ring near one vector, the inner 2 x 2 near another with 3 kinds of patches."""
+    """4 x 4 grids: the outer ring near one vector, the inner 2 x 2 near another, one kind of patch each."""
     rng = np.random.default_rng(1)
     far, near = np.zeros(8), np.zeros(8)
     far[0], near[0] = 10.0, -10.0
@@ -198,7 +222,7 @@ def test_foreground_is_the_inner_object_whichever_sign_the_svd_gives(swap):
     for _ in range(2):
         grid = background + 0.01 * rng.normal(size=(4, 4, 8))
         for k, (i, j) in enumerate([(1, 1), (1, 2), (2, 1), (2, 2)]):
-            grid[i, j] = inner + np.eye(8)[1 + k % 3] * 3 + 0.01 * rng.normal(size=8)
+            grid[i, j] = inner + np.eye(8)[1 + k] * 3 + 0.01 * rng.normal(size=8)  # 4 kinds: 3 components
         features.append(torch.from_numpy(grid).permute(2, 0, 1))  # (D, h, w)
     maps = foreground_pca(features)
     expected = torch.zeros(4, 4, dtype=torch.bool)
@@ -307,14 +331,18 @@ def test_eval_dense_on_the_generated_set(data, shapes_set, tmp_path, capsys):
     assert weights["classifier.weight"].shape == (11, 32, 1, 1) and "norm.running_mean" in weights
 
 
-def test_eval_dense_reads_parquet_with_named_columns(data, squares, tmp_path):
+def _embedded(value: dict) -> dict:
+    return {"bytes": Path(value["path"]).read_bytes(), "path": None}
+
+
+def test_eval_dense_finds_the_columns_of_parquet_files(data, squares, tmp_path):
     for split in ("train", "validation"):
         pairs = segmentation_folder(squares / split)
         table = datasets.Dataset.from_dict(
-            {"photo": [row["image"]["path"] for row in pairs], "seg": [row["mask"]["path"] for row in pairs]},
+            {column: [_embedded(row[key]) for row in pairs] for column, key in (("photo", "image"), ("seg", "mask"))},
             features=datasets.Features({"photo": datasets.Image(), "seg": datasets.Image()}),
         )
-        table.to_parquet(str(tmp_path / f"{split}.parquet"))  # the images embedded as bytes
+        table.to_parquet(str(tmp_path / f"{split}.parquet"))
     metrics = load_script("eval_dense").main(
         ["--model", str(data / "model"), "--train_files", str(tmp_path / "train.parquet")]
         + ["--eval_files", str(tmp_path / "validation.parquet"), "--epochs", "3", "--lr", "0.01"]

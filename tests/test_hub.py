@@ -147,7 +147,7 @@ def test_export_replaces_the_folder_whole_and_refuses_other_modules(tmp_path):
     torch.testing.assert_close(DinoModel.from_pretrained(target).layernorm.bias, torch.ones(32))
     assert sorted(os.listdir(tmp_path)) == ["export"]  # no temporary folders left behind
 
-    with pytest.raises(TypeError, match="expected a DinoModel or a timm model"):
+    with pytest.raises(TypeError, match="expected a DinoModel, a transformers model or a timm model"):
         export_backbone(torch.nn.Linear(2, 2), target)
     torch.testing.assert_close(DinoModel.from_pretrained(target).layernorm.bias, torch.ones(32))
     assert sorted(os.listdir(tmp_path)) == ["export"]

@@ -21,13 +21,14 @@ from torch.nn import functional as F
 from dino_hf.augment.multicrop import MultiCropTransform
 from dino_hf.data import masks as masking
 from dino_hf.data.loader import build_multicrop_dataloader
-from dino_hf.data.masks import BlockMasking, block_mask
+from dino_hf.data.masks import BlockMasking, PatchMasks, block_mask
 from dino_hf.data.sources import load_image_stream
 from dino_hf.models.backbones import build_backbone
 from dino_hf.models.configuration_dino import DinoConfig
 from dino_hf.models.heads import DinoHead
 from dino_hf.models.multicrop_wrapper import MultiCropWrapper
 from dino_hf.training.arguments import DinoTrainingArguments
+from dino_hf.training.batches import DeviceBatches, EndlessBatches
 from dino_hf.training.ibot import IBotLoss, build_ibot_loss, build_masking
 from dino_hf.training.loss import DinoLoss
 from dino_hf.training.networks import build_student_teacher
@@ -144,12 +145,16 @@ def write_images(folder: Path, count: int = 12) -> Path:
     return folder
 
 
-def read_batches(folder, masks, num_workers=0, stop_after=None, state=None):
+def loader_of(folder, masks, num_workers=0):
     stream, column = load_image_stream(train_dir=str(folder))
     transform = MultiCropTransform(global_crops_size=32, local_crops_size=16, local_crops_number=1)
-    loader = build_multicrop_dataloader(
+    return build_multicrop_dataloader(
         stream, column, transform, batch_size=4, num_workers=num_workers, shuffle_buffer_size=8, masks=masks
     )
+
+
+def read_batches(folder, masks, num_workers=0, stop_after=None, state=None):
+    loader = loader_of(folder, masks, num_workers)
     if state is not None:
         loader.load_state_dict(state)
     batches = []
@@ -176,6 +181,9 @@ def test_the_loader_draws_the_masks_in_its_workers_seeded_by_position(tmp_path):
             assert other["ids"] == batch["ids"]
             assert all(torch.equal(a, b) for a, b in zip(other["masks"], batch["masks"]))
     assert not torch.equal(batches[0]["masks"].bool_masked_pos, batches[1]["masks"].bool_masked_pos)
+    crops, batch = next(DeviceBatches(EndlessBatches(loader_of(folder, masks)), "cpu"))  # the step's batches
+    assert isinstance(batch["masks"], PatchMasks) and batch["ids"] == batches[0]["ids"]
+    assert all(torch.equal(a, b) for a, b in zip(batch["masks"], batches[0]["masks"]))
 
 
 # ---- the loss and the patch center -------------------------------------------------------------------

@@ -230,7 +230,7 @@ def test_bf16_step_through_accelerator_stays_finite():
 class HostReads(torch.overrides.TorchFunctionMode):
     """Counts the calls that read a tensor's value back to the host: on a GPU each one waits for the
     device (`.item()`, `.tolist()`, `bool` / `float` / `int` of a tensor, `.numpy()`, and the ops whose
-    output size depends on the data)."""
+    output size depends on the data, boolean-mask indexing included)."""
 
     READS = {
         "item",
@@ -253,9 +253,15 @@ class HostReads(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", str(func))
-        if name in self.READS:
+        if name in self.READS or (name in ("__getitem__", "__setitem__") and _has_bool_mask(args[1])):
             self.calls.append(name)
         return func(*args, **(kwargs or {}))
+
+
+def _has_bool_mask(index) -> bool:
+    """Whether a tensor index holds a boolean mask (`x[mask]`: its size is read from the device)."""
+    parts = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(part, torch.Tensor) and part.dtype == torch.bool for part in parts)
 
 
 @pytest.mark.parametrize("stabiliser", list(STABILISERS))

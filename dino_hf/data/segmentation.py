@@ -319,14 +319,14 @@ def segmentation_rows(
     candidates = [name for name, mode in modes.items() if mode is not None]
     masks = [name for name in candidates if modes[name] in MASK_MODES and name != image_column_name]
     mask_column = mask_column_name or _one(masks, "mask", "single-channel image", "--mask_column_name")
-    others = [name for name in candidates if name != mask_column and modes[name] not in MASK_MODES]
-    image_column = image_column_name or _one(others, "image", "multi-channel image", "--image_column_name")
     mode = getattr(_open(first[mask_column]), "mode", None)
     if mode not in MASK_MODES:
         raise ValueError(
             f"mask column {mask_column!r} holds {mode or 'unreadable'} images; a mask is a single-channel "
             f"image of class ids (PIL mode {', '.join(MASK_MODES)}), not colour-coded"
         )
+    others = [name for name in candidates if name != mask_column and modes[name] not in MASK_MODES]
+    image_column = image_column_name or _one(others, "image", "multi-channel image", "--image_column_name")
     for name in (image_column, mask_column):
         if isinstance(features.get(name), datasets.Image) and features[name].decode:
             rows = rows.cast_column(name, datasets.Image(decode=False))
