@@ -185,7 +185,7 @@ def test_the_export_is_the_input_class_and_loads_without_dino_hf(checkpoints, tm
         "from transformers import AutoModel, pipeline\n"
         "from PIL import Image\n"
         f"model = AutoModel.from_pretrained({str(export)!r}).eval()\n"
-        f"x = torch.load({str(tmp_path / 'pixels.pt')!r})\n"
+        f"x = torch.load({str(tmp_path / 'pixels.pt')!r}, weights_only=True)\n"
         "with torch.no_grad():\n"
         "    out = model(x, interpolate_pos_encoding=True) if model.config.model_type == 'vit' else model(x)\n"
         f"feature = out.last_hidden_state[:, 0] if {model_type in CLS_FAMILIES} else out.pooler_output\n"
@@ -198,7 +198,8 @@ def test_the_export_is_the_input_class_and_loads_without_dino_hf(checkpoints, tm
     completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr
     with torch.no_grad():
-        torch.testing.assert_close(torch.load(tmp_path / "feature.pt"), backbone(pixel_values), rtol=0, atol=1e-5)
+        feature = torch.load(tmp_path / "feature.pt", weights_only=True)
+        torch.testing.assert_close(feature, backbone(pixel_values), rtol=0, atol=1e-5)
     processor = json.loads((export / "preprocessor_config.json").read_text())
     assert processor["crop_size"] == {"height": 32, "width": 32} or processor["size"] == {"height": 32, "width": 32}
 
