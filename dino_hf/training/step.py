@@ -71,72 +71,33 @@ def train_step(
     ibot_weight: float = 0.0,
     masks: PatchMasks | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One DINO step, in the reference's order.
-
-    1. lr on every parameter group (times the group's `lr_scale`, and `backbone_lr_factor` for the
-       backbone's groups), weight decay on the regularised group(s) only;
-    2. per micro-batch: teacher on the 2 global crops (no grad), student on all crops, loss (plus
-       `koleo_weight` times the KoLeo term and the anchor's weighted terms when they are on), backward
-       of loss / accumulation_steps; the center is updated once, after the last micro-batch, with the
-       mean teacher output of the whole batch (so 2 x B/2 computes what 1 x B does);
-    3. per-parameter gradient clipping, last-layer gradients dropped when `freeze_last_layer`,
-       backbone gradients dropped when `freeze_backbone`, optimiser step, zero_grad;
-    4. EMA of the teacher with `momentum`.
-
-    When the loss is not finite on any process (in any micro-batch), steps 2 (the center), 3 (the
-    optimiser) and 4 leave everything as it was, decided on the device.
+    """One DINO step, in the reference's order: (1) lr (x each group's `lr_scale`, x `backbone_lr_factor`
+    on the backbone's groups) and weight decay on the regularised groups; (2) per micro-batch, the teacher
+    on the 2 global crops (no grad), the student on all crops, the loss with its added terms, backward of
+    loss / accumulation_steps; (3) the centers, once, with the whole batch (2 x B/2 computes what 1 x B
+    does); per-parameter clipping, frozen parts' gradients dropped, optimiser step; (4) the teacher's EMA.
+    A loss that is not finite on any process leaves (3) and (4) as they were, decided on the device.
 
     Args:
-        student (`nn.Module`): `MultiCropWrapper` (possibly wrapped by `accelerator.prepare`).
-        teacher (`nn.Module`): from `build_teacher(student)`.
-        dino_loss (`DinoLoss`): holds the center.
-        optimizer: built on `get_param_groups(student)` (the groups carry the `regularized` flag).
-        crops (`list[torch.Tensor]`): `[global 1 (B, 3, G, G), global 2 (B, 3, G, G), local
-            (B, 3, L, L) ...]`, already on the device.
-        lr, weight_decay, momentum, teacher_temp (`float`): this step's schedule values
-            (`dino_hf.training.schedules`).
-        clip_grad (`float`): per-parameter gradient norm limit (3.0); 0 turns clipping off.
-        freeze_last_layer (`bool`): drop the head's last-layer gradients (during the first
-            `freeze_last_layer` epochs).
-        accelerator (`accelerate.Accelerator`, optional): autocast, backward (and unscaling of fp16
-            gradients before clipping), gradient sync only on the last micro-batch, and unwrapping
-            of the models for the EMA.
-        accumulation_steps (`int`): split the batch into this many micro-batches of B / steps images,
-            one forward and backward each, then one optimiser step (gradient accumulation).
-        freeze_backbone (`bool`): train the head alone (warm-up of a fresh head on pretrained weights).
-        backbone_lr_factor (`float`, defaults to 1.0): this step's multiplier of the backbone groups' lr
-            (`schedules.backbone_lr_factor_at`: 0 during the head warm-up, then the backbone's own
-            linear warm-up to 1).
-        diagnostics (`bool`, defaults to `True`): compute the `collapse_diagnostics`; a caller that only
-            reads them at logging steps turns them off in between.
-        koleo_weight (`float`, defaults to 0.0): weight of the KoLeo regulariser (DINOv2 Sec. 4; 0.1
-            there) added to the loss: `koleo_loss` of the student's backbone features of each global
-            crop, summed over the 2 global crops, within each process's micro-batch as DINOv2 does
-            within each GPU's batch. 0 turns it off (the paper's loss).
-        anchor (`Anchor`, optional): the frozen Gram teacher (the starting backbone, or a snapshot of
-            the EMA teacher; `dino_hf.training.anchor`); it sees the global crops of each micro-batch
-            (resized by its `resolution_scale`) and gives the terms it was built for, `gram` (DINOv3's
-            Gram loss of the global crops' patch tokens) and / or `anchor_cos` (1 - cos of the global
-            features). None (the default) computes neither (the paper's loss).
-        gram_weight, anchor_cosine_weight (`float`, defaults to 0.0): this step's weights of the
-            anchor's `gram` and `anchor_cos` terms in the objective (0 at the start of the Gram warm-up:
-            the term is still computed and reported). A weight above 0 needs an anchor with that term.
-        ibot_loss (`IBotLoss`, optional): iBOT's masked-patch loss (`dino_hf.training.ibot`) with its
-            patch center, which is updated after the loss like the DINO center (once per step, with all
-            micro-batches' masked patches; not on a skipped step). None (the default) is the paper's loss.
-        ibot_weight (`float`, defaults to 0.0): its weight in the objective (DINOv2: 1.0); it needs
-            `ibot_loss`.
-        masks (`PatchMasks`, optional): the batch's block masks, on the device (`batch["masks"]`), drawn
-            for `accumulation_steps` micro-batches; with `ibot_loss` the student's global crops are
-            masked, each micro-batch with its own masks, and the iBOT loss is computed per micro-batch.
+        student, teacher: `MultiCropWrapper`s (the student possibly `accelerator.prepare`d; the teacher
+            from `build_teacher(student)`); `dino_loss` holds the center; `optimizer` is built on
+            `get_param_groups(student)` (its groups carry `regularized`, `lr_scale` and `backbone`).
+        crops: `[global 1 (B, 3, G, G), global 2 (B, 3, G, G), local (B, 3, L, L) ...]` on the device.
+        lr, weight_decay, momentum, teacher_temp, backbone_lr_factor: this step's schedule values.
+        clip_grad: per-parameter gradient norm limit (3.0; 0 is off). `freeze_last_layer`: drop the
+            head's last-layer gradients; `freeze_backbone`: train the head alone (head warm-up).
+        accelerator: autocast, backward, gradient sync on the last micro-batch only, unwrapping for the
+            EMA. `accumulation_steps`: micro-batches of B / steps images, then one optimiser step.
+        diagnostics: compute the `collapse_diagnostics`. koleo_weight: DINOv2's KoLeo term's weight.
+        anchor, gram_weight, anchor_cosine_weight: the Gram teacher (`dino_hf.training.anchor`) and the
+            weights of its `gram` and `anchor_cos` terms (a weight of 0 still reports the term).
+        ibot_loss, ibot_weight, masks: iBOT's loss with its patch center, its weight, and the batch's
+            block masks for `accumulation_steps` micro-batches (the student's global crops are masked).
 
     Returns:
-        0-dim tensors on the device: `loss` (the DINO loss, averaged over the micro-batches and the
-        processes), `koleo` (the KoLeo term before weighting, averaged the same way; only when
-        `koleo_weight` is not 0), `gram` and `anchor_cos` (likewise, the terms the anchor computes;
-        only with an anchor), `ibot` (the iBOT term before weighting; only with `ibot_loss`), `total_loss`
-        (the objective: `loss` plus each added term times its weight; only when a term is added), the
-        `collapse_diagnostics`, and `nonfinite` (1.0 when the step was skipped, else 0.0).
+        0-dim tensors on the device, averaged over micro-batches and processes: `loss` (the DINO loss),
+        each added term before weighting (`koleo`, `gram`, `anchor_cos`, `ibot`, when on), `total_loss`
+        (the objective, when a term is added), the `collapse_diagnostics`, `nonfinite` (1.0: skipped).
     """
     weights = _regulariser_weights(koleo_weight, anchor, gram_weight, anchor_cosine_weight)
     ibot = _ibot_step(ibot_loss, ibot_weight, masks, accumulation_steps)
@@ -155,11 +116,7 @@ def train_step(
         ibot,
     )
     skip = _nonfinite(totals)
-    # The center moves once per optimisation step, after the loss, with the mean over the whole batch
-    # (every micro-batch was scored against the same center, as with 1 x B); not after a non-finite loss.
-    dino_loss.update_center(teacher_output, keep=skip)
-    if ibot is not None:  # the patch center likewise, over the masked patches of the whole batch
-        ibot.loss.update_center(teacher_patch_output, ibot.masks.weights.flatten(), keep=skip)
+    _update_centers(dino_loss, ibot, teacher_output, teacher_patch_output, skip)
     if weights or ibot is not None:
         added = {**weights, **({IBOT: ibot.weight} if ibot is not None else {})}
         totals["total_loss"] = totals["loss"] + sum(weight * totals[name] for name, weight in added.items())
@@ -167,6 +124,15 @@ def train_step(
     _optimise_and_follow(student, teacher, optimizer, accelerator, momentum, skip)
     totals["nonfinite"] = skip.float()
     return totals
+
+
+def _update_centers(dino_loss, ibot, teacher_output, teacher_patch_output, skip: torch.Tensor) -> None:
+    """The center moves once per optimisation step, after the loss, with the mean over the whole batch
+    (every micro-batch was scored against the same center, as with 1 x B); not after a non-finite loss.
+    iBOT's patch center likewise, over the masked patches of the whole batch."""
+    dino_loss.update_center(teacher_output, keep=skip)
+    if ibot is not None:
+        ibot.loss.update_center(teacher_patch_output, ibot.masks.weights.flatten(), keep=skip)
 
 
 def _regulariser_weights(koleo_weight: float, anchor: Anchor | None, gram_weight: float, cosine_weight: float):

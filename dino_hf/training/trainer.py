@@ -150,15 +150,7 @@ def prepare_run(args: DinoTrainingArguments) -> Run:
     set_seed(args.seed)
     # Networks first: a backbone that cannot take the crop sizes fails before any other work.
     student, teacher, fresh_head = build_student_teacher(args)
-    dino_loss = DinoLoss(
-        args.out_dim,
-        2 + args.local_crops_number,
-        args.student_temp,
-        args.center_momentum,
-        centering=args.centering,
-        sinkhorn_iterations=args.sinkhorn_iterations,
-    )
-    ibot_loss = build_ibot_loss(args)  # None unless --ibot_loss_weight
+    dino_loss, ibot_loss = _build_losses(args)
     if args.init_from_checkpoint:  # before anything copies the networks (the anchor)
         _start_from_checkpoint(args, accelerator, student, teacher, dino_loss, ibot_loss)
         fresh_head = False
@@ -221,6 +213,19 @@ def prepare_run(args: DinoTrainingArguments) -> Run:
     if args.report_to != "none":
         accelerator.init_trackers("dino_hf", config=args.to_dict())
     return run
+
+
+def _build_losses(args: DinoTrainingArguments) -> tuple[DinoLoss, "IBotLoss | None"]:
+    """The DINO loss (with its center) and iBOT's masked-patch loss (None unless --ibot_loss_weight)."""
+    dino_loss = DinoLoss(
+        args.out_dim,
+        2 + args.local_crops_number,
+        args.student_temp,
+        args.center_momentum,
+        centering=args.centering,
+        sinkhorn_iterations=args.sinkhorn_iterations,
+    )
+    return dino_loss, build_ibot_loss(args)
 
 
 def _start_from_checkpoint(
