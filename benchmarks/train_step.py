@@ -25,6 +25,13 @@ holds beside the student and the teacher):
 
     python benchmarks/train_step.py --anchor
 
+With `--ibot`, our step with iBOT's masked-patch loss (weight 1, DINOv2's masking: half the global crops
+masked, 10-50 % of their patches each, through the shared head), and with iBOT and the Gram loss (weight
+1, against a frozen copy of the backbone: an EMA Gram teacher costs the same step), against our step
+with DINO alone, in three columns with the ratios to DINO alone:
+
+    python benchmarks/train_step.py --ibot
+
 Per-step overhead (Python, launches, host synchronisation) shows with a tiny model on small crops,
 where the arithmetic is negligible; steps/s is then the figure:
 
@@ -39,12 +46,15 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
 
+from dino_hf.data.masks import BlockMasking
 from dino_hf.models.backbones import build_backbone
 from dino_hf.models.heads import DinoHead
 from dino_hf.models.multicrop_wrapper import MultiCropWrapper
 from dino_hf.training.anchor import Anchor
+from dino_hf.training.ibot import IBotLoss
 from dino_hf.training.loss import DinoLoss
 from dino_hf.training.optimization import build_optimizer, get_param_groups
 from dino_hf.training.speed import apply_speed_options
@@ -54,9 +64,9 @@ from dino_hf.training.teacher import build_teacher
 SCHEDULE = dict(lr=5e-4, weight_decay=0.04, momentum=0.996, teacher_temp=0.04, clip_grad=3.0)
 
 
-def build(args, device):
+def build(args, device, mask_token: bool = False):
     torch.manual_seed(0)
-    backbone = build_backbone(args.model, drop_path_rate=0.1)
+    backbone = build_backbone(args.model, drop_path_rate=0.1, mask_token=mask_token)
     student = MultiCropWrapper(backbone, DinoHead(backbone.num_features, args.out_dim)).to(device)
     teacher = build_teacher(student)
     dino_loss = DinoLoss(args.out_dim, 2 + args.local_crops).to(device)
@@ -72,15 +82,25 @@ def build(args, device):
     return student, teacher, dino_loss, crops
 
 
-def ours(args, device, anchored: bool = False):
-    """A function doing one step with dino_hf's train_step and speed options; `anchored`: with the Gram
-    loss and the cosine term (weights 1) against a frozen copy of the starting backbone. Also returns the
-    bytes of the anchor's weights (0 without it)."""
-    student, teacher, dino_loss, crops = build(args, device)
-    anchoring = {}
-    if anchored:  # taken before the speed options, as the trainer does
-        anchor = Anchor(student.backbone, gram=True, cosine=True).to(device)
-        anchoring = dict(anchor=anchor, gram_weight=1.0, anchor_cosine_weight=1.0)
+def ibot_options(args, student, device) -> dict:
+    """train_step's iBOT arguments: the loss at weight 1 and the masks of one batch (DINOv2's masking)."""
+    side = args.global_size // student.backbone.model.config.patch_size
+    masks = BlockMasking(grid=(side, side)).draw(args.batch, np.random.default_rng(0))
+    return dict(ibot_loss=IBotLoss(args.out_dim).to(device), ibot_weight=1.0, masks=masks.to(device))
+
+
+def ours(args, device, variant: str = "ours"):
+    """A function doing one step with dino_hf's train_step and speed options. `variant`: `ours` (DINO
+    alone); `anchored`, with the Gram loss and the cosine term (weights 1) against a frozen copy of the
+    starting backbone; `ibot`, with iBOT's loss (weight 1); `ibot_gram`, with iBOT and the Gram loss
+    (weights 1). Also returns the bytes of the anchor's weights (0 without one)."""
+    ibot = variant in ("ibot", "ibot_gram")
+    student, teacher, dino_loss, crops = build(args, device, mask_token=ibot)
+    anchoring = ibot_options(args, student, device) if ibot else {}
+    if variant in ("anchored", "ibot_gram"):  # taken before the speed options, as the trainer does
+        cosine = variant == "anchored"
+        anchor = Anchor(student.backbone, gram=True, cosine=cosine).to(device)
+        anchoring |= dict(anchor=anchor, gram_weight=1.0, anchor_cosine_weight=float(cosine))
     apply_speed_options(student, teacher, torch_compile=args.torch_compile)
     optimizer = build_optimizer("adamw", get_param_groups(student), device=device)
     accelerator = None
@@ -95,7 +115,7 @@ def ours(args, device, anchored: bool = False):
         return train_step(student, teacher, dino_loss, optimizer, crops, **options)
 
     anchor_bytes = 0
-    if anchored:
+    if "anchor" in anchoring:
         anchor_bytes = sum(t.numel() * t.element_size() for t in anchoring["anchor"].state_dict().values())
     return step, anchor_bytes
 
@@ -152,7 +172,7 @@ def worker(args):
     if args.worker == "baseline":
         step, anchor_bytes = baseline(args, device)
     else:
-        step, anchor_bytes = ours(args, device, anchored=args.worker == "anchored")
+        step, anchor_bytes = ours(args, device, args.worker)
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
@@ -203,12 +223,19 @@ def main():
         help="compare our step with anchoring on (Gram loss and cosine term, weights 1) to our step without it",
     )
     parser.add_argument(
+        "--ibot",
+        action="store_true",
+        help="compare our step with iBOT, and with iBOT and the Gram loss, to our step with DINO alone",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
         help="torch CPU threads (CPU default 1: on shared cores more threads wait on each other)",
     )
-    parser.add_argument("--worker", choices=["ours", "anchored", "baseline"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--worker", choices=["ours", "anchored", "ibot", "ibot_gram", "baseline"], help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     args.batch = args.batch or (128 if cuda else 4)
@@ -226,12 +253,15 @@ def main():
         f"out_dim {args.out_dim}, batch {args.batch}, "
         f"best of {args.repeats} x ({args.warmup} warm-up + {args.steps} timed steps), {hardware}; ours {precision}"
         f"{' + torch.compile' if args.torch_compile else ''}"
-        f"{', with and without anchoring' if args.anchor else ', baseline fp32'}"
+        f"{', with and without anchoring' if args.anchor else ''}{', with and without iBOT' if args.ibot else ''}"
+        f"{'' if args.anchor or args.ibot else ', baseline fp32'}"
     )
-    # (variant, column title) of the two columns; the ratio is the first's over the second's.
+    # (variant, column title) of the columns; each ratio is a column's figure over the last column's.
     columns = [("ours", "dino_hf"), ("baseline", "baseline")]
     if args.anchor:
         columns = [("anchored", "+ anchor"), ("ours", "dino_hf")]
+    if args.ibot:
+        columns = [("ibot", "+ iBOT"), ("ibot_gram", "+ iBOT + Gram"), ("ours", "DINO alone")]
     results = {}
     for _ in range(args.repeats):
         for variant, _title in columns:
@@ -253,12 +283,18 @@ def main():
     ]
     if args.anchor:
         rows.append(("anchor weights (MiB)", "anchor_mib", "{:.1f}"))
-    (first, first_title), (second, second_title) = columns
-    print(f"{'':38s} {first_title:>10s} {second_title:>10s} {'ratio':>7s}")
+    reference = columns[-1][0]
+    titles = "".join(f" {title:>13s}" for _, title in columns)
+    ratios = "".join(f" {'ratio ' + str(i + 1):>8s}" for i in range(len(columns) - 1))
+    print(f"{'':38s}{titles}{ratios}")
     for label, key, fmt in rows:
-        a, b = results[first][key], results[second][key]
-        ratio = f"{a / b:6.2f}x" if b else ""
-        print(f"{label:38s} {fmt.format(a):>10s} {fmt.format(b):>10s} {ratio:>7s}")
+        values = [results[variant][key] for variant, _ in columns]
+        base = results[reference][key]
+        cells = "".join(f" {fmt.format(value):>13s}" for value in values)
+        cells += "".join(f" {f'{value / base:6.2f}x' if base else '':>8s}" for value in values[:-1])
+        print(f"{label:38s}{cells}")
+    if len(columns) > 2:
+        print("ratio i: column i over the last column")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,15 @@ def test_linear_scaling_rule():
     assert scaled_learning_rate(0.0005, 256) == 0.0005
 
 
+def test_sqrt_scaling_rule():
+    # DINOv2's utils/config.py: base_lr x sqrt(batch_size_per_gpu x world_size / 1024).
+    assert scaled_learning_rate(0.004, 1024, "sqrt_wrt_1024") == pytest.approx(0.004)
+    assert scaled_learning_rate(0.004, 256, "sqrt_wrt_1024") == pytest.approx(0.002)
+    assert scaled_learning_rate(0.004, 64, "sqrt_wrt_1024") == pytest.approx(0.001)
+    with pytest.raises(ValueError, match="sqrt_wrt_1024"):
+        scaled_learning_rate(0.004, 64, "sqrt")
+
+
 def test_learning_rate_pinned_values():
     # 100 steps, 10 of warm-up from 0 to 0.002, then cosine over N = 90 steps to 1e-6.
     kwargs = dict(total_steps=100, peak_lr=0.002, min_lr=1e-6, warmup_steps=10)

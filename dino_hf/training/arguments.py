@@ -236,7 +236,15 @@ class DinoTrainingArguments:
         default="adamw", metadata={"help": "adamw, or sgd / lars for ResNets."}
     )
     learning_rate: float = field(
-        default=0.0005, metadata={"help": "Peak learning rate for a total batch of 256 (linearly scaled)."}
+        default=0.0005,
+        metadata={"help": "Peak learning rate for a total batch of 256 (linear), or of 1024 (sqrt_wrt_1024)."},
+    )
+    lr_scaling: Literal["linear", "sqrt_wrt_1024"] = field(
+        default="linear",
+        metadata={
+            "help": "How --learning_rate scales with the total batch B: linear (DINO): x B / 256; sqrt_wrt_1024 "
+            "(DINOv2, DINOv3): x sqrt(B / 1024)."
+        },
     )
     min_lr: float = field(default=1e-6, metadata={"help": "Learning rate at the end of the cosine schedule."})
     warmup_epochs: float = field(default=10, metadata={"help": "Epochs of linear learning-rate warm-up from 0."})

@@ -60,7 +60,7 @@ class TrainingPlan:
             iterations_per_epoch=iterations,
             total_steps=total_steps,
             last_step=min(total_steps, args.max_train_steps or total_steps),
-            peak_lr=scaled_learning_rate(args.learning_rate, total_batch),
+            peak_lr=scaled_learning_rate(args.learning_rate, total_batch, args.lr_scaling),
             lr_warmup_steps=lr_warmup_steps,
             temp_warmup_steps=round(args.warmup_teacher_temp_epochs * iterations),
             freeze_last_layer_steps=round(args.freeze_last_layer * iterations),

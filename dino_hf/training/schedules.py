@@ -35,12 +35,21 @@ def cosine_schedule_value(
     return final + 0.5 * (base - final) * (1.0 + math.cos(math.pi * i / n))
 
 
-def scaled_learning_rate(base_lr: float, total_batch: int) -> float:
-    """Linear scaling rule of the paper (Sec. 4, "Implementation details"): base_lr x batch / 256.
+LR_SCALING_RULES = ("linear", "sqrt_wrt_1024")
 
+
+def scaled_learning_rate(base_lr: float, total_batch: int, rule: str = "linear") -> float:
+    """The peak learning rate for a batch of `total_batch` images.
+
+    `linear` is DINO's rule (paper Sec. 4, "Implementation details"): base_lr x batch / 256.
+    `sqrt_wrt_1024` is DINOv2's and DINOv3's (`optim.scaling_rule`): base_lr x sqrt(batch / 1024).
     `total_batch` is the batch over all processes (per-process batch x world size x accumulation).
     """
-    return base_lr * total_batch / 256.0
+    if rule == "linear":
+        return base_lr * total_batch / 256.0
+    if rule == "sqrt_wrt_1024":
+        return base_lr * math.sqrt(total_batch / 1024.0)
+    raise ValueError(f"unknown learning-rate scaling rule {rule!r}; choose one of {', '.join(LR_SCALING_RULES)}")
 
 
 def learning_rate_at(
@@ -122,6 +131,7 @@ __all__ = [
     "backbone_lr_factor_at",
     "cosine_schedule_value",
     "learning_rate_at",
+    "LR_SCALING_RULES",
     "scaled_learning_rate",
     "teacher_momentum_at",
     "teacher_temperature_at",

@@ -1,0 +1,181 @@
+"""Dense benchmark: what iBOT's masked-patch loss and Gram anchoring add to DINO, at the same budget, on a
+global task (k-NN) and a dense one (linear segmentation). Offline, on the CPU.
+
+The data is the generated shapes segmentation set (`dino_hf.data.segmentation.make_segmentation_set`: one of
+10 shapes on a cluttered background per 64 px image, 100 training and 30 validation images per shape, masks
+with class 0 for the background and k + 1 for shape k). Pretraining sees the training images without labels.
+
+Two starts, each trained for the same steps under three recipes that differ only by the losses:
+
+- `scratch`: `configs/small_data_vit.yaml`'s 6-block ViT-Ti/8 (a DinoModel) from random init:
+  (1) DINO alone (the config), (2) + iBOT (`--ibot_loss_weight 1`), (3) + iBOT + Gram anchoring to an EMA
+  Gram teacher (DINOv3's: a snapshot of the EMA teacher at half the steps, refreshed at three quarters).
+- `released`: the continued-pretraining benchmark's released Dinov2Model ViT (4 blocks, width 192, patch 8,
+  trained with the labels of the textures set; `benchmarks/continued_pretraining.py`), continued with
+  `configs/continue_pretraining_ibot.yaml`, its step counts scaled to the budget: (1) without iBOT and
+  without Gram, (2) without Gram, (3) the config: iBOT + Gram anchoring to the start.
+
+Each start also gets a row for its untrained weights (random init, or the released checkpoint). The table
+gives, for every teacher backbone at the end: the weighted k-NN top-1 (k = 20) of the validation images by
+shape, and the mIoU and pixel accuracy of `scripts/eval_dense.py`'s linear probe (BatchNorm + 1 x 1 conv on
+the frozen patch tokens, trained on cached features of the training split, scored on the validation split).
+
+    python benchmarks/dense.py
+    python benchmarks/dense.py --starts scratch --max_steps 60
+
+Flags it does not know go to every run's training arguments, after its own, so they override them (e.g.
+`--learning_rate`). Run it with `OMP_NUM_THREADS=1` on a shared machine.
+"""
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from continued_pretraining import make_release
+from small_data import IMAGE_SIZE, METRIC, hardware, make_set
+
+from dino_hf import DinoConfig, DinoModel
+from dino_hf.data.demo import default_demo_root
+from dino_hf.data.segmentation import make_segmentation_set
+from dino_hf.models.backbones import build_backbone
+from dino_hf.training.arguments import parse_training_args
+from dino_hf.training.trainer import backbone_knn, train
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from eval_dense import main as eval_dense  # noqa: E402
+
+STARTS = {
+    "scratch": "ViT-Ti/8, 6 blocks (DinoModel), random init",
+    "released": "released Dinov2Model ViT (4 blocks, width 192, patch 8)",
+}
+# What every run shares: the data's size and the budget of configs/small_data_vit.yaml.
+BUDGET = [
+    "--global_crops_size", str(IMAGE_SIZE),
+    "--local_crops_size", str(IMAGE_SIZE // 2),
+    "--local_crops_number", "4",
+    "--out_dim", "1024",
+    "--head_hidden_dim", "512",
+    "--head_bottleneck_dim", "128",
+    "--per_device_train_batch_size", "32",
+    "--dataloader_num_workers", "1",
+    "--shuffle_buffer_size", "1000",
+    "--logging_steps", "25",
+    "--checkpointing_steps", "100000",
+    "--mixed_precision", "no",
+]  # fmt: skip
+IBOT = ["--ibot_loss_weight", "1.0"]
+
+
+def recipes(start: str, steps: int) -> dict[str, list[str]]:
+    """The three recipes of `start` for a run of `steps` steps: DINO alone, + iBOT, + iBOT + Gram."""
+    if start == "scratch":
+        base = ["--config", "configs/small_data_vit.yaml"]
+        gram = ["--gram_loss_weight", "1.0", "--gram_teacher", "ema", "--gram_start_step", str(steps // 2)]
+        gram += ["--gram_update_steps", str(steps // 4), "--gram_max_updates", "1"]
+        return {"(1) DINO": base, "(2) DINO + iBOT": base + IBOT, "(3) DINO + iBOT + Gram (EMA)": base + IBOT + gram}
+    # The config's warm-ups scaled from its 1000 steps to the benchmark's, as benchmarks/continued_pretraining.py.
+    warmups = [str(max(1, steps // 7))] * 2
+    base = ["--config", "configs/continue_pretraining_ibot.yaml", "--head_warmup_steps", warmups[0]]
+    base += ["--backbone_warmup_steps", warmups[1], "--learning_rate", "0.002", "--momentum_teacher", "0.99"]
+    return {
+        "(1) DINO": base + ["--ibot_loss_weight", "0", "--gram_loss_weight", "0"],
+        "(2) DINO + iBOT": base + ["--gram_loss_weight", "0"],
+        "(3) DINO + iBOT + Gram (start)": base,
+    }
+
+
+def start_folder(start: str, root: Path) -> Path:
+    """The untrained weights of `start` as a folder: the released checkpoint, or a DinoModel of the scratch
+    runs' architecture at random init (seed 0; the runs draw their own init from the config's preset)."""
+    if start == "released":
+        return make_release("vit", make_set("textures", root), root / "released")
+    folder = root / "dense" / "vit_tiny_patch8_6blocks_seed0"
+    if not (folder / "config.json").is_file():
+        torch.manual_seed(0)
+        DinoModel(DinoConfig.from_preset("vit_tiny_patch8", num_hidden_layers=6)).save_pretrained(folder)
+    return folder
+
+
+def start_flags(start: str, folder: Path) -> list[str]:
+    """The model flags of a run from `start`: the scratch runs keep their config's preset."""
+    return [] if start == "scratch" else ["--model_name_or_path", str(folder)]
+
+
+def measure(folder: Path, segmentation: Path, probe_epochs: int) -> dict:
+    """k-NN top-1 (%) at k = 20 of the validation images by shape, and the linear probe's mIoU and pixel
+    accuracy, of the backbone saved in `folder`."""
+    images = {split: str(segmentation / split / "images") for split in ("train", "validation")}
+    args = parse_training_args(["--train_dir", images["train"], "--global_crops_size", str(IMAGE_SIZE)])
+    backbone = build_backbone(str(folder), drop_path_rate=0.0)
+    sources = ({"train_dir": images["train"]}, {"train_dir": images["validation"]})
+    knn = backbone_knn(backbone, args, sources)[METRIC]
+    dense = eval_dense(
+        ["--model", str(folder), "--image_size", str(IMAGE_SIZE), "--cache_features", "--num_workers", "1"]
+        + ["--train_dir", str(segmentation / "train"), "--eval_dir", str(segmentation / "validation")]
+        + ["--epochs", str(probe_epochs)]
+    )
+    return {"k-NN": knn, "mIoU": dense["miou"], "pixel acc.": dense["pixel_accuracy"]}
+
+
+def run(flags: list[str], segmentation: Path, output_dir: Path, extra: list[str]) -> tuple[Path, dict]:
+    """One pretraining run: its export, and its steps and minutes."""
+    images = segmentation / "train" / "images"
+    samples = sum(1 for _ in images.glob("*/*.png"))
+    args = parse_training_args(
+        flags
+        + BUDGET
+        + ["--train_dir", str(images), "--samples_per_epoch", str(samples)]
+        + ["--output_dir", str(output_dir)]
+        + extra
+    )
+    began = time.perf_counter()
+    result = train(args)
+    return result.export_dir, {"steps": result.global_step, "minutes": (time.perf_counter() - began) / 60}
+
+
+COLUMNS = ["k-NN", "mIoU", "pixel acc.", "steps", "minutes"]
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| start | recipe | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
+    for row in rows:
+        cells = [row.get(column) for column in COLUMNS]
+        text = ["-" if c is None else f"{c:.1f}" if isinstance(c, float) else str(c) for c in cells]
+        lines.append(f"| {row['start']} | {row['recipe']} | " + " | ".join(text) + " |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--starts", default="scratch,released", help=f"comma-separated: {', '.join(STARTS)}")
+    parser.add_argument("--max_steps", type=int, default=120, help="steps of each pretraining run")
+    parser.add_argument("--probe_epochs", type=int, default=10, help="epochs of the linear segmentation probe")
+    parser.add_argument("--root", default=os.path.join(default_demo_root(), "small_data"), help="where sets are made")
+    parser.add_argument("--output_dir", default="outputs/dense", help="one folder per run")
+    args, extra = parser.parse_known_args()
+    extra = ["--max_steps", str(args.max_steps), *extra]
+    print(f"# dense benchmark: {' '.join(extra)}")
+    print(hardware())
+    began = time.perf_counter()
+    segmentation = make_segmentation_set(image_size=IMAGE_SIZE)
+    rows = []
+    for start in [name.strip() for name in args.starts.split(",") if name.strip()]:
+        folder = start_folder(start, Path(args.root))
+        rows.append({"start": start, "recipe": "(0) untrained", **measure(folder, segmentation, args.probe_epochs)})
+        print(table(rows[-1:]))
+        for recipe, flags in recipes(start, args.max_steps).items():
+            flags = flags + start_flags(start, folder)
+            export, cost = run(flags, segmentation, Path(args.output_dir) / f"{start}_{len(rows)}", extra)
+            rows.append({"start": start, "recipe": recipe, **measure(export, segmentation, args.probe_epochs), **cost})
+            print(table(rows[-1:]))
+    print("\nk-NN top-1 (%) at k = 20 and the linear probe's mIoU / pixel accuracy (%) on the validation split")
+    print(f"of the shapes segmentation set; {', '.join(f'{key}: {text}' for key, text in STARTS.items())}")
+    print(f"{hardware()}; {(time.perf_counter() - began) / 60:.1f} min in all\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
