@@ -1,10 +1,13 @@
-"""benchmarks/dense.py: its recipes differ only by their losses, and a backbone is measured on both tasks."""
+"""benchmarks/dense.py: its recipes differ only by their losses, and a backbone is measured on both tasks and
+on the foreground set made from the segmentation set."""
 
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import dense  # noqa: E402
@@ -49,8 +52,15 @@ def test_a_backbone_is_measured_by_knn_and_by_the_segmentation_probe(tmp_path):
     config = DinoConfig.from_preset("vit_tiny_patch8", num_hidden_layers=1, image_size=64)
     DinoModel(config).save_pretrained(folder)
     figures = dense.measure(folder, segmentation, probe_epochs=1)
-    assert set(figures) == {"k-NN", "mIoU", "pixel acc."}
+    assert set(figures) == {"k-NN", "mIoU", "pixel acc.", "foreground IoU"}
     assert all(0.0 <= value <= 100.0 for value in figures.values())
+    binary = tmp_path / "sets" / f"{segmentation.name}_foreground"
+    for split, count in (("train", 30), ("validation", 10)):
+        masks = sorted((binary / split / "masks").glob("*/*.png"))
+        assert len(masks) == count and len(list((binary / split / "images").glob("*/*.png"))) == count
+        for mask in masks:  # any shape is class 1, the background 0
+            shapes = np.asarray(Image.open(segmentation / split / "masks" / mask.parent.name / mask.name))
+            np.testing.assert_array_equal(np.asarray(Image.open(mask)), (shapes > 0).astype(np.uint8))
     assert figures["pixel acc."] > figures["mIoU"]  # mostly background: pixels right, classes missed
     row = dense.table([{"start": "scratch", "recipe": "(0) untrained", **figures}])
     assert f"| scratch | (0) untrained | {figures['k-NN']:.1f} | {figures['mIoU']:.1f} |" in row

@@ -65,7 +65,9 @@ def reference_vit_forward(
     """An independent ViT forward from the raw weights: the reference's pre-norm blocks with a fused
     softmax attention, returning the normalised tokens (B, 1+R+N, D). The patches marked in
     `bool_masked_pos` (B, N) are set to `embeddings.mask_token` before the position embeddings are added;
-    `embeddings.register_tokens`, when in `state`, go after the CLS token once they are added (DINOv2)."""
+    `embeddings.register_tokens`, when in `state`, go after the CLS token once they are added (DINOv2);
+    `encoder.layer.{i}.layer_scale{1,2}.lambda1`, when in `state`, scale the attention and MLP outputs
+    (DINOv2's LayerScale)."""
     eps, heads, p = config.layer_norm_eps, config.num_attention_heads, config.patch_size
     tokens = F.conv2d(
         x,
@@ -86,6 +88,7 @@ def reference_vit_forward(
     B, N, D = tokens.shape
     for i in range(config.num_hidden_layers):
         s = lambda name: state[f"encoder.layer.{i}.{name}"]  # noqa: E731
+        ls1, ls2 = (state.get(f"encoder.layer.{i}.layer_scale{n}.lambda1") for n in (1, 2))  # (D,) or None
         h = F.layer_norm(tokens, (D,), s("layernorm_before.weight"), s("layernorm_before.bias"), eps)
         qkv = [
             F.linear(h, s(f"attention.attention.{n}.weight"), s(f"attention.attention.{n}.bias"))
@@ -95,10 +98,12 @@ def reference_vit_forward(
         ]
         attn = ((qkv[0] @ qkv[1].transpose(-2, -1)) * (D // heads) ** -0.5).softmax(dim=-1)
         out = (attn @ qkv[2]).transpose(1, 2).reshape(B, N, D)
-        tokens = tokens + F.linear(out, s("attention.output.dense.weight"), s("attention.output.dense.bias"))
+        out = F.linear(out, s("attention.output.dense.weight"), s("attention.output.dense.bias"))
+        tokens = tokens + (out if ls1 is None else out * ls1)
         h = F.layer_norm(tokens, (D,), s("layernorm_after.weight"), s("layernorm_after.bias"), eps)
         h = F.gelu(F.linear(h, s("intermediate.dense.weight"), s("intermediate.dense.bias")))
-        tokens = tokens + F.linear(h, s("output.dense.weight"), s("output.dense.bias"))
+        h = F.linear(h, s("output.dense.weight"), s("output.dense.bias"))
+        tokens = tokens + (h if ls2 is None else h * ls2)
     return F.layer_norm(tokens, (D,), state["layernorm.weight"], state["layernorm.bias"], eps)
 
 

@@ -248,8 +248,9 @@ def test_blocks_that_are_not_dinos_are_refused(tmp_path):
     dinov2 = tiny_dinov2()
     with torch.no_grad():
         dinov2.encoder.layer[1].layer_scale2.lambda1.fill_(1e-5)  # DINOv2's trained checkpoints: learned
+    # Such a LayerScale converts (tests/test_layerscale.py), but not into a DinoModel without one.
     with pytest.raises(ValueError, match=r"encoder.layer.1.layer_scale2.lambda1 is not all ones"):
-        dino_from_dinov2_with_registers(dinov2)
+        dino_from_dinov2_with_registers(dinov2, layerscale_value=None)
     with pytest.raises(ValueError, match="SwiGLU MLP"):
         dino_from_dinov2_with_registers(tiny_dinov2(use_swiglu_ffn=True))
     with pytest.raises(ValueError, match="expected a Dinov2WithRegistersModel"):

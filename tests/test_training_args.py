@@ -277,6 +277,17 @@ def test_config_overrides_change_the_preset_trained_from_scratch(image_dir):
     assert not fresh_head  # from scratch: no head warm-up
 
 
+def test_config_overrides_set_dinov2_fields_that_are_unset_in_the_preset(image_dir):
+    from dino_hf.training.arguments import preset_overrides
+
+    args = make(
+        image_dir,
+        model_name_or_path="vit_small_patch16",
+        config_overrides="num_register_tokens=4, layerscale_value=1e-5,drop_path_uniform=true",
+    )
+    assert preset_overrides(args) == {"num_register_tokens": 4, "layerscale_value": 1e-5, "drop_path_uniform": True}
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -287,6 +298,8 @@ def test_config_overrides_change_the_preset_trained_from_scratch(image_dir):
         ({"config_overrides": "image_size=96"}, "set image_size with --global_crops_size instead"),
         ({"config_overrides": "num_attention_heads=5"}, "hidden_size 192 must be a multiple of num_attention_heads 5"),
         ({"config_overrides": "patch_size=14"}, "a multiple of the backbone's patch size 14"),
+        ({"config_overrides": "layerscale_value=-1"}, "layerscale_value must be None"),
+        ({"config_overrides": "layerscale_value=small"}, "could not convert string to float"),
         (
             {"config_overrides": "num_hidden_layers=6", "model_name_or_path": None, "backbone": "timm:resnet18"},
             "it changes a DinoModel preset trained from scratch",

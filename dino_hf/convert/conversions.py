@@ -7,8 +7,10 @@
 - the reference DINO checkpoints (docs/formats.md#reference-checkpoints): full training checkpoints
   with `teacher` / `student` (keys `[module.]backbone.*` with timm's names, `[module.]head.*`), and
   backbone-only state dicts.
-- transformers `Dinov2WithRegistersModel` models and folders whose blocks are DINO's (LayerScale all
-  ones, GELU MLP): `dino_from_dinov2_with_registers` (docs/formats.md#dinov2-with-registers).
+- timm `VisionTransformer`s with LayerScale (`init_values`; `blocks.{i}.ls{1,2}.gamma`), into a
+  DinoModel with `layerscale_value`;
+- transformers `Dinov2WithRegistersModel` models and folders with a GELU MLP (not SwiGLU), LayerScale
+  included: `dino_from_dinov2_with_registers` (docs/formats.md#dinov2-with-registers).
 
 `convert_checkpoint` reads any of these and writes a `DinoModel` folder, or a transformers ViT or timm
 folder (`dino_hf.convert.export`), in one call.
@@ -32,12 +34,22 @@ from ..models.configuration_dino import PRESETS, DinoConfig
 from ..models.heads import DinoHead
 from ..models.modeling_dino import DinoModel
 from ..models.weight_check import load_checked
-from .export import DINOV2_BLOCK_NAMES, as_plain_vit, dinov2_block_key, save_as_timm, save_as_vit
+from .export import (
+    DINOV2_BLOCK_NAMES,
+    TIMM_LAYER_SCALE_NAMES,
+    as_plain_vit,
+    dinov2_block_key,
+    save_as_timm,
+    save_as_vit,
+    timm_layer_scale_key,
+)
 from .timm_weights import DINO_LAYER_NORM_EPS, dino_key_to_timm, timm_to_dino_state_dict
 from .weight_files import load_checkpoint_file
 
 HEAD_WEIGHTS_NAME = "dino_head.safetensors"
 HEAD_CONFIG_NAME = "dino_head_config.json"
+# LayerScale init of a timm state dict that does not say its own: timm's `LayerScale` default (and DINOv2's).
+TIMM_DEFAULT_INIT_VALUES = 1e-5
 
 
 class ImportedCheckpoint(NamedTuple):
@@ -141,7 +153,9 @@ def _build_dino(
     """A DinoModel holding exactly `state_dict`; every key must be known, present and of the right shape."""
 
     def name(key: str) -> str:
-        return f"{dino_key_to_timm(key)!r} (DinoModel {key!r})" if timm_names else repr(key)
+        if not timm_names:
+            return repr(key)
+        return f"{timm_layer_scale_key(key) or dino_key_to_timm(key)!r} (DinoModel {key!r})"
 
     model = DinoModel(config)
     expected = model.state_dict()
@@ -226,11 +240,18 @@ def dino_from_vit(source: "ViTModel | dict | str | Path", **config_overrides) ->
 def dino_from_timm(source: "nn.Module | dict | str | Path", **config_overrides) -> DinoModel:
     """DinoModel from a timm `VisionTransformer` (num_classes=0), a timm folder (config.json +
     model.safetensors), a weights file or a state dict in timm's names. `config_overrides` go to
-    `DinoConfig`."""
+    `DinoConfig`.
+
+    A model with LayerScale (timm's `init_values`, weights `blocks.{i}.ls{1,2}.gamma`) gives a DinoModel
+    with `layerscale_value` = its `init_values` (1e-5, timm's default, for a weights file or state dict)
+    and the vectors copied.
+    """
     fields = {}
     if isinstance(source, nn.Module):
         name, state_dict = type(source).__name__, source.state_dict()
         fields = dict(num_attention_heads=source.blocks[0].attn.num_heads, image_size=source.patch_embed.img_size[0])
+        if init_values := getattr(getattr(source.blocks[0], "ls1", None), "init_values", None):
+            fields["layerscale_value"] = init_values
     elif isinstance(source, dict):
         name, state_dict = "timm state dict", source
     elif Path(source).is_dir():
@@ -242,6 +263,8 @@ def dino_from_timm(source: "nn.Module | dict | str | Path", **config_overrides) 
         model_args = timm_config.get("model_args", {})
         if "num_heads" in model_args:
             fields["num_attention_heads"] = model_args["num_heads"]
+        if model_args.get("init_values"):
+            fields["layerscale_value"] = model_args["init_values"]
         state_dict = _folder_weights(Path(source))
     else:
         name, state_dict = str(source), load_checkpoint_file(source)
@@ -249,10 +272,20 @@ def dino_from_timm(source: "nn.Module | dict | str | Path", **config_overrides) 
 
 
 def _dino_from_timm_names(state_dict: dict, source: str, **fields) -> DinoModel:
+    timm_to_dino = {timm_name: dino_name for dino_name, timm_name in TIMM_LAYER_SCALE_NAMES.items()}
+    layer_scale, rest = {}, {}
+    for key, tensor in _tensors(state_dict, source).items():
+        block = re.fullmatch(r"blocks\.(\d+)\.(ls[12]\.gamma)", key)
+        if block:
+            layer_scale[f"encoder.layer.{block.group(1)}.{timm_to_dino[block.group(2)]}"] = tensor
+        else:
+            rest[key] = tensor
     try:
-        converted = timm_to_dino_state_dict(_tensors(state_dict, source))
+        converted = timm_to_dino_state_dict(rest) | layer_scale
     except ValueError as error:
         raise ValueError(f"{source}: {error}") from error
+    if layer_scale:
+        fields.setdefault("layerscale_value", TIMM_DEFAULT_INIT_VALUES)
     return _build_dino(converted, _infer_config(converted, source, **fields), source, timm_names=True)
 
 
@@ -308,16 +341,20 @@ def dino_from_dinov2_with_registers(source: "Dinov2WithRegistersModel | str | Pa
     `Dinov2WithRegistersForImageClassification`, whose head is left out), or from its folder or Hub id,
     every weight of which is checked as it loads (`weight_check.load_checked`).
 
-    The network must be DINO's: a GELU MLP (not SwiGLU) and every LayerScale exactly 1, which
-    DinoModel does not have; the released DINOv2 checkpoints learn theirs, so they are refused (train
-    them as transformers backbones instead). The register tokens are copied; the mask token is kept
-    (`use_mask_token=True`) when it is not all zeros, i.e. when it was trained; pass
+    The MLP must be DINO's GELU MLP (not SwiGLU). LayerScale: when every LayerScale vector is exactly 1
+    (an untrained Dinov2, or one written by `dino_to_dinov2_with_registers` from a DinoModel without
+    LayerScale), it changes nothing and the DinoModel has none, as DINO's ViT; otherwise (the released
+    DINOv2 checkpoints learn theirs) the DinoModel gets `layerscale_value` = the Dinov2 config's and the
+    vectors are copied. `layerscale_value=...` decides otherwise (a float keeps even all-ones vectors;
+    None is refused for vectors that are not all ones). The register tokens are copied; the mask token
+    is kept (`use_mask_token=True`) when it is not all zeros, i.e. when it was trained; pass
     `use_mask_token=True` / `False` to keep or drop it whatever its values. `config_overrides` go to
-    `DinoConfig` (stochastic depth is DinoConfig's default, 0.1, unless given).
+    `DinoConfig` (stochastic depth is DinoConfig's default, 0.1 growing over the blocks, unless given).
 
     Raises:
-        ValueError: not a Dinov2WithRegisters model or folder, SwiGLU, LayerScale other than 1, a
-            non-square image or patch size, or a folder that does not fill the model.
+        ValueError: not a Dinov2WithRegisters model or folder, SwiGLU, LayerScale other than 1 with
+            `layerscale_value=None`, a non-square image or patch size, or a folder that does not fill
+            the model.
     """
     if isinstance(source, (str, Path)):
         config = AutoConfig.from_pretrained(str(source))
@@ -334,7 +371,13 @@ def dino_from_dinov2_with_registers(source: "Dinov2WithRegistersModel | str | Pa
         name = type(source).__name__
     model = source.base_model
     config = _dinov2_fields(model, name)
-    state = {_dino_key_from_dinov2(key): tensor for key, tensor in model.state_dict().items() if ".lambda1" not in key}
+    config["layerscale_value"] = _dinov2_layerscale(model, name, config_overrides)
+    keep_layer_scale = config["layerscale_value"] is not None
+    state = {
+        _dino_key_from_dinov2(key): tensor
+        for key, tensor in model.state_dict().items()
+        if keep_layer_scale or not key.endswith(".lambda1")
+    }
     mask_token = state.pop("embeddings.mask_token").reshape(1, 1, -1)  # (1, D) -> (1, 1, D)
     if not config["num_register_tokens"]:
         del state["embeddings.register_tokens"]  # (1, 0, D): DinoModel holds no empty weight
@@ -352,14 +395,6 @@ def _dinov2_fields(model: nn.Module, source: str) -> dict:
             f"{source} has a SwiGLU MLP (use_swiglu_ffn=True, as DINOv2's ViT-g); DinoModel's MLP is one GELU "
             f"layer, so it cannot be converted: train it as a transformers backbone (--model_name_or_path FOLDER)"
         )
-    for key, tensor in model.state_dict().items():
-        if key.endswith(".lambda1") and not torch.equal(tensor, torch.ones_like(tensor)):
-            raise ValueError(
-                f"{source}: LayerScale {key} is not all ones (values {tensor.min().item():.3g} to "
-                f"{tensor.max().item():.3g}); DinoModel has no LayerScale, so only a Dinov2WithRegisters model "
-                f"with LayerScale exactly 1 converts (the released DINOv2 checkpoints learn theirs: train them "
-                f"as transformers backbones, --model_name_or_path FOLDER)"
-            )
     sizes = {}
     for field in ("image_size", "patch_size"):
         value = getattr(config, field)
@@ -383,6 +418,26 @@ def _dinov2_fields(model: nn.Module, source: str) -> dict:
         num_register_tokens=config.num_register_tokens,
         **sizes,
     )
+
+
+def _dinov2_layerscale(model: nn.Module, source: str, config_overrides: dict) -> float | None:
+    """DinoConfig's `layerscale_value` for a Dinov2WithRegistersModel: None when every LayerScale is
+    exactly 1, else the Dinov2 config's `layerscale_value`; a `layerscale_value` in `config_overrides`
+    (taken out of it) wins, but None is refused where a LayerScale is not all ones."""
+    not_ones = [
+        (key, tensor)
+        for key, tensor in model.state_dict().items()
+        if key.endswith(".lambda1") and not torch.equal(tensor, torch.ones_like(tensor))
+    ]
+    value = config_overrides.pop("layerscale_value", model.config.layerscale_value if not_ones else None)
+    if value is None and not_ones:
+        key, tensor = not_ones[0]
+        raise ValueError(
+            f"{source}: LayerScale {key} is not all ones (values {tensor.min().item():.3g} to "
+            f"{tensor.max().item():.3g}), so a DinoModel without LayerScale (layerscale_value=None) would "
+            f"compute something else; leave layerscale_value out to keep the LayerScale"
+        )
+    return value
 
 
 def _dino_key_from_dinov2(key: str) -> str:
@@ -441,8 +496,9 @@ def convert_checkpoint(
     Source formats: "vit" (transformers ViT folder or weights file), "timm" (timm folder or weights
     file), "dino" (a reference checkpoint .pth, or a dino_hf folder). Target formats: "dino" (a
     DinoModel folder, with the head as `dino_head.safetensors` + `dino_head_config.json`), "vit",
-    "timm" (backbone only; a model with register tokens is refused there and the mask token is left
-    out, `export.as_plain_vit`). Returns what was read.
+    "timm" (backbone only; a model with register tokens is refused there, one with LayerScale is
+    refused by "vit" and kept by "timm", and the mask token is left out, `export.as_plain_vit`).
+    Returns what was read.
     """
     if source_format not in ("vit", "timm", "dino"):
         raise ValueError(f"unknown source format {source_format!r}; use 'vit', 'timm' or 'dino'")

@@ -5,12 +5,14 @@
   timm folder (`timm.create_model("local-dir:PATH")` and transformers' `TimmWrapperModel`), both with
   DINO's evaluation transform as their image preprocessing.
 - `save_as_vit` writes a `DinoModel` as a stock transformers `ViTModel` folder that loads with
-  `AutoModel` alone; `to_vit_model` returns that `ViTModel`.
-- `save_as_timm` writes a `DinoModel` as a timm folder that loads with
-  `timm.create_model("local-dir:PATH", pretrained=True)` and with `TimmWrapperModel`; `to_timm_model`
-  returns that timm `VisionTransformer`.
-- `dino_to_dinov2_with_registers` returns a `DinoModel` (with or without registers) as transformers'
-  `Dinov2WithRegistersModel`, LayerScale at 1 (docs/formats.md#dinov2-with-registers).
+  `AutoModel` alone; `to_vit_model` returns that `ViTModel`. ViT has no place for registers or
+  LayerScale: such a model is refused there (`as_plain_vit`).
+- `save_as_timm` writes a `DinoModel` (LayerScale included, as timm's `init_values`) as a timm folder
+  that loads with `timm.create_model("local-dir:PATH", pretrained=True)` and with `TimmWrapperModel`;
+  `to_timm_model` returns that timm `VisionTransformer`.
+- `dino_to_dinov2_with_registers` returns a `DinoModel` (with or without registers and LayerScale) as
+  transformers' `Dinov2WithRegistersModel`, which `AutoModel` loads alone
+  (docs/formats.md#dinov2-with-registers).
 
 All of them compute the same features at the native image size; at other sizes each library
 interpolates the position embeddings its own way (docs/recipe.md#position-embedding-interpolation).
@@ -19,6 +21,7 @@ interpolates the position embeddings its own way (docs/recipe.md#position-embedd
 import copy
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -241,7 +244,8 @@ def to_vit_model(model: DinoModel) -> ViTModel:
 
 
 def timm_model_args(config: DinoConfig) -> dict:
-    """Keyword arguments of timm's `VisionTransformer` for the same network (num_classes aside)."""
+    """Keyword arguments of timm's `VisionTransformer` for the same network (num_classes aside); a
+    LayerScale is timm's `init_values`."""
     if config.layer_norm_eps != DINO_LAYER_NORM_EPS or config.hidden_act != "gelu":
         raise ValueError(
             f"timm's ViT has LayerNorm eps 1e-6 and GELU; this model has eps {config.layer_norm_eps} and "
@@ -250,6 +254,7 @@ def timm_model_args(config: DinoConfig) -> dict:
     mlp_ratio = config.intermediate_size / config.hidden_size
     if int(config.hidden_size * mlp_ratio) != config.intermediate_size:
         raise ValueError(f"intermediate size {config.intermediate_size} is not expressible as a timm mlp_ratio")
+    layer_scale = {} if config.layerscale_value is None else {"init_values": config.layerscale_value}
     return dict(
         embed_dim=config.hidden_size,
         depth=config.num_hidden_layers,
@@ -261,7 +266,26 @@ def timm_model_args(config: DinoConfig) -> dict:
         qkv_bias=config.qkv_bias,
         global_pool="token",
         dynamic_img_size=True,
+        **layer_scale,
     )
+
+
+# DinoModel LayerScale -> timm's (`Block.ls1`, `Block.ls2`, a `LayerScale` with weight `gamma`).
+TIMM_LAYER_SCALE_NAMES = {"layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma"}
+
+
+def timm_layer_scale_key(key: str) -> str | None:
+    """timm's name of a DinoModel LayerScale weight, `encoder.layer.{i}.layer_scale{1,2}.lambda1` ->
+    `blocks.{i}.ls{1,2}.gamma`; None for any other key."""
+    match = re.fullmatch(r"encoder\.layer\.(\d+)\.(layer_scale[12]\.lambda1)", key)
+    return f"blocks.{match.group(1)}.{TIMM_LAYER_SCALE_NAMES[match.group(2)]}" if match else None
+
+
+def dino_to_timm_weights(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`dino_to_timm_state_dict` that also renames the LayerScale vectors (D,) (`timm_layer_scale_key`)."""
+    layer_scale = {name: tensor for key, tensor in state_dict.items() if (name := timm_layer_scale_key(key))}
+    rest = {key: tensor for key, tensor in state_dict.items() if timm_layer_scale_key(key) is None}
+    return dino_to_timm_state_dict(rest) | layer_scale
 
 
 def _timm_architecture(config: DinoConfig) -> str:
@@ -280,7 +304,7 @@ def to_timm_model(model: DinoModel) -> nn.Module:
     timm_model = timm.create_model(
         _timm_architecture(model.config), pretrained=False, num_classes=0, **timm_model_args(model.config)
     )
-    timm_model.load_state_dict(dino_to_timm_state_dict(model.state_dict()), strict=True)
+    timm_model.load_state_dict(dino_to_timm_weights(model.state_dict()), strict=True)
     return timm_model.eval()
 
 
@@ -298,7 +322,7 @@ def save_as_timm(model: DinoModel, save_directory: str | Path) -> None:
     config = model.config
     save_directory = Path(save_directory)
     save_directory.mkdir(parents=True, exist_ok=True)
-    tensors = {key: tensor.contiguous() for key, tensor in dino_to_timm_state_dict(model.state_dict()).items()}
+    tensors = {key: tensor.contiguous() for key, tensor in dino_to_timm_weights(model.state_dict()).items()}
     save_file(tensors, save_directory / "model.safetensors", metadata={"format": "pt"})
     timm_config = {
         "architecture": _timm_architecture(config),
@@ -330,13 +354,21 @@ def as_plain_vit(model: DinoModel, target: str) -> DinoModel:
     token, which only training with masked patches uses (a copy; `model` itself when it has none).
 
     Raises:
-        ValueError: a model with register tokens, for which `target` ("vit", "timm") has no place.
+        ValueError: a model with register tokens, for which `target` ("vit", "timm") has no place, or
+            with LayerScale, for which "vit" (transformers' ViTModel) has none (timm holds it).
     """
     if model.config.num_register_tokens:
         raise ValueError(
             f"this DinoModel has {model.config.num_register_tokens} register tokens, which the {target} layout "
             f"cannot hold; export it as a DinoModel folder or as transformers' Dinov2WithRegistersModel "
             f"(dino_hf.convert.export.dino_to_dinov2_with_registers)"
+        )
+    if target == "vit" and model.config.layerscale_value is not None:
+        raise ValueError(
+            f"this DinoModel has LayerScale (layerscale_value={model.config.layerscale_value}), which "
+            f"transformers' ViTModel cannot hold; export it as a DinoModel folder, as transformers' "
+            f"Dinov2WithRegistersModel (dino_hf.convert.export.dino_to_dinov2_with_registers, which AutoModel "
+            f"loads without dino_hf) or as timm (save_as_timm, --to timm)"
         )
     if model.embeddings.mask_token is None:
         return model
@@ -379,8 +411,9 @@ def dinov2_block_key(key: str, block_names: dict[str, str]) -> str | None:
 
 def dinov2_with_registers_config(config: DinoConfig) -> Dinov2WithRegistersConfig:
     """The `Dinov2WithRegistersConfig` of the same network: plain GELU MLP (`use_swiglu_ffn=False`),
-    LayerScale at 1, stochastic depth 0 (the released checkpoints' value; DinoModel's grows over the
-    blocks, Dinov2's is one rate for all, so a fine-tuning run sets its own).
+    `layerscale_value` DinoModel's (1 without LayerScale: Dinov2 always has one), stochastic depth
+    DinoModel's `drop_path_rate` with `drop_path_uniform` (Dinov2's is one rate for all blocks), else 0
+    (the released checkpoints' value; DinoModel's grows over the blocks, so a fine-tuning run sets its own).
 
     Raises:
         ValueError: an MLP width that is not a whole multiple of the hidden size (Dinov2 has `mlp_ratio`,
@@ -405,8 +438,8 @@ def dinov2_with_registers_config(config: DinoConfig) -> Dinov2WithRegistersConfi
         patch_size=config.patch_size,
         num_channels=config.num_channels,
         qkv_bias=config.qkv_bias,
-        layerscale_value=1.0,
-        drop_path_rate=0.0,
+        layerscale_value=1.0 if config.layerscale_value is None else config.layerscale_value,
+        drop_path_rate=config.drop_path_rate if config.drop_path_uniform else 0.0,
         use_swiglu_ffn=False,
         num_register_tokens=config.num_register_tokens,
         architectures=["Dinov2WithRegistersModel"],
@@ -416,10 +449,11 @@ def dinov2_with_registers_config(config: DinoConfig) -> Dinov2WithRegistersConfi
 def dino_to_dinov2_with_registers(model: DinoModel) -> Dinov2WithRegistersModel:
     """A transformers `Dinov2WithRegistersModel` computing what `model` computes at its native image size.
 
-    Each LayerScale is exactly 1 (DinoModel has none), the registers are copied (none when the DinoModel
-    has none), and the mask token is DinoModel's, or zeros (Dinov2's init) when it has none. At other
-    image sizes the two interpolate the position embeddings differently (docs/formats.md#dinov2-with-registers).
-    `save_pretrained` of the result writes a folder that `AutoModel` loads without dino_hf.
+    The LayerScale vectors are DinoModel's, or exactly 1 when it has none; the registers are copied
+    (none when the DinoModel has none), and the mask token is DinoModel's, or zeros (Dinov2's init) when
+    it has none. At other image sizes the two interpolate the position embeddings differently
+    (docs/formats.md#dinov2-with-registers). `save_pretrained` of the result writes a folder that
+    `AutoModel` loads without dino_hf.
     """
     config = model.config
     target = Dinov2WithRegistersModel(dinov2_with_registers_config(config))
@@ -432,7 +466,7 @@ def dino_to_dinov2_with_registers(model: DinoModel) -> Dinov2WithRegistersModel:
     target_state = target.state_dict()
     for key, tensor in target_state.items():
         if key.endswith(".lambda1"):
-            state[key] = torch.ones_like(tensor)  # (D,): LayerScale that leaves the block unchanged
+            state.setdefault(key, torch.ones_like(tensor))  # (D,): where DinoModel has none, 1 changes nothing
         elif key == "embeddings.mask_token":
             state.setdefault(key, torch.zeros_like(tensor))
         elif key == "embeddings.register_tokens" and not config.num_register_tokens:
@@ -444,9 +478,12 @@ def dino_to_dinov2_with_registers(model: DinoModel) -> Dinov2WithRegistersModel:
 __all__ = [
     "DINOV2_BLOCK_NAMES",
     "as_plain_vit",
+    "TIMM_LAYER_SCALE_NAMES",
     "dino_to_dinov2_with_registers",
+    "dino_to_timm_weights",
     "dinov2_block_key",
     "dinov2_with_registers_config",
+    "timm_layer_scale_key",
     "export_backbone",
     "is_timm_model",
     "loading_snippet",

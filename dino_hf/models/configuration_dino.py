@@ -3,11 +3,14 @@ Self-Supervised Vision Transformers").
 
 The fields and their names follow transformers' `ViTConfig` wherever the architecture is the same, so
 that converting between the two is a rename. The defaults are DINO's ViT-S/16: LayerNorm eps 1e-6
-(the value the released weights were trained with) and stochastic depth 0.1. Two additions from
-DINOv2, both off by default so that the model is DINO's bit for bit: register tokens
-(`num_register_tokens`, `Dinov2WithRegistersConfig`'s name) and iBOT's mask token (`use_mask_token`,
-`ViTConfig`'s name).
+(the value the released weights were trained with) and stochastic depth 0.1. Four additions from
+DINOv2, all off by default so that the model is DINO's bit for bit: register tokens
+(`num_register_tokens`, `Dinov2WithRegistersConfig`'s name), iBOT's mask token (`use_mask_token`,
+`ViTConfig`'s name), LayerScale (`layerscale_value`, `Dinov2WithRegistersConfig`'s name) and one
+stochastic-depth rate for every block (`drop_path_uniform`, DINOv2's `drop_path_uniform`).
 """
+
+import math
 
 from transformers import PretrainedConfig
 
@@ -42,7 +45,11 @@ class DinoConfig(PretrainedConfig):
         num_channels (`int`, defaults to 3): input channels.
         qkv_bias (`bool`, defaults to `True`): bias on the query, key and value projections.
         drop_path_rate (`float`, defaults to 0.1): stochastic depth at the last block, growing
-            linearly from 0 at the first block (paper Sec. 3, reference `drop_path_rate`).
+            linearly from 0 at the first block (paper Sec. 3, reference `drop_path_rate`); the rate of
+            every block with `drop_path_uniform`.
+        drop_path_uniform (`bool`, defaults to `False`): give every block the rate `drop_path_rate`,
+            as DINOv2 does (`drop_path_uniform: true` in its `ssl_default_config.yaml`), instead of
+            DINO's linear rule.
         num_register_tokens (`int`, defaults to 0): learned register tokens placed after the CLS token,
             without position embedding (Darcet et al. 2024, "Vision Transformers Need Registers": 4 in
             DINOv2-with-registers and DINOv3). They take part in attention; the patch tokens,
@@ -50,6 +57,11 @@ class DinoConfig(PretrainedConfig):
         use_mask_token (`bool`, defaults to `False`): give the embeddings a learned mask token, which
             replaces the patches that `bool_masked_pos` marks (iBOT, DINOv2 Sec. 3). Off, the model
             has no such weight, as the DINO checkpoints.
+        layerscale_value (`float`, *optional*): LayerScale (Touvron et al. 2021, "Going deeper with
+            Image Transformers"): each block multiplies the output of its attention and of its MLP by
+            a learned per-channel vector initialised to this value, before stochastic depth (DINOv2's
+            `layerscale: 1.0e-05`). None (the default): no LayerScale and no such weights, as DINO's
+            ViT.
 
     Example:
 
@@ -80,6 +92,8 @@ class DinoConfig(PretrainedConfig):
         drop_path_rate: float = 0.1,
         num_register_tokens: int = 0,
         use_mask_token: bool = False,
+        layerscale_value: float | None = None,
+        drop_path_uniform: bool = False,
         **kwargs,
     ):
         if hidden_size % num_attention_heads != 0:
@@ -99,6 +113,18 @@ class DinoConfig(PretrainedConfig):
                 f"num_register_tokens must be a whole number >= 0 (0: no registers; DINOv2 uses 4), "
                 f"got {num_register_tokens!r}"
             )
+        if layerscale_value is not None and not (
+            type(layerscale_value) in (int, float) and math.isfinite(layerscale_value) and layerscale_value > 0
+        ):
+            raise ValueError(
+                f"layerscale_value must be None (no LayerScale) or a positive finite number (DINOv2 uses 1e-5), "
+                f"got {layerscale_value!r}"
+            )
+        if type(drop_path_uniform) is not bool:
+            raise ValueError(
+                f"drop_path_uniform must be True (every block at drop_path_rate) or False (growing linearly "
+                f"to drop_path_rate), got {drop_path_uniform!r}"
+            )
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
         self.num_attention_heads = num_attention_heads
@@ -115,6 +141,8 @@ class DinoConfig(PretrainedConfig):
         self.drop_path_rate = drop_path_rate
         self.num_register_tokens = num_register_tokens
         self.use_mask_token = bool(use_mask_token)
+        self.layerscale_value = None if layerscale_value is None else float(layerscale_value)
+        self.drop_path_uniform = drop_path_uniform
         super().__init__(**kwargs)
 
     @classmethod
@@ -122,7 +150,7 @@ class DinoConfig(PretrainedConfig):
         """Config of one of DINO's ViTs by name, e.g. `"vit_small_patch16"`; see `PRESETS`.
 
         Keyword arguments override fields of the preset (e.g. `drop_path_rate=0.0`,
-        `num_register_tokens=4`).
+        `num_register_tokens=4`, `layerscale_value=1e-5`).
         """
         size, _, patch = name.rpartition("_patch")
         if size not in _VIT_SIZES or patch not in ("8", "16"):

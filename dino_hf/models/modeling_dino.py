@@ -5,7 +5,9 @@ Weight names are those of transformers' ViT checkpoints on disk (`embeddings.*`,
 `layernorm`), so a facebook/dino-* checkpoint loads by a plain rename-free copy. The model differs from
 `ViTModel` where DINO differs: LayerNorm eps 1e-6, stochastic depth, no pooler layer (the DINO feature
 is the CLS token after the final LayerNorm), and the reference's bicubic interpolation of the position
-grid, so that 224 px global crops and 96 px local crops go through the same weights.
+grid, so that 224 px global crops and 96 px local crops go through the same weights. DINOv2's register
+tokens, mask token and LayerScale are options (`DinoConfig`), off by default; LayerScale weights have
+transformers' `Dinov2Layer` names (`encoder.layer.{i}.layer_scale{1,2}.lambda1`).
 
 This file and the two it imports (`configuration_dino.py`, `image_processing_dino.py`) need only torch
 and transformers: they are copied next to saved weights so that
@@ -264,24 +266,42 @@ class DinoDropPath(nn.Module):
         return f"drop_prob={self.drop_prob}"
 
 
+class DinoLayerScale(nn.Module):
+    """LayerScale (Touvron et al. 2021, "Going deeper with Image Transformers", CaiT): the branch
+    output (B, N, D) times a learned vector `lambda1` (D,), initialised to `config.layerscale_value`.
+    Corresponds to transformers' `Dinov2LayerScale` and timm's `LayerScale` (`gamma`)."""
+
+    def __init__(self, config: DinoConfig):
+        super().__init__()
+        self.lambda1 = nn.Parameter(torch.full((config.hidden_size,), config.layerscale_value))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states * self.lambda1
+
+
 class DinoLayer(GradientCheckpointingLayer):
-    """Pre-norm transformer block: x + drop_path(attn(norm(x))), then x + drop_path(mlp(norm(x)))."""
+    """Pre-norm transformer block: x + drop_path(ls1(attn(norm(x)))), then x + drop_path(ls2(mlp(norm(x)))),
+    where ls1 and ls2 are LayerScales with `config.layerscale_value` and identities without (DINO).
+    Corresponds to the reference's and timm's `Block` and transformers' `Dinov2Layer`."""
 
     def __init__(self, config: DinoConfig, drop_path: float = 0.0):
         super().__init__()
+        layer_scale = config.layerscale_value is not None
         self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.attention = DinoAttention(config)
+        self.layer_scale1 = DinoLayerScale(config) if layer_scale else nn.Identity()
         self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.intermediate = DinoIntermediate(config)
         self.output = DinoOutput(config)
+        self.layer_scale2 = DinoLayerScale(config) if layer_scale else nn.Identity()
         self.drop_path = DinoDropPath(drop_path)
 
     def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
         """hidden_states (B, N, D) -> (B, N, D), attention weights (B, heads, N, N) or None."""
         attended, weights = self.attention(self.layernorm_before(hidden_states), output_attentions)
-        hidden_states = hidden_states + self.drop_path(attended)
+        hidden_states = hidden_states + self.drop_path(self.layer_scale1(attended))
         mlp = self.output(self.intermediate(self.layernorm_after(hidden_states)))
-        hidden_states = hidden_states + self.drop_path(mlp)
+        hidden_states = hidden_states + self.drop_path(self.layer_scale2(mlp))
         return hidden_states, weights
 
 
@@ -290,10 +310,14 @@ class DinoEncoder(nn.Module):
 
     def __init__(self, config: DinoConfig):
         super().__init__()
-        # Stochastic depth grows linearly from 0 at the first block to drop_path_rate at the last.
-        # The rates are computed on the CPU, whatever the default device, so that the model can be built
-        # on the meta device (`with torch.device("meta")`, accelerate's `init_empty_weights`).
-        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers, device="cpu").tolist()
+        # Stochastic depth grows linearly from 0 at the first block to drop_path_rate at the last (DINO),
+        # or is drop_path_rate at every block (DINOv2's drop_path_uniform). The rates are computed on the
+        # CPU, whatever the default device, so that the model can be built on the meta device
+        # (`with torch.device("meta")`, accelerate's `init_empty_weights`).
+        if config.drop_path_uniform:
+            rates = [config.drop_path_rate] * config.num_hidden_layers
+        else:
+            rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers, device="cpu").tolist()
         self.layer = nn.ModuleList([DinoLayer(config, rate) for rate in rates])
 
     def forward(
@@ -335,7 +359,7 @@ class DinoPreTrainedModel(PreTrainedModel):
         """The reference's init: trunc_normal(0.02) for Linear weights and the CLS / position
         embeddings, zero biases, LayerNorm 1 / 0; the patch convolution keeps PyTorch's default. The
         register tokens are initialised like the CLS token (Darcet et al. 2024), the mask token at zero
-        (DINOv2's `mask_token`)."""
+        (DINOv2's `mask_token`), each LayerScale at `config.layerscale_value` (DINOv2's `init_values`)."""
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
             init.trunc_normal_(module.weight, std=std)
@@ -355,6 +379,8 @@ class DinoPreTrainedModel(PreTrainedModel):
                 init.trunc_normal_(module.register_tokens, std=std)
             if module.mask_token is not None:
                 init.zeros_(module.mask_token)
+        elif isinstance(module, DinoLayerScale):
+            init.constant_(module.lambda1, self.config.layerscale_value)
 
 
 class DinoModel(DinoPreTrainedModel):

@@ -748,8 +748,16 @@ def preset_overrides(args: DinoTrainingArguments) -> dict:
         )
     config = DinoConfig.from_preset(spec)
     try:
-        keys = [item.split("=", 1)[0].strip() for item in args.config_overrides.split(",")]
-        config.update_from_string(args.config_overrides)
+        items = dict(item.split("=", 1) for item in args.config_overrides.split(","))
+        items = {key.strip(): value.strip() for key, value in items.items()}
+        keys = list(items)
+        # A field whose preset value is None (layerscale_value) has no type to read the text as: a number.
+        unset = {key: float(value) for key, value in items.items() if getattr(config, key, 0) is None}
+        typed = ",".join(f"{key}={value}" for key, value in items.items() if key not in unset)
+        if typed:
+            config.update_from_string(typed)
+        for key, value in unset.items():
+            setattr(config, key, value)
     except (ValueError, TypeError) as error:
         _fail("config_overrides", args.config_overrides, f"comma-separated key=value fields of DinoConfig ({error})")
     for key in keys:
@@ -761,7 +769,12 @@ def preset_overrides(args: DinoTrainingArguments) -> dict:
             args.config_overrides,
             f"hidden_size {config.hidden_size} must be a multiple of num_attention_heads {config.num_attention_heads}",
         )
-    return {key: getattr(config, key) for key in keys}
+    overrides = {key: getattr(config, key) for key in keys}
+    try:
+        DinoConfig.from_preset(spec, **overrides)  # the config's own checks of each value
+    except ValueError as error:
+        _fail("config_overrides", args.config_overrides, str(error))
+    return overrides
 
 
 def _validate_model(args: DinoTrainingArguments) -> None:
