@@ -202,6 +202,18 @@ def test_card_without_data_leaves_sections_out():
     assert ModelCard(text).data.eval_results is None
 
 
+def test_card_lists_the_dinov2_options_that_are_on():
+    plain = str(card_for(tiny_dino()))
+    assert "layerscale_value" not in plain and "num_register_tokens" not in plain
+    torch.manual_seed(0)
+    config = DinoConfig(**TINY_VIT, num_register_tokens=4, layerscale_value=1e-5, drop_path_uniform=True)
+    text = str(card_for(DinoModel(config).eval()))
+    assert not PLACEHOLDERS.search(text), PLACEHOLDERS.search(text)
+    for row in ("num_register_tokens", "4"), ("layerscale_value", "1e-05"), ("drop_path_uniform", "True"):
+        assert re.search(rf"\|\s*`?{row[0]}`?\s*\|\s*`?{re.escape(row[1])}`?\s*\|", text), row
+    assert "use_mask_token" not in text
+
+
 def test_timm_card_loads_with_timm_and_templates_resolve():
     backbone = build_backbone("timm:test_resnet", image_size=32)
     text = str(render_model_card(backbone, REPO, image_size=32))

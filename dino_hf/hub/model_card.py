@@ -145,6 +145,10 @@ def render_model_card(
     )
 
 
+# DinoConfig's DINOv2 options: listed on the card when they are on.
+_DINOV2_FIELDS = ("num_register_tokens", "layerscale_value", "drop_path_uniform", "use_mask_token")
+
+
 def _describe(model: nn.Module, model_id: str) -> dict[str, Any]:
     """Template values that come from the model itself."""
     count = sum(p.numel() for p in model.parameters())
@@ -171,7 +175,8 @@ def _describe(model: nn.Module, model_id: str) -> dict[str, Any]:
             feature_description="the CLS token after the final LayerNorm",
             patch_size=config.patch_size,
             image_size=config.image_size,
-            config_rows=[(name, getattr(config, name)) for name in fields],
+            config_rows=[(name, getattr(config, name)) for name in fields]
+            + [(name, getattr(config, name)) for name in _DINOV2_FIELDS if getattr(config, name, None)],
             # dino_hf.convert.export.to_timm_model needs timm's LayerNorm eps and activation.
             timm_convertible=config.layer_norm_eps == 1e-6
             and config.hidden_act == "gelu"
