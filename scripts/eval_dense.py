@@ -13,20 +13,20 @@ accuracy of the eval split.
 """
 
 import argparse
-import json
-import os
 import sys
 
-import datasets
 import torch
 from accelerate import PartialState
 
 from dino_hf.data.segmentation import num_mask_classes
 from dino_hf.evaluation.cli import (
     add_model_argument,
+    add_probe_run_arguments,
     add_segmentation_arguments,
+    epoch_rows,
     image_size_line,
     load_segmentation_split,
+    save_probe,
 )
 from dino_hf.evaluation.dense import (
     DENSE_LR,
@@ -57,17 +57,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--num_labels", type=int, help="Classes (default: the largest class id in the masks of both splits + 1)."
     )
-    parser.add_argument(
-        "--cache_features",
-        action="store_true",
-        help="Compute the train features once (no flips) and train on them.",
+    add_probe_run_arguments(
+        parser,
+        cache_features_help="Compute the train features once (no flips) and train on them.",
+        num_workers_help="DataLoader processes decoding images.",
     )
-    parser.add_argument("--num_workers", type=int, default=4, help="DataLoader processes decoding images.")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--shuffle_buffer_size", type=int, default=10000, help="Shuffle buffer of a streamed train set."
-    )
-    parser.add_argument("--output_dir", help="Write the probe weights and the metrics here.")
     return parser.parse_args(argv)
 
 
@@ -101,7 +95,7 @@ def main(argv=None) -> dict:
     else:
 
         def train_batches(epoch):
-            rows = train_rows.shuffle(seed=args.seed + epoch, **_buffer(train_rows, args.shuffle_buffer_size))
+            rows = epoch_rows(train_rows, args, epoch)
             yield from feature_batches(model, batches(rows, image_column, mask_column, flip=True), device)
 
     probe = train_segmentation_probe(
@@ -122,16 +116,9 @@ def main(argv=None) -> dict:
         f"pixel accuracy {metrics['pixel_accuracy']:.2f} ({eval_batches.skipped} skipped: unreadable, or sizes differ)"
     )
     if args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
-        torch.save(probe.state_dict(), os.path.join(args.output_dir, "segmentation_probe.pth"))
-        with open(os.path.join(args.output_dir, "metrics.json"), "w") as file:
-            json.dump(metrics | {"num_labels": num_labels, "image_size": model.image_size}, file, indent=2)
+        saved = metrics | {"num_labels": num_labels, "image_size": model.image_size}
+        save_probe(args.output_dir, probe, "segmentation_probe.pth", saved)
     return metrics
-
-
-def _buffer(rows, size: int) -> dict:
-    """A streamed dataset shuffles within a buffer; an in-memory one shuffles exactly."""
-    return {"buffer_size": size} if isinstance(rows, datasets.IterableDataset) else {}
 
 
 if __name__ == "__main__":

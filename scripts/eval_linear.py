@@ -11,14 +11,20 @@ epoch recomputes the features of RandomResizedCrop + flip images, as the referen
 
 import argparse
 import functools
-import json
-import os
 
 import datasets
 import torch
 from accelerate import PartialState
 
-from dino_hf.evaluation.cli import add_dataset_arguments, add_model_argument, image_size_line, load_split
+from dino_hf.evaluation.cli import (
+    add_dataset_arguments,
+    add_model_argument,
+    add_probe_run_arguments,
+    epoch_rows,
+    image_size_line,
+    load_split,
+    save_probe,
+)
 from dino_hf.evaluation.feature_models import load_feature_model
 from dino_hf.evaluation.features import ImageBatches, extract_features
 from dino_hf.evaluation.linear_probe import (
@@ -49,17 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--num_labels", type=int, help="Classes (default: from the ClassLabel feature, else the largest label + 1)."
     )
-    parser.add_argument(
-        "--cache_features",
-        action="store_true",
-        help="Compute the train features once (eval transform) and train on them.",
+    add_probe_run_arguments(
+        parser, cache_features_help="Compute the train features once (eval transform) and train on them."
     )
-    parser.add_argument("--num_workers", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--shuffle_buffer_size", type=int, default=10000, help="Shuffle buffer of a streamed train set."
-    )
-    parser.add_argument("--output_dir", help="Write the probe weights and the metrics here.")
     return parser.parse_args(argv)
 
 
@@ -94,7 +92,7 @@ def main(argv=None) -> dict:
         augment = train_transform(model.image_size)
 
         def train_batches(epoch):
-            rows = train_rows.shuffle(seed=args.seed + epoch, **_buffer(train_rows, args.shuffle_buffer_size))
+            rows = epoch_rows(train_rows, args, epoch)
             for pixel_values, labels in batches(rows, image_column, label_column, augment):
                 with torch.no_grad():  # not around the yield: the probe's step needs gradients
                     features = feature_fn(model, pixel_values.to(device))
@@ -118,16 +116,8 @@ def main(argv=None) -> dict:
     )
     print(f"Linear probe on {len(eval_labels)} test images: Top1: {metrics['top1']:.2f}, Top5: {metrics['top5']:.2f}")
     if args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
-        torch.save(probe.state_dict(), os.path.join(args.output_dir, "linear_probe.pth"))
-        with open(os.path.join(args.output_dir, "metrics.json"), "w") as file:
-            json.dump(metrics, file, indent=2)
+        save_probe(args.output_dir, probe, "linear_probe.pth", metrics)
     return metrics
-
-
-def _buffer(rows, size: int) -> dict:
-    """A streamed dataset shuffles within a buffer; an in-memory one shuffles exactly."""
-    return {"buffer_size": size} if isinstance(rows, datasets.IterableDataset) else {}
 
 
 if __name__ == "__main__":

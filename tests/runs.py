@@ -1,6 +1,6 @@
-"""Tiny training runs shared by the k-NN guard, --init_from_checkpoint and CLI refusal tests: the same
-settings through the real CLI (a subprocess), through the script's `main(argv)` in this process, and
-through `train(DinoTrainingArguments(...))`.
+"""Tiny training runs shared by the k-NN guard, --init_from_checkpoint, CLI refusal and end-to-end
+script tests: the same settings through the real CLI (a subprocess), through the script's `main(argv)`
+in this process, and through `train(DinoTrainingArguments(...))`.
 
 A run trains a tiny DinoModel (32 px, hidden 32, 2 layers, patch 8) on the 24 images of the `data`
 fixture: batches of 4, 16 samples per epoch, 2 epochs = 8 steps.
@@ -45,6 +45,21 @@ def cli_arguments(options: dict) -> list[str]:
     for name, value in options.items():
         argv += [f"--{name}", str(value)]
     return argv
+
+
+def pretrain_arguments(data: Path, output_dir: Path, *extra: str, **settings) -> list[str]:
+    """scripts/pretrain.py's arguments for a TINY run (`settings` replacing TINY's values) on the `data`
+    fixture's images and starting model, writing to `output_dir`; then `extra`."""
+    return [
+        *cli_arguments({**TINY, **settings}),
+        "--train_dir",
+        str(data / "images"),
+        "--model_name_or_path",
+        str(data / "model"),
+        "--output_dir",
+        str(output_dir),
+        *extra,
+    ]
 
 
 def run_cli(*argv: str) -> subprocess.CompletedProcess:

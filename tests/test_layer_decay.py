@@ -8,13 +8,13 @@ norm and the head at 0.
 import copy
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 import timm
 import torch
 import transformers
 from processes import accelerate_launch
+from runs import SCRIPT, pretrain_arguments
 from safetensors.torch import load_file
 from tiny import TINY_VIT
 from torch import nn
@@ -37,12 +37,6 @@ LR, WD, DECAY, MULT = 0.01, 0.04, 0.9, 0.2
 STEP = dict(lr=LR, weight_decay=WD, momentum=0.9, teacher_temp=0.04, clip_grad=3.0, freeze_last_layer=False)
 K = 16
 HIERARCHICAL = dict(hidden_sizes=[8, 16], depths=[2, 1])
-# A run of scripts/pretrain.py on the tiny model: 3 steps of 8 images over 2 processes.
-TINY_RUN = (
-    "--global_crops_size 32 --local_crops_size 16 --local_crops_number 2 --out_dim 64 --head_hidden_dim 32 "
-    "--head_bottleneck_dim 16 --per_device_train_batch_size 4 --dataloader_num_workers 0 --samples_per_epoch 24 "
-    "--shuffle_buffer_size 8 --num_train_epochs 1 --checkpointing_steps 3 --logging_steps 1"
-).split()
 
 
 class Wrapped(nn.Module):
@@ -338,25 +332,25 @@ def test_pretrain_script_freezes_and_decays_under_ddp(data, tmp_path):
     output_dir = tmp_path / "out"
     command = [
         *accelerate_launch(2),
-        str(Path(__file__).resolve().parent.parent / "scripts" / "pretrain.py"),
-        *TINY_RUN,
-        "--train_dir",
-        str(data / "images"),
-        "--model_name_or_path",
-        str(data / "model"),
-        "--output_dir",
-        str(output_dir),
-        "--layer_decay",
-        "0.5",
-        "--patch_embed_lr_mult",
-        "0.2",
-        "--freeze_blocks",
-        "1",
-        # The head alone at step 0, the backbone at lr x 0 at step 1 (its warm-up's start), x 1 at step 2.
-        "--head_warmup_steps",
-        "1",
-        "--backbone_warmup_steps",
-        "2",
+        str(SCRIPT),
+        *pretrain_arguments(
+            data,
+            output_dir,
+            "--layer_decay",
+            "0.5",
+            "--patch_embed_lr_mult",
+            "0.2",
+            "--freeze_blocks",
+            "1",
+            # The head alone at step 0, the backbone at lr x 0 at step 1 (its warm-up's start), x 1 at step 2.
+            "--head_warmup_steps",
+            "1",
+            "--backbone_warmup_steps",
+            "2",
+            samples_per_epoch=24,  # 3 steps of 8 images over the 2 processes, checkpointed after the last
+            num_train_epochs=1,
+            checkpointing_steps=3,
+        ),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from processes import accelerate_launch
+from runs import pretrain_arguments
 
 from dino_hf.training.checkpoints import check_checkpoint, list_checkpoints
 from dino_hf.training.console import LOG_FILE_NAME
@@ -30,26 +31,16 @@ EXIT_STATUS = str(TESTS / "exit_status.py")
 # fail the interpreter's last flush at exit.
 ENV = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
 ENV.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-TINY = (
-    "--global_crops_size 32 --local_crops_size 16 --local_crops_number 2 --out_dim 64 --head_hidden_dim 32 "
-    "--head_bottleneck_dim 16 --per_device_train_batch_size 4 --dataloader_num_workers 0 --samples_per_epoch 16 "
-    "--shuffle_buffer_size 8 --num_train_epochs 25 --checkpointing_steps 1000 --logging_steps 1"
-).split()
+# 100 steps and no periodic checkpoint: the run is still going when the signal comes, and the checkpoint
+# it writes then is its only one.
+LONG_RUN = {"num_train_epochs": 25, "checkpointing_steps": 1000}
 # Lines that a write failing on the way to the console would leave in the log.
 FAILURE_MARKS = ("Traceback", "Exception ignored", "--- Logging error ---", "BrokenPipeError")
 
 
 def arguments(data: Path, output_dir: Path, *extra: str) -> list[str]:
-    return [
-        *TINY,
-        "--train_dir",
-        str(data / "images"),
-        "--model_name_or_path",
-        str(data / "model"),
-        "--output_dir",
-        str(output_dir),
-        *extra,
-    ]
+    """`pretrain_arguments` of the LONG_RUN."""
+    return pretrain_arguments(data, output_dir, *extra, **LONG_RUN)
 
 
 def start_piped(command: list[str], copy: Path, env: dict) -> tuple[subprocess.Popen, subprocess.Popen]:

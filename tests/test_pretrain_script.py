@@ -19,6 +19,7 @@ import pytest
 import torch
 from hub_server import FakeHub
 from processes import accelerate_launch
+from runs import pretrain_arguments
 from safetensors.torch import load_file
 
 from dino_hf import DinoModel
@@ -29,52 +30,15 @@ pytestmark = pytest.mark.slow
 SCRIPT = str(Path(__file__).resolve().parent.parent / "scripts" / "pretrain.py")
 FSDP_ON_CPU = str(Path(__file__).resolve().parent / "fsdp_on_cpu.py")
 TOKEN = "hf_pretrainTESTtoken0123456789"
-TINY = [
-    "--global_crops_size",
-    "32",
-    "--local_crops_size",
-    "16",
-    "--local_crops_number",
-    "2",
-    "--out_dim",
-    "64",
-    "--head_hidden_dim",
-    "32",
-    "--head_bottleneck_dim",
-    "16",
-    "--per_device_train_batch_size",
-    "4",
-    "--dataloader_num_workers",
-    "0",
-    "--samples_per_epoch",
-    "16",
-    "--shuffle_buffer_size",
-    "8",
-    "--num_train_epochs",
-    "2",
-    "--checkpointing_steps",
-    "2",
-    "--logging_steps",
-    "1",
-]
 # One thread per process: the same float results whatever the machine's core count, and two
 # processes do not fight over two cores.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def arguments(data: Path, output_dir: Path, *extra: str) -> list[str]:
-    return [
-        *TINY,
-        "--train_dir",
-        str(data / "images"),
-        "--model_name_or_path",
-        str(data / "model"),
-        "--output_dir",
-        str(output_dir),
-        "--log_sample_ids",
-        str(output_dir.parent / f"{output_dir.name}.jsonl"),
-        *extra,
-    ]
+    """`pretrain_arguments` of a TINY run that logs its sample ids beside `output_dir`."""
+    sample_ids = str(output_dir.parent / f"{output_dir.name}.jsonl")
+    return pretrain_arguments(data, output_dir, "--log_sample_ids", sample_ids, *extra)
 
 
 def python(*args: str, env: dict = ENV, **kwargs) -> subprocess.CompletedProcess:

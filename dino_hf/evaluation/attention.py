@@ -41,6 +41,16 @@ def attention_masks(attention: torch.Tensor, threshold: float = MASK_THRESHOLD) 
     return keep.reshape(attention.shape)
 
 
+def model_input(image: Image.Image, image_size: int, patch_size: int) -> torch.Tensor:
+    """(1, 3, H', W'): the image resized (bicubic) so that its short side is about `image_size` and both
+    sides are multiples of the patch size, normalised with the ImageNet mean and std."""
+    width, height = image.size
+    scale = image_size / min(width, height)
+    resized = tuple(max(patch_size, round(side * scale / patch_size) * patch_size) for side in (width, height))
+    to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return to_tensor(image.convert("RGB").resize(resized, Image.BICUBIC)).unsqueeze(0)
+
+
 # viridis at 0, 1/4, 1/2, 3/4, 1 (the reference saves its maps with matplotlib's default colormap).
 _VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float32)
 
@@ -64,7 +74,7 @@ def save_attention_maps(
     """Write `attn-head{j}.png` (heat map blended over the image) and `mask-head{j}.png` (white where
     the patch is kept by `attention_masks`), at the image's own size.
 
-    The image is resized so that its short side is about `image_size` and both sides are multiples of
+    The image is resized by `model_input`: its short side about `image_size`, both sides multiples of
     the patch size (the reference visualises at 480 px); the maps are upsampled back bilinearly, the
     masks by nearest neighbour, and each heat map is scaled to its own min / max as matplotlib does.
     """
@@ -73,11 +83,7 @@ def save_attention_maps(
     device = PartialState().device if device is None else device
     image = image.convert("RGB")
     width, height = image.size
-    patch = model.patch_size
-    scale = image_size / min(width, height)
-    resized = (max(patch, round(width * scale / patch) * patch), max(patch, round(height * scale / patch) * patch))
-    to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    pixel_values = to_tensor(image.resize(resized, Image.BICUBIC)).unsqueeze(0).to(device)
+    pixel_values = model_input(image, image_size, model.patch_size).to(device)
     maps = attention_maps(model.to(device), pixel_values)[0].float()  # (heads, h, w)
     masks = attention_masks(maps, threshold).float()  # (heads, h, w)
     heat = F.interpolate(maps[None], size=(height, width), mode="bilinear", align_corners=False)[0]  # (heads, H, W)
@@ -97,4 +103,4 @@ def save_attention_maps(
     return written
 
 
-__all__ = ["MASK_THRESHOLD", "attention_maps", "attention_masks", "save_attention_maps"]
+__all__ = ["MASK_THRESHOLD", "attention_maps", "attention_masks", "model_input", "save_attention_maps"]

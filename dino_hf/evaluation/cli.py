@@ -1,5 +1,13 @@
 """The command-line options the evaluation scripts share: the model, its image size and the labelled
-data of the train and eval splits (class labels, or segmentation masks)."""
+data of the train and eval splits (class labels, or segmentation masks); and what the probe scripts
+(scripts/eval_linear.py, scripts/eval_dense.py) share: their training run's options, the train rows
+of an epoch and the files they write."""
+
+import json
+import os
+
+import datasets
+import torch
 
 from ..data.segmentation import segmentation_folder, segmentation_rows
 from ..data.sources import load_image_stream
@@ -109,11 +117,41 @@ def load_segmentation_split(args, which: str = "train") -> tuple[object, str, st
     return segmentation_rows(rows, args.image_column_name, args.mask_column_name)
 
 
+def add_probe_run_arguments(parser, cache_features_help: str, num_workers_help: str | None = None) -> None:
+    """The last options of the probe scripts: `--cache_features`, `--num_workers`, `--seed`,
+    `--shuffle_buffer_size` (both read by `epoch_rows`) and `--output_dir` (see `save_probe`)."""
+    parser.add_argument("--cache_features", action="store_true", help=cache_features_help)
+    parser.add_argument("--num_workers", type=int, default=4, help=num_workers_help)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--shuffle_buffer_size", type=int, default=10000, help="Shuffle buffer of a streamed train set."
+    )
+    parser.add_argument("--output_dir", help="Write the probe weights and the metrics here.")
+
+
+def epoch_rows(rows, args, epoch: int):
+    """The train rows of `epoch`, shuffled with seed `args.seed + epoch`: exactly for an in-memory
+    dataset, within a buffer of `args.shuffle_buffer_size` rows for a streamed one."""
+    buffer = {"buffer_size": args.shuffle_buffer_size} if isinstance(rows, datasets.IterableDataset) else {}
+    return rows.shuffle(seed=args.seed + epoch, **buffer)
+
+
+def save_probe(output_dir: str, probe: torch.nn.Module, file_name: str, metrics: dict) -> None:
+    """Write the probe's weights (`output_dir/file_name`, a `torch.save`d state dict) and `metrics.json`."""
+    os.makedirs(output_dir, exist_ok=True)
+    torch.save(probe.state_dict(), os.path.join(output_dir, file_name))
+    with open(os.path.join(output_dir, "metrics.json"), "w") as file:
+        json.dump(metrics, file, indent=2)
+
+
 __all__ = [
     "add_dataset_arguments",
     "add_model_argument",
+    "add_probe_run_arguments",
     "add_segmentation_arguments",
+    "epoch_rows",
     "image_size_line",
     "load_segmentation_split",
     "load_split",
+    "save_probe",
 ]

@@ -28,6 +28,7 @@ from ..data.decoding import decode_image
 from ..data.segmentation import IGNORE_INDEX, decode_mask
 from ..models.image_processing_dino import IMAGENET_MEAN, IMAGENET_STD
 from .feature_models import FeatureModel
+from .linear_probe import train_probe_epochs
 
 # DINOv2's linear ADE20K head: AdamW, lr 1e-3, weight decay 1e-4, poly schedule (power 1).
 DENSE_LR = 1e-3
@@ -191,22 +192,15 @@ def train_segmentation_probe(
     else:
         raise ValueError(f"the optimizer is 'adamw' or 'sgd', got {optimizer_name!r}")
     scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=epochs, power=1.0)
-    for epoch in range(epochs):
-        probe.train()
-        total, count = 0.0, 0
-        for features, masks in train_batches(epoch):
-            masks = masks.to(device)
-            if not (masks != IGNORE_INDEX).any():  # cross-entropy over no pixel is NaN
-                continue
-            logits = upsampled_logits(probe, features.to(device), masks.shape[-2:])
-            loss = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total, count = total + loss.item(), count + 1
-        scheduler.step()
-        if log is not None:
-            log(epoch, total / max(count, 1))
+
+    def batch_loss(features, masks):
+        masks = masks.to(device)
+        if not (masks != IGNORE_INDEX).any():  # cross-entropy over no pixel is NaN
+            return None
+        logits = upsampled_logits(probe, features.to(device), masks.shape[-2:])
+        return F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
+
+    train_probe_epochs(probe, optimizer, scheduler, train_batches, epochs, batch_loss, log)
     return probe
 
 

@@ -5,6 +5,7 @@
 patch token), `train_linear_probe` trains a `LinearProbe` on it (SGD, cosine schedule, lr scaled by the
 batch size) and `evaluate_linear_probe` measures its top-1 / top-5 accuracy. `cached_batches` serves
 features computed once; `train_transform` is the augmentation for features computed every epoch.
+`train_probe_epochs` is the training loop of this probe and of the dense one (`dino_hf.evaluation.dense`).
 """
 
 from collections.abc import Callable, Iterable, Iterator
@@ -114,11 +115,34 @@ def train_linear_probe(
     probe = LinearProbe(num_features, num_labels).to(device)
     optimizer = torch.optim.SGD(probe.parameters(), lr=lr * batch_size / 256.0, momentum=0.9, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs, eta_min=0)
+
+    def batch_loss(features, labels):
+        return F.cross_entropy(probe(features.to(device)), labels.to(device))
+
+    train_probe_epochs(probe, optimizer, scheduler, train_batches, epochs, batch_loss, log)
+    return probe
+
+
+def train_probe_epochs(
+    probe: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    train_batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+    epochs: int,
+    batch_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None],
+    log: Callable[[int, float], None] | None = None,
+) -> None:
+    """The training loop of the probes (this one and `dino_hf.evaluation.dense`'s): per epoch, the probe
+    in train mode, one optimiser step per batch of `train_batches(epoch)` on `batch_loss(inputs,
+    targets)` (a batch whose loss is None is passed over), then one scheduler step and `log(epoch, mean
+    loss)`."""
     for epoch in range(epochs):
         probe.train()
         total, count = 0.0, 0
-        for features, labels in train_batches(epoch):
-            loss = F.cross_entropy(probe(features.to(device)), labels.to(device))
+        for inputs, targets in train_batches(epoch):
+            loss = batch_loss(inputs, targets)
+            if loss is None:
+                continue
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -126,7 +150,6 @@ def train_linear_probe(
         scheduler.step()
         if log is not None:
             log(epoch, total / max(count, 1))
-    return probe
 
 
 @torch.inference_mode()
@@ -152,5 +175,6 @@ __all__ = [
     "probe_feature_size",
     "probe_features",
     "train_linear_probe",
+    "train_probe_epochs",
     "train_transform",
 ]

@@ -21,9 +21,8 @@ import numpy as np
 import torch
 from accelerate import PartialState
 from PIL import Image
-from torchvision import transforms
 
-from ..models.image_processing_dino import IMAGENET_MEAN, IMAGENET_STD
+from .attention import model_input
 from .dense import patch_features, require_patch_tokens
 from .feature_models import FeatureModel
 
@@ -89,16 +88,6 @@ def foreground_pca(
     ]
 
 
-def model_input(image: Image.Image, image_size: int, patch_size: int) -> torch.Tensor:
-    """(1, 3, H', W'): the image resized (bicubic) so that its short side is about `image_size` and both
-    sides are multiples of the patch size, normalised with the ImageNet mean and std."""
-    width, height = image.size
-    scale = image_size / min(width, height)
-    resized = tuple(max(patch_size, round(side * scale / patch_size) * patch_size) for side in (width, height))
-    to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    return to_tensor(image.convert("RGB").resize(resized, Image.BICUBIC)).unsqueeze(0)
-
-
 @torch.inference_mode()
 def save_pca_maps(
     model: FeatureModel,
@@ -110,7 +99,7 @@ def save_pca_maps(
 ) -> list[Path]:
     """Write `pca-<name>.png` for each `(name, image)`: the image, and on its right its PCA map
     (`foreground_pca` over all the images together) upsampled by nearest neighbour to the image's
-    size. Images are fed at a short side of about `image_size` (see `model_input`)."""
+    size. Images are fed at a short side of about `image_size` (see `dino_hf.evaluation.attention.model_input`)."""
     require_patch_tokens(model, "the PCA of patch features")
     device = PartialState().device if device is None else device
     model.to(device).eval()
@@ -135,4 +124,4 @@ def save_pca_maps(
     return written
 
 
-__all__ = ["FOREGROUND_THRESHOLD", "foreground_pca", "model_input", "principal_components", "save_pca_maps"]
+__all__ = ["FOREGROUND_THRESHOLD", "foreground_pca", "principal_components", "save_pca_maps"]

@@ -24,13 +24,13 @@ from torch.nn import functional as F
 
 from ..data.masks import BlockMasking
 from .arguments import DinoTrainingArguments
-from .loss import CENTERINGS, sinkhorn_knopp
+from .loss import CENTERINGS, CenteredLoss, sinkhorn_knopp, sum_over_processes_
 
 # The name of the term in a step's metrics.
 IBOT = "ibot"
 
 
-class IBotLoss(nn.Module):
+class IBotLoss(CenteredLoss):
     """Cross-entropy between the teacher's and the student's head outputs at the masked patches, with
     the patch center.
 
@@ -54,19 +54,9 @@ class IBotLoss(nn.Module):
         centering: str = "center",
         sinkhorn_iterations: int = 3,
     ):
-        super().__init__()
         if centering not in CENTERINGS:
             raise ValueError(f"centering={centering!r} is not known; use one of {', '.join(CENTERINGS)}")
-        self.out_dim = out_dim
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.centering = centering
-        self.sinkhorn_iterations = sinkhorn_iterations
-        self.register_buffer("center", torch.zeros(1, out_dim))
-
-    @property
-    def uses_center(self) -> bool:
-        return self.centering == "center"
+        super().__init__(out_dim, student_temp, center_momentum, centering, sinkhorn_iterations)
 
     def forward(
         self,
@@ -124,14 +114,10 @@ class IBotLoss(nn.Module):
             return
         masked = (weights > 0).to(torch.float32)  # (M,)
         sums = torch.cat([masked @ teacher_patch_output.float(), masked.sum().reshape(1)])  # (K + 1,)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(sums)
+        sum_over_processes_(sums)
         total, count = sums[:-1], sums[-1]
         batch_center = (total / count.clamp_min(1.0)).unsqueeze(0)  # (1, K)
-        m = self.center_momentum
-        updated = self.center * m + batch_center.to(self.center.dtype) * (1 - m)
-        stays = count == 0 if keep is None else keep | (count == 0)
-        self.center.copy_(torch.where(stays, self.center, updated))
+        self._move_center_(batch_center, count == 0 if keep is None else keep | (count == 0))
 
 
 def build_ibot_loss(args: DinoTrainingArguments) -> IBotLoss | None:

@@ -20,7 +20,47 @@ from torch.nn import functional as F
 CENTERINGS = ("center", "sinkhorn_knopp")
 
 
-class DinoLoss(nn.Module):
+class CenteredLoss(nn.Module):
+    """What the DINO loss and iBOT's patch loss (`dino_hf.training.ibot.IBotLoss`) share: the student
+    temperature and the teacher's centering, either a running center (a persistent buffer
+    `center (1, K)`, starting at zero, moved by an EMA after the loss) or Sinkhorn-Knopp normalisation
+    (`sinkhorn_knopp`, `sinkhorn_iterations` iterations; the center is then neither used nor updated).
+    """
+
+    def __init__(
+        self, out_dim: int, student_temp: float, center_momentum: float, centering: str, sinkhorn_iterations: int
+    ):
+        super().__init__()
+        self.out_dim = out_dim
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.centering = centering
+        self.sinkhorn_iterations = sinkhorn_iterations
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    @property
+    def uses_center(self) -> bool:
+        """Whether the running center takes part in the loss (the paper's centering)."""
+        return self.centering == "center"
+
+    def _move_center_(self, batch_center: torch.Tensor, stays: torch.Tensor | None) -> None:
+        """center = m * center + (1 - m) * `batch_center (1, K)` (cast to the center's dtype), except
+        where the bool tensor `stays` is true (None: everywhere moved)."""
+        m = self.center_momentum
+        updated = self.center * m + batch_center.to(self.center.dtype) * (1 - m)
+        self.center.copy_(updated if stays is None else torch.where(stays, self.center, updated))
+
+
+def sum_over_processes_(tensor: torch.Tensor) -> int:
+    """Sums `tensor` in place over the processes when `torch.distributed` is initialised; returns the
+    number of processes (1 without)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor)
+        return torch.distributed.get_world_size()
+    return 1
+
+
+class DinoLoss(CenteredLoss):
     """Cross-entropy between the centred, sharpened teacher and the student over crop pairs.
 
     Args:
@@ -49,7 +89,6 @@ class DinoLoss(nn.Module):
         centering: str = "center",
         sinkhorn_iterations: int = 3,
     ):
-        super().__init__()
         if ncrops < 2:
             raise ValueError(
                 f"ncrops counts the 2 global crops plus the local ones, so it is at least 2; got {ncrops}"
@@ -61,18 +100,8 @@ class DinoLoss(nn.Module):
             )
         if sinkhorn_iterations < 1:
             raise ValueError(f"sinkhorn_iterations={sinkhorn_iterations} should be >= 1 (DINOv2 uses 3)")
-        self.out_dim = out_dim
+        super().__init__(out_dim, student_temp, center_momentum, centering, sinkhorn_iterations)
         self.ncrops = ncrops
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.centering = centering
-        self.sinkhorn_iterations = sinkhorn_iterations
-        self.register_buffer("center", torch.zeros(1, out_dim))
-
-    @property
-    def uses_center(self) -> bool:
-        """Whether the running center takes part in the loss (the paper's centering)."""
-        return self.centering == "center"
 
     def forward(
         self,
@@ -141,13 +170,8 @@ class DinoLoss(nn.Module):
         if not self.uses_center:
             return
         batch_center = torch.sum(teacher_output, dim=0, keepdim=True)  # (1, K)
-        world_size = 1
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(batch_center)
-            world_size = torch.distributed.get_world_size()
-        batch_center = batch_center / (len(teacher_output) * world_size)
-        updated = self.center * self.center_momentum + batch_center.to(self.center.dtype) * (1 - self.center_momentum)
-        self.center.copy_(updated if keep is None else torch.where(keep, self.center, updated))
+        world_size = sum_over_processes_(batch_center)
+        self._move_center_(batch_center / (len(teacher_output) * world_size), keep)
 
     def _check_shapes(self, student_output: torch.Tensor, teacher_output: torch.Tensor) -> None:
         if student_output.ndim != 2 or student_output.shape[-1] != self.out_dim:
@@ -318,4 +342,13 @@ def collapse_diagnostics(terms: LossTerms, center: torch.Tensor | None) -> dict[
     return {key: value for key, value in diagnostics.items() if value is not None}
 
 
-__all__ = ["CENTERINGS", "DinoLoss", "LossTerms", "collapse_diagnostics", "koleo_loss", "sinkhorn_knopp"]
+__all__ = [
+    "CENTERINGS",
+    "CenteredLoss",
+    "DinoLoss",
+    "LossTerms",
+    "collapse_diagnostics",
+    "koleo_loss",
+    "sinkhorn_knopp",
+    "sum_over_processes_",
+]

@@ -45,6 +45,23 @@ class IBotStep(NamedTuple):
     masks: PatchMasks
 
 
+class _StepContext(NamedTuple):
+    """What the forward and backward of every micro-batch of a step use: the models, the DINO loss, this
+    step's teacher temperature, the accelerator, the added terms' weights (`_regulariser_weights`), the
+    anchor, whether to compute the diagnostics, and iBOT (`IBotStep`, its masks those of the batch or of
+    one micro-batch; or None)."""
+
+    student: nn.Module
+    teacher: nn.Module
+    dino_loss: DinoLoss
+    teacher_temp: float
+    accelerator: Accelerator | None
+    weights: dict[str, float]
+    anchor: Anchor | None
+    diagnostics: bool
+    ibot: IBotStep | None
+
+
 def train_step(
     student: nn.Module,
     teacher: nn.Module,
@@ -102,19 +119,8 @@ def train_step(
     weights = _regulariser_weights(koleo_weight, anchor, gram_weight, anchor_cosine_weight)
     ibot = _ibot_step(ibot_loss, ibot_weight, masks, accumulation_steps)
     _set_schedule(optimizer, lr, weight_decay, backbone_lr_factor)
-    totals, teacher_output, teacher_patch_output = _forward_backward_batch(
-        student,
-        teacher,
-        dino_loss,
-        crops,
-        teacher_temp,
-        accelerator,
-        accumulation_steps,
-        weights,
-        anchor,
-        diagnostics,
-        ibot,
-    )
+    context = _StepContext(student, teacher, dino_loss, teacher_temp, accelerator, weights, anchor, diagnostics, ibot)
+    totals, teacher_output, teacher_patch_output = _forward_backward_batch(context, crops, accumulation_steps)
     skip = _nonfinite(totals)
     _update_centers(dino_loss, ibot, teacher_output, teacher_patch_output, skip)
     if weights or ibot is not None:
@@ -203,19 +209,7 @@ def _prepare_gradients(student, optimizer, accelerator, clip_grad, freeze_last_l
             p.grad = None  # the optimiser skips parameters without a gradient
 
 
-def _forward_backward_batch(
-    student,
-    teacher,
-    dino_loss,
-    crops,
-    teacher_temp,
-    accelerator,
-    accumulation_steps,
-    weights,
-    anchor,
-    diagnostics,
-    ibot=None,
-):
+def _forward_backward_batch(context: _StepContext, crops, accumulation_steps: int):
     """Forward and backward of the batch in `accumulation_steps` micro-batches (gradients synced on the
     last one only); returns the statistics averaged over them, the teacher output of the batch and,
     with iBOT, the teacher's patch outputs of all micro-batches `(accumulation_steps * M, K)` (else None)."""
@@ -226,26 +220,17 @@ def _forward_backward_batch(
             f"use a batch that is a multiple of {accumulation_steps}"
         )
     micro_batches = list(zip(*(crop.chunk(accumulation_steps) for crop in crops)))
-    micro_ibot = [None] * accumulation_steps
+    ibot, accelerator = context.ibot, context.accelerator
+    micro_contexts = [context] * accumulation_steps
     if ibot is not None:  # each micro-batch with its own masks
-        micro_ibot = [ibot._replace(masks=masks) for masks in ibot.masks.micro_batches()]
+        micro_contexts = [context._replace(ibot=ibot._replace(masks=masks)) for masks in ibot.masks.micro_batches()]
     teacher_outputs, teacher_patch_outputs, totals = [], [], {}
     for index, micro in enumerate(micro_batches):
         last = index == len(micro_batches) - 1
-        sync = contextlib.nullcontext() if last or accelerator is None else accelerator.no_sync(student)
+        sync = contextlib.nullcontext() if last or accelerator is None else accelerator.no_sync(context.student)
         with sync:
             stats, teacher_output, teacher_patch_output = _forward_backward(
-                student,
-                teacher,
-                dino_loss,
-                list(micro),
-                teacher_temp,
-                accelerator,
-                1.0 / accumulation_steps,
-                weights,
-                anchor,
-                diagnostics,
-                micro_ibot[index],
+                micro_contexts[index], list(micro), 1.0 / accumulation_steps
             )
         teacher_outputs.append(teacher_output)
         teacher_patch_outputs.append(teacher_patch_output)
@@ -274,13 +259,11 @@ def _unwrap(model: nn.Module, accelerator: Accelerator | None) -> nn.Module:
     return accelerator.unwrap_model(model) if accelerator is not None else model
 
 
-def _forward_backward(
-    student, teacher, dino_loss, crops, teacher_temp, accelerator, scale, weights, anchor, diagnostics, ibot=None
-):
-    """Forward, loss and backward of one micro-batch; returns its statistics (0-dim tensors), the
-    teacher output `(2 * B, K)` and, with iBOT, the teacher's patch outputs `(M, K)` at the micro-batch's
-    masked patches (else None). `weights`: the terms added to the DINO loss (`_regulariser_weights`);
-    `ibot`: the `IBotStep` with this micro-batch's masks, or None."""
+def _forward_backward(context: _StepContext, crops, scale: float):
+    """Forward, loss and backward (of the objective x `scale`) of one micro-batch; returns its statistics
+    (0-dim tensors), the teacher output `(2 * B, K)` and, with iBOT, the teacher's patch outputs `(M, K)`
+    at the micro-batch's masked patches (else None). `context.ibot` holds this micro-batch's masks."""
+    student, teacher, dino_loss, teacher_temp, accelerator, weights, anchor, diagnostics, ibot = context
     stats = {}
     # Mixed precision covers the forwards and the loss, as the reference's autocast block.
     with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
