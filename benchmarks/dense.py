@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from continued_pretraining import make_release
+from continued_pretraining import cpu_budget, make_release
 from PIL import Image
 from small_data import IMAGE_SIZE, METRIC, hardware, make_set
 
@@ -60,20 +60,7 @@ STARTS = {
     "released": "released Dinov2Model ViT (4 blocks, width 192, patch 8)",
 }
 # What every run shares: the data's size and the budget of configs/small_data_vit.yaml.
-BUDGET = [
-    "--global_crops_size", str(IMAGE_SIZE),
-    "--local_crops_size", str(IMAGE_SIZE // 2),
-    "--local_crops_number", "4",
-    "--out_dim", "1024",
-    "--head_hidden_dim", "512",
-    "--head_bottleneck_dim", "128",
-    "--per_device_train_batch_size", "32",
-    "--dataloader_num_workers", "1",
-    "--shuffle_buffer_size", "1000",
-    "--logging_steps", "25",
-    "--checkpointing_steps", "100000",
-    "--mixed_precision", "no",
-]  # fmt: skip
+BUDGET = cpu_budget(local_crops_number=4, logging_steps=25)
 IBOT = ["--ibot_loss_weight", "1.0"]
 
 

@@ -5,6 +5,7 @@ the "linear" setting of DINOv2's segmentation evaluation).
         --train_dir SET/train --eval_dir SET/validation        # folders: images/ and masks/
     python scripts/eval_dense.py --model facebook/dinov2-small --dataset_name ORG/NAME \
         --mask_column_name annotation --num_labels 151    # a Hub dataset with an image and a mask column
+    python scripts/eval_dense.py --model outputs/dino/teacher_backbone --demo   # the generated shapes set, offline
 
 BatchNorm + 1 x 1 convolution on the last block's patch tokens (after the final norm), logits upsampled
 bilinearly to the mask, cross-entropy with 255 ignored, AdamW lr 1e-3 decayed linearly over the epochs.

@@ -331,6 +331,21 @@ def test_eval_dense_on_the_generated_set(data, shapes_set, tmp_path, capsys):
     assert weights["classifier.weight"].shape == (11, 32, 1, 1) and "norm.running_mean" in weights
 
 
+def test_eval_dense_demo_evaluates_on_the_generated_set(data, shapes_set, tmp_path, capsys, monkeypatch):
+    from dino_hf.data import segmentation
+
+    monkeypatch.setattr(segmentation, "make_segmentation_set", lambda: shapes_set)
+    arguments = ["--model", str(data / "model"), "--epochs", "1", "--batch_size", "8", "--num_workers", "0"]
+    script = load_script("eval_dense")
+    metrics = script.main([*arguments, "--demo"])
+    printed = capsys.readouterr().out
+    assert f"train split: the generated shapes segmentation set, {shapes_set / 'train'}" in printed
+    assert f"eval split: the generated shapes segmentation set, {shapes_set / 'validation'}" in printed
+    assert metrics["images"] == 10 and len(metrics["iou_per_class"]) == 11
+    with pytest.raises(ValueError, match="--demo evaluates on the generated set; leave out --train_dir, or --demo"):
+        script.main([*arguments, "--demo", "--train_dir", str(shapes_set / "train")])
+
+
 def _embedded(value: dict) -> dict:
     return {"bytes": Path(value["path"]).read_bytes(), "path": None}
 

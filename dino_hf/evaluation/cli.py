@@ -9,6 +9,7 @@ import os
 import datasets
 import torch
 
+from ..data import segmentation
 from ..data.segmentation import segmentation_folder, segmentation_rows
 from ..data.sources import load_image_stream
 from .features import find_label_column
@@ -83,6 +84,12 @@ def load_split(args, which: str = "train") -> tuple[object, str, str | None]:
 def add_segmentation_arguments(parser) -> None:
     """Command-line options that name the image / mask pairs of a dense evaluation (train and eval splits)."""
     group = parser.add_argument_group("data")
+    group.add_argument(
+        "--demo",
+        action="store_true",
+        help="The generated shapes segmentation set (10 shapes on clutter, 64 px, 1,000 train and 300 validation "
+        "images; made offline on first use, then reused) as both splits.",
+    )
     group.add_argument("--dataset_name", help="Hub dataset id or a local dataset folder (an image and a mask column).")
     group.add_argument("--dataset_config_name", help="Configuration of the dataset.")
     group.add_argument("--train_split", default="train", help="Split of --dataset_name used as the train set.")
@@ -105,6 +112,12 @@ def load_segmentation_split(args, which: str = "train") -> tuple[object, str, st
     """`(rows, image_column, mask_column)` of the `which` ("train" or "eval") split named by the options
     of `add_segmentation_arguments` (see `dino_hf.data.segmentation.segmentation_rows`)."""
     folder, files = getattr(args, f"{which}_dir"), getattr(args, f"{which}_files")
+    if getattr(args, "demo", False):
+        given = [option for option in ("dataset_name", f"{which}_dir", f"{which}_files") if getattr(args, option)]
+        if given:
+            raise ValueError(f"--demo evaluates on the generated set; leave out --{given[0]}, or --demo")
+        folder = segmentation.make_segmentation_set() / ("train" if which == "train" else "validation")
+        print(f"{which} split: the generated shapes segmentation set, {folder}")
     if folder:
         rows = segmentation_folder(folder)
     elif files or args.dataset_name:
