@@ -2,6 +2,7 @@
 # The GPU measurements of dino_hf in one command (under 8 minutes on an H200):
 #   end-to-end pretraining from JPEG files with GPU and with CPU augmentation, batched multi-crop,
 #   the training step at batch 128 and 256 (eager and compiled) against the reference-style step,
+#   the step with iBOT and with iBOT + Gram against DINO alone,
 #   the small-model (overhead-bound) run, and the CUDA tests.
 # Each part runs under its own `timeout`; a part that fails or times out is reported and the suite
 # goes on. The figures are collected in a markdown table, printed at the end and written to
@@ -57,11 +58,13 @@ part end_to_end_cpu_augment 100 "images/s|MFU|waiting|workers|ratio" \
   python3 benchmarks/end_to_end.py --augment_on cpu --workers "$workers" --steps 20 --warmup 5
 part batch_multicrop 60 "images/s|ratio" \
   python3 benchmarks/batch_multicrop.py --gpu_batch 256 --rounds 3
-part train_step_b128 70 "img/s|ratio|memory" \
+part train_step_b128 70 "images/s|seconds/step|ratio|memory" \
   python3 benchmarks/train_step.py --batch 128 --repeats 1
-part train_step_b256 80 "img/s|ratio|memory" \
+part train_step_b256 80 "images/s|seconds/step|ratio|memory" \
   python3 benchmarks/train_step.py --batch 256 --repeats 1
-part train_step_b128_compiled 150 "img/s|ratio|memory|compile|recompil" \
+part train_step_ibot_b128 90 "images/s|seconds/step|ratio|memory" \
+  python3 benchmarks/train_step.py --batch 128 --repeats 1 --ibot
+part train_step_b128_compiled 150 "images/s|seconds/step|ratio|memory|compile|recompil" \
   python3 benchmarks/train_step.py --batch 128 --repeats 1 --torch_compile
 part small_model 90 "images/s|steps/s|ratio|waiting" \
   python3 benchmarks/end_to_end.py --model vit_tiny_patch8 --global_size 64 --local_size 32 --batch 256 \
