@@ -20,7 +20,9 @@ gives, for every teacher backbone at the end: the weighted k-NN top-1 (k = 20) o
 shape; the mIoU and pixel accuracy over the 11 classes of `scripts/eval_dense.py`'s linear probe (BatchNorm +
 1 x 1 conv on the frozen patch tokens, trained on cached features of the training split, scored on the
 validation split); and the foreground IoU of the same probe trained to tell any shape from the background
-(the set's masks with the shapes merged into one class), which asks where the object is and not which one.
+(the set's masks with the shapes merged into one class), which asks where the object is and not which one;
+and, without any probe, the IoU of the paper's attention masks (the patches holding 60 % of the last
+block's CLS attention, heads averaged) with the shape (`dino_hf.evaluation.attention.attention_foreground_iou`).
 A probe that marks every pixel as background scores the floor: mIoU 7.6 (the background's IoU, 83 %,
 over 11 classes) and a foreground IoU of 0.
 
@@ -45,7 +47,10 @@ from small_data import IMAGE_SIZE, METRIC, hardware, make_set
 
 from dino_hf import DinoConfig, DinoModel
 from dino_hf.data.demo import default_demo_root
-from dino_hf.data.segmentation import IGNORE_INDEX, SHAPES, make_segmentation_set
+from dino_hf.data.segmentation import IGNORE_INDEX, SHAPES, make_segmentation_set, segmentation_folder
+from dino_hf.evaluation.attention import attention_foreground_iou
+from dino_hf.evaluation.dense import SegmentationBatches, segmentation_transform
+from dino_hf.evaluation.feature_models import load_feature_model
 from dino_hf.models.backbones import build_backbone
 from dino_hf.training.arguments import parse_training_args
 from dino_hf.training.trainer import backbone_knn, train
@@ -54,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from eval_dense import main as eval_dense  # noqa: E402
 
 NUM_CLASSES = 1 + len(SHAPES)  # the background and the 10 shapes
+TRANSFORM = segmentation_transform(IMAGE_SIZE)
 
 STARTS = {
     "scratch": "ViT-Ti/8, 6 blocks (DinoModel), random init",
@@ -131,12 +137,16 @@ def probe(folder: Path, segmentation: Path, probe_epochs: int, num_labels: int) 
 def measure(folder: Path, segmentation: Path, probe_epochs: int) -> dict:
     """Of the backbone saved in `folder`: the k-NN top-1 (%) at k = 20 of the validation images by shape;
     the linear probe's mIoU and pixel accuracy over the 11 classes; the IoU of the foreground class of a
-    probe trained to tell any shape from the background."""
+    probe trained to tell any shape from the background; and the IoU of the attention masks with the
+    shapes (`attention_foreground_iou`), which needs no probe."""
     images = {split: str(segmentation / split / "images") for split in ("train", "validation")}
     args = parse_training_args(["--train_dir", images["train"], "--global_crops_size", str(IMAGE_SIZE)])
     backbone = build_backbone(str(folder), drop_path_rate=0.0)
     sources = ({"train_dir": images["train"]}, {"train_dir": images["validation"]})
     knn = backbone_knn(backbone, args, sources)[METRIC]
+    model, _ = load_feature_model(str(folder), IMAGE_SIZE)
+    pairs = segmentation_folder(segmentation / "validation")
+    attention = attention_foreground_iou(model, SegmentationBatches(pairs, "image", "mask", TRANSFORM, 50))
     classes = probe(folder, segmentation, probe_epochs, NUM_CLASSES)
     foreground = probe(folder, foreground_set(segmentation), probe_epochs, 2)
     return {
@@ -144,6 +154,7 @@ def measure(folder: Path, segmentation: Path, probe_epochs: int) -> dict:
         "mIoU": classes["miou"],
         "pixel acc.": classes["pixel_accuracy"],
         "foreground IoU": foreground["iou_per_class"][1] or 0.0,
+        "attention IoU": attention,
     }
 
 
@@ -163,7 +174,7 @@ def run(flags: list[str], segmentation: Path, output_dir: Path, extra: list[str]
     return result.export_dir, {"steps": result.global_step, "minutes": (time.perf_counter() - began) / 60}
 
 
-COLUMNS = ["k-NN", "mIoU", "pixel acc.", "foreground IoU", "steps", "minutes"]
+COLUMNS = ["k-NN", "mIoU", "pixel acc.", "foreground IoU", "attention IoU", "steps", "minutes"]
 
 
 def table(rows: list[dict]) -> str:
@@ -199,7 +210,10 @@ def main():
             rows.append({"start": start, "recipe": recipe, **measure(export, segmentation, args.probe_epochs), **cost})
             print(table(rows[-1:]))
     print("\nOn the validation split of the shapes segmentation set: k-NN top-1 (%) at k = 20; the linear probe's")
-    print("mIoU and pixel accuracy (%) over the 11 classes; the foreground IoU (%) of a probe for shape vs background")
+    print(
+        "mIoU and pixel accuracy (%) over the 11 classes; the foreground IoU (%) of a probe for shape vs background;"
+    )
+    print("the IoU (%) of the 60 % attention masks with the shapes")
     print(f"{', '.join(f'{key}: {text}' for key, text in STARTS.items())}")
     print(f"{hardware()}; {(time.perf_counter() - began) / 60:.1f} min in all\n")
     print(table(rows))

@@ -435,3 +435,35 @@ def test_visualize_pca_subprocess(data, shapes_set, tmp_path):
     )
     with Image.open(tmp_path / "pca" / "pca-00000.png") as picture:
         assert picture.size == (128, 64)
+
+
+class _FixedAttention(torch.nn.Module):
+    """A ViT stand-in whose last-block CLS attention over its 2 x 2 patches (patch size 2) is given."""
+
+    patch_size, num_prefix_tokens = 2, 1
+
+    def __init__(self, cls_rows: list[list[float]]):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.cls_rows = torch.tensor(cls_rows)
+
+    def last_selfattention(self, pixel_values):
+        attention = torch.zeros(len(pixel_values), 1, 5, 5)
+        attention[:, 0, 0, 1:] = self.cls_rows[-len(pixel_values) :]  # the last rows for a shorter batch
+        return attention
+
+
+def test_attention_foreground_iou_by_hand():
+    from dino_hf.evaluation.attention import attention_foreground_iou
+
+    model = _FixedAttention([[0.7, 0.1, 0.1, 0.1], [0.35, 0.35, 0.15, 0.15], [0.25, 0.25, 0.25, 0.25]])
+    masks = torch.zeros(3, 4, 4, dtype=torch.int64)
+    masks[0, :2, :2] = 3  # the first patch, and one pixel beyond it: IoU 4 / 5 with the first patch kept
+    masks[0, 2, 0] = 1
+    masks[1, :2, :2] = 2  # the first patch; the top two are kept: IoU 4 / 8
+    masks[1, 3, 3] = IGNORE_INDEX
+    masks[2] = IGNORE_INDEX  # nothing to score: left out
+    iou = attention_foreground_iou(model, [(torch.zeros(3, 3, 4, 4), masks)])
+    assert iou == pytest.approx(100 * (4 / 5 + 4 / 8) / 2)
+    with pytest.raises(ValueError, match="no image to score"):
+        attention_foreground_iou(model, [(torch.zeros(1, 3, 4, 4), masks[2:])])

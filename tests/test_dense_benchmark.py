@@ -52,7 +52,7 @@ def test_a_backbone_is_measured_by_knn_and_by_the_segmentation_probe(tmp_path):
     config = DinoConfig.from_preset("vit_tiny_patch8", num_hidden_layers=1, image_size=64)
     DinoModel(config).save_pretrained(folder)
     figures = dense.measure(folder, segmentation, probe_epochs=1)
-    assert set(figures) == {"k-NN", "mIoU", "pixel acc.", "foreground IoU"}
+    assert set(figures) == {"k-NN", "mIoU", "pixel acc.", "foreground IoU", "attention IoU"}
     assert all(0.0 <= value <= 100.0 for value in figures.values())
     binary = tmp_path / "sets" / f"{segmentation.name}_foreground"
     for split, count in (("train", 30), ("validation", 10)):

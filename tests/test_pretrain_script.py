@@ -424,7 +424,11 @@ def test_sigterm_to_the_whole_job_of_a_two_process_launch_checkpoints_and_resume
         start_new_session=True,
     )
     wait_for(out / "checkpoints" / "checkpoint-2", process)
-    assert len(processes_under(process.pid)) >= 5  # the launcher, 2 processes and their loader workers
+    # The launcher, 2 processes and their loader workers (a worker is restarted at each epoch's start).
+    deadline = time.monotonic() + 30
+    while len(processes_under(process.pid)) < 5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(processes_under(process.pid)) >= 5
     os.killpg(process.pid, signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=240)
     # The launcher itself (torchrun) reports the signal it got; its processes stopped cleanly.

@@ -41,6 +41,30 @@ def attention_masks(attention: torch.Tensor, threshold: float = MASK_THRESHOLD) 
     return keep.reshape(attention.shape)
 
 
+@torch.inference_mode()
+def attention_foreground_iou(
+    model: FeatureModel, batches, threshold: float = MASK_THRESHOLD, ignore_index: int = 255
+) -> float:
+    """How well the attention masks find the objects (the paper's Jaccard of its Sec. 5, without a probe):
+    the mean over images of the IoU (%) between a mask's foreground (class > 0) and the patches holding
+    `threshold` of the last block's CLS attention mass, the heads' maps averaged, upsampled (nearest) to
+    the mask. `batches` yields `(pixel_values (B, 3, S, S), masks (B, S, S))` (`dense.SegmentationBatches`);
+    `ignore_index` pixels count for nothing; an image with neither foreground nor mask is skipped."""
+    device = next(model.parameters()).device
+    scores = []
+    for pixel_values, masks in batches:
+        maps = attention_maps(model, pixel_values.to(device)).float().mean(dim=1)  # (B, h, w)
+        keep = F.interpolate(attention_masks(maps, threshold)[:, None].float(), size=masks.shape[-2:])
+        valid = masks != ignore_index
+        keep, foreground = keep[:, 0].bool().cpu() & valid, (masks > 0) & valid
+        intersection = (keep & foreground).flatten(1).sum(1)
+        union = (keep | foreground).flatten(1).sum(1)
+        scores += (intersection[union > 0] / union[union > 0]).tolist()
+    if not scores:
+        raise ValueError("no image to score: every mask is empty or ignored")
+    return 100.0 * sum(scores) / len(scores)
+
+
 def model_input(image: Image.Image, image_size: int, patch_size: int) -> torch.Tensor:
     """(1, 3, H', W'): the image resized (bicubic) so that its short side is about `image_size` and both
     sides are multiples of the patch size, normalised with the ImageNet mean and std."""
@@ -103,4 +127,11 @@ def save_attention_maps(
     return written
 
 
-__all__ = ["MASK_THRESHOLD", "attention_maps", "attention_masks", "model_input", "save_attention_maps"]
+__all__ = [
+    "MASK_THRESHOLD",
+    "attention_foreground_iou",
+    "attention_maps",
+    "attention_masks",
+    "model_input",
+    "save_attention_maps",
+]
