@@ -34,6 +34,7 @@ from dino_hf.training.loss import DinoLoss
 from dino_hf.training.networks import build_student_teacher
 from dino_hf.training.optimization import build_optimizer, get_param_groups
 from dino_hf.training.plan import TrainingPlan
+from dino_hf.training.speed import compile_units
 from dino_hf.training.step import train_step
 from dino_hf.training.teacher import build_teacher
 
@@ -361,6 +362,41 @@ def test_gradients_reach_the_mask_token_and_every_parameter():
     train_step(student, teacher, DinoLoss(K, NCROPS), optimizer, crops, ibot_loss=ibot_loss, ibot_weight=1.0,
                masks=masks, **STEP)  # fmt: skip
     assert not before.any() and mask_token.abs().sum() > 0  # zeros at init, trained by the step
+
+
+@pytest.mark.parametrize("head", ["shared", "separate", "shared with BatchNorm"])
+def test_a_shared_head_takes_the_features_and_the_masked_patches_in_one_call(head):
+    """DINOv2's shared head runs once on the CLS features and the masked patch tokens (its prototypes
+    normalised once); a separate head, or BatchNorm in the head (whose batch statistics would mix the
+    two), keeps two calls. The outputs are those of the calls made one by one."""
+    student, _, _, _, crops, masks = setup(separate_head=head == "separate")
+    if head == "shared with BatchNorm":
+        student.head = DinoHead(32, out_dim=K, use_bn=True, hidden_dim=48, bottleneck_dim=16)
+    calls = []
+    for module in {student.head, student.patch_head}:
+        module.register_forward_hook(lambda module, inputs, output: calls.append((module, len(inputs[0]))))
+    index = masks.indices[0]
+    student.eval()  # BatchNorm on running statistics: the reference below sees the same
+    logits, features, patch_logits = student(
+        crops, return_features=True, bool_masked_pos=masks.crop_masks(), patch_indices=index
+    )
+    rows = len(crops) * len(crops[0])
+    if head == "shared":
+        assert calls == [(student.head, rows + len(index))]
+    else:
+        assert calls == [(student.head, rows), (student.patch_head, len(index))]
+    with torch.no_grad():
+        tokens = student.backbone.model(torch.cat(crops[:2]), bool_masked_pos=masks.crop_masks()).last_hidden_state
+        expected_patches = student.patch_head(tokens[:, 1:].flatten(0, 1)[index])
+        expected_logits = student.head(features)
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(patch_logits, expected_patches, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_compile_compiles_the_separate_head_too():
+    student, teacher, *_ = setup(separate_head=True)
+    for model in (student, teacher):
+        assert compile_units(model)[-2:] == [model.head, model.ibot_head]
 
 
 def test_accumulated_micro_batches_each_get_their_own_masks():

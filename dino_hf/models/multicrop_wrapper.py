@@ -12,7 +12,7 @@ class MultiCropWrapper(nn.Module):
 
     Consecutive crops of the same resolution (the same last dimension, as the reference) are
     concatenated and passed through the backbone in one call; the head then runs once on the
-    features of all crops.
+    features of all crops (and on iBOT's masked patch tokens in the same call, when they share it).
 
     Args:
         backbone (`nn.Module`): maps `(B, 3, H, W)` to features `(B, D)` (see `build_backbone`); its
@@ -84,14 +84,30 @@ class MultiCropWrapper(nn.Module):
             features = torch.cat([first, *(self.backbone(group) for group in groups[1:])])  # (len(crops) * B, D)
         else:
             features = torch.cat([self.backbone(group) for group in groups])  # (len(crops) * B, D)
-        logits = self.head(features)  # (len(crops) * B, K)
+        patch_logits = None
+        if patch_indices is None:
+            logits = self.head(features)  # (len(crops) * B, K)
+        else:
+            rows = patch_tokens.flatten(0, 1).index_select(0, patch_indices)  # (M, C): a fixed shape, no host read
+            if self._patches_join_head_call:  # one call for both: the prototypes are normalised once
+                logits, patch_logits = self.head(torch.cat([features, rows])).split([len(features), len(rows)])
+            else:
+                logits, patch_logits = self.head(features), self.patch_head(rows)  # (len(crops) * B, K), (M, K)
         outputs = (logits, features) if return_features else (logits,)
         if return_patch_tokens:
             outputs += (patch_tokens,)
-        if patch_indices is not None:
-            rows = patch_tokens.flatten(0, 1).index_select(0, patch_indices)  # (M, C): a fixed shape, no host read
-            outputs += (self.patch_head(rows),)  # (M, K)
+        if patch_logits is not None:
+            outputs += (patch_logits,)
         return outputs if len(outputs) > 1 else logits
+
+    @property
+    def _patches_join_head_call(self) -> bool:
+        """Whether the masked patch tokens go through DINO's head in the same call as the features
+        (DINOv2's shared head): not with a separate head, nor with BatchNorm in the head, whose batch
+        statistics would then mix the two."""
+        return self.ibot_head is None and not any(
+            isinstance(module, nn.modules.batchnorm._BatchNorm) for module in self.head.modules()
+        )
 
 
 def _cover(bool_masked_pos: torch.Tensor, rows: int) -> torch.Tensor:

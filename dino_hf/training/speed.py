@@ -58,12 +58,14 @@ def apply_speed_options(
 def compile_units(model: nn.Module) -> list[nn.Module]:
     """The modules `torch_compile` compiles one by one: each transformer block of a ViT backbone
     (a DinoModel's encoder layers, a timm ViT's `blocks`), as DINOv3 does, so that one compiled graph
-    per crop resolution serves every block; a backbone without blocks (a CNN) whole; and the head."""
+    per crop resolution serves every block; a backbone without blocks (a CNN) whole; the head; and
+    iBOT's separate head where there is one."""
     inner = getattr(model.backbone, "model", model.backbone)
     encoder = getattr(inner, "encoder", None)
     blocks = getattr(encoder, "layer", None) if encoder is not None else getattr(inner, "blocks", None)
     units = list(blocks) if isinstance(blocks, (nn.ModuleList, nn.Sequential)) and len(blocks) else [model.backbone]
-    return units + [model.head]
+    heads = [head for head in (model.head, getattr(model, "ibot_head", None)) if head is not None]
+    return units + heads
 
 
 __all__ = ["apply_speed_options", "compile_units"]
