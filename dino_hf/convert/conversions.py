@@ -36,12 +36,10 @@ from ..models.modeling_dino import DinoModel
 from ..models.weight_check import load_checked
 from .export import (
     DINOV2_BLOCK_NAMES,
-    TIMM_LAYER_SCALE_NAMES,
     as_plain_vit,
     dinov2_block_key,
     save_as_timm,
     save_as_vit,
-    timm_layer_scale_key,
 )
 from .timm_weights import DINO_LAYER_NORM_EPS, dino_key_to_timm, timm_to_dino_state_dict
 from .weight_files import load_checkpoint_file
@@ -155,7 +153,7 @@ def _build_dino(
     def name(key: str) -> str:
         if not timm_names:
             return repr(key)
-        return f"{timm_layer_scale_key(key) or dino_key_to_timm(key)!r} (DinoModel {key!r})"
+        return f"{dino_key_to_timm(key)!r} (DinoModel {key!r})"
 
     model = DinoModel(config)
     expected = model.state_dict()
@@ -272,19 +270,12 @@ def dino_from_timm(source: "nn.Module | dict | str | Path", **config_overrides) 
 
 
 def _dino_from_timm_names(state_dict: dict, source: str, **fields) -> DinoModel:
-    timm_to_dino = {timm_name: dino_name for dino_name, timm_name in TIMM_LAYER_SCALE_NAMES.items()}
-    layer_scale, rest = {}, {}
-    for key, tensor in _tensors(state_dict, source).items():
-        block = re.fullmatch(r"blocks\.(\d+)\.(ls[12]\.gamma)", key)
-        if block:
-            layer_scale[f"encoder.layer.{block.group(1)}.{timm_to_dino[block.group(2)]}"] = tensor
-        else:
-            rest[key] = tensor
+    state_dict = _tensors(state_dict, source)
     try:
-        converted = timm_to_dino_state_dict(rest) | layer_scale
+        converted = timm_to_dino_state_dict(state_dict)
     except ValueError as error:
         raise ValueError(f"{source}: {error}") from error
-    if layer_scale:
+    if any(".layer_scale" in key for key in converted):
         fields.setdefault("layerscale_value", TIMM_DEFAULT_INIT_VALUES)
     return _build_dino(converted, _infer_config(converted, source, **fields), source, timm_names=True)
 

@@ -21,7 +21,6 @@ interpolates the position embeddings its own way (docs/recipe.md#position-embedd
 import copy
 import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -270,24 +269,6 @@ def timm_model_args(config: DinoConfig) -> dict:
     )
 
 
-# DinoModel LayerScale -> timm's (`Block.ls1`, `Block.ls2`, a `LayerScale` with weight `gamma`).
-TIMM_LAYER_SCALE_NAMES = {"layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma"}
-
-
-def timm_layer_scale_key(key: str) -> str | None:
-    """timm's name of a DinoModel LayerScale weight, `encoder.layer.{i}.layer_scale{1,2}.lambda1` ->
-    `blocks.{i}.ls{1,2}.gamma`; None for any other key."""
-    match = re.fullmatch(r"encoder\.layer\.(\d+)\.(layer_scale[12]\.lambda1)", key)
-    return f"blocks.{match.group(1)}.{TIMM_LAYER_SCALE_NAMES[match.group(2)]}" if match else None
-
-
-def dino_to_timm_weights(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`dino_to_timm_state_dict` that also renames the LayerScale vectors (D,) (`timm_layer_scale_key`)."""
-    layer_scale = {name: tensor for key, tensor in state_dict.items() if (name := timm_layer_scale_key(key))}
-    rest = {key: tensor for key, tensor in state_dict.items() if timm_layer_scale_key(key) is None}
-    return dino_to_timm_state_dict(rest) | layer_scale
-
-
 def _timm_architecture(config: DinoConfig) -> str:
     """timm's name for the preset this model matches; model_args carry the exact sizes either way."""
     sizes = ("hidden_size", "num_hidden_layers", "num_attention_heads", "patch_size")
@@ -304,7 +285,7 @@ def to_timm_model(model: DinoModel) -> nn.Module:
     timm_model = timm.create_model(
         _timm_architecture(model.config), pretrained=False, num_classes=0, **timm_model_args(model.config)
     )
-    timm_model.load_state_dict(dino_to_timm_weights(model.state_dict()), strict=True)
+    timm_model.load_state_dict(dino_to_timm_state_dict(model.state_dict()), strict=True)
     return timm_model.eval()
 
 
@@ -322,7 +303,7 @@ def save_as_timm(model: DinoModel, save_directory: str | Path) -> None:
     config = model.config
     save_directory = Path(save_directory)
     save_directory.mkdir(parents=True, exist_ok=True)
-    tensors = {key: tensor.contiguous() for key, tensor in dino_to_timm_weights(model.state_dict()).items()}
+    tensors = {key: tensor.contiguous() for key, tensor in dino_to_timm_state_dict(model.state_dict()).items()}
     save_file(tensors, save_directory / "model.safetensors", metadata={"format": "pt"})
     timm_config = {
         "architecture": _timm_architecture(config),
@@ -478,12 +459,9 @@ def dino_to_dinov2_with_registers(model: DinoModel) -> Dinov2WithRegistersModel:
 __all__ = [
     "DINOV2_BLOCK_NAMES",
     "as_plain_vit",
-    "TIMM_LAYER_SCALE_NAMES",
     "dino_to_dinov2_with_registers",
-    "dino_to_timm_weights",
     "dinov2_block_key",
     "dinov2_with_registers_config",
-    "timm_layer_scale_key",
     "export_backbone",
     "is_timm_model",
     "loading_snippet",

@@ -2,9 +2,10 @@
 `DinoModel`'s names, and back.
 
 timm names the modules `cls_token`, `pos_embed`, `patch_embed.proj`,
-`blocks.{i}.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}` and `norm`, and fuses query, key
-and value into one `attn.qkv` of shape `(3D, D)`; `DinoModel` uses transformers' ViT names with q, k, v
-apart. The networks are otherwise the same, so a conversion is a rename (and a split or a
+`blocks.{i}.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}` and `norm` (with LayerScale,
+`init_values`, also `blocks.{i}.ls{1,2}.gamma`), and fuses query, key and value into one `attn.qkv` of
+shape `(3D, D)`; `DinoModel` uses transformers' ViT names (and Dinov2's `layer_scale{1,2}.lambda1`) with
+q, k, v apart. The networks are otherwise the same, so a conversion is a rename (and a split or a
 concatenation of q, k, v). DINO's weights were trained with LayerNorm eps 1e-6, timm's default.
 """
 
@@ -29,6 +30,7 @@ _TIMM_BLOCK = {
     "mlp.fc1": "intermediate.dense",
     "mlp.fc2": "output.dense",
 }
+_TIMM_LAYER_SCALE = {"ls1.gamma": "layer_scale1.lambda1", "ls2.gamma": "layer_scale2.lambda1"}
 _QKV = ("query", "key", "value")  # order of the fused timm `attn.qkv` along dim 0
 
 
@@ -36,6 +38,8 @@ def _timm_key_to_dino(key: str) -> str | None:
     """DinoModel name of one timm key other than `attn.qkv`, or None when it has no counterpart."""
     if key in ("cls_token", "pos_embed"):
         return _TIMM_TOP[key]
+    if layer_scale := re.fullmatch(r"blocks\.(\d+)\.(ls[12]\.gamma)", key):
+        return f"encoder.layer.{layer_scale.group(1)}.{_TIMM_LAYER_SCALE[layer_scale.group(2)]}"
     module, _, param = key.rpartition(".")
     if param not in ("weight", "bias"):
         return None
@@ -52,6 +56,9 @@ def dino_key_to_timm(key: str) -> str:
     for timm_name, dino_name in _TIMM_TOP.items():
         if key == dino_name or key.startswith(dino_name + "."):
             return timm_name + key[len(dino_name) :]
+    if layer_scale := re.fullmatch(r"encoder\.layer\.(\d+)\.(layer_scale[12]\.lambda1)", key):
+        timm_names = {dino_name: timm_name for timm_name, dino_name in _TIMM_LAYER_SCALE.items()}
+        return f"blocks.{layer_scale.group(1)}.{timm_names[layer_scale.group(2)]}"
     layer = re.fullmatch(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias)", key)
     block_names = {dino_name: timm_name for timm_name, dino_name in _TIMM_BLOCK.items()}
     if layer and layer.group(2) in [f"attention.attention.{part}" for part in _QKV]:
@@ -81,7 +88,7 @@ def timm_to_dino_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, to
     if unknown:
         raise ValueError(
             f"unknown keys {unknown[:6]}{' ...' if len(unknown) > 6 else ''}: not part of a DINO ViT backbone "
-            f"(a classifier `head.*`, register tokens, layer scale?); remove them, or build the timm model with "
+            f"(a classifier `head.*`, register tokens?); remove them, or build the timm model with "
             f"num_classes=0 and no extra tokens"
         )
     return converted
