@@ -31,6 +31,7 @@ _TIMM_BLOCK = {
     "mlp.fc2": "output.dense",
 }
 _TIMM_LAYER_SCALE = {"ls1.gamma": "layer_scale1.lambda1", "ls2.gamma": "layer_scale2.lambda1"}
+_DINO_LAYER_SCALE = {dino_name: timm_name for timm_name, dino_name in _TIMM_LAYER_SCALE.items()}
 _QKV = ("query", "key", "value")  # order of the fused timm `attn.qkv` along dim 0
 
 
@@ -57,8 +58,7 @@ def dino_key_to_timm(key: str) -> str:
         if key == dino_name or key.startswith(dino_name + "."):
             return timm_name + key[len(dino_name) :]
     if layer_scale := re.fullmatch(r"encoder\.layer\.(\d+)\.(layer_scale[12]\.lambda1)", key):
-        timm_names = {dino_name: timm_name for timm_name, dino_name in _TIMM_LAYER_SCALE.items()}
-        return f"blocks.{layer_scale.group(1)}.{timm_names[layer_scale.group(2)]}"
+        return f"blocks.{layer_scale.group(1)}.{_DINO_LAYER_SCALE[layer_scale.group(2)]}"
     layer = re.fullmatch(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias)", key)
     block_names = {dino_name: timm_name for timm_name, dino_name in _TIMM_BLOCK.items()}
     if layer and layer.group(2) in [f"attention.attention.{part}" for part in _QKV]:

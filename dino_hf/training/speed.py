@@ -64,8 +64,7 @@ def compile_units(model: nn.Module) -> list[nn.Module]:
     encoder = getattr(inner, "encoder", None)
     blocks = getattr(encoder, "layer", None) if encoder is not None else getattr(inner, "blocks", None)
     units = list(blocks) if isinstance(blocks, (nn.ModuleList, nn.Sequential)) and len(blocks) else [model.backbone]
-    heads = [head for head in (model.head, getattr(model, "ibot_head", None)) if head is not None]
-    return units + heads
+    return units + [head for head in (model.head, model.ibot_head) if head is not None]
 
 
 __all__ = ["apply_speed_options", "compile_units"]
