@@ -35,6 +35,7 @@ from transformers import AutoConfig
 
 from .configuration_dino import PRESETS, DinoConfig
 from .modeling_dino import DinoModel
+from .normalization import IMAGENET, Normalization, saved_normalization, set_normalization_, timm_normalization
 from .references import TIMM_PREFIX, is_external_timm_name, is_hub_id, is_timm_folder
 from .transformers_backbone import MASKABLE, TransformersBackbone, accepted_models_text, load_transformers_backbone
 from .weight_check import check_state_dict, load_checked, read_tensors, weight_files
@@ -118,7 +119,9 @@ def build_backbone(
     mask_token: bool = False,
     **kwargs,
 ) -> TimmBackbone | DinoModelBackbone:
-    """The backbone named by `spec` (see the module docstring), as a `(B, 3, H, W) -> (B, D)` module.
+    """The backbone named by `spec` (see the module docstring), as a `(B, 3, H, W) -> (B, D)` module,
+    with the normalisation its inputs need as `image_mean` / `image_std` (`dino_hf.models.normalization`):
+    the start's own for trained weights, ImageNet's from scratch.
 
     Args:
         spec: `"timm:NAME"`, a DinoModel preset name, a `DinoConfig`, a `DinoModel`, a local folder
@@ -137,6 +140,37 @@ def build_backbone(
         **kwargs: passed to `timm.create_model`, to `DinoConfig.from_preset` or to
             `DinoModel.from_pretrained`.
     """
+    backbone = _build_backbone(
+        spec,
+        drop_path_rate=drop_path_rate,
+        image_size=image_size,
+        pretrained=pretrained,
+        mask_token=mask_token,
+        **kwargs,
+    )
+    return set_normalization_(backbone, _normalization(spec, backbone, pretrained, kwargs))
+
+
+def _normalization(spec, backbone: nn.Module, pretrained: bool, kwargs: dict) -> Normalization:
+    """What `spec`'s weights were trained on: a saved folder's or Hub id's processor, trained timm weights'
+    `pretrained_cfg`; ImageNet's for random weights and for a model given as an object."""
+    if not isinstance(spec, str) or spec in PRESETS:
+        return IMAGENET
+    if isinstance(backbone, TimmBackbone):
+        from_weights = pretrained or not spec.startswith(TIMM_PREFIX) or spec.startswith(TIMM_PREFIX + "local-dir:")
+        return timm_normalization(backbone.model) if from_weights else IMAGENET
+    return saved_normalization(spec, **_hub_options(kwargs))
+
+
+def _build_backbone(
+    spec: str | DinoConfig | DinoModel,
+    *,
+    drop_path_rate: float = 0.1,
+    image_size: int = 224,
+    pretrained: bool = False,
+    mask_token: bool = False,
+    **kwargs,
+) -> TimmBackbone | DinoModelBackbone:
     if isinstance(spec, DinoModel):
         if mask_token:
             spec.enable_mask_token()
