@@ -61,6 +61,7 @@ class MultiCropTransform:
         global_crops_scale: RandomResizedCrop area range of the global crops ((0.4, 1.0)).
         local_crops_scale: area range of the local crops ((0.05, 0.4)).
         local_crops_number: number of local crops (8); 0 gives global crops only.
+        global_crops_number: 2 (DINO's two global crops), or 1: the one view of a distillation run.
         ratio: RandomResizedCrop aspect-ratio range ((3/4, 4/3)).
         flip_p: horizontal flip probability (0.5).
         jitter_p: probability of applying colour jitter (0.8).
@@ -98,7 +99,10 @@ class MultiCropTransform:
         solarize_threshold: int = 128,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        global_crops_number: int = 2,
     ):
+        if global_crops_number not in (1, 2):
+            raise ValueError(f"global_crops_number must be 1 or 2, got {global_crops_number}")
         for name, (low, high) in {
             "global_crops_scale": global_crops_scale,
             "local_crops_scale": local_crops_scale,
@@ -123,6 +127,7 @@ class MultiCropTransform:
         self.global_crops_scale = tuple(global_crops_scale)
         self.local_crops_scale = tuple(local_crops_scale)
         self.local_crops_number = local_crops_number
+        self.global_crops_number = global_crops_number
         self.ratio = tuple(ratio)
         self.flip_p = flip_p
         self.jitter_p = jitter_p
@@ -140,7 +145,11 @@ class MultiCropTransform:
 
     @property
     def num_crops(self) -> int:
-        return 2 + self.local_crops_number
+        return self.global_crops_number + self.local_crops_number
+
+    def _draw_index(self, index: int) -> int:
+        """The crop's place in DINO's layout (0, 1 global, then local), which sets its blur probability."""
+        return index if index < self.global_crops_number else index + 2 - self.global_crops_number
 
     def __call__(self, image: torch.Tensor | Image.Image, generator: torch.Generator | None = None):
         image = to_uint8_tensor(image)
@@ -152,7 +161,7 @@ class MultiCropTransform:
         draws = torch.rand(self.num_crops, draw.DRAWS_PER_CROP, generator=generator, dtype=torch.float64).tolist()
         params = []
         for index, u in enumerate(draws):
-            scale = self.global_crops_scale if index < 2 else self.local_crops_scale
+            scale = self.global_crops_scale if index < self.global_crops_number else self.local_crops_scale
             top, left, crop_h, crop_w = _resized_crop_box(height, width, scale, self.ratio, u[draw.BOX])
             jitter = None
             if u[draw.JITTER] < self.jitter_p:
@@ -165,7 +174,7 @@ class MultiCropTransform:
                     _uniform(1 - self.saturation, 1 + self.saturation, saturation),
                     _uniform(-self.hue, self.hue, hue),
                 )
-            blurred = u[draw.BLUR] < draw.blur_probability(index, self.blur_p)
+            blurred = u[draw.BLUR] < draw.blur_probability(self._draw_index(index), self.blur_p)
             params.append(
                 CropParams(
                     top=top,
@@ -176,7 +185,7 @@ class MultiCropTransform:
                     jitter=jitter,
                     grayscale=u[draw.GRAYSCALE] < self.grayscale_p,
                     blur_sigma=_uniform(*self.blur_sigma, u[draw.BLUR_SIGMA]) if blurred else None,
-                    solarize=index == draw.SOLARIZED_CROP and u[draw.SOLARIZE] < self.solarize_p,
+                    solarize=self._draw_index(index) == draw.SOLARIZED_CROP and u[draw.SOLARIZE] < self.solarize_p,
                 )
             )
         return params
@@ -185,9 +194,10 @@ class MultiCropTransform:
         """Makes the crops of uint8 `image (3, H, W)` described by `params`: a list of float tensors."""
         if len(params) != self.num_crops:
             raise ValueError(
-                f"expected {self.num_crops} CropParams (2 global + {self.local_crops_number} local), got {len(params)}"
+                f"expected {self.num_crops} CropParams ({self.global_crops_number} global + {self.local_crops_number} "
+                f"local), got {len(params)}"
             )
-        sizes = [self.global_crops_size] * 2 + [self.local_crops_size] * self.local_crops_number
+        sizes = [self.global_crops_size] * self.global_crops_number + [self.local_crops_size] * self.local_crops_number
         return [self.augment_crop(image, p, size) for p, size in zip(params, sizes)]
 
     def augment_crop(self, image: torch.Tensor, p: CropParams, size: int) -> torch.Tensor:

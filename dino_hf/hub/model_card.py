@@ -76,6 +76,8 @@ def render_model_card(
     base_model: str | None = None,
     license: str = "apache-2.0",
     image_size: int | None = None,
+    distilled_from: str | None = None,
+    ema_student: bool = False,
 ) -> ModelCard:
     """The model card of an exported backbone, rendered from `model_cards/backbone.md`.
 
@@ -93,6 +95,8 @@ def render_model_card(
         license: the license of the weights.
         image_size: the crop size of the exported preprocessing (`export_backbone(image_size=...)`);
             defaults to the size the model was built for.
+        distilled_from: the frozen model a distilled student learnt from (`--distill_from`); None for DINO.
+        ema_student: the export is the EMA of the distilled student (`--distill_ema_student`).
 
     Sections whose data is unknown (no evaluation, no recipe) are left out, so the card never shows an
     empty field or a placeholder.
@@ -120,7 +124,8 @@ def render_model_card(
         library_name=description["library_name"],
         pipeline_tag="image-feature-extraction",
         license=license,
-        tags=["dino", "self-supervised", "image-feature-extraction", "vision", "dino_hf", _DINO_CITATION_ARXIV],
+        tags=["dino", "self-supervised", "image-feature-extraction", "vision", "dino_hf", _DINO_CITATION_ARXIV]
+        + (["distillation"] if distilled_from else []),
         datasets=hub_datasets or None,
         base_model=base_model if base_model and is_hub_id(base_model) else None,
         metrics=["accuracy"] if eval_results else None,
@@ -141,6 +146,8 @@ def render_model_card(
         recipe_rows=_table_rows(training_args),
         evaluation=list(evaluation),
         base_model=base_model,
+        distilled_from=distilled_from,
+        ema_student=ema_student,
         **description,
     )
 

@@ -20,13 +20,22 @@ class MultiCropWrapper(nn.Module):
         head (`nn.Module`): maps `(B, D)` to `(B, K)` (a `DinoHead`).
         ibot_head (`nn.Module`, optional): the head of the masked patch tokens (iBOT), separate from
             `head` as in DINOv3; None (the default, and DINOv2's choice) sends them through `head`.
+        distill_projector (`nn.Module`, optional): the projectors of feature distillation
+            (`dino_hf.models.distill_projector.DistillProjector`); None (the default) without distillation.
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, ibot_head: nn.Module | None = None):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: nn.Module,
+        ibot_head: nn.Module | None = None,
+        distill_projector: nn.Module | None = None,
+    ):
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.ibot_head = ibot_head  # None registers nothing: the state dict is DINO's
+        self.distill_projector = distill_projector
 
     @property
     def patch_head(self) -> nn.Module:
@@ -47,6 +56,8 @@ class MultiCropWrapper(nn.Module):
         return_patch_tokens: bool = False,
         bool_masked_pos: torch.Tensor | None = None,
         patch_indices: torch.Tensor | None = None,
+        heads: bool = True,
+        project: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Head outputs of all crops, and optionally the backbone features and patch tokens they came from.
 
@@ -64,41 +75,51 @@ class MultiCropWrapper(nn.Module):
             patch_indices (`torch.Tensor` of shape `(M,)`, int64, optional): rows of the first group's
                 patch tokens flattened to `(count * B * P, C)` to send through `patch_head` (the masked
                 patches, `PatchMasks.indices`).
+            heads (`bool`, defaults to `True`): run the DINO head; False leaves the logits out of the outputs
+                (a distillation run without the DINO loss).
+            project (`bool`, defaults to `False`): also return the `distill_projector`'s outputs of the first
+                crop's B rows, from the same backbone call: `(B, D_t)` and `(B, P, D_t)`.
 
         Returns:
             `logits (len(crops) * B, K)`, rows in crop order [crop 1 batch, crop 2 batch, ...]; with
             `return_features`, also `features (len(crops) * B, D)` in the same row order; with
             `return_patch_tokens`, `patch_tokens (count * B, P, C)` of the `count` crops of the first
             group (2 for DINO's crops), rows in crop order; with `patch_indices`, last,
-            `patch_logits (M, K)`, the patch head's outputs of those rows.
+            `patch_logits (M, K)`, the patch head's outputs of those rows; with `project`, last, the
+            projected features and patch tokens of the first crop. Without `heads`, the logits are left out.
         """
         if isinstance(crops, torch.Tensor):
             crops = [crops]
         # Grouped on the host from the shapes alone: no tensor is read back from the device.
         groups = [torch.cat(list(group)) for _, group in itertools.groupby(crops, key=lambda crop: crop.shape[-1])]
         patch_tokens = None
-        if return_patch_tokens or bool_masked_pos is not None or patch_indices is not None:
+        if return_patch_tokens or project or bool_masked_pos is not None or patch_indices is not None:
             masking = {} if bool_masked_pos is None else {"bool_masked_pos": _cover(bool_masked_pos, len(groups[0]))}
             # (count * B, D), (count * B, P, C)
             first, patch_tokens = self.backbone.forward_tokens(groups[0], **masking)
             features = torch.cat([first, *(self.backbone(group) for group in groups[1:])])  # (len(crops) * B, D)
         else:
             features = torch.cat([self.backbone(group) for group in groups])  # (len(crops) * B, D)
-        patch_logits = None
-        if patch_indices is None:
+        patch_logits = logits = None
+        if heads and patch_indices is None:
             logits = self.head(features)  # (len(crops) * B, K)
-        else:
+        elif heads:
             rows = patch_tokens.flatten(0, 1).index_select(0, patch_indices)  # (M, C): a fixed shape, no host read
             if self._patches_join_head_call:  # one call for both: the prototypes are normalised once
                 logits, patch_logits = self.head(torch.cat([features, rows])).split([len(features), len(rows)])
             else:
                 logits, patch_logits = self.head(features), self.patch_head(rows)  # (len(crops) * B, K), (M, K)
-        outputs = (logits, features) if return_features else (logits,)
+        outputs = (logits,) if heads else ()
+        if return_features:
+            outputs += (features,)
         if return_patch_tokens:
             outputs += (patch_tokens,)
         if patch_logits is not None:
             outputs += (patch_logits,)
-        return outputs if len(outputs) > 1 else logits
+        if project:
+            rows = len(crops[0])  # (B, D_t), (B, P, D_t)
+            outputs += tuple(self.distill_projector(features[:rows], patch_tokens[:rows]))
+        return outputs if len(outputs) > 1 else outputs[0]
 
     @property
     def _patches_join_head_call(self) -> bool:

@@ -16,7 +16,9 @@ configuration, without secrets), `teacher_backbone/` (the exported model folder)
 `manifest.json`; with anchoring on, also `gram_teacher.safetensors` (the Gram teacher: the frozen
 starting backbone or the EMA teacher's last snapshot, with the step it was taken at, `snapshot_step`;
 `dino_hf.training.anchor`; optional, so checkpoints without it load); with iBOT on, also
-`ibot_loss.safetensors` (the patch center, `dino_hf.training.ibot`; optional likewise). Weights and
+`ibot_loss.safetensors` (the patch center, `dino_hf.training.ibot`; optional likewise); with
+distillation, `distillation.safetensors` (the queue of the global term, and in its metadata the name and
+weight hash of the frozen model, never its weights; `dino_hf.training.distillation`). Weights and
 optimiser state are whole (gathered from the shards under FSDP, `dino_hf.training.sharding`), so a
 checkpoint resumes with any number of processes and under FSDP or not. What goes into the files is gathered by
 `dino_hf.training.saving`; the data position by `dino_hf.training.batches.EndlessBatches`.
@@ -53,6 +55,8 @@ MANIFEST = "manifest.json"
 ANCHOR_FILE = "gram_teacher.safetensors"
 # iBOT's loss state, the patch center (`dino_hf.training.ibot.IBotLoss`), written only by runs with iBOT on.
 IBOT_FILE = "ibot_loss.safetensors"
+# Distillation's state, the queue, with the frozen model's name and hash as metadata (distillation runs only).
+DISTILL_FILE = "distillation.safetensors"
 # What a failed write raises (a full disk, a read-only folder, a file size limit): OSError from open
 # and write, RuntimeError from torch.save, SafetensorError from safetensors.
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
@@ -166,9 +170,11 @@ def write_shared_state(
     training_args: dict,
     anchor_state: dict | None = None,
     ibot_state: dict | None = None,
+    distill_state: tuple[dict, dict] | None = None,
 ) -> None:
     """Write the state that all processes share (called on the main process only); `anchor_state`: the
-    anchor's weights, when the run has one; `ibot_state`: the iBOT loss's (its patch center), likewise."""
+    anchor's weights, when the run has one; `ibot_state`: the iBOT loss's (its patch center), likewise;
+    `distill_state`: distillation's tensors and the metadata that names its frozen model."""
     folder.mkdir(parents=True, exist_ok=True)
     save_file(_contiguous(student_state), folder / "student.safetensors")
     save_file(_contiguous(teacher_state), folder / "teacher.safetensors")
@@ -180,6 +186,9 @@ def write_shared_state(
         save_file(_contiguous(anchor_state), folder / ANCHOR_FILE)
     if ibot_state is not None:
         save_file(_contiguous(ibot_state), folder / IBOT_FILE)
+    if distill_state is not None:
+        tensors, metadata = distill_state
+        save_file(_contiguous(tensors), folder / DISTILL_FILE, metadata=metadata)
     (folder / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2, sort_keys=True) + "\n")
     (folder / "training_args.json").write_text(json.dumps(training_args, indent=2, sort_keys=True) + "\n")
 
@@ -242,7 +251,7 @@ def check_checkpoint(folder: Path) -> None:
         if path.stat().st_size != size:
             raise CheckpointError(f"{path} has {path.stat().st_size} bytes, {size} were written: it is damaged")
     weight_files = ["student.safetensors", "teacher.safetensors", "dino_loss.safetensors"]
-    weight_files += [name for name in (ANCHOR_FILE, IBOT_FILE) if name in sizes]
+    weight_files += [name for name in (ANCHOR_FILE, IBOT_FILE, DISTILL_FILE) if name in sizes]
     for name in weight_files:
         try:
             with safe_open(folder / name, framework="pt") as handle:
@@ -383,6 +392,14 @@ def named_checkpoint(
     raise ValueError(f"--{flag}={str(path)!r} is not valid: it {what}. It takes {expected}; {listed}")
 
 
+def _tensors_and_metadata(path: Path) -> tuple[dict, dict] | None:
+    """A safetensors file's tensors and metadata; None when it does not exist."""
+    if not path.is_file():
+        return None
+    with safe_open(path, framework="pt") as file:
+        return {key: file.get_tensor(key) for key in file.keys()}, dict(file.metadata() or {})
+
+
 def load_checkpoint(folder: Path, rank: int) -> dict:
     """Everything `write_*` wrote, as tensors and plain values (the caller puts them in place)."""
     state = {
@@ -396,6 +413,7 @@ def load_checkpoint(folder: Path, rank: int) -> dict:
         "data": None,
         "anchor": load_file(folder / ANCHOR_FILE) if (folder / ANCHOR_FILE).is_file() else None,
         "ibot_loss": load_file(folder / IBOT_FILE) if (folder / IBOT_FILE).is_file() else None,
+        "distillation": _tensors_and_metadata(folder / DISTILL_FILE),
     }
     if (folder / "scaler.pt").is_file():
         state["scaler"] = torch.load(folder / "scaler.pt", map_location="cpu", weights_only=True)
@@ -408,6 +426,7 @@ def load_checkpoint(folder: Path, rank: int) -> dict:
 
 __all__ = [
     "ANCHOR_FILE",
+    "DISTILL_FILE",
     "IBOT_FILE",
     "CheckpointError",
     "WRITE_ERRORS",

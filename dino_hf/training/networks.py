@@ -6,18 +6,25 @@ from torch import nn
 
 from ..convert.conversions import dino_from_reference
 from ..convert.weight_files import load_checkpoint_file
-from ..models.backbones import build_backbone
+from ..models.backbones import TimmBackbone, build_backbone
 from ..models.configuration_dino import PRESETS
+from ..models.distill_projector import DistillProjector
 from ..models.heads import DinoHead
 from ..models.multicrop_wrapper import MultiCropWrapper
 from ..models.references import TIMM_PREFIX
 from ..models.transformers_backbone import TransformersBackbone
-from .arguments import DinoTrainingArguments, check_crop_sizes, model_spec, preset_overrides
+from .arguments import DinoTrainingArguments, check_crop_sizes, dino_on, model_spec, preset_overrides
 from .teacher import build_teacher
 
 
-def build_student_teacher(args: DinoTrainingArguments) -> tuple[MultiCropWrapper, MultiCropWrapper, bool]:
+def build_student_teacher(
+    args: DinoTrainingArguments, distill_dim: int | None = None
+) -> tuple[MultiCropWrapper, MultiCropWrapper, bool]:
     """Student = backbone + DINO head, teacher = its copy without stochastic depth.
+
+    With distillation (`distill_dim`: the width of the frozen model's features), the student also has the
+    projectors to that width (`MultiCropWrapper.distill_projector`); without the DINO loss
+    (`--dino_loss_weight 0`) its head is the identity: nothing to train there, and no warm-up.
 
     Returns also whether the backbone came with trained weights but without a head (a saved
     DinoModel folder, a Hub id, a backbone-only reference file): then the fresh head is trained
@@ -33,31 +40,65 @@ def build_student_teacher(args: DinoTrainingArguments) -> tuple[MultiCropWrapper
             without a mask token (a timm model, a CNN).
     """
     spec = model_spec(args)
-    head_state = None
     mask_token = args.ibot_loss_weight > 0
-    if spec.endswith((".pth", ".pt", ".safetensors")) and os.path.isfile(spec):
-        imported = dino_from_reference(load_checkpoint_file(spec), drop_path_rate=args.drop_path_rate)
-        backbone = build_backbone(imported.model, mask_token=mask_token)
-        head_state = imported.head_state_dict
-    else:
-        # A timm model named by --model_name_or_path comes with its trained weights; by --backbone, without.
-        from_timm_weights = args.model_name_or_path is not None and spec.startswith(TIMM_PREFIX)
-        backbone = build_backbone(
-            spec,
-            drop_path_rate=args.drop_path_rate,
-            image_size=args.global_crops_size,
-            pretrained=from_timm_weights,
-            mask_token=mask_token,
-            **preset_overrides(args),
-        )
+    # A timm model named by --model_name_or_path comes with its trained weights; by --backbone, without.
+    from_timm_weights = args.model_name_or_path is not None and spec.startswith(TIMM_PREFIX)
+    backbone, head_state = _named_backbone(
+        spec,
+        drop_path_rate=args.drop_path_rate,
+        image_size=args.global_crops_size,
+        timm_weights=from_timm_weights,
+        mask_token=mask_token,
+        **preset_overrides(args),
+    )
     pretrained = has_trained_weights(args)
     _check_input_sizes(args, backbone)
+    if not dino_on(args):
+        student = MultiCropWrapper(backbone, nn.Identity(), distill_projector=_projector(args, backbone, distill_dim))
+        return student, build_teacher(student), False
     head = _head(args, backbone.num_features)
     if head_state is not None:
         head.load_state_dict(head_state)
     ibot_head = _head(args, backbone.num_features) if mask_token and args.ibot_separate_head else None
-    student = MultiCropWrapper(backbone, head, ibot_head)
+    student = MultiCropWrapper(backbone, head, ibot_head, _projector(args, backbone, distill_dim))
     return student, build_teacher(student), pretrained and head_state is None
+
+
+def build_frozen_backbone(args: DinoTrainingArguments) -> nn.Module:
+    """The backbone of the model that `--distill_from` names, with its trained weights (every weight checked,
+    timm:NAME with timm's), without stochastic depth, frozen and in eval mode.
+
+    Raises:
+        ValueError: the name is not a vision backbone that dino_hf reads (exit status 2 from the script).
+    """
+    size = args.distill_teacher_size or args.global_crops_size
+    backbone, _ = _named_backbone(args.distill_from, drop_path_rate=0.0, image_size=size, timm_weights=True)
+    return backbone.eval().requires_grad_(False)
+
+
+def _named_backbone(spec: str, *, timm_weights: bool, mask_token: bool = False, **kwargs) -> tuple[nn.Module, dict]:
+    """The backbone `spec` names and, for a reference DINO checkpoint file, its head's weights (else None).
+    `timm_weights`: a `timm:NAME` comes with timm's trained weights."""
+    if spec.endswith((".pth", ".pt", ".safetensors")) and os.path.isfile(spec):
+        imported = dino_from_reference(load_checkpoint_file(spec), drop_path_rate=kwargs["drop_path_rate"])
+        return build_backbone(imported.model, mask_token=mask_token), imported.head_state_dict
+    pretrained = timm_weights and spec.startswith(TIMM_PREFIX)
+    return build_backbone(spec, pretrained=pretrained, mask_token=mask_token, **kwargs), None
+
+
+def _projector(args: DinoTrainingArguments, backbone: nn.Module, distill_dim: int | None) -> nn.Module | None:
+    """The student's distillation projectors to `distill_dim` (None without distillation)."""
+    if distill_dim is None:
+        return None
+    return DistillProjector(backbone.num_features, _patch_width(backbone), distill_dim, args.distill_projector)
+
+
+def _patch_width(backbone: nn.Module) -> int:
+    """The width of the backbone's patch tokens: a timm CNN's last feature map may be wider than what its
+    pre-logits layer pools to (`num_features` of the timm model, not the wrapper's)."""
+    if isinstance(backbone, TimmBackbone):
+        return int(backbone.model.num_features)
+    return int(backbone.num_features)
 
 
 def _head(args: DinoTrainingArguments, in_dim: int) -> DinoHead:
@@ -101,4 +142,4 @@ def _patch_size(backbone: nn.Module) -> int | None:
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
-__all__ = ["build_student_teacher", "has_trained_weights"]
+__all__ = ["build_frozen_backbone", "build_student_teacher", "has_trained_weights"]

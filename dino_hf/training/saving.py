@@ -22,6 +22,7 @@ from .arguments import DinoTrainingArguments
 from .collectives import on_every_process
 from .guard import figure_name, guarded_figure
 from .loss import DinoLoss
+from .networks import has_trained_weights
 from .plan import TrainingPlan
 from .sharding import whole_optimizer_state_dict, whole_state_dict
 from .state import RunState
@@ -38,7 +39,11 @@ class CheckpointWriter:
     the teacher itself. `anchor`: the run's Gram teacher (`dino_hf.training.anchor`: the frozen starting
     backbone or the EMA teacher's last snapshot), whole on every process, saved with each checkpoint;
     None when anchoring is off. `ibot_loss`: the run's iBOT loss (its patch center), saved with each
-    checkpoint; None when iBOT is off.
+    checkpoint; None when iBOT is off. `distillation`: the run's distillation term (its queue and frozen
+    model's name and hash go into each checkpoint, and it names the student's export); None without.
+
+    A distillation run exports the student (`student_backbone`, `student_backbone_best`), or with
+    `--distill_ema_student` its EMA, which the teacher network holds; a DINO run exports the teacher.
     """
 
     def __init__(
@@ -56,17 +61,21 @@ class CheckpointWriter:
         pusher: HubPusher | None,
         anchor: nn.Module | None = None,
         ibot_loss: nn.Module | None = None,
+        distillation=None,
     ):
         self.accelerator, self.args, self.plan = accelerator, args, plan
         self.student, self.teacher, self.whole_teacher = student, teacher, whole_teacher
         self.dino_loss, self.optimizer, self.batches, self.pusher = dino_loss, optimizer, batches, pusher
         self.anchor = anchor
         self.ibot_loss = ibot_loss
+        self.distillation = distillation
+        self.exports_student = distillation is not None and not args.distill_ema_student
         self.output_dir = Path(args.output_dir)
         self.checkpoints_dir = self.output_dir / "checkpoints"
-        self.export_dir = self.output_dir / "teacher_backbone"
-        # The teacher of the best k-NN measured so far (`dino_hf.training.guard`), beside the last one.
-        self.best_export_dir = self.output_dir / "teacher_backbone_best"
+        export_name = "teacher_backbone" if distillation is None else "student_backbone"
+        self.export_dir = self.output_dir / export_name
+        # The network of the best k-NN measured so far (`dino_hf.training.guard`), beside the last one.
+        self.best_export_dir = self.output_dir / f"{export_name}_best"
         self.last: Path | None = None
 
     def gathered_teacher(self, weights: dict | None = None) -> nn.Module:
@@ -79,6 +88,20 @@ class CheckpointWriter:
             self.whole_teacher.load_state_dict(weights)
         return self.whole_teacher
 
+    def exported(self, weights: dict | None = None) -> nn.Module:
+        """The network the run exports and evaluates, as one module on the main process: the teacher, or
+        the student of a distillation run (a collective under FSDP, where the gathered weights, given as
+        `weights` {"teacher": ..., "student": ...} or gathered here, are loaded into the whole copy)."""
+        if not self.exports_student:
+            return self.gathered_teacher((weights or {}).get("teacher"))
+        student = self.accelerator.unwrap_model(self.student)
+        if not self.accelerator.is_fsdp2:
+            return student
+        state = (weights or {}).get("student") or whole_state_dict(student)
+        if self.accelerator.is_main_process:
+            self.whole_teacher.load_state_dict(state)
+        return self.whole_teacher
+
     def save(self, step: int, state: RunState, teacher_state: dict | None = None) -> Path:
         """Checkpoint of `step` (every process calls it). `teacher_state`: the teacher's whole weights
         when they were gathered already. Pushes the export to the Hub when a pusher is set."""
@@ -86,14 +109,14 @@ class CheckpointWriter:
         staging = checkpoints.staging_dir(self.checkpoints_dir, step)
         final = self.checkpoints_dir / f"checkpoint-{step}"
         weights = self._whole_weights(teacher_state)
-        export_teacher = self.gathered_teacher(weights.get("teacher"))
+        export_network = self.exported(weights)
 
         def fresh_staging() -> None:  # a killed earlier attempt may have left files of its own there
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
 
         def shared_state() -> None:
-            self.export(export_teacher, staging / "teacher_backbone", step, state)
+            self.export(export_network, staging / self.export_dir.name, step, state)
             checkpoints.write_shared_state(
                 staging,
                 student_state=weights["student"],
@@ -105,6 +128,7 @@ class CheckpointWriter:
                 training_args=self.args.to_dict(),
                 anchor_state=self.anchor.state_dict() if self.anchor is not None else None,
                 ibot_state=self.ibot_loss.state_dict() if self.ibot_loss is not None else None,
+                distill_state=self._distill_state(),
             )
             checkpoints.finalize(staging, self.checkpoints_dir, step, self.args.checkpoints_total_limit)
 
@@ -125,9 +149,16 @@ class CheckpointWriter:
                 "--resume_from_checkpoint latest"
             ) from error
         if self.pusher is not None:
-            self.pusher.push(final / "teacher_backbone", f"Training step {step}")
+            self.pusher.push(final / self.export_dir.name, f"Training step {step}")
         self.last = final
         return final
+
+    def _distill_state(self) -> tuple[dict, dict] | None:
+        """The queue, with the frozen model's name and weight hash (what a resume is checked against)."""
+        if self.distillation is None:
+            return None
+        frozen = self.distillation.frozen
+        return self.distillation.state_dict(), {"distill_from": frozen.name, "sha256": frozen.sha256}
 
     def _whole_weights(self, teacher_state: dict | None) -> dict:
         """Whole weights for the main process to write: gathered from the shards under FSDP (every
@@ -142,7 +173,8 @@ class CheckpointWriter:
         }
 
     def export(self, teacher: nn.Module, folder: Path, step: int, state: RunState) -> None:
-        """The teacher backbone as a model folder with its model card (main process)."""
+        """The backbone of `teacher` (the exported network, `exported`) as a model folder with its model card
+        (main process)."""
         export_backbone(
             teacher.backbone,
             folder,
@@ -156,9 +188,10 @@ class CheckpointWriter:
         knn = state.knn_best
         card = self._model_card(teacher, step, dataclasses.replace(state, knn=knn))
         key = guarded_figure(knn)
+        what = "student" if self.distillation is not None else "teacher"
         note = (
-            f"The teacher of the best k-NN measured during its run: step {step}, {figure_name(key)} "
-            f"{knn[key]:.1f} % (the run's last teacher is in {self.export_dir.name}/)."
+            f"The {what} of the best k-NN measured during its run: step {step}, {figure_name(key)} "
+            f"{knn[key]:.1f} % (the run's last {what} is in {self.export_dir.name}/)."
         )
         title, _, rest = card.text.partition("\n\n")
         card.text = f"{title}\n\n{note}\n\n{rest}"
@@ -183,7 +216,16 @@ class CheckpointWriter:
             epochs=round(self.plan.epoch(step), 2),
             evaluation=figures,
             image_size=args.global_crops_size,
+            base_model=self._base_model(),
+            distilled_from=args.distill_from,
+            ema_student=args.distill_ema_student,
         )
+
+    def _base_model(self) -> str | None:
+        """The weights a distilled student started from: `--model_name_or_path` when it names trained weights;
+        else (None) the card reads a transformers backbone's own source."""
+        spec = self.args.model_name_or_path
+        return spec if self.distillation is not None and has_trained_weights(self.args) else None
 
 
 __all__ = ["CheckpointWriter"]

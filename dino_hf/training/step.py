@@ -21,6 +21,7 @@ from torch import nn
 from ..data.masks import PatchMasks
 from ..models.heads import DinoHead
 from .anchor import COSINE, GRAM, Anchor
+from .distillation import GLOBAL, LOCAL, Distillation
 from .ibot import IBOT, IBotLoss
 from .loss import DinoLoss, collapse_diagnostics, koleo_loss
 from .optimization import clip_gradients_, step_unless_
@@ -34,6 +35,7 @@ NONFINITE_HINTS = (
 # The terms a step may add to the DINO loss, in the order they are added; each is logged and checked
 # for non-finite values.
 REGULARISERS = (IBOT, "koleo", GRAM, COSINE)
+DISTILLATION_TERMS = (GLOBAL, LOCAL)
 
 
 class IBotStep(NamedTuple):
@@ -60,6 +62,8 @@ class _StepContext(NamedTuple):
     anchor: Anchor | None
     diagnostics: bool
     ibot: IBotStep | None
+    dino_weight: float = 1.0
+    distillation: Distillation | None = None
 
 
 def train_step(
@@ -87,6 +91,8 @@ def train_step(
     ibot_loss: IBotLoss | None = None,
     ibot_weight: float = 0.0,
     masks: PatchMasks | None = None,
+    dino_weight: float = 1.0,
+    distillation: Distillation | None = None,
 ) -> dict[str, torch.Tensor]:
     """One DINO step, in the reference's order: (1) lr (x each group's `lr_scale`, x `backbone_lr_factor`
     on the backbone's groups) and weight decay on the regularised groups; (2) per micro-batch, the teacher
@@ -110,22 +116,45 @@ def train_step(
             weights of its `gram` and `anchor_cos` terms (a weight of 0 still reports the term).
         ibot_loss, ibot_weight, masks: iBOT's loss with its patch center, its weight, and the batch's
             block masks for `accumulation_steps` micro-batches (the student's global crops are masked).
+        dino_weight: the DINO loss's weight; 0 leaves out the teacher's forward, the head and the center
+            (a distillation run), and the crops may then be the one view `[view (B, 3, G, G)]`.
+        distillation: the term of feature distillation from a frozen model (`dino_hf.training.distillation`),
+            on the first crop, with the student's `distill_projector`; its terms' weights are its own.
 
     Returns:
         0-dim tensors on the device, averaged over micro-batches and processes: `loss` (the DINO loss),
-        each added term before weighting (`koleo`, `gram`, `anchor_cos`, `ibot`, when on), `total_loss`
-        (the objective, when a term is added), the `collapse_diagnostics`, `nonfinite` (1.0: skipped).
+        each added term before weighting (`koleo`, `gram`, `anchor_cos`, `ibot`, `distill_global`,
+        `distill_local`, when on), `total_loss` (the objective, when a term is added), the
+        `collapse_diagnostics` (with DINO), `nonfinite` (1.0: skipped). Without DINO (`dino_weight` 0),
+        `loss` is the objective.
     """
     weights = _regulariser_weights(koleo_weight, anchor, gram_weight, anchor_cosine_weight)
     ibot = _ibot_step(ibot_loss, ibot_weight, masks, accumulation_steps)
+    if distillation is not None:
+        crops = [distillation.prepare(crops[0]), *crops[1:]]
     _set_schedule(optimizer, lr, weight_decay, backbone_lr_factor)
-    context = _StepContext(student, teacher, dino_loss, teacher_temp, accelerator, weights, anchor, diagnostics, ibot)
+    context = _StepContext(
+        student,
+        teacher,
+        dino_loss,
+        teacher_temp,
+        accelerator,
+        weights,
+        anchor,
+        diagnostics,
+        ibot,
+        dino_weight,
+        distillation,
+    )
     totals, teacher_output, teacher_patch_output = _forward_backward_batch(context, crops, accumulation_steps)
     skip = _nonfinite(totals)
-    _update_centers(dino_loss, ibot, teacher_output, teacher_patch_output, skip)
-    if weights or ibot is not None:
-        added = {**weights, **({IBOT: ibot.weight} if ibot is not None else {})}
-        totals["total_loss"] = totals["loss"] + sum(weight * totals[name] for name, weight in added.items())
+    if dino_weight:
+        _update_centers(dino_loss, ibot, teacher_output, teacher_patch_output, skip)
+    added = {**weights, **({IBOT: ibot.weight} if ibot is not None else {})}
+    added.update(distillation.weights if distillation is not None else {})
+    if dino_weight and (added or dino_weight != 1.0):
+        loss = totals["loss"] if dino_weight == 1.0 else dino_weight * totals["loss"]
+        totals["total_loss"] = loss + sum(weight * totals[name] for name, weight in added.items())
     _prepare_gradients(student, optimizer, accelerator, clip_grad, freeze_last_layer, freeze_backbone)
     _optimise_and_follow(student, teacher, optimizer, accelerator, momentum, skip)
     totals["nonfinite"] = skip.float()
@@ -178,10 +207,11 @@ def _ibot_step(
 
 
 def _nonfinite(totals: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Whether this step's loss (or a term added to it: iBOT, KoLeo, the anchor's) is not finite, as a bool
-    tensor on the device; the terms are means over the processes, so every process decides the same."""
+    """Whether this step's loss (or a term added to it: iBOT, KoLeo, the anchor's, distillation's) is not
+    finite, as a bool tensor on the device; the terms are means over the processes, so every process
+    decides the same."""
     skip = ~torch.isfinite(totals["loss"])
-    for name in REGULARISERS:
+    for name in (*REGULARISERS, *DISTILLATION_TERMS):
         if name in totals:
             skip = skip | ~torch.isfinite(totals[name])
     return skip
@@ -225,6 +255,8 @@ def _forward_backward_batch(context: _StepContext, crops, accumulation_steps: in
     if ibot is not None:  # each micro-batch with its own masks
         micro_contexts = [context._replace(ibot=ibot._replace(masks=masks)) for masks in ibot.masks.micro_batches()]
     teacher_outputs, teacher_patch_outputs, totals = [], [], {}
+    if not context.dino_weight:
+        teacher_outputs = None
     for index, micro in enumerate(micro_batches):
         last = index == len(micro_batches) - 1
         sync = contextlib.nullcontext() if last or accelerator is None else accelerator.no_sync(context.student)
@@ -232,10 +264,13 @@ def _forward_backward_batch(context: _StepContext, crops, accumulation_steps: in
             stats, teacher_output, teacher_patch_output = _forward_backward(
                 micro_contexts[index], list(micro), 1.0 / accumulation_steps
             )
-        teacher_outputs.append(teacher_output)
-        teacher_patch_outputs.append(teacher_patch_output)
+        if teacher_outputs is not None:
+            teacher_outputs.append(teacher_output)
+            teacher_patch_outputs.append(teacher_patch_output)
         for key, value in stats.items():
             totals[key] = totals[key] + value / accumulation_steps if key in totals else value / accumulation_steps
+    if teacher_outputs is None:
+        return totals, None, None
     return totals, torch.cat(teacher_outputs), None if ibot is None else torch.cat(teacher_patch_outputs)
 
 
@@ -262,60 +297,97 @@ def _unwrap(model: nn.Module, accelerator: Accelerator | None) -> nn.Module:
 def _forward_backward(context: _StepContext, crops, scale: float):
     """Forward, loss and backward (of the objective x `scale`) of one micro-batch; returns its statistics
     (0-dim tensors), the teacher output `(2 * B, K)` and, with iBOT, the teacher's patch outputs `(M, K)`
-    at the micro-batch's masked patches (else None). `context.ibot` holds this micro-batch's masks."""
-    student, teacher, dino_loss, teacher_temp, accelerator, weights, anchor, diagnostics, ibot = context
-    stats = {}
+    at the micro-batch's masked patches (else None; both None without DINO). `context.ibot` holds this
+    micro-batch's masks."""
+    accelerator = context.accelerator
     # Mixed precision covers the forwards and the loss, as the reference's autocast block.
     with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
-        with torch.no_grad():
-            if ibot is None:
-                teacher_output, teacher_patch_output = teacher(crops[:2]), None  # (2 * B, K): the global crops
-            else:  # and (M, K) at the masked patches, of the whole crops
-                teacher_output, teacher_patch_output = teacher(crops[:2], patch_indices=ibot.masks.indices[0])
-        gram = anchor is not None and anchor.gram
-        if weights or ibot is not None:
-            # (ncrops * B, K); (ncrops * B, D), for the Gram loss the first group's (2 * B, P, C) and for
-            # iBOT (M, K) at the masked patches, each or None
-            student_output, features, patch_tokens, student_patch_output = _student_outputs(
-                student, crops, bool(weights), gram, ibot
-            )
+        if context.dino_weight:
+            objective, stats, teacher_output, teacher_patch_output = _dino_objective(context, crops)
         else:
-            student_output = student(crops)  # (ncrops * B, K)
-        terms = dino_loss.terms(student_output, teacher_output, teacher_temp)
-        if diagnostics:
-            stats.update(collapse_diagnostics(terms, dino_loss.center if dino_loss.uses_center else None))
-        objective = terms.loss
-        if ibot is not None:
-            value = ibot.loss(
-                student_patch_output, teacher_patch_output, ibot.masks.weights[0], teacher_temp, 2 * len(crops[0])
-            )
-            objective = objective + ibot.weight * value
-            stats[IBOT] = _mean_over_processes(value, accelerator)
-        if weights:
-            global_features = features[: 2 * len(crops[0])]  # (2 * B, D), as DINOv2's CLS tokens
-            regularisers = _regularisers(weights, anchor, crops, global_features, patch_tokens)
-            for name, value in regularisers.items():
-                objective = objective + weights[name] * value
-                stats[name] = _mean_over_processes(value, accelerator)
+            objective, stats, teacher_output, teacher_patch_output = _distillation_objective(context, crops)
     if accelerator is not None:
         accelerator.backward(objective * scale)
     else:
         (objective * scale).backward()
+    return stats, teacher_output, teacher_patch_output
+
+
+def _dino_objective(context: _StepContext, crops):
+    """The DINO loss (x `dino_weight`) with its added terms, their statistics (`loss` the DINO loss), and the
+    teacher's outputs."""
+    student, teacher, dino_loss, teacher_temp, accelerator, weights, anchor, diagnostics, ibot = context[:9]
+    distillation = context.distillation
+    stats = {}
+    with torch.no_grad():
+        if ibot is None:
+            teacher_output, teacher_patch_output = teacher(crops[:2]), None  # (2 * B, K): the global crops
+        else:  # and (M, K) at the masked patches, of the whole crops
+            teacher_output, teacher_patch_output = teacher(crops[:2], patch_indices=ibot.masks.indices[0])
+    gram = anchor is not None and anchor.gram
+    if weights or ibot is not None or distillation is not None:
+        # (ncrops * B, K); (ncrops * B, D), for the Gram loss the first group's (2 * B, P, C), for iBOT
+        # (M, K) at the masked patches and for distillation the first crop's projected outputs, each or None
+        student_output, features, patch_tokens, student_patch_output, projected = _student_outputs(
+            student, crops, bool(weights), gram, ibot, distillation is not None
+        )
+    else:
+        student_output = student(crops)  # (ncrops * B, K)
+    terms = dino_loss.terms(student_output, teacher_output, teacher_temp)
+    if diagnostics:
+        stats.update(collapse_diagnostics(terms, dino_loss.center if dino_loss.uses_center else None))
+    objective = terms.loss if context.dino_weight == 1.0 else context.dino_weight * terms.loss
+    if ibot is not None:
+        value = ibot.loss(
+            student_patch_output, teacher_patch_output, ibot.masks.weights[0], teacher_temp, 2 * len(crops[0])
+        )
+        objective = objective + ibot.weight * value
+        stats[IBOT] = _mean_over_processes(value, accelerator)
+    if weights:
+        global_features = features[: 2 * len(crops[0])]  # (2 * B, D), as DINOv2's CLS tokens
+        regularisers = _regularisers(weights, anchor, crops, global_features, patch_tokens)
+        for name, value in regularisers.items():
+            objective = objective + weights[name] * value
+            stats[name] = _mean_over_processes(value, accelerator)
+    if distillation is not None:
+        objective = objective + _distillation_terms(context, crops[0], projected, stats)
     stats = {"loss": _mean_over_processes(terms.loss, accelerator), **stats}
-    return stats, teacher_output.detach(), teacher_patch_output
+    return objective, stats, teacher_output.detach(), teacher_patch_output
 
 
-def _student_outputs(student, crops, features: bool, patch_tokens: bool, ibot: IBotStep | None) -> tuple:
+def _distillation_objective(context: _StepContext, crops):
+    """Distillation alone (no DINO loss): the student's backbone and projectors on the first crop, no head,
+    no teacher; `loss` is the objective."""
+    projected = context.student(crops[:1], heads=False, project=True)  # (B, D_t), (B, P, D_t)
+    stats = {}
+    objective = _distillation_terms(context, crops[0], projected, stats)
+    return objective, {"loss": _mean_over_processes(objective, context.accelerator), **stats}, None, None
+
+
+def _distillation_terms(context: _StepContext, view: torch.Tensor, projected, stats: dict) -> torch.Tensor:
+    """The weighted sum of the distillation's terms of `view`; each term's value goes into `stats`."""
+    distillation = context.distillation
+    values = distillation(view, *projected, context.accelerator)
+    for name, value in values.items():
+        stats[name] = _mean_over_processes(value, context.accelerator)
+    return sum(distillation.weights[name] * value for name, value in values.items())
+
+
+def _student_outputs(
+    student, crops, features: bool, patch_tokens: bool, ibot: IBotStep | None, project: bool = False
+) -> tuple:
     """The student's logits of all crops and, each when asked (else None), its backbone features, the
-    first group's patch tokens and, with iBOT, the patch head's logits `(M, K)` at the masked patches of
-    the masked global crops. One backbone call per crop size serves them all."""
-    options = {"return_features": features, "return_patch_tokens": patch_tokens}
+    first group's patch tokens, with iBOT the patch head's logits `(M, K)` at the masked patches of the
+    masked global crops, and the projected features and patch tokens of the first crop (a pair, for
+    distillation). One backbone call per crop size serves them all."""
+    options = {"return_features": features, "return_patch_tokens": patch_tokens, "project": project}
     if ibot is not None:
         options.update(bool_masked_pos=ibot.masks.crop_masks(), patch_indices=ibot.masks.indices[0])
     outputs = list(student(crops, **options))
     logits = outputs.pop(0)
     asked = (features, patch_tokens, ibot is not None)
-    return (logits, *(outputs.pop(0) if wanted else None for wanted in asked))
+    taken = [outputs.pop(0) if wanted else None for wanted in asked]
+    return (logits, *taken, tuple(outputs) if project else None)
 
 
 def _regularisers(weights, anchor, crops, global_features, patch_tokens) -> dict[str, torch.Tensor]:

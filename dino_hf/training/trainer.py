@@ -30,17 +30,19 @@ from ..data.masks import BlockMasking
 from ..data.sources import load_image_stream
 from ..evaluation.features import knn_accuracy
 from ..hub.push import HubPusher
+from ..models.normalization import Normalization, normalization_of
 from . import checkpoints
 from .anchor import SNAPSHOT_STEP, Anchor, build_anchor
-from .arguments import DinoTrainingArguments, model_spec
+from .arguments import DinoTrainingArguments, dino_on, distilling, model_spec
 from .batches import DeviceBatches, EndlessBatches
 from .collectives import on_any_process
+from .distillation import Distillation, FrozenModel, queue_size_for
 from .guard import observe
 from .ibot import IBotLoss, build_ibot_loss, build_masking
 from .init_checkpoint import init_checkpoint_folder, load_start
 from .layer_decay import freeze_blocks_
 from .loss import DinoLoss
-from .networks import build_student_teacher, has_trained_weights
+from .networks import build_frozen_backbone, build_student_teacher, has_trained_weights
 from .optimization import build_optimizer, get_param_groups
 from .output_folder import removed_if_refused
 from .plan import TrainingPlan
@@ -116,6 +118,7 @@ class Run:
     knn_stop: str | None = None  # why --stop_if_knn_drops ended the run
     anchor: Anchor | None = None
     ibot_loss: IBotLoss | None = None
+    distillation: Distillation | None = None
 
 
 def train(args: DinoTrainingArguments) -> TrainResult:
@@ -149,7 +152,9 @@ def prepare_run(args: DinoTrainingArguments) -> Run:
     )
     set_seed(args.seed)
     # Networks first: a backbone that cannot take the crop sizes fails before any other work.
-    student, teacher, fresh_head = build_student_teacher(args)
+    frozen_backbone = build_frozen_backbone(args) if distilling(args) else None
+    distill_dim = frozen_backbone.num_features if frozen_backbone is not None else None
+    student, teacher, fresh_head = build_student_teacher(args, distill_dim)
     dino_loss, ibot_loss = _build_losses(args)
     if args.init_from_checkpoint:  # before anything copies the networks (the anchor)
         _start_from_checkpoint(args, accelerator, student, teacher, dino_loss, ibot_loss)
@@ -161,11 +166,12 @@ def prepare_run(args: DinoTrainingArguments) -> Run:
             args.model_name_or_path,
         )
     anchor = _build_anchor(args, accelerator, student)  # before the first step, and before any wrapping
-    accelerator.print(
-        f"networks: {type(student.backbone.model).__name__} student and teacher, head of {args.out_dim} prototypes"
-    )
+    accelerator.print(_networks_line(args, student, frozen_backbone))
 
-    batches, samples_per_epoch, eval_sources = _build_data(args, accelerator, build_masking(args, student.backbone))
+    normalization = normalization_of(student.backbone)
+    batches, samples_per_epoch, eval_sources = _build_data(
+        args, accelerator, build_masking(args, student.backbone), normalization
+    )
     plan = TrainingPlan.from_args(args, samples_per_epoch, accelerator.num_processes, fresh_head)
     accelerator.print(
         f"plan: {plan.last_step} of {plan.total_steps} steps of {plan.total_batch} images, "
@@ -176,6 +182,10 @@ def prepare_run(args: DinoTrainingArguments) -> Run:
     dino_loss.to(accelerator.device)
     if ibot_loss is not None:
         ibot_loss.to(accelerator.device)
+    distillation = None
+    if frozen_backbone is not None:
+        distillation = _build_distillation(args, frozen_backbone, normalization, samples_per_epoch)
+        distillation.to(accelerator.device)
     pusher = None
     if args.push_to_hub and accelerator.is_main_process:
         pusher = HubPusher(args.hub_model_id, token=args.hub_token, private=args.hub_private_repo)
@@ -192,6 +202,7 @@ def prepare_run(args: DinoTrainingArguments) -> Run:
         pusher=pusher,
         anchor=anchor,
         ibot_loss=ibot_loss,
+        distillation=distillation,
     )
     run = Run(
         args,
@@ -207,12 +218,38 @@ def prepare_run(args: DinoTrainingArguments) -> Run:
         state=RunState(num_processes=accelerator.num_processes),
         anchor=anchor,
         ibot_loss=ibot_loss,
+        distillation=distillation,
     )
     if args.log_sample_ids:
         run.sample_log = SampleLog(args.log_sample_ids, accelerator.process_index)
     if args.report_to != "none":
         accelerator.init_trackers("dino_hf", config=args.to_dict())
     return run
+
+
+def _networks_line(args: DinoTrainingArguments, student: nn.Module, frozen_backbone: nn.Module | None) -> str:
+    """What the run trains, in one line."""
+    name = type(student.backbone.model).__name__
+    if frozen_backbone is None:
+        return f"networks: {name} student and teacher, head of {args.out_dim} prototypes"
+    frozen = f"{type(frozen_backbone.model).__name__} ({args.distill_from}, {frozen_backbone.num_features} wide)"
+    dino = f", DINO head of {args.out_dim} prototypes (weight {args.dino_loss_weight:g})" if dino_on(args) else ""
+    return f"networks: {name} student distilled from the frozen {frozen}, {args.distill_projector} projectors{dino}"
+
+
+def _build_distillation(
+    args: DinoTrainingArguments, frozen_backbone: nn.Module, normalization: Normalization, samples: int | None
+) -> Distillation:
+    """The distillation term: the frozen model reading the student's crops, the queue sized by the data."""
+    frozen = FrozenModel(frozen_backbone, args.distill_from, normalization, args.distill_teacher_size)
+    return Distillation(
+        frozen,
+        args.distill_queue_size or queue_size_for(samples),
+        global_weight=args.distill_global_weight,
+        local_weight=args.distill_local_weight,
+        local_loss=args.distill_local_loss,
+        mixup=args.distill_mixup,
+    )
 
 
 def _build_losses(args: DinoTrainingArguments) -> tuple[DinoLoss, "IBotLoss | None"]:
@@ -289,10 +326,15 @@ def multicrop_options(args: DinoTrainingArguments) -> dict:
 
 
 def _build_data(
-    args: DinoTrainingArguments, accelerator: Accelerator, masks: BlockMasking | None = None
+    args: DinoTrainingArguments,
+    accelerator: Accelerator,
+    masks: BlockMasking | None = None,
+    normalization: Normalization | None = None,
 ) -> tuple[DeviceBatches, int | None, tuple | None]:
     """The run's batches on the device, the images per epoch where known, and the k-NN's sources.
-    `masks`: iBOT's masking; the workers then draw each batch's masks (`batch["masks"]`)."""
+    `masks`: iBOT's masking; the workers then draw each batch's masks (`batch["masks"]`). `normalization`:
+    the student's (`dino_hf.models.normalization`), ImageNet's when not given. Without the DINO loss, one
+    view per image."""
     with accelerator.main_process_first():
         source = train_source(args)
         eval_sources = knn_sources(args)
@@ -310,7 +352,11 @@ def _build_data(
     crop_options = multicrop_options(args)
     # With --augment_on gpu the workers decode and cap the size; the crops are made on the accelerator.
     on_device = args.augment_on == "gpu"
-    transform = DecodeAndCap(args.augment_cap_size) if on_device else MultiCropTransform(**crop_options)
+    if on_device:
+        transform = DecodeAndCap(args.augment_cap_size)
+    else:
+        mean_std = {} if normalization is None else {"mean": normalization.mean, "std": normalization.std}
+        transform = MultiCropTransform(**crop_options, **mean_std, global_crops_number=2 if dino_on(args) else 1)
     loader = build_multicrop_dataloader(
         stream,
         image_column,
@@ -393,6 +439,8 @@ def _load_checkpoint(run: Run, folder: Path) -> None:
     run.dino_loss.load_state_dict(saved["dino_loss"])
     if run.ibot_loss is not None:
         _load_ibot_loss(run.ibot_loss, saved["ibot_loss"], folder)
+    if run.distillation is not None:
+        _load_distillation(run.distillation, saved["distillation"], folder)
     if run.anchor is not None:
         step = saved["trainer_state"]["global_step"]
         snapshots = run.plan.gram_snapshots
@@ -456,6 +504,34 @@ def _load_anchor(anchor: Anchor, weights: dict | None, folder: Path, step: int, 
         )
 
 
+def _load_distillation(distillation: Distillation, saved: tuple[dict, dict] | None, folder: Path) -> None:
+    """The queue of the checkpoint's run, after checking that it distilled the same frozen model.
+
+    Raises:
+        ValueError: the checkpoint's run distilled another model (name or weights), or none.
+    """
+    frozen = distillation.frozen
+    if saved is None:
+        raise ValueError(
+            f"{folder} has no {checkpoints.DISTILL_FILE}: its run did not distil a frozen model, and this one distils "
+            f"{frozen.name}; resume without --distill_from, or start a new run from it with --init_from_checkpoint"
+        )
+    tensors, metadata = saved
+    if metadata.get("sha256") != frozen.sha256:
+        raise ValueError(
+            f"{folder} was trained against {metadata.get('distill_from')!r} (weights sha256 "
+            f"{str(metadata.get('sha256'))[:12]}...), and this run's --distill_from {frozen.name!r} has other weights "
+            f"(sha256 {frozen.sha256[:12]}...); resume with the model the run started with, or start a new run"
+        )
+    if tensors["features"].shape != distillation.queue.features.shape:
+        raise ValueError(
+            f"{folder} holds a queue of {tuple(tensors['features'].shape)} and this run builds "
+            f"{tuple(distillation.queue.features.shape)}; resume with the run's --distill_queue_size "
+            "(its training_args.json)"
+        )
+    distillation.load_state_dict(tensors)
+
+
 def _load_ibot_loss(ibot_loss: IBotLoss, state: dict | None, folder: Path) -> None:
     """The patch center of the checkpoint's run; a checkpoint of a run without iBOT has none, and the
     center then starts at zero."""
@@ -512,6 +588,8 @@ def train_loop(run: Run, signals: PreemptionSignals) -> str | None:
             anchor=_anchor_at(run, step),
             ibot_loss=run.ibot_loss,
             masks=batch.get("masks"),
+            dino_weight=args.dino_loss_weight,
+            distillation=run.distillation,
             **plan.step_options(step),
         )
         run.nonfinite.add(step, metrics)
@@ -656,7 +734,7 @@ def _knn(run: Run, teacher: nn.Module) -> dict:
 def _evaluate(run: Run, step: int) -> bool:
     """The k-NN of the teacher at `step` (all processes call it: under FSDP the teacher is gathered); a
     new best is exported. Returns whether `--stop_if_knn_drops` ends the run here (on every process)."""
-    teacher = run.writer.gathered_teacher()
+    teacher = run.writer.exported()
     stop = None
     if run.accelerator.is_main_process:
         run.state.knn = _knn(run, teacher)
@@ -712,7 +790,7 @@ def _final_save(run: Run) -> TrainResult:
     accelerator, writer, state = run.accelerator, run.writer, run.state
     # The teacher's whole weights, gathered once (under FSDP) for the k-NN, the checkpoint and the export.
     final_state = whole_state_dict(run.teacher) if accelerator.is_fsdp2 else None
-    final_teacher = writer.gathered_teacher(final_state)
+    final_teacher = writer.exported({"teacher": final_state} if final_state is not None else None)
     if run.eval_sources is not None and accelerator.is_main_process:
         if run.knn_step != state.global_step:  # not measured at this step already
             state.knn = _knn(run, final_teacher)
