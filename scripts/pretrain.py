@@ -69,18 +69,18 @@ def run(argv: list[str], console: RunConsole) -> int:
     figure = guarded_figure(result.knn)
     if result.knn_start and figure:
         print(
-            f"{figure_name(figure)}: {result.start} teacher {result.knn_start.get(figure, float('nan')):.1f}% "
-            f"-> trained teacher {result.knn[figure]:.1f}%"
+            f"{figure_name(figure)}: {result.start} {result.exported} "
+            f"{result.knn_start.get(figure, float('nan')):.1f}% -> trained {result.exported} {result.knn[figure]:.1f}%"
         )
     if result.knn_stop:
         print(f"Stopped early: {result.knn_stop}.")
     best = guarded_figure(result.knn_best)
     if result.best_export_dir and best:
         print(
-            f"The teacher of the best {figure_name(best)}, {result.knn_best[best]:.1f}% at step "
+            f"The {result.exported} of the best {figure_name(best)}, {result.knn_best[best]:.1f}% at step "
             f"{result.knn_best_step}, is in {result.best_export_dir}."
         )
-    print(f"The trained teacher backbone is in {result.export_dir}. Load it with:")
+    print(f"The trained {result.exported} backbone is in {result.export_dir}. Load it with:")
     print(f"    {loading_snippet(result.export_dir)}")
     return 0
 

@@ -70,6 +70,7 @@ class CheckpointWriter:
         self.ibot_loss = ibot_loss
         self.distillation = distillation
         self.exports_student = distillation is not None and not args.distill_ema_student
+        self.exported_name = "teacher" if distillation is None else "student"
         self.output_dir = Path(args.output_dir)
         self.checkpoints_dir = self.output_dir / "checkpoints"
         export_name = "teacher_backbone" if distillation is None else "student_backbone"
@@ -188,10 +189,9 @@ class CheckpointWriter:
         knn = state.knn_best
         card = self._model_card(teacher, step, dataclasses.replace(state, knn=knn))
         key = guarded_figure(knn)
-        what = "student" if self.distillation is not None else "teacher"
         note = (
-            f"The {what} of the best k-NN measured during its run: step {step}, {figure_name(key)} "
-            f"{knn[key]:.1f} % (the run's last {what} is in {self.export_dir.name}/)."
+            f"The {self.exported_name} of the best k-NN measured during its run: step {step}, {figure_name(key)} "
+            f"{knn[key]:.1f} % (the run's last {self.exported_name} is in {self.export_dir.name}/)."
         )
         title, _, rest = card.text.partition("\n\n")
         card.text = f"{title}\n\n{note}\n\n{rest}"

@@ -90,6 +90,7 @@ class TrainResult:
     skipped_samples: dict = field(default_factory=dict)
     push_report: str | None = None
     stopped_by: str | None = None
+    exported: str = "teacher"  # the network exported and evaluated: "teacher", or a distilled "student"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -424,7 +425,8 @@ def resume(run: Run) -> None:
     elif run.eval_sources is not None and accelerator.is_main_process:
         run.state.knn_start = _knn(run, run.writer.whole_teacher)
         accelerator.print(
-            f"k-NN of the {start_name(args)} teacher at {_knn_size(args)} px: {knn_line(run.state.knn_start)}"
+            f"k-NN of the {start_name(args)} {run.writer.exported_name} at {_knn_size(args)} px: "
+            f"{knn_line(run.state.knn_start)}"
         )
         _judge(run, run.writer.whole_teacher, run.state.knn_start, 0)
     run.nonfinite = NonFiniteTally(run.state.nonfinite_skipped, accelerator.device)
@@ -565,7 +567,7 @@ def train_loop(run: Run, signals: PreemptionSignals) -> str | None:
         total=plan.last_step,
         initial=state.global_step,
         disable=not accelerator.is_local_main_process,
-        desc="DINO",
+        desc="distillation" if run.distillation is not None else "DINO",
         dynamic_ncols=True,
     )
     window = LogWindow()
@@ -758,7 +760,9 @@ def _judge(run: Run, teacher: nn.Module, knn: dict, step: int, stop_if_drops: fl
     verdict = observe(run.state, knn, step, stop_if_drops)
     if verdict.new_best:
         writer.export_best(teacher, step, run.state)
-        run.accelerator.print(f"step {step}: the best k-NN so far; teacher exported to {writer.best_export_dir}")
+        run.accelerator.print(
+            f"step {step}: the best k-NN so far; {writer.exported_name} exported to {writer.best_export_dir}"
+        )
     if verdict.stop is not None:
         run.knn_stop = verdict.stop
         run.accelerator.print(f"step {step}: stopping with a checkpoint and the final export: {verdict.stop}")
@@ -796,7 +800,9 @@ def _final_save(run: Run) -> TrainResult:
             state.knn = _knn(run, final_teacher)
             accelerator.log({f"eval/{key}": value for key, value in state.knn.items()}, step=state.global_step)
             _judge(run, final_teacher, state.knn, state.global_step)
-        accelerator.print(f"k-NN of the trained teacher at {_knn_size(run.args)} px: {knn_line(state.knn)}")
+        accelerator.print(
+            f"k-NN of the trained {writer.exported_name} at {_knn_size(run.args)} px: {knn_line(state.knn)}"
+        )
     final = writer.save(state.global_step, _synced(run), final_state)
     result = TrainResult(
         writer.output_dir,
@@ -811,6 +817,7 @@ def _final_save(run: Run) -> TrainResult:
         best_export_dir=writer.best_export_dir if state.knn_best_step is not None else None,
         knn_stop=run.knn_stop,
         skipped_samples=dict(run.skip_report.counts),
+        exported=writer.exported_name,
     )
     if accelerator.is_main_process:
         writer.export(final_teacher, writer.export_dir, state.global_step, state)
@@ -822,7 +829,7 @@ def _final_save(run: Run) -> TrainResult:
             report = writer.pusher.finish()
             result.push_report = str(report)
             accelerator.print(f"Hub upload: {report}")
-        accelerator.print(f"checkpoint: {final}\nteacher backbone: {writer.export_dir}")
+        accelerator.print(f"checkpoint: {final}\n{writer.exported_name} backbone: {writer.export_dir}")
     accelerator.end_training()
     return result
 
