@@ -85,7 +85,7 @@ def main(argv=None) -> dict:
     print(f"{num_labels} classes; image column {image_column!r}, mask column {mask_column!r}")
 
     def batches(rows, image, mask, flip=False):
-        transform = segmentation_transform(model.image_size, flip)
+        transform = segmentation_transform(model.image_size, flip, model.normalization)
         return SegmentationBatches(rows, image, mask, transform, args.batch_size, args.num_workers)
 
     if args.cache_features:

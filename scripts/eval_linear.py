@@ -89,7 +89,7 @@ def main(argv=None) -> dict:
         train_batches = cached_batches(train_features, train_labels, args.batch_size, seed=args.seed)
         num_labels = args.num_labels or int(max(train_labels.max(), eval_labels.max())) + 1
     else:
-        augment = train_transform(model.image_size)
+        augment = train_transform(model.image_size, model.normalization)
 
         def train_batches(epoch):
             rows = epoch_rows(train_rows, args, epoch)

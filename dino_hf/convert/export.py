@@ -20,6 +20,7 @@ interpolates the position embeddings its own way (docs/recipe.md#position-embedd
 
 import copy
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -28,6 +29,7 @@ from pathlib import Path
 import timm
 import torch
 from huggingface_hub import ModelCard
+from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 from transformers import (
@@ -43,6 +45,7 @@ from ..models.backbones import DinoModelBackbone, TimmBackbone, TransformersBack
 from ..models.configuration_dino import PRESETS, DinoConfig
 from ..models.image_processing_dino import IMAGENET_MEAN, IMAGENET_STD, dino_image_processor
 from ..models.modeling_dino import DinoModel
+from ..models.normalization import IMAGENET, Normalization, normalization_of
 from .timm_weights import DINO_LAYER_NORM_EPS, dino_to_timm_state_dict
 
 # Keys of a timm `pretrained_cfg` that describe the exported weights and their preprocessing; the others
@@ -63,6 +66,8 @@ _TIMM_CFG_KEYS = (
     "classifier",
 )
 
+logger = logging.getLogger(__name__)
+
 
 # ---------------------------------------------------------------------------------------------------
 # A trained backbone, as it is
@@ -74,30 +79,34 @@ def export_backbone(
     """Write `backbone_model` (a `DinoModel`, a timm model, or their `build_backbone` wrappers) to the
     folder `output_dir`, replacing it whole.
 
-    DINO's evaluation transform at `image_size` (resize 256/224 x `image_size` bicubic, centre crop,
-    ImageNet mean and std) goes with the weights. A DinoModel folder holds config.json,
-    model.safetensors, its modeling code and preprocessor_config.json. A timm folder holds
-    model.safetensors and config.json (`architecture`, `num_classes: 0`, `num_features`, `model_args`,
-    and the transform as `pretrained_cfg`, which both timm and transformers' `AutoImageProcessor`
-    read for timm models). README.md is written when `model_card` is given. The folder is written
-    under a temporary name and renamed, so an interrupted export never leaves a half-written folder.
+    The image preprocessing at `image_size` goes with the weights, normalised with the backbone's own mean
+    and std (`normalization_of`: those of the weights it started from, ImageNet's from scratch; what its
+    training crops were normalised with): DINO's evaluation transform (resize 256/224 x `image_size`
+    bicubic, centre crop), or for a transformers model the image processor of the checkpoint it started
+    from, resized (`source_image_processor`). A DinoModel folder holds config.json, model.safetensors,
+    its modeling code and preprocessor_config.json. A timm folder holds model.safetensors and
+    config.json (`architecture`, `num_classes: 0`, `num_features`, `model_args`, and the transform as
+    `pretrained_cfg`, which both timm and transformers' `AutoImageProcessor` read for timm models).
+    README.md is written when `model_card` is given. The folder is written under a temporary name and
+    renamed, so an interrupted export never leaves a half-written folder.
     Returns `output_dir`.
     """
     wrappers = (TimmBackbone, DinoModelBackbone, TransformersBackbone)
     model = backbone_model.model if isinstance(backbone_model, wrappers) else backbone_model
     source = backbone_model.source if isinstance(backbone_model, TransformersBackbone) else None
+    normalization = normalization_of(backbone_model)
     output_dir = Path(output_dir).resolve()
     staging = output_dir.with_name(f".{output_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
         if isinstance(model, DinoModel):
             model.save_pretrained(staging)
-            dino_image_processor(image_size).save_pretrained(staging)
+            dino_image_processor(image_size, normalization.mean, normalization.std).save_pretrained(staging)
         elif isinstance(model, PreTrainedModel):
             model.save_pretrained(staging)
-            source_image_processor(source, image_size).save_pretrained(staging)
+            source_image_processor(source, image_size, normalization).save_pretrained(staging)
         elif is_timm_model(model):
-            _save_timm_folder(model, staging, image_size)
+            _save_timm_folder(model, staging, image_size, normalization)
         else:
             raise TypeError(
                 f"cannot export a {type(model).__name__}: expected a DinoModel, a transformers model or a timm model "
@@ -112,12 +121,15 @@ def export_backbone(
     return output_dir
 
 
-def source_image_processor(source: str | None, image_size: int):
-    """The image processor of the checkpoint a run started from, set to the training crop size; DINO's
-    evaluation transform when the source has none.
+def source_image_processor(source: str | None, image_size: int, normalization: Normalization = IMAGENET):
+    """The image processor of the checkpoint a run started from, set to the training crop size and to
+    `normalization` (what the training crops were normalised with); DINO's evaluation transform with
+    `normalization` when the source has none.
 
-    The resize keeps the source's ratio of resize to crop (256 / 224 for DINOv2's processors), and the
-    mean and std are ImageNet's, which the training crops were normalised with.
+    The processor keeps its class, resampling and ratio of resize to crop (256 / 224 for DINOv2's
+    processors); its sizes are rewritten in the keys its class reads (ConvNeXt's `shortest_edge` with its
+    `crop_pct`, a ViT's `height` and `width`). A processor that does not then turn an image into
+    `image_size` x `image_size` pixels is replaced by DINO's evaluation transform, with a warning.
     """
     processor = None
     if source is not None:
@@ -125,20 +137,60 @@ def source_image_processor(source: str | None, image_size: int):
             processor = AutoImageProcessor.from_pretrained(source)
         except (OSError, ValueError):
             processor = None
-    if processor is None or not hasattr(processor, "crop_size") and not hasattr(processor, "size"):
-        return dino_image_processor(image_size)
-    size = getattr(processor, "size", None) or {}
-    crop = getattr(processor, "crop_size", None) or {}
-    crop_side = crop.get("height") or size.get("shortest_edge") or size.get("height") or image_size
-    resize_side = size.get("shortest_edge") or size.get("height") or crop_side
-    ratio = resize_side / crop_side
-    if getattr(processor, "do_center_crop", False):
-        processor.crop_size = {"height": image_size, "width": image_size}
-        processor.size = {"shortest_edge": round(image_size * ratio)}
-    else:
-        processor.size = {"height": image_size, "width": image_size}
-    processor.image_mean, processor.image_std = list(IMAGENET_MEAN), list(IMAGENET_STD)
+    fallback = dino_image_processor(image_size, normalization.mean, normalization.std)
+    if processor is None:
+        return fallback
+    config = processor.to_dict()
+    config.update(
+        _processor_sizes(config, image_size),
+        do_resize=True,
+        do_rescale=True,
+        do_normalize=True,
+        image_mean=list(normalization.mean),
+        image_std=list(normalization.std),
+    )
+    processor = type(processor).from_dict(config)
+    # A processor class of its own may read its sizes in ways this function does not know: the export
+    # must still load and give the training size in stock transformers.
+    try:
+        size = tuple(processor(_probe_image(image_size), return_tensors="pt")["pixel_values"].shape[-2:])
+    except Exception as error:  # whatever a processor of its own raises, the fallback holds
+        size = f"an error ({type(error).__name__}: {error})"
+    if size != (image_size, image_size):
+        logger.warning(
+            "the image processor of %s (%s) gives %s at the training size %d px instead of %d x %d; the export "
+            "carries DINO's evaluation transform (BitImageProcessor) with the same mean and std instead",
+            source,
+            type(processor).__name__,
+            size,
+            image_size,
+            image_size,
+            image_size,
+        )
+        return fallback
     return processor
+
+
+def _processor_sizes(config: dict, image_size: int) -> dict:
+    """The `size` (and `crop_size`) entries of an image processor's config that make it output
+    `image_size` x `image_size` pixels, in the keys its class reads."""
+    size, crop = config.get("size") or {}, config.get("crop_size") or {}
+    if "crop_pct" in config and size.get("shortest_edge"):
+        # ConvNeXt: resizes the short side to shortest_edge / crop_pct and centre-crops shortest_edge
+        # (from 384 px on, resizes straight to shortest_edge x shortest_edge).
+        return {"size": {"shortest_edge": image_size}}
+    if config.get("do_center_crop") and crop:
+        crop_side = crop.get("height") or image_size
+        resize_side = size.get("shortest_edge") or size.get("height") or crop_side
+        resized = round(image_size * resize_side / crop_side)
+        resize = {"shortest_edge": resized} if size.get("shortest_edge") else {"height": resized, "width": resized}
+        return {"size": resize, "crop_size": {"height": image_size, "width": image_size}}
+    return {"size": {"height": image_size, "width": image_size}}
+
+
+def _probe_image(image_size: int) -> Image.Image:
+    """A landscape image larger than the crop, for checking what a processor outputs."""
+    return Image.new("RGB", (image_size * 3 // 2 + 7, image_size + 5))
 
 
 def loading_snippet(folder: str | Path) -> str:
@@ -156,12 +208,12 @@ def is_timm_model(model: nn.Module) -> bool:
     return isinstance(getattr(model, "pretrained_cfg", None), dict) and hasattr(model, "num_features")
 
 
-def _save_timm_folder(model: nn.Module, folder: Path, image_size: int) -> None:
+def _save_timm_folder(model: nn.Module, folder: Path, image_size: int, normalization: Normalization) -> None:
     """timm's own `save_for_hf` (safetensors), with the config made loadable by transformers too.
 
     `model_args` loses `num_classes` (kept at the top level and in `pretrained_cfg`): transformers'
     `TimmWrapperModel` passes num_classes=0 itself and fails on a duplicate. `pretrained_cfg` is DINO's
-    evaluation transform (bicubic, crop 224/256, ImageNet mean and std), as in `save_as_timm`.
+    evaluation transform (bicubic, crop 224/256, as in `save_as_timm`) with `normalization`'s mean and std.
     """
     if model.num_classes != 0:
         raise ValueError(
@@ -173,8 +225,8 @@ def _save_timm_folder(model: nn.Module, folder: Path, image_size: int) -> None:
         interpolation="bicubic",
         crop_pct=224 / 256,
         crop_mode="center",
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
+        mean=tuple(normalization.mean),
+        std=tuple(normalization.std),
     )
     timm.models.save_for_hf(model, folder, safe_serialization=True, data_config=data_config)
     config_path = folder / "config.json"

@@ -12,7 +12,7 @@ from accelerate import PartialState
 from PIL import Image
 from torchvision import transforms
 
-from ..models.image_processing_dino import IMAGENET_MEAN, IMAGENET_STD
+from ..models.normalization import IMAGENET, Normalization
 from .feature_models import FeatureModel
 
 # The paper's masks keep the patches holding 60 % of the CLS attention mass (Fig. 3).
@@ -65,13 +65,18 @@ def attention_foreground_iou(
     return 100.0 * sum(scores) / len(scores)
 
 
-def model_input(image: Image.Image, image_size: int, patch_size: int) -> torch.Tensor:
+def model_input(
+    image: Image.Image, image_size: int, patch_size: int, normalization: Normalization = IMAGENET
+) -> torch.Tensor:
     """(1, 3, H', W'): the image resized (bicubic) so that its short side is about `image_size` and both
-    sides are multiples of the patch size, normalised with the ImageNet mean and std."""
+    sides are multiples of the patch size, normalised with `normalization` (the model's own,
+    `FeatureModel.normalization`; ImageNet's by default)."""
     width, height = image.size
     scale = image_size / min(width, height)
     resized = tuple(max(patch_size, round(side * scale / patch_size) * patch_size) for side in (width, height))
-    to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    to_tensor = transforms.Compose(
+        [transforms.ToTensor(), transforms.Normalize(normalization.mean, normalization.std)]
+    )
     return to_tensor(image.convert("RGB").resize(resized, Image.BICUBIC)).unsqueeze(0)
 
 
@@ -99,7 +104,8 @@ def save_attention_maps(
     the patch is kept by `attention_masks`), at the image's own size.
 
     The image is resized by `model_input`: its short side about `image_size`, both sides multiples of
-    the patch size (the reference visualises at 480 px); the maps are upsampled back bilinearly, the
+    the patch size (the reference visualises at 480 px), normalised with the model's own mean and std
+    (`model.normalization`); the maps are upsampled back bilinearly, the
     masks by nearest neighbour, and each heat map is scaled to its own min / max as matplotlib does.
     """
     if not model.has_tokens:
@@ -107,7 +113,7 @@ def save_attention_maps(
     device = PartialState().device if device is None else device
     image = image.convert("RGB")
     width, height = image.size
-    pixel_values = model_input(image, image_size, model.patch_size).to(device)
+    pixel_values = model_input(image, image_size, model.patch_size, model.normalization).to(device)
     maps = attention_maps(model.to(device), pixel_values)[0].float()  # (heads, h, w)
     masks = attention_masks(maps, threshold).float()  # (heads, h, w)
     heat = F.interpolate(maps[None], size=(height, width), mode="bilinear", align_corners=False)[0]  # (heads, H, W)

@@ -35,8 +35,13 @@ def add_model_argument(parser, image_size_help: str = "Centre-crop size (resize 
 
 
 def image_size_line(model) -> str:
-    """The line the evaluation scripts print to say at which size they evaluate `model`."""
-    return f"image size: {model.image_size} px ({model.image_size_source})"
+    """The line the evaluation scripts print to say at which size, and with which mean and std, they
+    evaluate `model` (a `FeatureModel` of `load_feature_model`)."""
+    mean, std = (", ".join(f"{value:g}" for value in values) for values in model.normalization)
+    return (
+        f"image size: {model.image_size} px ({model.image_size_source}); "
+        f"normalised with mean ({mean}), std ({std}) ({model.normalization_source})"
+    )
 
 
 def add_dataset_arguments(parser, labelled: bool = True) -> None:

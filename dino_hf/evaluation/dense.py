@@ -26,7 +26,7 @@ from torchvision.transforms import v2
 
 from ..data.decoding import decode_image
 from ..data.segmentation import IGNORE_INDEX, decode_mask
-from ..models.image_processing_dino import IMAGENET_MEAN, IMAGENET_STD
+from ..models.normalization import IMAGENET, Normalization
 from .feature_models import FeatureModel
 from .linear_probe import train_probe_epochs
 
@@ -44,16 +44,17 @@ def require_patch_tokens(model: FeatureModel, what: str = "dense evaluation") ->
         )
 
 
-def segmentation_transform(image_size: int, flip: bool = False) -> Callable:
+def segmentation_transform(image_size: int, flip: bool = False, normalization: Normalization = IMAGENET) -> Callable:
     """`(PIL image, mask (H, W) ints) -> (pixel_values (3, S, S), mask (S, S) int64)`: the short side
     resized to S (image bicubic, mask nearest), centre-cropped to S x S, with `flip` a random horizontal
-    flip of both, then the image scaled to [0, 1] and normalised with the ImageNet mean and std.
+    flip of both, then the image scaled to [0, 1] and normalised with `normalization` (the evaluated
+    model's own, `FeatureModel.normalization`; ImageNet's by default).
 
     Unlike `eval_transform` there is no 256 / 224 margin: the whole short side is segmented."""
     steps = [v2.Resize(image_size, interpolation=v2.InterpolationMode.BICUBIC), v2.CenterCrop(image_size)]
     if flip:
         steps.append(v2.RandomHorizontalFlip())
-    steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(normalization.mean, normalization.std)]
     joint = v2.Compose(steps)  # v2 applies the geometry to the mask too, and the colour steps to the image only
 
     def transform(image, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

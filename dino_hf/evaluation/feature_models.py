@@ -4,7 +4,8 @@
 (ViT, Dinov2, DINOv3, ConvNeXt, Swin, ...), timm's
 pretrained weights or a timm folder, a training checkpoint (its teacher) or a model instance, and
 returns it behind one `FeatureModel` interface (the DINO feature, the last blocks' tokens, the last
-self-attention), with DINO's evaluation transform (`eval_transform`).
+self-attention), with DINO's evaluation transform (`eval_transform`) normalised with the model's own mean and
+std (`model_normalization`).
 """
 
 import abc
@@ -24,8 +25,15 @@ from transformers import PreTrainedModel
 
 from ..convert.conversions import dino_from_vit
 from ..models.backbones import DinoModelBackbone, TimmBackbone, build_backbone
-from ..models.image_processing_dino import IMAGENET_MEAN, IMAGENET_STD
 from ..models.modeling_dino import DinoModel
+from ..models.normalization import (
+    IMAGENET,
+    PROCESSOR_FILE,
+    Normalization,
+    normalization_of,
+    processor_normalization,
+    timm_normalization,
+)
 from ..models.references import TIMM_PREFIX, is_hub_id, is_timm_folder
 from ..models.transformers_backbone import FAMILIES, TransformersBackbone, load_transformers_backbone
 
@@ -38,10 +46,13 @@ class FeatureModel(nn.Module, abc.ABC):
 
     Attributes: `model` (the wrapped network), `num_features`, `has_tokens` (ViTs: `last_blocks` and
     `last_selfattention` work), `patch_size` and `num_prefix_tokens` (CLS and any register tokens);
-    `image_size` and `image_size_source` once `load_feature_model` chose the evaluation crop size.
+    `image_size` and `image_size_source` once `load_feature_model` chose the evaluation crop size;
+    `normalization` (what its inputs are normalised with: ImageNet's unless `load_feature_model` read the
+    model's own) and `normalization_source`.
     """
 
     has_tokens = True
+    normalization, normalization_source = IMAGENET, "ImageNet's, the default"
 
     def _require_tokens(self, what: str) -> None:
         if not self.has_tokens:
@@ -152,7 +163,8 @@ def load_feature_model(
     spec: "str | os.PathLike | nn.Module", image_size: int | None = None
 ) -> tuple[FeatureModel, Callable[[Image.Image], torch.Tensor]]:
     """The backbone named by `spec` in eval mode (frozen when read from disk), with DINO's evaluation
-    transform. A model instance is used as it is: its parameters are left trainable or not.
+    transform normalised with the model's own mean and std (`model_normalization`). A model instance is
+    used as it is: its parameters are left trainable or not.
 
     Args:
         spec: a folder written by `DinoModel.save_pretrained` or its Hub id; a transformers ViT folder
@@ -165,13 +177,16 @@ def load_feature_model(
 
     Returns:
         `(FeatureModel, transform)` where `transform(PIL image) -> (3, S, S)` is `eval_transform`. The
-        feature model's `image_size` is S and its `image_size_source` says where S came from.
+        feature model's `image_size` is S and its `normalization` the mean and std; their `*_source`
+        attributes say where each came from.
     """
     folder = None
     if isinstance(spec, nn.Module):
         model = spec.model if isinstance(spec, (DinoModelBackbone, TimmBackbone)) else spec
+        normalization = model_normalization(spec)
     elif str(spec).startswith(TIMM_PREFIX):
-        model = build_backbone(str(spec), pretrained=True, drop_path_rate=0.0).model.requires_grad_(False)
+        backbone = build_backbone(str(spec), pretrained=True, drop_path_rate=0.0)
+        model, normalization = backbone.model.requires_grad_(False), model_normalization(backbone)
     else:
         folder = _model_folder(spec)
         config = json.loads((folder / "config.json").read_text())
@@ -190,6 +205,7 @@ def load_feature_model(
                 "folders ('architecture')"
             )
         model.requires_grad_(False)  # read from disk: nothing of it is trained here
+        normalization = model_normalization(model, folder)
     if isinstance(model, PreTrainedModel) and model.config.model_type in FAMILIES:
         model = TransformersBackbone(model, FAMILIES[model.config.model_type])
     if isinstance(model, TransformersBackbone):
@@ -203,7 +219,30 @@ def load_feature_model(
     else:
         source = "given"
     feature_model.image_size, feature_model.image_size_source = image_size, source
-    return feature_model, eval_transform(image_size)
+    feature_model.normalization, feature_model.normalization_source = normalization
+    return feature_model, eval_transform(image_size, feature_model.normalization)
+
+
+def model_normalization(model: nn.Module, folder: Path | None = None) -> tuple[Normalization, str]:
+    """The mean and std a model's inputs are normalised with, and where they were read.
+
+    A model read from a folder: for a timm folder its `pretrained_cfg` (what timm and transformers'
+    `TimmWrapperModel` read), for the others its image processor (`preprocessor_config.json`: a
+    transformers checkpoint's own, an export's, which carries its training normalisation). A model
+    instance: what `build_backbone` recorded on it (`dino_hf.models.normalization.normalization_of`). In
+    every case ImageNet's when the model names none.
+    """
+    default = IMAGENET, "ImageNet's: the model names no mean and std"
+    if folder is None:  # an instance, or timm:NAME as build_backbone built it
+        recorded = getattr(model, "image_mean", None) is not None and getattr(model, "image_std", None) is not None
+        return (normalization_of(model), "those of the weights it was built from") if recorded else default
+    if is_timm_folder(folder):
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        return (timm_normalization(model), "timm's pretrained_cfg") if "mean" in cfg and "std" in cfg else default
+    processor_file = folder / PROCESSOR_FILE
+    if processor_file.is_file():
+        return processor_normalization(json.loads(processor_file.read_text()), str(folder)), "its image processor"
+    return default
 
 
 def native_image_size(model: nn.Module, folder: Path | None = None) -> tuple[int, str]:
@@ -220,7 +259,8 @@ def native_image_size(model: nn.Module, folder: Path | None = None) -> tuple[int
             processor = json.loads(processor_file.read_text())
             crop = processor.get("crop_size") if processor.get("do_center_crop", True) else None
             crop = crop or processor.get("size")
-            crop = crop.get("height") if isinstance(crop, dict) else crop
+            # ConvNeXt's processors output shortest_edge x shortest_edge (with their crop_pct), without crop_size.
+            crop = (crop.get("height") or crop.get("shortest_edge")) if isinstance(crop, dict) else crop
             if crop:
                 return int(crop), "the crop size of its image processor"
         training_args = folder.parent / "training_args.json"
@@ -258,15 +298,16 @@ def _model_folder(spec: "str | os.PathLike") -> Path:
     return folder
 
 
-def eval_transform(image_size: int = 224) -> transforms.Compose:
-    """DINO's evaluation transform: resize the short side to 256 (bicubic), centre-crop 224, ImageNet
-    normalisation; other sizes keep the 256 / 224 ratio. PIL image -> (3, S, S)."""
+def eval_transform(image_size: int = 224, normalization: Normalization = IMAGENET) -> transforms.Compose:
+    """DINO's evaluation transform: resize the short side to 256 (bicubic), centre-crop 224, normalise with
+    `normalization` (the evaluated model's own; ImageNet's by default); other sizes keep the 256 / 224
+    ratio. PIL image -> (3, S, S)."""
     return transforms.Compose(
         [
             transforms.Resize(round(image_size * 256 / 224), interpolation=transforms.InterpolationMode.BICUBIC),
             transforms.CenterCrop(image_size),
             transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            transforms.Normalize(normalization.mean, normalization.std),
         ]
     )
 
@@ -278,5 +319,6 @@ __all__ = [
     "TransformersFeatureModel",
     "eval_transform",
     "load_feature_model",
+    "model_normalization",
     "native_image_size",
 ]

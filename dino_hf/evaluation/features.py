@@ -24,6 +24,7 @@ from torch.utils.data import IterableDataset as TorchIterableDataset
 
 from ..data.decoding import decode_image
 from ..data.sources import load_image_stream
+from ..models.normalization import normalization_of
 from .feature_models import eval_transform, load_feature_model
 from .knn import KNN_KS, knn_evaluate
 
@@ -160,10 +161,12 @@ def knn_accuracy(
 ) -> dict[str, float]:
     """`knn_evaluate` of `backbone`'s features on two labelled sources (memory bank, queries), each a
     dict of `load_image_stream` arguments; k = 10, 20, 100, 200 where the bank is large enough.
-    The backbone's train / eval mode is restored afterwards (it is evaluated during training)."""
+    Images are normalised with the backbone's own mean and std (`normalization_of`: those of the weights
+    its run started from, as its training crops). The backbone's train / eval mode is restored afterwards
+    (it is evaluated during training)."""
     was_training = backbone.training
     model, _ = load_feature_model(backbone)
-    transform = eval_transform(image_size)
+    transform = eval_transform(image_size, normalization_of(backbone))
     label_ids: dict = {}
     features = []
     for source in sources:

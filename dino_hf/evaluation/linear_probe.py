@@ -16,18 +16,19 @@ from accelerate import PartialState
 from torch import nn
 from torchvision import transforms
 
-from ..models.image_processing_dino import IMAGENET_MEAN, IMAGENET_STD
+from ..models.normalization import IMAGENET, Normalization
 from .feature_models import FeatureModel
 
 
-def train_transform(image_size: int = 224) -> transforms.Compose:
-    """The linear probe's training augmentation (reference eval_linear.py): RandomResizedCrop + flip."""
+def train_transform(image_size: int = 224, normalization: Normalization = IMAGENET) -> transforms.Compose:
+    """The linear probe's training augmentation (reference eval_linear.py): RandomResizedCrop + flip, then
+    normalised with `normalization` (the evaluated model's own, `FeatureModel.normalization`)."""
     return transforms.Compose(
         [
             transforms.RandomResizedCrop(image_size),
             transforms.RandomHorizontalFlip(),
             transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            transforms.Normalize(normalization.mean, normalization.std),
         ]
     )
 

@@ -99,14 +99,13 @@ def save_pca_maps(
 ) -> list[Path]:
     """Write `pca-<name>.png` for each `(name, image)`: the image, and on its right its PCA map
     (`foreground_pca` over all the images together) upsampled by nearest neighbour to the image's
-    size. Images are fed at a short side of about `image_size` (see `dino_hf.evaluation.attention.model_input`)."""
+    size. Images are fed at a short side of about `image_size`, normalised with the model's own mean and std
+    (see `dino_hf.evaluation.attention.model_input`)."""
     require_patch_tokens(model, "the PCA of patch features")
     device = PartialState().device if device is None else device
     model.to(device).eval()
-    features = [
-        patch_features(model, model_input(image, image_size, model.patch_size).to(device))[0].float().cpu()
-        for _, image in images
-    ]  # per image (D, h, w)
+    inputs = [model_input(image, image_size, model.patch_size, model.normalization) for _, image in images]
+    features = [patch_features(model, pixels.to(device))[0].float().cpu() for pixels in inputs]  # per image (D, h, w)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     written = []
