@@ -22,6 +22,7 @@ import yaml
 from accelerate.utils import LoggerType
 from transformers import HfArgumentParser
 
+from ..command_line import unknown_flags_message
 from ..models.backbones import MASKED_PATCH_MODELS
 from ..models.configuration_dino import PRESETS, DinoConfig
 from ..models.references import TIMM_PREFIX, is_external_timm_name, is_hub_id
@@ -298,13 +299,16 @@ class DinoTrainingArguments:
     )
     learning_rate: float = field(
         default=0.0005,
-        metadata={"help": "Peak learning rate for a total batch of 256 (linear), or of 1024 (sqrt_wrt_1024)."},
+        metadata={
+            "help": "Peak learning rate for a total batch of 256 (linear), of 1024 (sqrt_wrt_1024) or of 1536 "
+            "(sqrt_wrt_1536)."
+        },
     )
-    lr_scaling: Literal["linear", "sqrt_wrt_1024"] = field(
+    lr_scaling: Literal["linear", "sqrt_wrt_1024", "sqrt_wrt_1536"] = field(
         default="linear",
         metadata={
             "help": "How --learning_rate scales with the total batch B: linear (DINO): x B / 256; sqrt_wrt_1024 "
-            "(DINOv2, DINOv3): x sqrt(B / 1024)."
+            "(DINOv2, DINOv3): x sqrt(B / 1024); sqrt_wrt_1536 (LightlyTrain's distillation): x sqrt(B / 1536)."
         },
     )
     min_lr: float = field(default=1e-6, metadata={"help": "Learning rate at the end of the cosine schedule."})
@@ -1049,6 +1053,57 @@ def _refuse_saved_dataset(name: str, split: str) -> None:
     )
 
 
+def refuse_settings_without_effect(args: DinoTrainingArguments, given: set[str]) -> None:
+    """Refuse a setting named on the command line (`given`: the field names there) that the other settings
+    leave without effect; the same setting from a config file is named in the plan line instead
+    (`TrainingPlan.notes`).
+
+    Raises:
+        ValueError: `--warmup_teacher_temp` different from `--teacher_temp` without a temperature warm-up,
+            `--warmup_teacher_temp_epochs` with nothing to warm up, `--head_warmup_steps` with
+            `--init_from_checkpoint` (whose head is trained already).
+    """
+    no_temperature_warmup = args.warmup_teacher_temp_epochs == 0
+    if "warmup_teacher_temp" in given and no_temperature_warmup and args.warmup_teacher_temp != args.teacher_temp:
+        _fail(
+            "warmup_teacher_temp",
+            args.warmup_teacher_temp,
+            f"a starting temperature needs a warm-up: --warmup_teacher_temp_epochs is 0, so the teacher "
+            f"temperature is --teacher_temp {args.teacher_temp} from the first step; set "
+            "--warmup_teacher_temp_epochs (e.g. 30, the paper's) or leave --warmup_teacher_temp out",
+        )
+    if "warmup_teacher_temp_epochs" in given and not no_temperature_warmup:
+        if args.warmup_teacher_temp == args.teacher_temp:
+            _fail(
+                "warmup_teacher_temp_epochs",
+                args.warmup_teacher_temp_epochs,
+                f"a warm-up from --warmup_teacher_temp to --teacher_temp, and both are {args.teacher_temp}; set "
+                "--warmup_teacher_temp to the starting temperature (e.g. 0.04, the paper's) or leave "
+                "--warmup_teacher_temp_epochs out",
+            )
+    if "head_warmup_steps" in given and args.head_warmup_steps and args.init_from_checkpoint:
+        _fail(
+            "head_warmup_steps",
+            args.head_warmup_steps,
+            "a warm-up of a fresh head, and --init_from_checkpoint brings the checkpoint's trained head; leave "
+            "--head_warmup_steps out (or 0)",
+        )
+
+
+def _given_fields(argv: list[str]) -> set[str]:
+    """The field names of the flags in `argv` (`--no_norm_last_layer` names norm_last_layer)."""
+    names = {arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--")}
+    return names | {name.removeprefix("no_") for name in names}
+
+
+class _TrainingArgumentParser(HfArgumentParser):
+    """HfArgumentParser whose errors are `ValueError`s, so that scripts/pretrain.py says them on the first
+    line of its output (argparse prints its usage, dozens of lines here, first)."""
+
+    def error(self, message: str):
+        raise ValueError(f"{message}; see `scripts/pretrain.py --help`")
+
+
 def parse_training_args(argv: list[str] | None = None) -> DinoTrainingArguments:
     """Parse `argv` as the Hugging Face example scripts do; `--config FILE.yaml` sets the defaults.
 
@@ -1058,10 +1113,11 @@ def parse_training_args(argv: list[str] | None = None) -> DinoTrainingArguments:
     images; `--demo` given on the command line together with a data source is an error. A config's
     `eval_steps` and `stop_if_knn_drops` (the k-NN guard) are dropped when no evaluation set is named.
     """
-    pre = argparse.ArgumentParser(add_help=False)
+    # Abbreviations off: argparse would take `--num_train_epoch 3` as --num_train_epochs, `--conf` as --config.
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", default=None)
     known, rest = pre.parse_known_args(argv)
-    parser = HfArgumentParser(DinoTrainingArguments)
+    parser = _TrainingArgumentParser(DinoTrainingArguments, allow_abbrev=False)
     parser.add_argument("--config", default=None, help="YAML file of defaults; command-line flags override it.")
     if known.config:
         defaults = yaml.safe_load(Path(known.config).read_text()) or {}
@@ -1074,7 +1130,7 @@ def parse_training_args(argv: list[str] | None = None) -> DinoTrainingArguments:
         parser.set_defaults(**defaults)
     namespace, unknown = parser.parse_known_args(rest)
     if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        raise ValueError(unknown_flags_message(parser, unknown))
     values = {name: getattr(namespace, name) for name in (f.name for f in dataclasses.fields(DinoTrainingArguments))}
     demo_on_command_line = any(arg == "--demo" or arg.startswith("--demo=") for arg in rest)
     if values["demo"] and not demo_on_command_line and any(values[name] for name in DATA_SOURCE_FIELDS):
@@ -1085,7 +1141,15 @@ def parse_training_args(argv: list[str] | None = None) -> DinoTrainingArguments:
         for name in ("eval_steps", "stop_if_knn_drops"):
             if not any(arg == f"--{name}" or arg.startswith(f"--{name}=") for arg in rest):
                 values[name] = None
-    return DinoTrainingArguments(**values)
+    args = DinoTrainingArguments(**values)
+    refuse_settings_without_effect(args, _given_fields(rest))
+    return args
 
 
-__all__ = ["DinoTrainingArguments", "check_crop_sizes", "parse_training_args", "validate"]
+__all__ = [
+    "DinoTrainingArguments",
+    "check_crop_sizes",
+    "parse_training_args",
+    "refuse_settings_without_effect",
+    "validate",
+]

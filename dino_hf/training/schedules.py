@@ -35,7 +35,7 @@ def cosine_schedule_value(
     return final + 0.5 * (base - final) * (1.0 + math.cos(math.pi * i / n))
 
 
-LR_SCALING_RULES = ("linear", "sqrt_wrt_1024")
+LR_SCALING_RULES = ("linear", "sqrt_wrt_1024", "sqrt_wrt_1536")
 
 
 def scaled_learning_rate(base_lr: float, total_batch: int, rule: str = "linear") -> float:
@@ -43,12 +43,15 @@ def scaled_learning_rate(base_lr: float, total_batch: int, rule: str = "linear")
 
     `linear` is DINO's rule (paper Sec. 4, "Implementation details"): base_lr x batch / 256.
     `sqrt_wrt_1024` is DINOv2's and DINOv3's (`optim.scaling_rule`): base_lr x sqrt(batch / 1024).
+    `sqrt_wrt_1536` is LightlyTrain's distillation's: base_lr x sqrt(batch / 1536).
     `total_batch` is the batch over all processes (per-process batch x world size x accumulation).
     """
     if rule == "linear":
         return base_lr * total_batch / 256.0
     if rule == "sqrt_wrt_1024":
         return base_lr * math.sqrt(total_batch / 1024.0)
+    if rule == "sqrt_wrt_1536":
+        return base_lr * math.sqrt(total_batch / 1536.0)
     raise ValueError(f"unknown learning-rate scaling rule {rule!r}; choose one of {', '.join(LR_SCALING_RULES)}")
 
 

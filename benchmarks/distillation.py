@@ -1,0 +1,154 @@
+"""Distillation benchmark: a frozen "released" ViT distilled into small students on a new domain, images
+only, beside DINO from scratch on the same images and steps. Offline, on the CPU.
+
+1. The released model: a ViT saved as a transformers `Dinov2Model` folder (6 blocks, width 256, patch 8:
+   larger than the students), trained with the labels of one generated set (`--release`, seed 1: other
+   images than the domain's when both are the same kind). It is made once and reused (`--root`).
+2. It is distilled with `configs/distill.yaml` (at the benchmark's budget: 64 px, batch 32, `--max_steps`)
+   on the domain's training images (`--domain`, seed 0) into
+   - a timm ResNet-10-T from scratch (`--backbone timm:resnet10t`),
+   - a DinoModel ViT-Ti/8 with 4 blocks from scratch,
+   and DINO trains the ResNet-10-T from scratch on the same images for the same steps with
+   `configs/small_data.yaml`.
+3. It prints, side by side, the weighted k-NN top-1 (k = 20) on the domain's validation split (memory
+   bank: its training split) and on the release set's, of the released model, each student, and DINO.
+
+    python benchmarks/distillation.py
+    python benchmarks/distillation.py --students resnet --skip_dino --learning_rate 0.005
+
+Flags it does not know go to the distillation runs' training arguments, after their own, so they override
+them (e.g. `--learning_rate`). Run it with `OMP_NUM_THREADS=1` on a shared machine.
+"""
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from continued_pretraining import _cell, knn
+from small_data import IMAGE_SIZE, METRIC, fit_labels, hardware, make_set
+
+from dino_hf.data.demo import default_demo_root
+from dino_hf.models.transformers_backbone import FAMILIES, TransformersBackbone
+from dino_hf.training.arguments import parse_training_args
+from dino_hf.training.trainer import train
+
+REPO = Path(__file__).resolve().parent.parent
+STUDENTS = {
+    "resnet": ("timm ResNet-10-T", ["--backbone", "timm:resnet10t"]),
+    "vit": (
+        "DinoModel ViT-Ti/8, 4 blocks",
+        ["--model_name_or_path", "vit_tiny_patch8", "--config_overrides", "num_hidden_layers=4"],
+    ),
+}
+# The released model's shape and label training.
+RELEASED = dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=4, mlp_ratio=4, patch_size=8)
+# What every run shares: the small sets' crop size and batch, one loader worker, fp32, no checkpoint until the end.
+BUDGET = [
+    "--global_crops_size", str(IMAGE_SIZE),
+    "--per_device_train_batch_size", "32",
+    "--dataloader_num_workers", "1",
+    "--shuffle_buffer_size", "1000",
+    "--checkpointing_steps", "100000",
+    "--mixed_precision", "no",
+    "--logging_steps", "31",
+]  # fmt: skip
+# configs/distill.yaml's schedule is in epochs of a large set; here the warm-up is the first 10 % of the run.
+DISTIL = ["--config", str(REPO / "configs" / "distill.yaml"), "--warmup_epochs", "1.2"]
+
+
+def make_released(release: Path, root: Path, epochs: int) -> Path:
+    """The released ViT trained with the labels of `release` for `epochs`, as a Dinov2Model folder (reused
+    when it exists)."""
+    folder = root / f"dinov2_vit_{release.name}_labels{epochs}"
+    if (folder / "config.json").is_file():
+        return folder
+    torch.manual_seed(0)
+    config = transformers.Dinov2Config(**RELEASED, image_size=IMAGE_SIZE)
+    backbone = TransformersBackbone(transformers.Dinov2Model(config), FAMILIES["dinov2"])
+    fit_labels(backbone, release, epochs=epochs, crop_size=IMAGE_SIZE, crop_scale=(0.4, 1.0), batch_size=32)
+    staging = folder.with_name(f".{folder.name}.{os.getpid()}")
+    backbone.model.save_pretrained(staging)
+    staging.rename(folder)
+    return folder
+
+
+def _data_flags(domain: Path) -> list[str]:
+    return [
+        "--train_dir", str(domain / "train"),
+        "--eval_train_dir", str(domain),
+        "--eval_train_split", "train",
+        "--eval_split", "validation",
+        "--samples_per_epoch", str(sum(1 for _ in (domain / "train").glob("*/*.png"))),
+    ]  # fmt: skip
+
+
+def run(flags: list[str], domain: Path, release: Path, output_dir: Path) -> dict:
+    """One training run: the domain k-NN at the start and the end, the release set's k-NN at the end."""
+    args = parse_training_args(flags + BUDGET + _data_flags(domain) + ["--output_dir", str(output_dir)])
+    began = time.perf_counter()
+    result = train(args)
+    return {
+        "domain start": result.knn_start.get(METRIC),
+        "domain end": result.knn.get(METRIC),
+        "release end": knn(result.export_dir, release),
+        "steps": result.global_step,
+        "minutes": (time.perf_counter() - began) / 60,
+    }
+
+
+COLUMNS = ["domain start", "domain end", "of the released model", "release end"]
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | recipe | " + " | ".join(COLUMNS) + " | steps | minutes |", "|---" * (len(COLUMNS) + 4) + "|"]
+    for row in rows:
+        cells = [row.get(column) for column in COLUMNS] + [row.get("steps"), row.get("minutes")]
+        lines.append(f"| {row['model']} | {row['recipe']} | " + " | ".join(_cell(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--release", default="textures", help="the set the released model learnt with labels")
+    parser.add_argument("--domain", default="textures", help="the set it is distilled on (images only)")
+    parser.add_argument("--students", default="resnet,vit", help=f"comma-separated: {', '.join(STUDENTS)}")
+    parser.add_argument("--max_steps", type=int, default=372, help="steps of each run (DINO's too)")
+    parser.add_argument("--label_epochs", type=int, default=20, help="epochs of the released model's labels")
+    parser.add_argument("--skip_dino", action="store_true", help="leave out DINO from scratch")
+    parser.add_argument("--root", default=os.path.join(default_demo_root(), "small_data"), help="where sets are made")
+    parser.add_argument("--output_dir", default="outputs/distillation", help="one folder per run")
+    args, extra = parser.parse_known_args()
+    steps = ["--max_steps", str(args.max_steps)]
+    print(
+        f"# distillation benchmark: release {args.release} (seed 1), domain {args.domain} (seed 0) {' '.join(extra)}"
+    )
+    print(hardware())
+    began = time.perf_counter()
+    release, domain = make_set(args.release, args.root, seed=1), make_set(args.domain, args.root, seed=0)
+    made = time.perf_counter()
+    released = make_released(release, Path(args.root) / "released", args.label_epochs)
+    frozen = {"domain end": knn(released, domain), "release end": knn(released, release)}
+    print(f"released model {released} ready in {(time.perf_counter() - made) / 60:.1f} min: {frozen}")
+    rows = [{"model": "Dinov2Model ViT (6 x 256)", "recipe": "released (frozen)", **frozen}]
+    for name in [name.strip() for name in args.students.split(",") if name.strip()]:
+        title, student = STUDENTS[name]
+        flags = DISTIL + student + ["--distill_from", str(released)] + steps + extra
+        row = run(flags, domain, release, Path(args.output_dir) / f"distil_{name}")
+        row["of the released model"] = 100 * row["domain end"] / frozen["domain end"]
+        rows.append({"model": title, "recipe": "distilled (distill.yaml)", **row})
+        print(table(rows[-1:]))
+    if not args.skip_dino:
+        flags = ["--config", str(REPO / "configs" / "small_data.yaml")] + steps
+        row = run(flags, domain, release, Path(args.output_dir) / "dino_resnet")
+        row["of the released model"] = 100 * row["domain end"] / frozen["domain end"]
+        rows.append({"model": STUDENTS["resnet"][0], "recipe": "DINO from scratch (small_data.yaml)", **row})
+    print(f"\nk-NN top-1 (%) at k = 20 on the validation splits; {hardware()}")
+    print(f"{(time.perf_counter() - began) / 60:.1f} min in all\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
