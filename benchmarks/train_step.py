@@ -32,6 +32,14 @@ with DINO alone, in three columns with the ratios to DINO alone:
 
     python benchmarks/train_step.py --ibot
 
+With `--distill`, a distillation step (`--distill_from`, `configs/distill.yaml`'s objective: the global
+queue KL and the local patch-similarity KL, no DINO loss) of a ViT-S/16 frozen model into a ResNet-18
+student on one 224 px view, against the DINO multi-crop step of the same student (2 x 224 + 8 x 96), batch
+8 (random weights: the cost of a step does not depend on them); it also prints the frozen model's share
+of the distillation step (its forward alone, timed apart):
+
+    python benchmarks/train_step.py --distill
+
 Per-step overhead (Python, launches, host synchronisation) shows with a tiny model on small crops,
 where the arithmetic is negligible; steps/s is then the figure:
 
@@ -40,6 +48,7 @@ where the arithmetic is negligible; steps/s is then the figure:
 """
 
 import argparse
+import contextlib
 import json
 import resource
 import subprocess
@@ -51,9 +60,12 @@ import torch
 
 from dino_hf.data.masks import BlockMasking
 from dino_hf.models.backbones import build_backbone
+from dino_hf.models.distill_projector import DistillProjector
 from dino_hf.models.heads import DinoHead
 from dino_hf.models.multicrop_wrapper import MultiCropWrapper
+from dino_hf.models.normalization import normalization_of
 from dino_hf.training.anchor import Anchor
+from dino_hf.training.distillation import Distillation, FrozenModel
 from dino_hf.training.ibot import IBotLoss
 from dino_hf.training.loss import DinoLoss
 from dino_hf.training.optimization import build_optimizer, get_param_groups
@@ -64,9 +76,13 @@ from dino_hf.training.teacher import build_teacher
 SCHEDULE = dict(lr=5e-4, weight_decay=0.04, momentum=0.996, teacher_temp=0.04, clip_grad=3.0)
 
 
-def build(args, device, mask_token: bool = False):
+# The --distill comparison: a ViT-S/16 frozen model, a ResNet-18 student.
+DISTILL_FROZEN, DISTILL_STUDENT = "vit_small_patch16", "timm:resnet18"
+
+
+def build(args, device, mask_token: bool = False, model: str | None = None):
     torch.manual_seed(0)
-    backbone = build_backbone(args.model, drop_path_rate=0.1, mask_token=mask_token)
+    backbone = build_backbone(model or args.model, drop_path_rate=0.1, mask_token=mask_token)
     student = MultiCropWrapper(backbone, DinoHead(backbone.num_features, args.out_dim)).to(device)
     teacher = build_teacher(student)
     dino_loss = DinoLoss(args.out_dim, 2 + args.local_crops).to(device)
@@ -120,6 +136,39 @@ def ours(args, device, variant: str = "ours"):
     return step, anchor_bytes
 
 
+def distilled(args, device):
+    """A function doing one distillation step (no DINO loss) of the frozen ViT-S/16 into the ResNet-18 on one
+    view, and one doing the frozen model's forward alone."""
+    torch.manual_seed(0)
+    frozen_backbone = build_backbone(DISTILL_FROZEN, drop_path_rate=0.0)
+    backbone = build_backbone(DISTILL_STUDENT, drop_path_rate=0.0)
+    projector = DistillProjector(backbone.num_features, backbone.model.num_features, frozen_backbone.num_features)
+    student = MultiCropWrapper(backbone, torch.nn.Identity(), distill_projector=projector).to(device)
+    teacher = build_teacher(student)
+    frozen = FrozenModel(frozen_backbone, DISTILL_FROZEN, normalization_of(backbone))
+    distillation = Distillation(frozen, 1024).to(device)
+    generator = torch.Generator(device).manual_seed(0)
+    view = torch.randn(args.batch, 3, args.global_size, args.global_size, device=device, generator=generator)
+    optimizer = build_optimizer("adamw", get_param_groups(student), device=device)
+    accelerator = None
+    if device.type == "cuda":
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(mixed_precision="bf16")
+        student, optimizer = accelerator.prepare(student, optimizer)
+    dino_loss = DinoLoss(1, 2).to(device)  # unused without the DINO loss
+    options = dict(freeze_last_layer=False, accelerator=accelerator, dino_weight=0.0, distillation=distillation)
+
+    def step():
+        return train_step(student, teacher, dino_loss, optimizer, [view], **options, **SCHEDULE)
+
+    def frozen_forward():
+        with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
+            return frozen(view)
+
+    return step, frozen_forward
+
+
 def baseline(args, device):
     """A function doing one step as docs/recipe.md#training-step describes it, with nothing fused or grouped."""
     student, teacher, dino_loss, crops = build(args, device)
@@ -169,8 +218,14 @@ def worker(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    frozen_forward, anchor_bytes = None, 0
     if args.worker == "baseline":
         step, anchor_bytes = baseline(args, device)
+    elif args.worker == "distill":
+        step, frozen_forward = distilled(args, device)
+    elif args.worker == "dino_student":
+        args.model = DISTILL_STUDENT
+        step, anchor_bytes = ours(args, device)
     else:
         step, anchor_bytes = ours(args, device, args.worker)
     cuda = device.type == "cuda"
@@ -193,6 +248,7 @@ def worker(args):
         memory = (torch.cuda.max_memory_allocated() - held) / 2**20
     else:
         memory = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024
+    frozen_seconds = _seconds(frozen_forward, args, cuda) if frozen_forward is not None else 0.0
     print(
         json.dumps(
             {
@@ -200,9 +256,24 @@ def worker(args):
                 "step_seconds": seconds,
                 "memory_mib": memory,
                 "anchor_mib": anchor_bytes / 2**20,
+                "frozen_share": frozen_seconds / seconds,
             }
         )
     )
+
+
+def _seconds(function, args, cuda: bool) -> float:
+    """Seconds of one call of `function`, after `args.warmup` untimed calls, over `args.steps` calls."""
+    for _ in range(args.warmup):
+        function()
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        function()
+    if cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / args.steps
 
 
 def main():
@@ -228,17 +299,25 @@ def main():
         help="compare our step with iBOT, and with iBOT and the Gram loss, to our step with DINO alone",
     )
     parser.add_argument(
+        "--distill",
+        action="store_true",
+        help="compare a distillation step (ViT-S/16 frozen model, ResNet-18 student, one view) to DINO's step of "
+        "the same student",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
         help="torch CPU threads (CPU default 1: on shared cores more threads wait on each other)",
     )
     parser.add_argument(
-        "--worker", choices=["ours", "anchored", "ibot", "ibot_gram", "baseline"], help=argparse.SUPPRESS
+        "--worker",
+        choices=["ours", "anchored", "ibot", "ibot_gram", "baseline", "distill", "dino_student"],
+        help=argparse.SUPPRESS,
     )
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
-    args.batch = args.batch or (128 if cuda else 4)
+    args.batch = args.batch or (8 if args.distill else 128 if cuda else 4)
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
     args.steps = args.steps or (20 if cuda else 1)
     args.repeats = args.repeats or (1 if cuda else 2)
@@ -248,13 +327,15 @@ def main():
 
     hardware = torch.cuda.get_device_name() if cuda else f"CPU, {args.threads} thread(s)"
     precision = "bf16 autocast" if cuda else "fp32"
+    if args.distill:
+        args.model = f"{DISTILL_FROZEN} frozen model into a ResNet-18 (one view) vs DINO's step of the ResNet-18"
     print(
         f"{args.model}, 2 x {args.global_size} + {args.local_crops} x {args.local_size} crops, "
         f"out_dim {args.out_dim}, batch {args.batch}, "
         f"best of {args.repeats} x ({args.warmup} warm-up + {args.steps} timed steps), {hardware}; ours {precision}"
         f"{' + torch.compile' if args.torch_compile else ''}"
         f"{', with and without anchoring' if args.anchor else ''}{', with and without iBOT' if args.ibot else ''}"
-        f"{'' if args.anchor or args.ibot else ', baseline fp32'}"
+        f"{'' if args.anchor or args.ibot or args.distill else ', baseline fp32'}"
     )
     # (variant, column title) of the columns; each ratio is a column's figure over the last column's.
     columns = [("ours", "dino_hf"), ("baseline", "baseline")]
@@ -262,6 +343,8 @@ def main():
         columns = [("anchored", "+ anchor"), ("ours", "dino_hf")]
     if args.ibot:
         columns = [("ibot", "+ iBOT"), ("ibot_gram", "+ iBOT + Gram"), ("ours", "DINO alone")]
+    if args.distill:
+        columns = [("distill", "distillation"), ("dino_student", "DINO")]
     results = {}
     for _ in range(args.repeats):
         for variant, _title in columns:
@@ -283,6 +366,8 @@ def main():
     ]
     if args.anchor:
         rows.append(("anchor weights (MiB)", "anchor_mib", "{:.1f}"))
+    if args.distill:
+        rows.append(("frozen model's share of the step", "frozen_share", "{:.2f}"))
     reference = columns[-1][0]
     titles = "".join(f" {title:>13s}" for _, title in columns)
     ratios = "".join(f" {'ratio ' + str(i + 1):>8s}" for i in range(len(columns) - 1))
