@@ -32,7 +32,8 @@ def write_feature_dataset(
     """Stream `rows` through the model and write `output_dir/data/{split}-NNNNN.parquet` shards, each
     row its original columns plus, for a ViT, `cls_features` (D,), `mean_patch_features` (D,) and, with
     `patch_tokens`, `patch_features` (N, D); for a backbone without tokens (a CNN), `pooled_features`
-    (D,). `datasets.load_dataset(output_dir)` reads the result.
+    (D,). `datasets.load_dataset(output_dir)` reads the result. `transform` makes the model's input:
+    the transform `load_feature_model` returns with `model`, normalised with the model's own mean and std.
 
     Images are written back exactly as they came (the column is read undecoded); rows whose image does
     not decode are left out and counted. Returns `{"rows": written, "skipped": skipped, "shards": n}`.
