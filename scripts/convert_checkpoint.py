@@ -13,13 +13,14 @@ Example:
     python scripts/convert_checkpoint.py --from dino checkpoint.pth --to dino outputs/vits16
 """
 
-import argparse
+import sys
 
+from dino_hf.command_line import ScriptArgumentParser, run_script
 from dino_hf.convert.conversions import convert_checkpoint
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ScriptArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--from", dest="source_format", choices=("vit", "timm", "dino"), required=True, help="format of SRC"
     )
@@ -51,4 +52,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main, "convert_checkpoint.py"))

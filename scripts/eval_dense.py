@@ -19,6 +19,7 @@ import sys
 import torch
 from accelerate import PartialState
 
+from dino_hf.command_line import ScriptArgumentParser, run_script
 from dino_hf.data.segmentation import num_mask_classes
 from dino_hf.evaluation.cli import (
     add_model_argument,
@@ -45,7 +46,7 @@ from dino_hf.evaluation.linear_probe import cached_batches
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ScriptArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_argument(parser, image_size_help="Side S of the square crops (short side resized to S, centre crop).")
     add_segmentation_arguments(parser)
     parser.add_argument("--epochs", type=int, default=10)
@@ -123,8 +124,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as error:  # a setting or an input that cannot be evaluated
-        print(f"eval_dense.py: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_script(main, "eval_dense.py"))

@@ -11,11 +11,13 @@ epoch recomputes the features of RandomResizedCrop + flip images, as the referen
 
 import argparse
 import functools
+import sys
 
 import datasets
 import torch
 from accelerate import PartialState
 
+from dino_hf.command_line import ScriptArgumentParser, run_script
 from dino_hf.evaluation.cli import (
     add_dataset_arguments,
     add_model_argument,
@@ -38,7 +40,7 @@ from dino_hf.evaluation.linear_probe import (
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ScriptArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_argument(parser)
     add_dataset_arguments(parser)
     parser.add_argument(
@@ -121,4 +123,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main, "eval_linear.py"))

@@ -9,21 +9,31 @@ dataset may be larger than memory. Read the result with `datasets.load_dataset(O
 """
 
 import argparse
+import sys
 
-from dino_hf.evaluation.cli import add_dataset_arguments, add_model_argument, image_size_line, load_split
+from dino_hf.command_line import ScriptArgumentParser, run_script
+from dino_hf.evaluation.cli import (
+    add_dataset_arguments,
+    add_model_argument,
+    default_num_workers,
+    image_size_line,
+    load_split,
+)
 from dino_hf.evaluation.feature_export import write_feature_dataset
 from dino_hf.evaluation.feature_models import load_feature_model
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ScriptArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_argument(parser)
     add_dataset_arguments(parser, labelled=False)
     parser.add_argument("--output_dir", required=True, help="Folder of the output dataset.")
     parser.add_argument("--patch_tokens", action="store_true", help="Also write every patch token (N x D per image).")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--rows_per_shard", type=int, default=1000, help="Rows per parquet file.")
-    parser.add_argument("--num_workers", type=int, default=4)
+    parser.add_argument(
+        "--num_workers", type=int, default=default_num_workers(), help="DataLoader processes decoding images."
+    )
     return parser.parse_args(argv)
 
 
@@ -52,4 +62,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main, "extract_features.py"))

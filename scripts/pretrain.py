@@ -27,6 +27,7 @@ from dino_hf.training.arguments import parse_training_args
 from dino_hf.training.checkpoints import CheckpointError
 from dino_hf.training.console import LOG_FILE_NAME, RunConsole, quiet_transformers_progress
 from dino_hf.training.guard import figure_name, guarded_figure
+from dino_hf.training.plan import head_only
 from dino_hf.training.trainer import NonFiniteLossError, train
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -66,11 +67,14 @@ def run(argv: list[str], console: RunConsole) -> int:
             f"{result.checkpoint}. Resume with the same command and --resume_from_checkpoint latest."
         )
         return 0
+    # A run whose backbone stayed frozen (a head warm-up as long as the run) is named for what it gave.
+    trained = "head-only" if head_only(args, result.global_step) else "trained"
     figure = guarded_figure(result.knn)
     if result.knn_start and figure:
         print(
             f"{figure_name(figure)}: {result.start} {result.exported} "
-            f"{result.knn_start.get(figure, float('nan')):.1f}% -> trained {result.exported} {result.knn[figure]:.1f}%"
+            f"{result.knn_start.get(figure, float('nan')):.1f}% -> {trained} {result.exported} "
+            f"{result.knn[figure]:.1f}%"
         )
     if result.knn_stop:
         print(f"Stopped early: {result.knn_stop}.")
@@ -80,7 +84,13 @@ def run(argv: list[str], console: RunConsole) -> int:
             f"The {result.exported} of the best {figure_name(best)}, {result.knn_best[best]:.1f}% at step "
             f"{result.knn_best_step}, is in {result.best_export_dir}."
         )
-    print(f"The trained {result.exported} backbone is in {result.export_dir}. Load it with:")
+    if trained == "head-only":
+        print(
+            f"The backbone was frozen for all {result.global_step} steps (--head_warmup_steps "
+            f"{args.head_warmup_steps}): only the DINO head trained, and the {result.exported} backbone is the one "
+            "the run started from. To train it, set --head_warmup_steps below the run's steps."
+        )
+    print(f"The {trained} {result.exported} backbone is in {result.export_dir}. Load it with:")
     print(f"    {loading_snippet(result.export_dir)}")
     return 0
 

@@ -9,7 +9,9 @@ Writes `attn-head{j}.png` (heat map over the image) and `mask-head{j}.png` (the 
 """
 
 import argparse
+import sys
 
+from dino_hf.command_line import ScriptArgumentParser, run_script
 from dino_hf.data.decoding import decode_image
 from dino_hf.evaluation.attention import MASK_THRESHOLD, save_attention_maps
 from dino_hf.evaluation.cli import add_model_argument, image_size_line
@@ -17,7 +19,7 @@ from dino_hf.evaluation.feature_models import load_feature_model
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ScriptArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_argument(parser, image_size_help="Short side the image is resized to.")
     parser.add_argument("--image", required=True, help="Image file.")
     parser.add_argument("--output_dir", required=True)
@@ -40,4 +42,4 @@ def main(argv=None) -> list:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main, "visualize_attention.py"))

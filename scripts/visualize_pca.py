@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from dino_hf.command_line import ScriptArgumentParser, run_script
 from dino_hf.data.decoding import decode_image
 from dino_hf.data.sources import IMAGE_EXTENSIONS
 from dino_hf.evaluation.cli import add_model_argument, image_size_line
@@ -22,7 +23,7 @@ from dino_hf.evaluation.pca import FOREGROUND_THRESHOLD, save_pca_maps
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ScriptArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_argument(parser, image_size_help="Short side the images are resized to.")
     parser.add_argument("--images", nargs="+", required=True, help="Image files, or folders of them.")
     parser.add_argument("--output_dir", required=True)
@@ -65,8 +66,4 @@ def main(argv=None) -> list:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as error:  # a setting or an input that cannot be shown
-        print(f"visualize_pca.py: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_script(main, "visualize_pca.py"))

@@ -15,6 +15,14 @@ from ..data.sources import load_image_stream
 from .features import find_label_column
 
 
+def default_num_workers() -> int:
+    """DataLoader workers the evaluation scripts start unless told: 4, fewer on a machine with fewer CPU
+    cores than 5, one core left to the main process (torch warns at each loader that has more workers than
+    the cores this process may use)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(4, cores - 1))
+
+
 def add_model_argument(parser, image_size_help: str = "Centre-crop size (resize to size * 256 / 224).") -> None:
     """The `--model` and `--image_size` options of the evaluation scripts (`--model`: anything
     `load_feature_model` reads; `--image_size`: the model's own size when not given)."""
@@ -139,7 +147,7 @@ def add_probe_run_arguments(parser, cache_features_help: str, num_workers_help: 
     """The last options of the probe scripts: `--cache_features`, `--num_workers`, `--seed`,
     `--shuffle_buffer_size` (both read by `epoch_rows`) and `--output_dir` (see `save_probe`)."""
     parser.add_argument("--cache_features", action="store_true", help=cache_features_help)
-    parser.add_argument("--num_workers", type=int, default=4, help=num_workers_help)
+    parser.add_argument("--num_workers", type=int, default=default_num_workers(), help=num_workers_help)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--shuffle_buffer_size", type=int, default=10000, help="Shuffle buffer of a streamed train set."
@@ -167,6 +175,7 @@ __all__ = [
     "add_model_argument",
     "add_probe_run_arguments",
     "add_segmentation_arguments",
+    "default_num_workers",
     "epoch_rows",
     "image_size_line",
     "load_segmentation_split",

@@ -9,10 +9,12 @@ the process). A closed terminal gives EIO the same way. `RunConsole` puts `Conso
 output goes on to the log file alone, so that the run reaches its checkpoint and exits with status 0.
 """
 
+import datetime
 import logging
 import os
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +24,7 @@ import accelerate
 import accelerate.state
 import huggingface_hub.utils
 import transformers
+from tqdm.auto import tqdm
 
 LOG_FILE_NAME = "train.log"
 
@@ -256,6 +259,46 @@ def _point_at_devnull(stream: TextIO) -> None:
         pass
 
 
+class PlainProgress:
+    """The progress of the training loop where the output is no terminal (a pipe, a file): a plain line
+    at each logging step (when the loop sets the postfix) instead of a bar redrawn with carriage returns,
+    which a pipe or a file keeps as one long smear. It takes the calls that the loop makes of a tqdm bar."""
+
+    def __init__(self, total: int, initial: int = 0, disable: bool = False, desc: str = "", file=None, **_):
+        self.total, self.n, self.disable, self.desc = total, initial, disable, desc
+        self.file = file
+        self._start, self._start_n = time.monotonic(), initial
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def set_postfix(self, **_) -> None:
+        if self.disable:
+            return
+        elapsed = time.monotonic() - self._start
+        done = self.n - self._start_n
+        percent = 100 * self.n / max(self.total, 1)
+        line = f"{self.desc}: {self.n}/{self.total} steps ({percent:.0f}%), {_clock(elapsed)} elapsed"
+        if done:
+            line += f", {_clock(elapsed / done * (self.total - self.n))} left"
+        print(line, file=self.file or sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def _clock(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=round(seconds)))
+
+
+def progress_bar(total: int, initial: int = 0, disable: bool = False, desc: str = "", **options):
+    """A tqdm bar where stderr is a terminal (or a notebook shows the bar), else a `PlainProgress`."""
+    in_notebook = any(cls.__module__ == "tqdm.notebook" for cls in tqdm.__mro__)  # tqdm.auto's choice
+    if in_notebook or sys.stderr.isatty():
+        return tqdm(total=total, initial=initial, disable=disable, desc=desc, **options)
+    return PlainProgress(total, initial, disable, desc)
+
+
 def quiet_transformers_progress() -> None:
     """Turn off transformers' own progress bars: "Writing model shards", drawn at every
     `save_pretrained` (each checkpoint's teacher export and the final one, for DinoModel and
@@ -270,8 +313,10 @@ def quiet_transformers_progress() -> None:
 __all__ = [
     "LOG_FILE_NAME",
     "ConsoleStream",
+    "PlainProgress",
     "RunConsole",
     "RunLog",
     "accelerate_main_process",
+    "progress_bar",
     "quiet_transformers_progress",
 ]

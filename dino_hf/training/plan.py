@@ -5,10 +5,16 @@ arguments (`warmup_epochs`, `warmup_teacher_temp_epochs`, `freeze_last_layer`, `
 become step counts here, once, from the number of images an epoch holds and the total batch.
 """
 
+import dataclasses
+import os
 from dataclasses import dataclass
 
+import torch
+from accelerate.utils import parse_flag_from_env
+
 from .anchor import GramSnapshots, gram_weight_at
-from .arguments import DinoTrainingArguments
+from .arguments import DinoTrainingArguments, model_spec
+from .networks import has_trained_weights
 from .schedules import (
     backbone_lr_factor_at,
     learning_rate_at,
@@ -111,5 +117,129 @@ class TrainingPlan:
     def epoch(self, step: int) -> float:
         return step / self.iterations_per_epoch
 
+    def backbone_steps(self) -> int:
+        """Steps of this run in which the backbone trains (the others train the fresh head alone)."""
+        return max(0, self.last_step - self.head_warmup_steps)
 
-__all__ = ["TrainingPlan"]
+    def notes(self) -> list[str]:
+        """Sentences for the plan line: each setting that the others leave without effect, or that makes
+        this run other than its name promises (a backbone that never trains, an lr that never leaves its
+        warm-up), with what to change; and the precision, where the machine changes it."""
+        notes = [*self._backbone_notes(), *self._warmup_notes(), *self._temperature_notes()]
+        precision = precision_note(self.args)
+        return notes + [precision] if precision else notes
+
+    def _backbone_notes(self) -> list[str]:
+        args, steps = self.args, self.last_step
+        if args.head_warmup_steps and not self.head_warmup_steps:
+            return [f"--head_warmup_steps {args.head_warmup_steps} has no effect: {_no_fresh_head(args)}"]
+        if not self.head_warmup_steps:
+            return []
+        trained = self.backbone_steps()
+        if not trained:
+            return [
+                f"the backbone trains 0 of {steps} steps (--head_warmup_steps {self.head_warmup_steps} covers the "
+                f"whole run): only the DINO head trains and the result is a head-only teacher; to train the "
+                f"backbone, set --head_warmup_steps below {steps} (e.g. {max(1, steps // 10)}) or train longer"
+            ]
+        note = f"the backbone trains {trained} of {steps} steps, after {self.head_warmup_steps} of the head alone"
+        if self.head_warmup_steps + self.backbone_warmup_steps > steps:
+            note += (
+                f"; its lr warm-up (--backbone_warmup_steps {self.backbone_warmup_steps}) does not end within the "
+                "run: shorten it or train longer"
+            )
+        return [note]
+
+    def _warmup_notes(self) -> list[str]:
+        args, steps = self.args, self.last_step
+        notes = []
+        if self.lr_warmup_steps and self.lr_warmup_steps >= steps - 1:
+            epochs = round(0.1 * steps / self.iterations_per_epoch, 2)
+            notes.append(
+                f"the lr warm-up (--warmup_epochs {args.warmup_epochs}: {self.lr_warmup_steps} steps) covers the "
+                f"whole run of {steps} steps: the lr rises to the end and never decays; set --warmup_epochs "
+                f"{epochs} (a tenth of the run) or train longer"
+            )
+        if self.freeze_last_layer_steps >= steps:
+            notes.append(
+                f"the head's last layer is frozen for the whole run (--freeze_last_layer {args.freeze_last_layer} "
+                f"epochs: {self.freeze_last_layer_steps} steps of {steps}); lower --freeze_last_layer"
+            )
+        return notes
+
+    def _temperature_notes(self) -> list[str]:
+        args = self.args
+        # The default starting temperature (0.04) is no one's setting: it goes unused whenever a recipe sets
+        # --teacher_temp without a warm-up.
+        default = next(f.default for f in dataclasses.fields(args) if f.name == "warmup_teacher_temp")
+        unused = args.warmup_teacher_temp not in (args.teacher_temp, default)
+        if self.temp_warmup_steps == 0 and unused:
+            return [
+                f"warmup_teacher_temp {args.warmup_teacher_temp} has no effect: the teacher temperature is "
+                f"{args.teacher_temp} from the first step (warmup_teacher_temp_epochs "
+                f"{args.warmup_teacher_temp_epochs} gives no warm-up step); set --warmup_teacher_temp_epochs for a "
+                "warm-up, or leave warmup_teacher_temp out"
+            ]
+        if self.temp_warmup_steps >= self.last_step:
+            return [
+                f"the teacher temperature warm-up ({self.temp_warmup_steps} steps) covers the whole run of "
+                f"{self.last_step} steps: --teacher_temp {args.teacher_temp} is never reached; lower "
+                "--warmup_teacher_temp_epochs"
+            ]
+        return []
+
+
+def _no_fresh_head(args: DinoTrainingArguments) -> str:
+    """Why a run has no fresh head to warm up (`build_student_teacher` gives it only to trained weights)."""
+    if args.init_from_checkpoint:
+        return "--init_from_checkpoint brings the checkpoint's trained head"
+    if not has_trained_weights(args):
+        return f"{model_spec(args)} starts from random weights, the head with it"
+    return f"{model_spec(args)} comes with its trained DINO head"
+
+
+def head_only(args: DinoTrainingArguments, steps: int) -> bool:
+    """Whether a run with `args` that did `steps` steps trained its fresh head alone, the backbone frozen
+    throughout (the plan line said so before the first step). A reference checkpoint file may bring its
+    head, and then has no head warm-up: it is not known here without reading the file, and not claimed."""
+    reference_file = model_spec(args).endswith((".pth", ".pt", ".safetensors"))
+    fresh_head = has_trained_weights(args) and not args.init_from_checkpoint and not reference_file
+    return fresh_head and steps <= args.head_warmup_steps
+
+
+def requested_mixed_precision(args: DinoTrainingArguments) -> str:
+    """`--mixed_precision`, else Accelerate's own setting (`accelerate launch --mixed_precision`, its config)."""
+    return args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): there bf16 autocast is faster than fp32,
+    elsewhere it is emulated and several times slower (benchmarks/cpu_mixed_precision.py)."""
+    capabilities = torch.cpu.get_capabilities()
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+
+
+def run_mixed_precision(args: DinoTrainingArguments) -> str | None:
+    """The mixed precision the run's Accelerator takes: the one asked for (None: Accelerate's own setting),
+    except on a machine without a GPU, where fp16 runs in fp32 (Accelerate has no fp16 on the CPU) and bf16
+    runs in fp32 unless the CPU computes bf16 natively (`cpu_has_bf16`)."""
+    requested = requested_mixed_precision(args)
+    on_cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.accelerator.is_available()
+    if on_cpu and (requested == "fp16" or (requested == "bf16" and not cpu_has_bf16())):
+        return "no"
+    return args.mixed_precision
+
+
+def precision_note(args: DinoTrainingArguments) -> str | None:
+    """The plan line's sentence when the machine changes the precision asked for, else None."""
+    requested = requested_mixed_precision(args)
+    if run_mixed_precision(args) != "no" or requested == "no":
+        return None
+    if requested == "fp16":
+        why = "Accelerate has no fp16 autocast on the CPU"
+    else:
+        why = "this CPU has no bf16 instructions, so bf16 autocast would run several times slower"
+    return f"mixed precision {requested} asked but there is no GPU: the run computes in fp32 ({why})"
+
+
+__all__ = ["TrainingPlan", "cpu_has_bf16", "head_only", "precision_note", "run_mixed_precision"]

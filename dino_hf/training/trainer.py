@@ -20,7 +20,6 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from safetensors.torch import load_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..augment.batch_multicrop import BatchMultiCrop, DecodeAndCap
 from ..augment.multicrop import MultiCropTransform
@@ -36,6 +35,7 @@ from .anchor import SNAPSHOT_STEP, Anchor, build_anchor
 from .arguments import DinoTrainingArguments, dino_on, distilling, model_spec
 from .batches import DeviceBatches, EndlessBatches
 from .collectives import on_any_process
+from .console import progress_bar
 from .distillation import Distillation, FrozenModel, queue_size_for
 from .guard import observe
 from .ibot import IBotLoss, build_ibot_loss, build_masking
@@ -45,7 +45,7 @@ from .loss import DinoLoss
 from .networks import build_frozen_backbone, build_student_teacher, has_trained_weights
 from .optimization import build_optimizer, get_param_groups
 from .output_folder import removed_if_refused
-from .plan import TrainingPlan
+from .plan import TrainingPlan, run_mixed_precision
 from .preemption import PreemptionSignals
 from .run_log import SampleLog, knn_line, log_line
 from .run_sources import dataset_size, describe_source, knn_sources, train_source
@@ -147,7 +147,7 @@ def train(args: DinoTrainingArguments) -> TrainResult:
 def prepare_run(args: DinoTrainingArguments) -> Run:
     """Accelerator, networks, data, step plan, optimiser and devices: a run ready to resume or start."""
     accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
+        mixed_precision=run_mixed_precision(args),
         log_with=None if args.report_to == "none" else args.report_to,
         project_dir=args.output_dir,
     )
@@ -177,6 +177,7 @@ def prepare_run(args: DinoTrainingArguments) -> Run:
     accelerator.print(
         f"plan: {plan.last_step} of {plan.total_steps} steps of {plan.total_batch} images, "
         f"{plan.iterations_per_epoch} per epoch, peak lr {plan.peak_lr:.3g}"
+        + "".join(f"; {note}" for note in plan.notes())
     )
 
     student, teacher, whole_teacher, optimizer = _place_networks(args, accelerator, student, teacher)
@@ -563,7 +564,7 @@ def train_loop(run: Run, signals: PreemptionSignals) -> str | None:
     args, accelerator, plan, state = run.args, run.accelerator, run.plan, run.state
     run.student.train()
     run.teacher.train()
-    progress = tqdm(
+    progress = progress_bar(
         total=plan.last_step,
         initial=state.global_step,
         disable=not accelerator.is_local_main_process,
