@@ -20,7 +20,7 @@ from runs import train_in_process
 from tiny import TINY_VIT
 
 from dino_hf.convert import export
-from dino_hf.convert.export import export_backbone, source_image_processor
+from dino_hf.convert.export import export_backbone, save_as_timm, save_as_vit, source_image_processor
 from dino_hf.models.backbones import build_backbone
 from dino_hf.models.configuration_dino import DinoConfig
 from dino_hf.models.modeling_dino import DinoModel
@@ -148,6 +148,14 @@ def test_a_recorded_normalisation_goes_into_each_kind_of_export(tmp_path):
         else:
             processor = tf.AutoImageProcessor.from_pretrained(folder)
             assert Normalization(tuple(processor.image_mean), tuple(processor.image_std)) == CLIP
+    # The conversions of a DinoModel (its mask token dropped on the way) carry it too.
+    model = set_normalization_(DinoModel(DinoConfig(**TINY_VIT, use_mask_token=True)), CLIP)
+    save_as_vit(model, tmp_path / "vit")
+    processor = tf.AutoImageProcessor.from_pretrained(tmp_path / "vit")
+    assert Normalization(tuple(processor.image_mean), tuple(processor.image_std)) == CLIP
+    save_as_timm(model, tmp_path / "timm_folder")
+    cfg = json.loads((tmp_path / "timm_folder" / "config.json").read_text())["pretrained_cfg"]
+    assert Normalization(tuple(cfg["mean"]), tuple(cfg["std"])) == CLIP
 
 
 def test_a_processor_that_cannot_give_the_training_size_is_replaced_with_a_warning(monkeypatch, caplog):

@@ -43,7 +43,7 @@ from transformers import (
 
 from ..models.backbones import DinoModelBackbone, TimmBackbone, TransformersBackbone
 from ..models.configuration_dino import PRESETS, DinoConfig
-from ..models.image_processing_dino import IMAGENET_MEAN, IMAGENET_STD, dino_image_processor
+from ..models.image_processing_dino import dino_image_processor
 from ..models.modeling_dino import DinoModel
 from ..models.normalization import IMAGENET, Normalization, normalization_of
 from .timm_weights import DINO_LAYER_NORM_EPS, dino_to_timm_state_dict
@@ -257,12 +257,14 @@ def _replace_folder(new: Path, target: Path) -> None:
 def save_as_vit(model: DinoModel, save_directory: str | Path) -> None:
     """Write a transformers ViT folder that `AutoModel` loads without dino_hf: config.json (model_type
     "vit"), model.safetensors in the on-disk names of facebook/dino-* and preprocessor_config.json
-    (DINO's evaluation transform).
+    (DINO's evaluation transform, with the mean and std recorded on `model` by `set_normalization_`,
+    ImageNet's when none is).
 
     The pooler is an identity Linear with a "linear" activation, so `pooler_output` is the DINO feature
     (the CLS token after the final norm). At other image sizes `ViTModel` needs
     `interpolate_pos_encoding=True`, which interpolates slightly differently from DINO.
     """
+    normalization = normalization_of(model)  # before as_plain_vit, whose copy records none
     model = as_plain_vit(model, "vit")
     config = model.config
     ViTConfig(
@@ -284,7 +286,7 @@ def save_as_vit(model: DinoModel, save_directory: str | Path) -> None:
     tensors["pooler.dense.weight"] = torch.eye(config.hidden_size)  # (D, D): the pooler passes the CLS token through
     tensors["pooler.dense.bias"] = torch.zeros(config.hidden_size)
     save_file(tensors, Path(save_directory) / "model.safetensors", metadata={"format": "pt"})
-    dino_image_processor(config.image_size).save_pretrained(save_directory)
+    dino_image_processor(config.image_size, normalization.mean, normalization.std).save_pretrained(save_directory)
 
 
 def to_vit_model(model: DinoModel) -> ViTModel:
@@ -343,14 +345,15 @@ def to_timm_model(model: DinoModel) -> nn.Module:
 
 def save_as_timm(model: DinoModel, save_directory: str | Path) -> None:
     """Write a timm folder: model.safetensors in timm's names and a config.json with `architecture`,
-    `model_args` and `pretrained_cfg` (DINO's evaluation transform: bicubic, crop 224/256, ImageNet
-    mean and std).
+    `model_args` and `pretrained_cfg` (DINO's evaluation transform: bicubic, crop 224/256, with the mean
+    and std recorded on `model` by `set_normalization_`, ImageNet's when none is).
 
     Unlike timm's `save_for_hf`, `model_args` leaves out `num_classes` (kept at the top level and in
     `pretrained_cfg`): transformers' `TimmWrapperModel` passes num_classes=0 itself and fails on a
     duplicate. The folder loads with `timm.create_model("local-dir:PATH", pretrained=True)` and with
     `TimmWrapperModel.from_pretrained(PATH)`.
     """
+    normalization = normalization_of(model)  # before as_plain_vit, whose copy records none
     model = as_plain_vit(model, "timm")
     config = model.config
     save_directory = Path(save_directory)
@@ -371,8 +374,8 @@ def save_as_timm(model: DinoModel, save_directory: str | Path) -> None:
             "interpolation": "bicubic",
             "crop_pct": 224 / 256,
             "crop_mode": "center",
-            "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD),
+            "mean": list(normalization.mean),
+            "std": list(normalization.std),
             "num_classes": 0,
             "pool_size": None,
             "first_conv": "patch_embed.proj",
