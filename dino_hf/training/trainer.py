@@ -354,11 +354,12 @@ def _build_data(
     crop_options = multicrop_options(args)
     # With --augment_on gpu the workers decode and cap the size; the crops are made on the accelerator.
     on_device = args.augment_on == "gpu"
+    if normalization is not None:
+        crop_options.update(mean=normalization.mean, std=normalization.std)
     if on_device:
         transform = DecodeAndCap(args.augment_cap_size)
     else:
-        mean_std = {} if normalization is None else {"mean": normalization.mean, "std": normalization.std}
-        transform = MultiCropTransform(**crop_options, **mean_std, global_crops_number=2 if dino_on(args) else 1)
+        transform = MultiCropTransform(**crop_options, global_crops_number=2 if dino_on(args) else 1)
     loader = build_multicrop_dataloader(
         stream,
         image_column,
