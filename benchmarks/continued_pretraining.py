@@ -181,11 +181,13 @@ def _cell(value) -> str:
 COLUMNS = ["domain start", "domain best", "best step", "domain end", "release start", "release best", "release end"]
 
 
-def table(rows: list[dict]) -> str:
-    lines = ["| start | recipe | " + " | ".join(COLUMNS) + " | steps | minutes |", "|---" * (len(COLUMNS) + 4) + "|"]
+def table(rows: list[dict], columns: list[str] = COLUMNS, first: str = "start") -> str:
+    """A markdown table of `rows`: the `first` column and the recipe, then `columns`, steps and minutes."""
+    head = f"| {first} | recipe | " + " | ".join(columns) + " | steps | minutes |"
+    lines = [head, "|---" * (len(columns) + 4) + "|"]
     for row in rows:
-        cells = [row.get(column) for column in COLUMNS] + [row.get("steps"), row.get("minutes")]
-        lines.append(f"| {row['start']} | {row['recipe']} | " + " | ".join(_cell(c) for c in cells) + " |")
+        cells = [row.get(column) for column in columns] + [row.get("steps"), row.get("minutes")]
+        lines.append(f"| {row[first]} | {row['recipe']} | " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines)
 
 

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 import transformers
-from continued_pretraining import _cell, knn
+from continued_pretraining import _data_flags, knn
+from continued_pretraining import table as continued_table
 from small_data import IMAGE_SIZE, METRIC, fit_labels, hardware, make_set
 
 from dino_hf.data.demo import default_demo_root
@@ -45,9 +46,8 @@ STUDENTS = {
 }
 # The released model's shape and label training.
 RELEASED = dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=4, mlp_ratio=4, patch_size=8)
-# What every run shares: the small sets' crop size and batch, one loader worker, fp32, no checkpoint until the end.
+# What every run shares beside the small sets' crop size: batch 32, one loader worker, fp32, no checkpoint.
 BUDGET = [
-    "--global_crops_size", str(IMAGE_SIZE),
     "--per_device_train_batch_size", "32",
     "--dataloader_num_workers", "1",
     "--shuffle_buffer_size", "1000",
@@ -75,16 +75,6 @@ def make_released(release: Path, root: Path, epochs: int) -> Path:
     return folder
 
 
-def _data_flags(domain: Path) -> list[str]:
-    return [
-        "--train_dir", str(domain / "train"),
-        "--eval_train_dir", str(domain),
-        "--eval_train_split", "train",
-        "--eval_split", "validation",
-        "--samples_per_epoch", str(sum(1 for _ in (domain / "train").glob("*/*.png"))),
-    ]  # fmt: skip
-
-
 def run(flags: list[str], domain: Path, release: Path, output_dir: Path) -> dict:
     """One training run: the domain k-NN at the start and the end, the release set's k-NN at the end."""
     args = parse_training_args(flags + BUDGET + _data_flags(domain) + ["--output_dir", str(output_dir)])
@@ -103,11 +93,7 @@ COLUMNS = ["domain start", "domain end", "of the released model", "release end"]
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | recipe | " + " | ".join(COLUMNS) + " | steps | minutes |", "|---" * (len(COLUMNS) + 4) + "|"]
-    for row in rows:
-        cells = [row.get(column) for column in COLUMNS] + [row.get("steps"), row.get("minutes")]
-        lines.append(f"| {row['model']} | {row['recipe']} | " + " | ".join(_cell(c) for c in cells) + " |")
-    return "\n".join(lines)
+    return continued_table(rows, COLUMNS, first="model")
 
 
 def main():

@@ -234,16 +234,7 @@ def worker(args):
         held = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for _ in range(args.warmup):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / args.steps
+    seconds = _seconds(step, args, cuda)
     if cuda:
         memory = (torch.cuda.max_memory_allocated() - held) / 2**20
     else:

@@ -140,14 +140,7 @@ def build_backbone(
         **kwargs: passed to `timm.create_model`, to `DinoConfig.from_preset` or to
             `DinoModel.from_pretrained`.
     """
-    backbone = _build_backbone(
-        spec,
-        drop_path_rate=drop_path_rate,
-        image_size=image_size,
-        pretrained=pretrained,
-        mask_token=mask_token,
-        **kwargs,
-    )
+    backbone = _build_backbone(spec, drop_path_rate, image_size, pretrained, mask_token, **kwargs)
     return set_normalization_(backbone, _normalization(spec, backbone, pretrained, kwargs))
 
 
@@ -163,14 +156,9 @@ def _normalization(spec, backbone: nn.Module, pretrained: bool, kwargs: dict) ->
 
 
 def _build_backbone(
-    spec: str | DinoConfig | DinoModel,
-    *,
-    drop_path_rate: float = 0.1,
-    image_size: int = 224,
-    pretrained: bool = False,
-    mask_token: bool = False,
-    **kwargs,
-) -> TimmBackbone | DinoModelBackbone:
+    spec, drop_path_rate: float, image_size: int, pretrained: bool, mask_token: bool, **kwargs
+) -> nn.Module:
+    """`build_backbone` before the normalisation is recorded."""
     if isinstance(spec, DinoModel):
         if mask_token:
             spec.enable_mask_token()
