@@ -78,6 +78,7 @@ def render_model_card(
     image_size: int | None = None,
     distilled_from: str | None = None,
     ema_student: bool = False,
+    trained_parameters: str | None = None,
 ) -> ModelCard:
     """The model card of an exported backbone, rendered from `model_cards/backbone.md`.
 
@@ -97,6 +98,8 @@ def render_model_card(
             defaults to the size the model was built for.
         distilled_from: the frozen model a distilled student learnt from (`--distill_from`); None for DINO.
         ema_student: the export is the EMA of the distilled student (`--distill_ema_student`).
+        trained_parameters: which parameters were trained when not all were (a LoRA run: the factors, merged
+            into this export, the unfrozen blocks and the norms).
 
     Sections whose data is unknown (no evaluation, no recipe) are left out, so the card never shows an
     empty field or a placeholder.
@@ -148,6 +151,7 @@ def render_model_card(
         base_model=base_model,
         distilled_from=distilled_from,
         ema_student=ema_student,
+        trained_parameters=trained_parameters,
         **description,
     )
 

@@ -27,6 +27,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn import functional as F
 
 from .arguments import DinoTrainingArguments
+from .lora import remove_adapters_, setup_of, shared_parameters
 
 # The names of the terms in a step's metrics.
 GRAM, COSINE = "gram", "anchor_cos"
@@ -186,7 +187,8 @@ class Anchor(nn.Module):
 
     Args:
         backbone (`nn.Module`): the student's backbone before the first step (a `TimmBackbone`, a
-            `DinoModelBackbone`, or any module with `forward_tokens`); it is copied.
+            `DinoModelBackbone`, or any module with `forward_tokens`); it is copied, but for the frozen base
+            weights of a LoRA backbone (`dino_hf.training.lora`), which the copy shares, without the adapters.
         gram (`bool`): compute the Gram loss (`gram_loss`).
         cosine (`bool`): compute the cosine term (`anchor_cosine_loss`).
         remove_neg (`bool`, defaults to `False`): the Gram loss's `remove_neg`.
@@ -220,7 +222,13 @@ class Anchor(nn.Module):
                 f"the anchor needs a backbone with forward_tokens (patch tokens), got {type(backbone).__name__}; "
                 "build it with dino_hf.models.backbones.build_backbone"
             )
-        self.backbone = copy.deepcopy(backbone)
+        setup = setup_of(backbone)
+        # With LoRA the anchor is the start: the student's frozen base weights themselves (held once), its
+        # adapters removed, and copies of the blocks and norms that train.
+        self.backbone = copy.deepcopy(backbone, memo=shared_parameters(backbone) if setup is not None else {})
+        if setup is not None:
+            remove_adapters_(self.backbone.model, merge=False)
+            del self.backbone.lora_setup
         self.backbone.requires_grad_(False)
         self.gram, self.cosine, self.remove_neg = gram, cosine, remove_neg
         self.resolution_scale = resolution_scale

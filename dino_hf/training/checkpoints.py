@@ -18,7 +18,10 @@ starting backbone or the EMA teacher's last snapshot, with the step it was taken
 `dino_hf.training.anchor`; optional, so checkpoints without it load); with iBOT on, also
 `ibot_loss.safetensors` (the patch center, `dino_hf.training.ibot`; optional likewise); with
 distillation, `distillation.safetensors` (the queue of the global term, and in its metadata the name and
-weight hash of the frozen model, never its weights; `dino_hf.training.distillation`). Weights and
+weight hash of the frozen model, never its weights; `dino_hf.training.distillation`); with LoRA,
+`lora_base.json` (the base's name and weight hash; the weight files then hold no frozen base weight, and
+the checkpoint's exports are the merged `teacher_backbone/` and the peft adapter `teacher_adapter/`;
+`dino_hf.training.lora`). Weights and
 optimiser state are whole (gathered from the shards under FSDP, `dino_hf.training.sharding`), so a
 checkpoint resumes with any number of processes and under FSDP or not. What goes into the files is gathered by
 `dino_hf.training.saving`; the data position by `dino_hf.training.batches.EndlessBatches`.
@@ -57,6 +60,9 @@ ANCHOR_FILE = "gram_teacher.safetensors"
 IBOT_FILE = "ibot_loss.safetensors"
 # Distillation's state, the queue, with the frozen model's name and hash as metadata (distillation runs only).
 DISTILL_FILE = "distillation.safetensors"
+# A LoRA run's base: its name and the sha256 of its frozen weights (`dino_hf.training.lora`), which the
+# checkpoint's weight files leave out.
+LORA_FILE = "lora_base.json"
 # What a failed write raises (a full disk, a read-only folder, a file size limit): OSError from open
 # and write, RuntimeError from torch.save, SafetensorError from safetensors.
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
@@ -171,10 +177,12 @@ def write_shared_state(
     anchor_state: dict | None = None,
     ibot_state: dict | None = None,
     distill_state: tuple[dict, dict] | None = None,
+    lora_base: dict | None = None,
 ) -> None:
     """Write the state that all processes share (called on the main process only); `anchor_state`: the
     anchor's weights, when the run has one; `ibot_state`: the iBOT loss's (its patch center), likewise;
-    `distill_state`: distillation's tensors and the metadata that names its frozen model."""
+    `distill_state`: distillation's tensors and the metadata that names its frozen model; `lora_base`: the
+    name and hash of a LoRA run's base (its weights are then left out of the weight files)."""
     folder.mkdir(parents=True, exist_ok=True)
     save_file(_contiguous(student_state), folder / "student.safetensors")
     save_file(_contiguous(teacher_state), folder / "teacher.safetensors")
@@ -189,6 +197,8 @@ def write_shared_state(
     if distill_state is not None:
         tensors, metadata = distill_state
         save_file(_contiguous(tensors), folder / DISTILL_FILE, metadata=metadata)
+    if lora_base is not None:
+        (folder / LORA_FILE).write_text(json.dumps(lora_base, indent=2, sort_keys=True) + "\n")
     (folder / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2, sort_keys=True) + "\n")
     (folder / "training_args.json").write_text(json.dumps(training_args, indent=2, sort_keys=True) + "\n")
 
@@ -414,6 +424,7 @@ def load_checkpoint(folder: Path, rank: int) -> dict:
         "anchor": load_file(folder / ANCHOR_FILE) if (folder / ANCHOR_FILE).is_file() else None,
         "ibot_loss": load_file(folder / IBOT_FILE) if (folder / IBOT_FILE).is_file() else None,
         "distillation": _tensors_and_metadata(folder / DISTILL_FILE),
+        "lora_base": json.loads((folder / LORA_FILE).read_text()) if (folder / LORA_FILE).is_file() else None,
     }
     if (folder / "scaler.pt").is_file():
         state["scaler"] = torch.load(folder / "scaler.pt", map_location="cpu", weights_only=True)
@@ -428,6 +439,7 @@ __all__ = [
     "ANCHOR_FILE",
     "DISTILL_FILE",
     "IBOT_FILE",
+    "LORA_FILE",
     "CheckpointError",
     "WRITE_ERRORS",
     "check_checkpoint",

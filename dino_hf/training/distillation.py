@@ -54,8 +54,13 @@ def queue_size_for(num_images: int | None) -> int:
 def weights_sha256(module: nn.Module) -> str:
     """A hash of `module`'s weights (names, shapes, dtypes and bytes, in name order): which frozen model a
     checkpoint was trained against, without copying it into the checkpoint."""
+    return tensors_sha256(module.state_dict())
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """The hash of `weights_sha256` over named tensors (a LoRA run's frozen base weights)."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
+    for name, tensor in sorted(tensors.items()):
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -288,5 +293,6 @@ __all__ = [
     "queue_kl",
     "queue_size_for",
     "similarity_kl",
+    "tensors_sha256",
     "weights_sha256",
 ]

@@ -13,7 +13,8 @@ from ..models.heads import DinoHead
 from ..models.multicrop_wrapper import MultiCropWrapper
 from ..models.references import TIMM_PREFIX
 from ..models.transformers_backbone import TransformersBackbone
-from .arguments import DinoTrainingArguments, check_crop_sizes, dino_on, model_spec, preset_overrides
+from .arguments import DinoTrainingArguments, check_crop_sizes, dino_on, lora_on, model_spec, preset_overrides
+from .lora import add_lora_, shared_parameters
 from .teacher import build_teacher
 
 
@@ -31,13 +32,16 @@ def build_student_teacher(
     alone for `head_warmup_steps` before the backbone joins, so that a random head does not wreck
     the features. Presets and timm names start from random weights: no warm-up.
 
+    With `--lora_rank`, the backbone gets LoRA factors (`dino_hf.training.lora.add_lora_`) and the teacher
+    shares its frozen base weights.
+
     With iBOT on (`--ibot_loss_weight`), the backbone has a trained mask token, and with
     `--ibot_separate_head` the student has a second head of the same shape for the patch tokens
     (`MultiCropWrapper.ibot_head`, DINOv3); the teacher copies both.
 
     Raises:
         ValueError: the crop sizes are not multiples of the backbone's patch size; iBOT on a backbone
-            without a mask token (a timm model, a CNN).
+            without a mask token (a timm model, a CNN); LoRA on a backbone that is not a ViT.
     """
     spec = model_spec(args)
     mask_token = args.ibot_loss_weight > 0
@@ -53,6 +57,16 @@ def build_student_teacher(
     )
     pretrained = has_trained_weights(args)
     _check_input_sizes(args, backbone)
+    if lora_on(args):
+        add_lora_(
+            backbone,
+            rank=args.lora_rank,
+            base=args.model_name_or_path,
+            alpha=args.lora_alpha,
+            dropout=args.lora_dropout,
+            target_modules=args.lora_target_modules,
+            unfreeze_last_blocks=args.unfreeze_last_blocks,
+        )
     if not dino_on(args):
         student = MultiCropWrapper(backbone, nn.Identity(), distill_projector=_projector(args, backbone, distill_dim))
         return student, build_teacher(student), False
@@ -61,7 +75,9 @@ def build_student_teacher(
         head.load_state_dict(head_state)
     ibot_head = _head(args, backbone.num_features) if mask_token and args.ibot_separate_head else None
     student = MultiCropWrapper(backbone, head, ibot_head, _projector(args, backbone, distill_dim))
-    return student, build_teacher(student), pretrained and head_state is None
+    # With LoRA the teacher holds the student's frozen base weights themselves (`lora.shared_parameters`).
+    shared = shared_parameters(backbone) if lora_on(args) else None
+    return student, build_teacher(student, shared), pretrained and head_state is None
 
 
 def build_frozen_backbone(args: DinoTrainingArguments) -> nn.Module:

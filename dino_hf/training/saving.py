@@ -21,6 +21,7 @@ from . import checkpoints
 from .arguments import DinoTrainingArguments
 from .collectives import on_every_process
 from .guard import figure_name, guarded_figure
+from .lora import base_pointers, merged_backbone, own_state, save_adapter, setup_of
 from .loss import DinoLoss
 from .networks import has_trained_weights
 from .plan import TrainingPlan
@@ -44,6 +45,10 @@ class CheckpointWriter:
 
     A distillation run exports the student (`student_backbone`, `student_backbone_best`), or with
     `--distill_ema_student` its EMA, which the teacher network holds; a DINO run exports the teacher.
+
+    A LoRA run (`dino_hf.training.lora`) writes no frozen base weight into its checkpoints, only the name and
+    hash of the base; it exports the teacher with its adapters merged (`teacher_backbone`) and as a peft
+    adapter (`teacher_adapter`, pushed to the repository `<hub_model_id>-adapter` with `--push_adapter`).
     """
 
     def __init__(
@@ -78,6 +83,12 @@ class CheckpointWriter:
         # The network of the best k-NN measured so far (`dino_hf.training.guard`), beside the last one.
         self.best_export_dir = self.output_dir / f"{export_name}_best"
         self.last: Path | None = None
+        self.lora = setup_of(accelerator.unwrap_model(student))
+        self.adapter_pusher = None
+        if pusher is not None and args.push_adapter:
+            self.adapter_pusher = HubPusher(
+                f"{args.hub_model_id}-adapter", token=args.hub_token, private=args.hub_private_repo
+            )
 
     def gathered_teacher(self, weights: dict | None = None) -> nn.Module:
         """The teacher as one module on the main process (a collective under FSDP, where the gathered
@@ -127,9 +138,10 @@ class CheckpointWriter:
                 scaler_state=accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                 trainer_state=state.to_dict(),
                 training_args=self.args.to_dict(),
-                anchor_state=self.anchor.state_dict() if self.anchor is not None else None,
+                anchor_state=self._anchor_state(),
                 ibot_state=self.ibot_loss.state_dict() if self.ibot_loss is not None else None,
                 distill_state=self._distill_state(),
+                lora_base=self.lora.metadata() if self.lora is not None else None,
             )
             checkpoints.finalize(staging, self.checkpoints_dir, step, self.args.checkpoints_total_limit)
 
@@ -150,7 +162,7 @@ class CheckpointWriter:
                 "--resume_from_checkpoint latest"
             ) from error
         if self.pusher is not None:
-            self.pusher.push(final / self.export_dir.name, f"Training step {step}")
+            self.push(final, f"Training step {step}")
         self.last = final
         return final
 
@@ -167,38 +179,64 @@ class CheckpointWriter:
         if not (self.accelerator.is_fsdp2 or self.accelerator.is_main_process):
             return {}
         student = self.accelerator.unwrap_model(self.student)
+        if self.lora is not None:  # never sharded (FSDP is refused with LoRA): the tensors that are not the base
+            base = base_pointers(student.backbone)
+            return {
+                "student": own_state(student, base),
+                "teacher": own_state(self.teacher, base),
+                "optimizer": whole_optimizer_state_dict(student, self.optimizer),
+            }
         return {
             "student": whole_state_dict(student),
             "teacher": whole_state_dict(self.teacher) if teacher_state is None else teacher_state,
             "optimizer": whole_optimizer_state_dict(student, self.optimizer),
         }
 
+    def _anchor_state(self) -> dict | None:
+        """The anchor's weights; with LoRA, those that are not the base it shares with the student."""
+        if self.anchor is None:
+            return None
+        if self.lora is None:
+            return self.anchor.state_dict()
+        return own_state(self.anchor, base_pointers(self.accelerator.unwrap_model(self.student).backbone))
+
+    def push(self, checkpoint: Path, message: str) -> None:
+        """Queue the upload of `checkpoint`'s export (and of its adapter with `--push_adapter`)."""
+        self.pusher.push(checkpoint / self.export_dir.name, message)
+        if self.adapter_pusher is not None:
+            self.adapter_pusher.push(checkpoint / adapter_name(self.export_dir.name), message)
+
     def export(self, teacher: nn.Module, folder: Path, step: int, state: RunState) -> None:
         """The backbone of `teacher` (the exported network, `exported`) as a model folder with its model card
         (main process)."""
-        export_backbone(
-            teacher.backbone,
-            folder,
-            image_size=self.args.global_crops_size,
-            model_card=self._model_card(teacher, step, state),
-        )
+        self._export(teacher, folder, step, state)
 
     def export_best(self, teacher: nn.Module, step: int, state: RunState) -> None:
         """`teacher`, of the best k-NN measured so far (`state.knn_best`, at `step`), to `best_export_dir`;
         its model card gives those figures and says which teacher it is (main process)."""
         knn = state.knn_best
-        card = self._model_card(teacher, step, dataclasses.replace(state, knn=knn))
         key = guarded_figure(knn)
         note = (
             f"The {self.exported_name} of the best k-NN measured during its run: step {step}, {figure_name(key)} "
             f"{knn[key]:.1f} % (the run's last {self.exported_name} is in {self.export_dir.name}/)."
         )
-        title, _, rest = card.text.partition("\n\n")
-        card.text = f"{title}\n\n{note}\n\n{rest}"
-        size = self.args.global_crops_size
-        export_backbone(teacher.backbone, self.best_export_dir, image_size=size, model_card=card)
+        self._export(teacher, self.best_export_dir, step, dataclasses.replace(state, knn=knn), note)
 
-    def _model_card(self, teacher: nn.Module, step: int, state: RunState):
+    def _export(self, teacher: nn.Module, folder: Path, step: int, state: RunState, note: str = "") -> None:
+        """`teacher`'s backbone to `folder` with its model card (`note` after the title); a LoRA teacher's with
+        its adapters merged, and its peft adapter beside it (`adapter_name`)."""
+        backbone, trained = teacher.backbone, None
+        if self.lora is not None:
+            save_adapter(backbone, self.lora, folder.with_name(adapter_name(folder.name)))
+            trained = self.lora.describe(backbone.model)
+            backbone = merged_backbone(backbone)
+        card = self._model_card(backbone, step, state, trained)
+        if note:
+            title, _, rest = card.text.partition("\n\n")
+            card.text = f"{title}\n\n{note}\n\n{rest}"
+        export_backbone(backbone, folder, image_size=self.args.global_crops_size, model_card=card)
+
+    def _model_card(self, backbone: nn.Module, step: int, state: RunState, trained: str | None = None):
         args = self.args
         dataset = DEMO_DATASET if args.demo else (args.eval_dataset_name or args.eval_train_dir or "")
         figures = [
@@ -208,7 +246,7 @@ class CheckpointWriter:
         ]
         datasets = [args.dataset_name or args.train_dir or ", ".join(args.data_files or []) or DEMO_DATASET]
         return render_model_card(
-            teacher.backbone,
+            backbone,
             args.hub_model_id or self.output_dir.name,
             training_args=args.to_dict(),
             datasets=datasets,
@@ -219,6 +257,7 @@ class CheckpointWriter:
             base_model=self._base_model(),
             distilled_from=args.distill_from,
             ema_student=args.distill_ema_student,
+            trained_parameters=trained,
         )
 
     def _base_model(self) -> str | None:
@@ -228,4 +267,9 @@ class CheckpointWriter:
         return spec if self.distillation is not None and has_trained_weights(self.args) else None
 
 
-__all__ = ["CheckpointWriter"]
+def adapter_name(export_name: str) -> str:
+    """The folder of a LoRA run's peft adapter beside its export: `teacher_adapter` beside `teacher_backbone`."""
+    return export_name.replace("backbone", "adapter")
+
+
+__all__ = ["CheckpointWriter", "adapter_name"]

@@ -15,8 +15,11 @@ from ..models.multicrop_wrapper import MultiCropWrapper
 from .sharding import local_tensors
 
 
-def build_teacher(student: MultiCropWrapper) -> MultiCropWrapper:
+def build_teacher(student: MultiCropWrapper, shared: dict[int, nn.Parameter] | None = None) -> MultiCropWrapper:
     """The teacher: a copy of the student with gradients off.
+
+    `shared` (`id(parameter)` -> parameter, `lora.shared_parameters`): the student's frozen parameters that
+    the teacher holds themselves rather than copies (a LoRA run's base weights, held once).
 
     As in the reference, the teacher's head has `norm_last_layer=True` semantics (its
     `last_layer.weight_g` is not trained; it only follows the student's through the EMA), and its
@@ -24,7 +27,7 @@ def build_teacher(student: MultiCropWrapper) -> MultiCropWrapper:
     The teacher stays in the student's train/eval mode: with BatchNorm, it normalises with the
     statistics of its own batch, as the reference's.
     """
-    teacher = copy.deepcopy(student)
+    teacher = copy.deepcopy(student, memo=dict(shared or {}))
     for module in teacher.modules():
         if isinstance(getattr(module, "drop_prob", None), float):
             module.drop_prob = 0.0
@@ -39,7 +42,9 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float | torch.
     """theta_t <- m * theta_t + (1 - m) * theta_s for every parameter, in place.
 
     Parameters are paired in `parameters()` order (trainable and frozen alike, as the reference);
-    buffers (BatchNorm statistics, the loss center) are not averaged. Uses fused multi-tensor ops.
+    buffers (BatchNorm statistics, the loss center) are not averaged. Uses fused multi-tensor ops. A pair
+    that is one and the same parameter (a LoRA run's frozen base, `build_teacher(..., shared)`) is skipped:
+    m * p + (1 - m) * p need not give p back bit for bit.
     Under FSDP (`sharding.shard_like`) each process averages its own shards.
 
     Args:
@@ -49,13 +54,15 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float | torch.
             (`teacher_momentum_at`), in [0, 1]; 1 leaves the teacher unchanged. A tensor is used as
             it is, without reading it back (`train_step` sets it to 1 on a skipped step).
     """
-    teacher_params = local_tensors(list(teacher.parameters()))
-    student_params = local_tensors([p.detach() for p in student.parameters()])
+    teacher_params, student_params = list(teacher.parameters()), list(student.parameters())
     if len(teacher_params) != len(student_params):
         raise ValueError(
             f"teacher has {len(teacher_params)} parameters and student {len(student_params)}; build the "
             "teacher with build_teacher(student) and pass the unwrapped student (accelerator.unwrap_model)"
         )
+    pairs = [(t, s) for t, s in zip(teacher_params, student_params) if t is not s]
+    teacher_params = local_tensors([t for t, _ in pairs])
+    student_params = local_tensors([s.detach() for _, s in pairs])
     torch._foreach_mul_(teacher_params, momentum)
     if isinstance(momentum, torch.Tensor):
         torch._foreach_add_(teacher_params, torch._foreach_mul(student_params, 1.0 - momentum))

@@ -41,6 +41,7 @@ from .guard import observe
 from .ibot import IBotLoss, build_ibot_loss, build_masking
 from .init_checkpoint import init_checkpoint_folder, load_start
 from .layer_decay import freeze_blocks_
+from .lora import base_pointers, check_base, load_own_state, setup_of
 from .loss import DinoLoss
 from .networks import build_frozen_backbone, build_student_teacher, has_trained_weights
 from .optimization import build_optimizer, get_param_groups
@@ -232,6 +233,12 @@ def prepare_run(args: DinoTrainingArguments) -> Run:
 def _networks_line(args: DinoTrainingArguments, student: nn.Module, frozen_backbone: nn.Module | None) -> str:
     """What the run trains, in one line."""
     name = type(student.backbone.model).__name__
+    lora = setup_of(student)
+    if lora is not None:
+        return (
+            f"networks: {name} student and teacher sharing the frozen {args.model_name_or_path}, head of "
+            f"{args.out_dim} prototypes; {lora.describe(student.backbone.model)}"
+        )
     if frozen_backbone is None:
         return f"networks: {name} student and teacher, head of {args.out_dim} prototypes"
     frozen = f"{type(frozen_backbone.model).__name__} ({args.distill_from}, {frozen_backbone.num_features} wide)"
@@ -396,6 +403,11 @@ def _place_networks(args: DinoTrainingArguments, accelerator: Accelerator, stude
     freeze_blocks_(student, args.freeze_blocks)  # requires_grad off before the optimiser and DDP see them
     groups = get_param_groups(student, layer_decay=args.layer_decay, patch_embed_lr_mult=args.patch_embed_lr_mult)
     optimizer = build_optimizer(args.optimizer, groups, device=accelerator.device)
+    if accelerator.distributed_type == DistributedType.FSDP and setup_of(student) is not None:
+        raise ValueError(
+            "--lora_rank runs under DDP or in one process, not under FSDP: sharding the teacher would copy the "
+            "frozen weights it shares with the student; launch without --use_fsdp"
+        )
     if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
         raise ValueError(
             "FSDP version 1 is not supported: the teacher follows the student shard by shard with FSDP2; "
@@ -438,8 +450,15 @@ def _load_checkpoint(run: Run, folder: Path) -> None:
     accelerator = run.accelerator
     saved = checkpoints.load_checkpoint(folder, accelerator.process_index)
     student = accelerator.unwrap_model(run.student)
-    load_whole_state_dict(student, saved["student"])
-    load_whole_state_dict(run.teacher, saved["teacher"])
+    lora = setup_of(student)
+    check_base(saved["lora_base"], lora, folder)
+    if lora is not None:  # the checkpoint holds what is not the base, which this run has built already
+        base = base_pointers(student.backbone)
+        load_own_state(student, saved["student"], base, "student")
+        load_own_state(run.teacher, saved["teacher"], base, "teacher")
+    else:
+        load_whole_state_dict(student, saved["student"])
+        load_whole_state_dict(run.teacher, saved["teacher"])
     run.dino_loss.load_state_dict(saved["dino_loss"])
     if run.ibot_loss is not None:
         _load_ibot_loss(run.ibot_loss, saved["ibot_loss"], folder)
@@ -448,7 +467,8 @@ def _load_checkpoint(run: Run, folder: Path) -> None:
     if run.anchor is not None:
         step = saved["trainer_state"]["global_step"]
         snapshots = run.plan.gram_snapshots
-        _load_anchor(run.anchor, saved["anchor"], folder, step, snapshots.held(step) if snapshots is not None else 0)
+        expected = snapshots.held(step) if snapshots is not None else 0
+        _load_anchor(run.anchor, saved["anchor"], folder, step, expected, base if lora is not None else None)
     load_whole_optimizer_state_dict(student, run.optimizer, saved["optimizer"])
     if saved["scaler"] is not None and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(saved["scaler"])
@@ -470,11 +490,14 @@ def _load_checkpoint(run: Run, folder: Path) -> None:
     run.writer.last = folder
 
 
-def _load_anchor(anchor: Anchor, weights: dict | None, folder: Path, step: int, expected: int | None) -> None:
+def _load_anchor(
+    anchor: Anchor, weights: dict | None, folder: Path, step: int, expected: int | None, base: set[int] | None = None
+) -> None:
     """The anchor of the checkpoint's run (the start, or the EMA Gram teacher's last snapshot), so that a
     resumed run anchors to the same weights even if the source has changed since; a checkpoint of a run
     without anchoring has none. `expected`: the step its weights must have been taken at after `step`
-    steps by this run's Gram settings (0: the start; None: no EMA snapshot yet).
+    steps by this run's Gram settings (0: the start; None: no EMA snapshot yet). `base`: the storage of a LoRA
+    run's frozen base (`lora.base_pointers`), which the anchor shares and the checkpoint leaves out.
 
     Raises:
         ValueError: the saved Gram teacher was taken at another step than this run's settings say (the
@@ -497,7 +520,10 @@ def _load_anchor(anchor: Anchor, weights: dict | None, folder: Path, step: int, 
         return
     if SNAPSHOT_STEP not in weights:  # written before the step was saved, when the start was the only anchor
         weights = {**weights, SNAPSHOT_STEP: torch.tensor(0)}
-    anchor.load_state_dict(weights)
+    if base is None:
+        anchor.load_state_dict(weights)
+    else:
+        load_own_state(anchor, weights, base, "anchor")
     saved, wanted = ("none" if at is None else f"step {at}" for at in (anchor.taken_at(), expected))
     if saved != wanted:
         raise ValueError(
@@ -827,8 +853,10 @@ def _final_save(run: Run) -> TrainResult:
         if state.nonfinite_skipped:
             accelerator.print(f"steps skipped on a non-finite loss: {state.nonfinite_skipped}")
         if writer.pusher is not None:
-            writer.pusher.push(writer.export_dir, f"End of training, step {state.global_step}")
+            writer.push(writer.output_dir, f"End of training, step {state.global_step}")
             report = writer.pusher.finish()
+            if writer.adapter_pusher is not None:
+                accelerator.print(f"Hub upload of the adapter: {writer.adapter_pusher.finish()}")
             result.push_report = str(report)
             accelerator.print(f"Hub upload: {report}")
         accelerator.print(f"checkpoint: {final}\n{writer.exported_name} backbone: {writer.export_dir}")
