@@ -51,8 +51,9 @@ def test_the_peak_lr_follows_the_recipes_rule(frozen, tmp_path, batch):
 @pytest.mark.parametrize("student", list(benchmark.STUDENTS))
 def test_the_benchmark_runs_the_recipe_at_its_budget(frozen, tmp_path, student):
     domain = tmp_path / "domain"
-    (domain / "train" / "a").mkdir(parents=True)
-    (domain / "train" / "a" / "0.png").touch()  # the benchmark counts the images for samples_per_epoch
+    for split in ("train", "validation"):
+        (domain / split / "a").mkdir(parents=True)
+        (domain / split / "a" / "0.png").touch()  # the benchmark counts the images for samples_per_epoch
     flags = benchmark.DISTIL + benchmark.STUDENTS[student][1] + ["--distill_from", str(frozen), "--max_steps", "372"]
     args = parse_training_args(flags + benchmark.BUDGET + benchmark._data_flags(domain))
     assert args.distill_from == str(frozen) and args.dino_loss_weight == 0
