@@ -40,6 +40,17 @@ of the distillation step (its forward alone, timed apart):
 
     python benchmarks/train_step.py --distill
 
+With `--lora`, a continued-pretraining step with the Gram anchor to the start (weight 1) trained through
+LoRA (`--lora_rank 64 --unfreeze_last_blocks 1`, ExPLoRA's recipe, `configs/continue_pretraining_lora.yaml`:
+student, teacher and anchor share the frozen base weights) against the same step training the whole backbone
+(student, teacher, anchor and AdamW's moments each a copy of the weights), for ViT-B/16 and ViT-L/16 (DinoModel
+presets; random weights: the cost of a step does not depend on them). Its memory row is the whole run's: the
+peak GPU memory from before the networks are built (CPU: the rise of the peak RSS over the process's before
+them), and it prints the trainable parameters of the backbone:
+
+    python benchmarks/train_step.py --lora --steps 1 --repeats 1            # CPU: ViT-B/16 and ViT-L/16
+    python benchmarks/train_step.py --lora --models vit_base_patch16        # one of them
+
 Per-step overhead (Python, launches, host synchronisation) shows with a tiny model on small crops,
 where the arithmetic is negligible; steps/s is then the figure:
 
@@ -67,6 +78,7 @@ from dino_hf.models.normalization import normalization_of
 from dino_hf.training.anchor import Anchor
 from dino_hf.training.distillation import Distillation, FrozenModel
 from dino_hf.training.ibot import IBotLoss
+from dino_hf.training.lora import add_lora_, shared_parameters
 from dino_hf.training.loss import DinoLoss
 from dino_hf.training.optimization import build_optimizer, get_param_groups
 from dino_hf.training.speed import apply_speed_options
@@ -76,6 +88,8 @@ from dino_hf.training.teacher import build_teacher
 SCHEDULE = dict(lr=5e-4, weight_decay=0.04, momentum=0.996, teacher_temp=0.04, clip_grad=3.0)
 
 
+# The --lora comparison: ExPLoRA's rank and unfrozen block (configs/continue_pretraining_lora.yaml).
+LORA_RANK, LORA_UNFROZEN = 64, 1
 # The --distill comparison: a ViT-S/16 frozen model, a ResNet-18 student.
 DISTILL_FROZEN, DISTILL_STUDENT = "vit_small_patch16", "timm:resnet18"
 
@@ -134,6 +148,36 @@ def ours(args, device, variant: str = "ours"):
     if "anchor" in anchoring:
         anchor_bytes = sum(t.numel() * t.element_size() for t in anchoring["anchor"].state_dict().values())
     return step, anchor_bytes
+
+
+def continued(args, device, lora: bool):
+    """A function doing one continued-pretraining step with the Gram anchor to the start (weight 1): through
+    LoRA with the frozen base held once (`lora`), or training the whole backbone. Also returns the trainable
+    parameters of the backbone."""
+    torch.manual_seed(0)
+    backbone = build_backbone(args.model, drop_path_rate=0.1)
+    if lora:
+        add_lora_(backbone, rank=LORA_RANK, base=args.model, unfreeze_last_blocks=LORA_UNFROZEN)
+    student = MultiCropWrapper(backbone, DinoHead(backbone.num_features, args.out_dim)).to(device)
+    teacher = build_teacher(student, shared_parameters(backbone) if lora else None)
+    anchor = Anchor(student.backbone, gram=True, cosine=False).to(device)
+    dino_loss = DinoLoss(args.out_dim, 2 + args.local_crops).to(device)
+    generator = torch.Generator(device).manual_seed(0)
+    sizes = [args.global_size] * 2 + [args.local_size] * args.local_crops
+    crops = [torch.randn(args.batch, 3, size, size, device=device, generator=generator) for size in sizes]
+    optimizer = build_optimizer("adamw", get_param_groups(student), device=device)
+    accelerator = None
+    if device.type == "cuda":
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(mixed_precision="bf16")
+        student, optimizer = accelerator.prepare(student, optimizer)
+
+    def step():
+        options = dict(freeze_last_layer=False, accelerator=accelerator, anchor=anchor, gram_weight=1.0, **SCHEDULE)
+        return train_step(student, teacher, dino_loss, optimizer, crops, **options)
+
+    return step, sum(p.numel() for p in backbone.parameters() if p.requires_grad)
 
 
 def distilled(args, device):
@@ -218,8 +262,13 @@ def worker(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    frozen_forward, anchor_bytes = None, 0
-    if args.worker == "baseline":
+    frozen_forward, anchor_bytes, trainable = None, 0, 0
+    rss_at_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    if args.worker in ("lora", "full"):
+        step, trainable = continued(args, device, lora=args.worker == "lora")
+    elif args.worker == "baseline":
         step, anchor_bytes = baseline(args, device)
     elif args.worker == "distill":
         step, frozen_forward = distilled(args, device)
@@ -237,8 +286,10 @@ def worker(args):
     seconds = _seconds(step, args, cuda)
     if cuda:
         memory = (torch.cuda.max_memory_allocated() - held) / 2**20
+        total = torch.cuda.max_memory_allocated() / 2**20
     else:
         memory = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024
+        total = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_at_start) / 1024
     frozen_seconds = _seconds(frozen_forward, args, cuda) if frozen_forward is not None else 0.0
     print(
         json.dumps(
@@ -248,6 +299,8 @@ def worker(args):
                 "memory_mib": memory,
                 "anchor_mib": anchor_bytes / 2**20,
                 "frozen_share": frozen_seconds / seconds,
+                "total_mib": total,
+                "trainable_millions": trainable / 1e6,
             }
         )
     )
@@ -296,6 +349,18 @@ def main():
         "the same student",
     )
     parser.add_argument(
+        "--lora",
+        action="store_true",
+        help="compare a continued-pretraining step with the Gram anchor through LoRA (rank 64, last block unfrozen) "
+        "to the same step training the whole backbone, for each of --models",
+    )
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["vit_base_patch16", "vit_large_patch16"],
+        help="the DinoModel presets of --lora",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -303,7 +368,7 @@ def main():
     )
     parser.add_argument(
         "--worker",
-        choices=["ours", "anchored", "ibot", "ibot_gram", "baseline", "distill", "dino_student"],
+        choices=["ours", "anchored", "ibot", "ibot_gram", "baseline", "distill", "dino_student", "lora", "full"],
         help=argparse.SUPPRESS,
     )
     args = parser.parse_args()
@@ -316,6 +381,38 @@ def main():
     if args.worker:
         return worker(args)
 
+    if args.lora:
+        for model in args.models:
+            args.model = model
+            _compare(args, cuda, [("lora", "LoRA"), ("full", "full")], [sys.argv[0], *_without_models(sys.argv[1:])])
+        return
+    _compare(args, cuda, _columns(args), sys.argv)
+
+
+def _without_models(argv: list[str]) -> list[str]:
+    """`argv` without `--models NAME...` (each worker gets its one model as `--model`)."""
+    if "--models" not in argv:
+        return argv
+    start = argv.index("--models")
+    end = start + 1
+    while end < len(argv) and not argv[end].startswith("--"):
+        end += 1
+    return argv[:start] + argv[end:]
+
+
+def _columns(args) -> list[tuple[str, str]]:
+    """(variant, column title) of the columns; each ratio is a column's figure over the last column's."""
+    if args.anchor:
+        return [("anchored", "+ anchor"), ("ours", "dino_hf")]
+    if args.ibot:
+        return [("ibot", "+ iBOT"), ("ibot_gram", "+ iBOT + Gram"), ("ours", "DINO alone")]
+    if args.distill:
+        return [("distill", "distillation"), ("dino_student", "DINO")]
+    return [("ours", "dino_hf"), ("baseline", "baseline")]
+
+
+def _compare(args, cuda: bool, columns: list[tuple[str, str]], argv: list[str]) -> None:
+    """Runs each column's worker `args.repeats` times and prints the table."""
     hardware = torch.cuda.get_device_name() if cuda else f"CPU, {args.threads} thread(s)"
     precision = "bf16 autocast" if cuda else "fp32"
     if args.distill:
@@ -326,20 +423,13 @@ def main():
         f"best of {args.repeats} x ({args.warmup} warm-up + {args.steps} timed steps), {hardware}; ours {precision}"
         f"{' + torch.compile' if args.torch_compile else ''}"
         f"{', with and without anchoring' if args.anchor else ''}{', with and without iBOT' if args.ibot else ''}"
-        f"{'' if args.anchor or args.ibot or args.distill else ', baseline fp32'}"
+        f"{'' if args.anchor or args.ibot or args.distill or args.lora else ', baseline fp32'}"
     )
-    # (variant, column title) of the columns; each ratio is a column's figure over the last column's.
-    columns = [("ours", "dino_hf"), ("baseline", "baseline")]
-    if args.anchor:
-        columns = [("anchored", "+ anchor"), ("ours", "dino_hf")]
-    if args.ibot:
-        columns = [("ibot", "+ iBOT"), ("ibot_gram", "+ iBOT + Gram"), ("ours", "DINO alone")]
-    if args.distill:
-        columns = [("distill", "distillation"), ("dino_student", "DINO")]
     results = {}
     for _ in range(args.repeats):
         for variant, _title in columns:
-            command = [sys.executable, __file__, "--worker", variant] + sys.argv[1:]
+            model = ["--model", args.model] if args.lora else []  # --lora's workers get one of --models each
+            command = [sys.executable, __file__, "--worker", variant, *model] + argv[1:]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode:
                 sys.exit(f"{variant} failed:\n{done.stderr[-3000:]}")
@@ -359,6 +449,9 @@ def main():
         rows.append(("anchor weights (MiB)", "anchor_mib", "{:.1f}"))
     if args.distill:
         rows.append(("frozen model's share of the step", "frozen_share", "{:.2f}"))
+    if args.lora:
+        whole = "peak GPU memory of the run (MiB)" if cuda else "peak RSS rise of the run (MiB)"
+        rows += [(whole, "total_mib", "{:.0f}"), ("trainable backbone parameters (M)", "trainable_millions", "{:.2f}")]
     reference = columns[-1][0]
     titles = "".join(f" {title:>13s}" for _, title in columns)
     ratios = "".join(f" {'ratio ' + str(i + 1):>8s}" for i in range(len(columns) - 1))
