@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 import transformers as tf
-from runs import ENV, TINY, pretrain_arguments, run_cli, train_in_process
+import yaml
+from runs import ENV, REPO, TINY, pretrain_arguments, run_cli, train_in_process
 from safetensors.torch import load_file
 from tiny import TINY_VIT
 from torch import nn
@@ -270,3 +271,17 @@ def test_checkpoints_hold_no_base_weight_resume_exactly_and_refuse_another_base(
     completed = run_cli(*argv)
     assert completed.returncode == 2, completed.stderr
     assert "other weights" in completed.stderr and "sha256" in completed.stderr
+
+
+def test_the_lora_config_is_the_continued_pretraining_config_with_explora_choices():
+    base = yaml.safe_load((REPO / "configs" / "continue_pretraining.yaml").read_text())
+    lora = yaml.safe_load((REPO / "configs" / "continue_pretraining_lora.yaml").read_text())
+    changed = {key: value for key, value in lora.items() if base.get(key, "unset") != value}
+    assert changed == {
+        "lora_rank": 64,
+        "lora_alpha": 64,
+        "lora_dropout": 0.0,
+        "unfreeze_last_blocks": 1,
+        "output_dir": "outputs/dino-continued-lora",
+    }
+    assert set(base) <= set(lora)
