@@ -13,10 +13,12 @@ without the safeguards of `configs/continue_pretraining.yaml`. Offline, on the C
    - (b) `configs/continue_pretraining.yaml`: head warm-up with the backbone frozen, then the backbone's
      own learning-rate warm-up, layer-wise decay, a lower patch-embedding rate, Gram anchoring to the
      start and the k-NN guard (the best export kept, the run stopped when the k-NN falls);
-   - (c) the frozen start: the released checkpoint itself, no training.
+   - (c) the frozen start: the released checkpoint itself, no training;
+   - (d) `configs/continue_pretraining_lora.yaml` (ViT starts only): (b) trained through LoRA, ExPLoRA's
+     recipe (rank 64 on Q and V, the last block and the norms unfrozen, the frozen weights held once).
 3. It prints, side by side, the weighted k-NN top-1 (k = 20) on the domain's and the release set's
    validation splits at the start, at the best step (by the domain k-NN that the run measures every
-   `--eval_steps`) and at the end.
+   `--eval_steps`) and at the end, and the backbone parameters each run trains.
 
     python benchmarks/continued_pretraining.py
     python benchmarks/continued_pretraining.py --starts vit --max_steps 60
@@ -39,6 +41,7 @@ from dino_hf.data.demo import default_demo_root, make_demo_dataset
 from dino_hf.models.backbones import TimmBackbone, TransformersBackbone, build_backbone
 from dino_hf.models.transformers_backbone import FAMILIES
 from dino_hf.training.arguments import parse_training_args
+from dino_hf.training.networks import build_student_teacher
 from dino_hf.training.trainer import backbone_knn, train
 
 # The released models: built here, trained with the labels of the release set for LABEL_EPOCHS.
@@ -87,7 +90,17 @@ RECIPES = {
         "--backbone_warmup_steps",
         "20",
     ],  # fmt: skip
+    "(d) continue_pretraining_lora.yaml": [
+        "--config",
+        "configs/continue_pretraining_lora.yaml",
+        "--head_warmup_steps",
+        "20",
+        "--backbone_warmup_steps",
+        "20",
+    ],  # fmt: skip
 }
+# LoRA adapts a ViT's attention: (d) runs for these starts only.
+LORA_STARTS = ("vit",)
 
 # With --anchor_variants: the recipe with each anchor, to choose the config's (the README's measurement).
 ANCHOR_VARIANTS = {
@@ -155,9 +168,15 @@ def continue_run(start: Path, recipe: list[str], domain: Path, release: Path, ou
         + ["--model_name_or_path", str(start), "--output_dir", str(output_dir)]
         + extra
     )
+    student, _, _ = build_student_teacher(args)  # what the run trains: counted on a build of its own
+    named = dict(student.backbone.model.named_parameters())
+    trained = sum(p.numel() for p in named.values() if p.requires_grad)
+    weights = sum(p.numel() for name, p in named.items() if ".lora_" not in name)
+    del student
     began = time.perf_counter()
     result = train(args)
     row = {
+        "trainable": f"{trained / 1e6:.2f} M ({100 * trained / weights:.0f} %)",
         "domain start": result.knn_start.get(METRIC),
         "domain best": result.knn_best.get(METRIC),
         "best step": result.knn_best_step,
@@ -178,7 +197,16 @@ def _cell(value) -> str:
     return f"{value:.1f}" if isinstance(value, float) else str(value)
 
 
-COLUMNS = ["domain start", "domain best", "best step", "domain end", "release start", "release best", "release end"]
+COLUMNS = [
+    "domain start",
+    "domain best",
+    "best step",
+    "domain end",
+    "release start",
+    "release best",
+    "release end",
+    "trainable",
+]
 
 
 def table(rows: list[dict], columns: list[str] = COLUMNS, first: str = "start") -> str:
@@ -225,6 +253,8 @@ def main():
             base = RECIPES["(b) continue_pretraining.yaml"]
             recipes.update({name: base + flags for name, flags in ANCHOR_VARIANTS.items()})
         for recipe, flags in recipes.items():
+            if recipe.startswith("(d)") and start not in LORA_STARTS:
+                continue
             output_dir = Path(args.output_dir) / f"{start}_{len(rows)}"
             row = continue_run(folder, flags, domain, release, output_dir, extra)
             rows.append({"start": STARTS[start], "recipe": recipe, **row, "release start": frozen["release start"]})
