@@ -849,8 +849,6 @@ def _validate_lora(args: DinoTrainingArguments) -> None:
         _fail("lora_dropout", args.lora_dropout, "a probability in [0, 1)")
     if args.unfreeze_last_blocks < 0:
         _fail("unfreeze_last_blocks", args.unfreeze_last_blocks, "a number of blocks >= 0")
-    if args.model_name_or_path is None:
-        _fail("lora_rank", args.lora_rank, "LoRA adapts trained weights: name them with --model_name_or_path")
     refused = {
         "freeze_blocks": (0, "0 with --lora_rank: LoRA already freezes the base weights"),
         "gram_teacher": ("start", "start with --lora_rank: an EMA Gram teacher would be a second copy of the weights"),

@@ -61,7 +61,7 @@ def build_student_teacher(
         add_lora_(
             backbone,
             rank=args.lora_rank,
-            base=args.model_name_or_path,
+            base=spec,
             alpha=args.lora_alpha,
             dropout=args.lora_dropout,
             target_modules=args.lora_target_modules,

@@ -236,7 +236,7 @@ def _networks_line(args: DinoTrainingArguments, student: nn.Module, frozen_backb
     lora = setup_of(student)
     if lora is not None:
         return (
-            f"networks: {name} student and teacher sharing the frozen {args.model_name_or_path}, head of "
+            f"networks: {name} student and teacher sharing the frozen {lora.base}, head of "
             f"{args.out_dim} prototypes; {lora.describe(student.backbone.model)}"
         )
     if frozen_backbone is None:
