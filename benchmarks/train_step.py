@@ -119,6 +119,18 @@ def ibot_options(args, student, device) -> dict:
     return dict(ibot_loss=IBotLoss(args.out_dim).to(device), ibot_weight=1.0, masks=masks.to(device))
 
 
+def _on_accelerator(student, optimizer, device):
+    """On a GPU, the student and optimiser prepared by an Accelerator in bf16 (and that accelerator); on the
+    CPU, as they are (no accelerator)."""
+    if device.type != "cuda":
+        return student, optimizer, None
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision="bf16")
+    student, optimizer = accelerator.prepare(student, optimizer)
+    return student, optimizer, accelerator
+
+
 def ours(args, device, variant: str = "ours"):
     """A function doing one step with dino_hf's train_step and speed options. `variant`: `ours` (DINO
     alone); `anchored`, with the Gram loss and the cosine term (weights 1) against a frozen copy of the
@@ -133,12 +145,7 @@ def ours(args, device, variant: str = "ours"):
         anchoring |= dict(anchor=anchor, gram_weight=1.0, anchor_cosine_weight=float(cosine))
     apply_speed_options(student, teacher, torch_compile=args.torch_compile)
     optimizer = build_optimizer("adamw", get_param_groups(student), device=device)
-    accelerator = None
-    if device.type == "cuda":
-        from accelerate import Accelerator
-
-        accelerator = Accelerator(mixed_precision="bf16")
-        student, optimizer = accelerator.prepare(student, optimizer)
+    student, optimizer, accelerator = _on_accelerator(student, optimizer, device)
 
     def step():
         options = dict(freeze_last_layer=False, accelerator=accelerator, **anchoring, **SCHEDULE)
@@ -166,12 +173,7 @@ def continued(args, device, lora: bool):
     sizes = [args.global_size] * 2 + [args.local_size] * args.local_crops
     crops = [torch.randn(args.batch, 3, size, size, device=device, generator=generator) for size in sizes]
     optimizer = build_optimizer("adamw", get_param_groups(student), device=device)
-    accelerator = None
-    if device.type == "cuda":
-        from accelerate import Accelerator
-
-        accelerator = Accelerator(mixed_precision="bf16")
-        student, optimizer = accelerator.prepare(student, optimizer)
+    student, optimizer, accelerator = _on_accelerator(student, optimizer, device)
 
     def step():
         options = dict(freeze_last_layer=False, accelerator=accelerator, anchor=anchor, gram_weight=1.0, **SCHEDULE)
@@ -194,12 +196,7 @@ def distilled(args, device):
     generator = torch.Generator(device).manual_seed(0)
     view = torch.randn(args.batch, 3, args.global_size, args.global_size, device=device, generator=generator)
     optimizer = build_optimizer("adamw", get_param_groups(student), device=device)
-    accelerator = None
-    if device.type == "cuda":
-        from accelerate import Accelerator
-
-        accelerator = Accelerator(mixed_precision="bf16")
-        student, optimizer = accelerator.prepare(student, optimizer)
+    student, optimizer, accelerator = _on_accelerator(student, optimizer, device)
     dino_loss = DinoLoss(1, 2).to(device)  # unused without the DINO loss
     options = dict(freeze_last_layer=False, accelerator=accelerator, dino_weight=0.0, distillation=distillation)
 
