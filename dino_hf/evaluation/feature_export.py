@@ -75,22 +75,7 @@ def write_feature_dataset(
 
     with torch.inference_mode():
         for pixel_values, batch_rows in batches:
-            if not model.has_tokens:
-                pooled = model(pixel_values.to(device)).float().cpu().numpy()  # (B, D)
-                pending += [dict(row, pooled_features=pooled[index]) for index, row in enumerate(batch_rows)]
-                written += len(batch_rows)
-                while len(pending) >= rows_per_shard:
-                    flush(rows_per_shard)
-                continue
-            tokens = model.last_blocks(pixel_values.to(device), 1)[-1].float()  # (B, P + N, D)
-            patches = tokens[:, model.num_prefix_tokens :]  # (B, N, D)
-            cls, mean_patch = tokens[:, 0].cpu().numpy(), patches.mean(dim=1).cpu().numpy()
-            patches = patches.cpu().numpy() if patch_tokens else None
-            for index, row in enumerate(batch_rows):
-                row = dict(row, cls_features=cls[index], mean_patch_features=mean_patch[index])
-                if patch_tokens:
-                    row["patch_features"] = patches[index]
-                pending.append(row)
+            pending += _with_features(model, pixel_values.to(device), batch_rows, patch_tokens)
             written += len(batch_rows)
             while len(pending) >= rows_per_shard:
                 flush(rows_per_shard)
@@ -100,3 +85,22 @@ def write_feature_dataset(
 
 
 __all__ = ["write_feature_dataset"]
+
+
+def _with_features(model: FeatureModel, pixel_values: torch.Tensor, rows: list, patch_tokens: bool) -> list[dict]:
+    """`rows` with their features: `pooled_features` for a backbone without tokens, else `cls_features`,
+    `mean_patch_features` and, with `patch_tokens`, `patch_features`."""
+    if not model.has_tokens:
+        pooled = model(pixel_values).float().cpu().numpy()  # (B, D)
+        return [dict(row, pooled_features=pooled[index]) for index, row in enumerate(rows)]
+    tokens = model.last_blocks(pixel_values, 1)[-1].float()  # (B, P + N, D)
+    patches = tokens[:, model.num_prefix_tokens :]  # (B, N, D)
+    cls, mean_patch = tokens[:, 0].cpu().numpy(), patches.mean(dim=1).cpu().numpy()
+    patches = patches.cpu().numpy() if patch_tokens else None
+    featured = []
+    for index, row in enumerate(rows):
+        row = dict(row, cls_features=cls[index], mean_patch_features=mean_patch[index])
+        if patch_tokens:
+            row["patch_features"] = patches[index]
+        featured.append(row)
+    return featured

@@ -111,18 +111,7 @@ def render_model_card(
     description["image_size"] = image_size or description["image_size"]
     title = model_id.rstrip("/").split("/")[-1]
     hub_datasets = [name for name in datasets if is_hub_id(name, allow_bare_name=True)]
-    eval_results = [
-        EvalResult(
-            task_type="image-classification",
-            dataset_type=figure.dataset,
-            dataset_name=figure.dataset,
-            dataset_split=figure.split,
-            metric_type="accuracy",
-            metric_name=figure.name,
-            metric_value=round(float(figure.value), 2),
-        )
-        for figure in evaluation
-    ]
+    eval_results = [_eval_result(figure) for figure in evaluation]
     card_data = ModelCardData(
         library_name=description["library_name"],
         pipeline_tag="image-feature-extraction",
@@ -153,6 +142,19 @@ def render_model_card(
         ema_student=ema_student,
         trained_parameters=trained_parameters,
         **description,
+    )
+
+
+def _eval_result(figure: EvalFigure) -> EvalResult:
+    """A measured figure as the metadata's `model-index` entry."""
+    return EvalResult(
+        task_type="image-classification",
+        dataset_type=figure.dataset,
+        dataset_name=figure.dataset,
+        dataset_split=figure.split,
+        metric_type="accuracy",
+        metric_name=figure.name,
+        metric_value=round(float(figure.value), 2),
     )
 
 

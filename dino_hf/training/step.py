@@ -134,31 +134,27 @@ def train_step(
         crops = [distillation.prepare(crops[0]), *crops[1:]]
     _set_schedule(optimizer, lr, weight_decay, backbone_lr_factor)
     context = _StepContext(
-        student,
-        teacher,
-        dino_loss,
-        teacher_temp,
-        accelerator,
-        weights,
-        anchor,
-        diagnostics,
-        ibot,
-        dino_weight,
+        student, teacher, dino_loss, teacher_temp, accelerator, weights, anchor, diagnostics, ibot, dino_weight,
         distillation,
-    )
+    )  # fmt: skip
     totals, teacher_output, teacher_patch_output = _forward_backward_batch(context, crops, accumulation_steps)
     skip = _nonfinite(totals)
     if dino_weight:
         _update_centers(dino_loss, ibot, teacher_output, teacher_patch_output, skip)
-    added = {**weights, **({IBOT: ibot.weight} if ibot is not None else {})}
-    added.update(distillation.weights if distillation is not None else {})
-    if dino_weight and (added or dino_weight != 1.0):
-        loss = totals["loss"] if dino_weight == 1.0 else dino_weight * totals["loss"]
-        totals["total_loss"] = loss + sum(weight * totals[name] for name, weight in added.items())
+        _add_total_loss(totals, context)
     _prepare_gradients(student, optimizer, accelerator, clip_grad, freeze_last_layer, freeze_backbone)
     _optimise_and_follow(student, teacher, optimizer, accelerator, momentum, skip)
     totals["nonfinite"] = skip.float()
     return totals
+
+
+def _add_total_loss(totals: dict[str, torch.Tensor], context: _StepContext) -> None:
+    """`total_loss`, the objective of a DINO step, when terms are added to the DINO loss or it is weighted."""
+    added = {**context.weights, **({IBOT: context.ibot.weight} if context.ibot is not None else {})}
+    added.update(context.distillation.weights if context.distillation is not None else {})
+    if added or context.dino_weight != 1.0:
+        loss = totals["loss"] if context.dino_weight == 1.0 else context.dino_weight * totals["loss"]
+        totals["total_loss"] = loss + sum(weight * totals[name] for name, weight in added.items())
 
 
 def _update_centers(dino_loss, ibot, teacher_output, teacher_patch_output, skip: torch.Tensor) -> None:

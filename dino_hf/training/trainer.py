@@ -154,19 +154,7 @@ def prepare_run(args: DinoTrainingArguments) -> Run:
     )
     set_seed(args.seed)
     # Networks first: a backbone that cannot take the crop sizes fails before any other work.
-    frozen_backbone = build_frozen_backbone(args) if distilling(args) else None
-    distill_dim = frozen_backbone.num_features if frozen_backbone is not None else None
-    student, teacher, fresh_head = build_student_teacher(args, distill_dim)
-    dino_loss, ibot_loss = _build_losses(args)
-    if args.init_from_checkpoint:  # before anything copies the networks (the anchor)
-        _start_from_checkpoint(args, accelerator, student, teacher, dino_loss, ibot_loss)
-        fresh_head = False
-    if fresh_head and not args.head_warmup_steps and accelerator.is_main_process:
-        logger.warning(
-            "%s has trained weights but no DINO head: the random head's first gradients reach the backbone; "
-            "consider --head_warmup_steps (e.g. one epoch of steps) to train the head alone first",
-            args.model_name_or_path,
-        )
+    student, teacher, fresh_head, dino_loss, ibot_loss, frozen_backbone = _build_networks(args, accelerator)
     anchor = _build_anchor(args, accelerator, student)  # before the first step, and before any wrapping
     accelerator.print(_networks_line(args, student, frozen_backbone))
 
@@ -228,6 +216,25 @@ def prepare_run(args: DinoTrainingArguments) -> Run:
     if args.report_to != "none":
         accelerator.init_trackers("dino_hf", config=args.to_dict())
     return run
+
+
+def _build_networks(args: DinoTrainingArguments, accelerator: Accelerator) -> tuple:
+    """The student, teacher, whether the head is fresh on trained weights, the DINO and iBOT losses, and the
+    backbone of the model distilled from (None without distillation)."""
+    frozen_backbone = build_frozen_backbone(args) if distilling(args) else None
+    distill_dim = frozen_backbone.num_features if frozen_backbone is not None else None
+    student, teacher, fresh_head = build_student_teacher(args, distill_dim)
+    dino_loss, ibot_loss = _build_losses(args)
+    if args.init_from_checkpoint:  # before anything copies the networks (the anchor)
+        _start_from_checkpoint(args, accelerator, student, teacher, dino_loss, ibot_loss)
+        fresh_head = False
+    if fresh_head and not args.head_warmup_steps and accelerator.is_main_process:
+        logger.warning(
+            "%s has trained weights but no DINO head: the random head's first gradients reach the backbone; "
+            "consider --head_warmup_steps (e.g. one epoch of steps) to train the head alone first",
+            args.model_name_or_path,
+        )
+    return student, teacher, fresh_head, dino_loss, ibot_loss, frozen_backbone
 
 
 def _networks_line(args: DinoTrainingArguments, student: nn.Module, frozen_backbone: nn.Module | None) -> str:
