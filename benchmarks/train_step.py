@@ -84,6 +84,7 @@ from dino_hf.training.optimization import build_optimizer, get_param_groups
 from dino_hf.training.speed import apply_speed_options
 from dino_hf.training.step import train_step
 from dino_hf.training.teacher import build_teacher
+from dino_hf.training.terms import AnchorTerm, IBotTerm
 
 SCHEDULE = dict(lr=5e-4, weight_decay=0.04, momentum=0.996, teacher_temp=0.04, clip_grad=3.0)
 
@@ -112,11 +113,11 @@ def build(args, device, mask_token: bool = False, model: str | None = None):
     return student, teacher, dino_loss, crops
 
 
-def ibot_options(args, student, device) -> dict:
-    """train_step's iBOT arguments: the loss at weight 1 and the masks of one batch (DINOv2's masking)."""
+def ibot_term(args, student, device) -> IBotTerm:
+    """iBOT's term: the loss at weight 1 and the masks of one batch (DINOv2's masking)."""
     side = args.global_size // student.backbone.model.config.patch_size
     masks = BlockMasking(grid=(side, side)).draw(args.batch, np.random.default_rng(0))
-    return dict(ibot_loss=IBotLoss(args.out_dim).to(device), ibot_weight=1.0, masks=masks.to(device))
+    return IBotTerm(IBotLoss(args.out_dim).to(device), 1.0, masks.to(device))
 
 
 def _on_accelerator(student, optimizer, device):
@@ -138,22 +139,23 @@ def ours(args, device, variant: str = "ours"):
     (weights 1). Also returns the bytes of the anchor's weights (0 without one)."""
     ibot = variant in ("ibot", "ibot_gram")
     student, teacher, dino_loss, crops = build(args, device, mask_token=ibot)
-    anchoring = ibot_options(args, student, device) if ibot else {}
+    terms = [ibot_term(args, student, device)] if ibot else []
+    anchor = None
     if variant in ("anchored", "ibot_gram"):  # taken before the speed options, as the trainer does
         cosine = variant == "anchored"
         anchor = Anchor(student.backbone, gram=True, cosine=cosine).to(device)
-        anchoring |= dict(anchor=anchor, gram_weight=1.0, anchor_cosine_weight=float(cosine))
+        terms.append(AnchorTerm(anchor, gram_weight=1.0, cosine_weight=float(cosine)))
     apply_speed_options(student, teacher, torch_compile=args.torch_compile)
     optimizer = build_optimizer("adamw", get_param_groups(student), device=device)
     student, optimizer, accelerator = _on_accelerator(student, optimizer, device)
 
     def step():
-        options = dict(freeze_last_layer=False, accelerator=accelerator, **anchoring, **SCHEDULE)
+        options = dict(freeze_last_layer=False, accelerator=accelerator, terms=terms, **SCHEDULE)
         return train_step(student, teacher, dino_loss, optimizer, crops, **options)
 
     anchor_bytes = 0
-    if "anchor" in anchoring:
-        anchor_bytes = sum(t.numel() * t.element_size() for t in anchoring["anchor"].state_dict().values())
+    if anchor is not None:
+        anchor_bytes = sum(t.numel() * t.element_size() for t in anchor.state_dict().values())
     return step, anchor_bytes
 
 
@@ -176,7 +178,7 @@ def continued(args, device, lora: bool):
     student, optimizer, accelerator = _on_accelerator(student, optimizer, device)
 
     def step():
-        options = dict(freeze_last_layer=False, accelerator=accelerator, anchor=anchor, gram_weight=1.0, **SCHEDULE)
+        options = dict(freeze_last_layer=False, accelerator=accelerator, terms=[AnchorTerm(anchor, 1.0)], **SCHEDULE)
         return train_step(student, teacher, dino_loss, optimizer, crops, **options)
 
     return step, sum(p.numel() for p in backbone.parameters() if p.requires_grad)
@@ -198,7 +200,7 @@ def distilled(args, device):
     optimizer = build_optimizer("adamw", get_param_groups(student), device=device)
     student, optimizer, accelerator = _on_accelerator(student, optimizer, device)
     dino_loss = DinoLoss(1, 2).to(device)  # unused without the DINO loss
-    options = dict(freeze_last_layer=False, accelerator=accelerator, dino_weight=0.0, distillation=distillation)
+    options = dict(freeze_last_layer=False, accelerator=accelerator, dino_weight=0.0, terms=[distillation])
 
     def step():
         return train_step(student, teacher, dino_loss, optimizer, [view], **options, **SCHEDULE)

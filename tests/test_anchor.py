@@ -34,6 +34,7 @@ from dino_hf.training.plan import TrainingPlan
 from dino_hf.training.run_log import log_line
 from dino_hf.training.step import train_step
 from dino_hf.training.teacher import build_teacher
+from dino_hf.training.terms import AnchorTerm
 
 K, B, NCROPS = 64, 2, 4
 STEP = dict(lr=0.01, weight_decay=0.04, momentum=0.9, teacher_temp=0.04, clip_grad=3.0, freeze_last_layer=False)
@@ -137,10 +138,10 @@ def plan(tmp_path, **options) -> TrainingPlan:
 
 def test_the_plan_gives_the_weights_to_the_step(tmp_path):
     on = plan(tmp_path, gram_loss_weight=2.0, gram_warmup_steps=10, anchor_cosine_weight=0.5)
-    assert [on.schedule(step)["gram_weight"] for step in (0, 5, 10, 20)] == [0.0, 1.0, 2.0, 2.0]
-    assert on.step_options(3)["anchor_cosine_weight"] == 0.5
+    assert [on.term_weights(step)["gram"] for step in (0, 5, 10, 20)] == [0.0, 1.0, 2.0, 2.0]
+    assert on.term_weights(3)["anchor_cos"] == 0.5
     off = plan(tmp_path)
-    assert "gram_weight" not in off.schedule(0) and off.step_options(0)["anchor_cosine_weight"] == 0.0
+    assert off.term_weights(0)["gram"] == 0.0 and off.term_weights(0)["anchor_cos"] == 0.0
 
 
 @pytest.mark.parametrize(
@@ -255,7 +256,7 @@ def test_steps_with_the_anchor_report_its_terms_and_leave_it_at_the_start():
     anchor = Anchor(student.backbone, gram=True, cosine=True)
     start = copy.deepcopy(anchor.state_dict())
     optimizer = build_optimizer("adamw", get_param_groups(student))
-    options = dict(anchor=anchor, gram_weight=1.0, anchor_cosine_weight=0.5, **STEP)
+    options = dict(terms=[AnchorTerm(anchor, gram_weight=1.0, cosine_weight=0.5)], **STEP)
     for _ in range(3):
         student_before = copy.deepcopy(student.backbone)
         stats = train_step(student, teacher, dino_loss, optimizer, crops, **options)
@@ -288,9 +289,9 @@ def test_the_gram_term_trains_the_backbone_and_not_the_head():
     zero = [copy.deepcopy(x) for x in (student, teacher, dino_loss)]
     zero_anchor = copy.deepcopy(anchor)
     optimizer = build_optimizer("sgd", get_param_groups(student))
-    train_step(student, teacher, dino_loss, optimizer, crops, anchor=anchor, gram_weight=1.0, **STEP)
+    train_step(student, teacher, dino_loss, optimizer, crops, terms=[AnchorTerm(anchor, 1.0)], **STEP)
     optimizer = build_optimizer("sgd", get_param_groups(zero[0]))
-    train_step(*zero, optimizer, crops, anchor=zero_anchor, gram_weight=0.0, **STEP)
+    train_step(*zero, optimizer, crops, terms=[AnchorTerm(zero_anchor, 0.0)], **STEP)
     assert any(not torch.equal(p, q) for p, q in zip(student.backbone.parameters(), zero[0].backbone.parameters()))
     for p, q in zip(student.head.parameters(), zero[0].head.parameters(), strict=True):
         torch.testing.assert_close(p, q)
@@ -301,9 +302,7 @@ def test_with_both_weights_zero_the_step_is_the_plain_step(tmp_path):
     assert build_anchor(plan(tmp_path).args, student.backbone) is None  # what a run with the defaults passes
     plain = [copy.deepcopy(x) for x in (student, teacher, dino_loss)]
     optimizer = build_optimizer("adamw", get_param_groups(student))
-    stats = train_step(
-        student, teacher, dino_loss, optimizer, crops, anchor=None, gram_weight=0.0, anchor_cosine_weight=0.0, **STEP
-    )
+    stats = train_step(student, teacher, dino_loss, optimizer, crops, terms=[], **STEP)
     plain_stats = train_step(*plain, build_optimizer("adamw", get_param_groups(plain[0])), crops, **STEP)
     assert stats.keys() == plain_stats.keys()
     assert all(torch.equal(stats[key], plain_stats[key]) for key in stats)
@@ -318,7 +317,7 @@ def test_at_the_start_of_the_warm_up_the_term_is_reported_and_changes_nothing():
     move(student.backbone)  # away from the anchor: a Gram loss above 0, with a gradient
     plain = [copy.deepcopy(x) for x in (student, teacher, dino_loss)]
     optimizer = build_optimizer("adamw", get_param_groups(student))
-    stats = train_step(student, teacher, dino_loss, optimizer, crops, anchor=anchor, gram_weight=0.0, **STEP)
+    stats = train_step(student, teacher, dino_loss, optimizer, crops, terms=[AnchorTerm(anchor, 0.0)], **STEP)
     plain_stats = train_step(*plain, build_optimizer("adamw", get_param_groups(plain[0])), crops, **STEP)
     assert stats["gram"].item() > 0 and "anchor_cos" not in stats
     assert torch.equal(stats["loss"], plain_stats["loss"])
@@ -329,11 +328,12 @@ def test_at_the_start_of_the_warm_up_the_term_is_reported_and_changes_nothing():
 def test_a_weight_without_its_term_is_refused():
     student, teacher, dino_loss, crops = setup()
     optimizer = build_optimizer("adamw", get_param_groups(student))
-    with pytest.raises(ValueError, match="needs an anchor"):
-        train_step(student, teacher, dino_loss, optimizer, crops, gram_weight=1.0, **STEP)
     cosine_only = Anchor(student.backbone, gram=False, cosine=True)
-    with pytest.raises(ValueError, match="gram weight"):
-        train_step(student, teacher, dino_loss, optimizer, crops, anchor=cosine_only, gram_weight=1.0, **STEP)
+    with pytest.raises(ValueError, match="the gram weight 1.0 needs an anchor built with that term"):
+        train_step(student, teacher, dino_loss, optimizer, crops, terms=[AnchorTerm(cosine_only, 1.0)], **STEP)
+    gram_only = Anchor(student.backbone, gram=True, cosine=False)
+    with pytest.raises(ValueError, match="the anchor_cos weight 0.5 needs an anchor"):
+        AnchorTerm(gram_only, 1.0, cosine_weight=0.5)
 
 
 @pytest.mark.parametrize("term", ["gram", "anchor_cos"])
@@ -343,9 +343,9 @@ def test_a_non_finite_anchor_term_skips_the_step(term):
     with torch.no_grad():
         anchor.backbone.model.norm.weight.fill_(float("nan"))  # the DINO loss stays finite
     before = [copy.deepcopy(x.state_dict()) for x in (student, teacher, dino_loss)]
-    weights = {"gram_weight" if term == "gram" else "anchor_cosine_weight": 1.0}
+    weights = {"gram_weight" if term == "gram" else "cosine_weight": 1.0}
     optimizer = build_optimizer("adamw", get_param_groups(student))
-    stats = train_step(student, teacher, dino_loss, optimizer, crops, anchor=anchor, **weights, **STEP)
+    stats = train_step(student, teacher, dino_loss, optimizer, crops, terms=[AnchorTerm(anchor, **weights)], **STEP)
     assert math.isfinite(stats["loss"].item()) and not math.isfinite(stats[term].item())
     assert stats["nonfinite"].item() == 1.0
     for module, saved in zip((student, teacher, dino_loss), before):
@@ -365,10 +365,8 @@ def test_with_accumulation_the_terms_are_per_micro_batch():
     expected_gram = sum(gram_by_hand(patch_tokens[r], anchor_patch_tokens[r]) for r in rows) / 2
     expected_cos = sum(anchor_cosine_loss(features[r], anchor_features[r]).item() for r in rows) / 2
     optimizer = build_optimizer("adamw", get_param_groups(student))
-    weights = dict(gram_weight=1.0, anchor_cosine_weight=1.0)
-    stats = train_step(
-        student, teacher, dino_loss, optimizer, crops, anchor=anchor, accumulation_steps=2, **weights, **STEP
-    )
+    terms = [AnchorTerm(anchor, gram_weight=1.0, cosine_weight=1.0)]
+    stats = train_step(student, teacher, dino_loss, optimizer, crops, terms=terms, accumulation_steps=2, **STEP)
     assert stats["gram"].item() == pytest.approx(expected_gram, rel=1e-5)
     assert stats["anchor_cos"].item() == pytest.approx(expected_cos, rel=1e-5)
 

@@ -208,7 +208,7 @@ def test_a_distillation_step_trains_the_student_never_the_frozen_model_and_reads
                 optimizer,
                 crops,
                 accumulation_steps=2,
-                distillation=distillation,
+                terms=[distillation],
                 **dino_options,
                 **STEP,
             )

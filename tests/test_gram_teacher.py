@@ -40,6 +40,7 @@ from dino_hf.training.plan import TrainingPlan
 from dino_hf.training.sharding import shard_like, whole_state_dict
 from dino_hf.training.step import train_step
 from dino_hf.training.teacher import build_teacher
+from dino_hf.training.terms import AnchorTerm
 
 K, B, NCROPS = 64, 2, 4
 EMA = dict(gram_loss_weight=1.0, gram_teacher="ema", gram_start_step=2, gram_update_steps=2, gram_max_updates=1)
@@ -72,10 +73,10 @@ def test_the_plan_schedules_the_snapshots_and_the_weight_from_the_first(tmp_path
     ema = plan(tmp_path, **{**EMA, "gram_warmup_steps": 4, "gram_loss_weight": 2.0})
     assert ema.gram_snapshots == GramSnapshots(2, 2, 1)
     # 0 before the first snapshot, then the warm-up from 0 at step 2 to 2.0 at step 6.
-    assert [ema.schedule(step)["gram_weight"] for step in range(8)] == [0.0, 0.0, 0.0, 0.5, 1.0, 1.5, 2.0, 2.0]
+    assert [ema.term_weights(step)["gram"] for step in range(8)] == [0.0, 0.0, 0.0, 0.5, 1.0, 1.5, 2.0, 2.0]
     start = plan(tmp_path, gram_loss_weight=2.0, gram_warmup_steps=4)
     assert start.gram_snapshots is None  # the start is taken once, before the first step
-    assert [start.schedule(step)["gram_weight"] for step in range(3)] == [0.0, 0.5, 1.0]
+    assert [start.term_weights(step)["gram"] for step in range(3)] == [0.0, 0.5, 1.0]
     assert plan(tmp_path).gram_snapshots is None
 
 
@@ -165,11 +166,13 @@ def run_steps(tmp_path, steps: int, **options):
         anchor=build_anchor(run_plan.args, student.backbone),
         teacher=teacher,
         accelerator=SimpleNamespace(print=printed.append),
+        ibot_loss=None,
+        distillation=None,
     )
     optimizer = build_optimizer("adamw", get_param_groups(student))
     history = []
     for step in range(steps):
-        anchor = trainer._anchor_at(run, step)
+        terms = trainer._terms_at(run, step, run_plan.term_weights(step), batch={})
         stats = train_step(
             student,
             teacher,
@@ -177,7 +180,7 @@ def run_steps(tmp_path, steps: int, **options):
             optimizer,
             crops,
             **run_plan.schedule(step),
-            anchor=anchor,
+            terms=terms,
             **run_plan.step_options(step),
         )
         history.append(
@@ -186,7 +189,7 @@ def run_steps(tmp_path, steps: int, **options):
                 anchor=None if run.anchor is None else copy.deepcopy(run.anchor.backbone.state_dict()),
                 taken_at=None if run.anchor is None else run.anchor.taken_at(),
                 teacher=copy.deepcopy(teacher.backbone.state_dict()),
-                passed=anchor is not None,
+                passed=any(isinstance(term, AnchorTerm) for term in terms),
             )
         )
     return history, printed
@@ -212,7 +215,7 @@ def test_before_the_first_snapshot_the_gram_loss_is_off(tmp_path):
     history, _ = run_steps(tmp_path, 3, **EMA)
     plain, _ = run_steps(tmp_path, 2)
     for step in (0, 1):
-        assert plan(tmp_path, **EMA).schedule(step)["gram_weight"] == 0.0
+        assert plan(tmp_path, **EMA).term_weights(step)["gram"] == 0.0
         assert history[step]["stats"].keys() == plain[step]["stats"].keys() and "gram" not in plain[step]["stats"]
         assert all(torch.equal(value, plain[step]["stats"][key]) for key, value in history[step]["stats"].items())
         assert same(history[step]["teacher"], plain[step]["teacher"])

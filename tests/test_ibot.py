@@ -6,6 +6,7 @@ import copy
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -27,6 +28,7 @@ from dino_hf.models.backbones import build_backbone
 from dino_hf.models.configuration_dino import DinoConfig
 from dino_hf.models.heads import DinoHead
 from dino_hf.models.multicrop_wrapper import MultiCropWrapper
+from dino_hf.training import trainer
 from dino_hf.training.arguments import DinoTrainingArguments
 from dino_hf.training.batches import DeviceBatches, EndlessBatches
 from dino_hf.training.ibot import IBotLoss, build_ibot_loss, build_masking
@@ -37,6 +39,7 @@ from dino_hf.training.plan import TrainingPlan
 from dino_hf.training.speed import compile_units
 from dino_hf.training.step import train_step
 from dino_hf.training.teacher import build_teacher
+from dino_hf.training.terms import IBotTerm
 
 K, NCROPS = 16, 4
 STEP = dict(lr=0.01, weight_decay=0.04, momentum=0.9, teacher_temp=0.04, clip_grad=3.0, freeze_last_layer=False)
@@ -333,9 +336,7 @@ def test_a_step_with_ibot_computes_both_losses_from_one_masked_forward(separate_
         expected_center = 0.9 * center + 0.1 * t[masked_rows].mean(0, keepdim=True)
 
     optimizer = build_optimizer("sgd", get_param_groups(student))
-    stats = train_step(
-        student, teacher, dino_loss, optimizer, crops, ibot_loss=ibot_loss, ibot_weight=0.5, masks=masks, **STEP
-    )
+    stats = train_step(student, teacher, dino_loss, optimizer, crops, terms=[IBotTerm(ibot_loss, 0.5, masks)], **STEP)
     assert stats["loss"].item() == pytest.approx(expected_dino.item(), rel=1e-5)
     assert stats["ibot"].item() == pytest.approx(expected_ibot.item(), rel=1e-5)
     assert stats["total_loss"].item() == pytest.approx(stats["loss"].item() + 0.5 * stats["ibot"].item(), rel=1e-6)
@@ -359,8 +360,9 @@ def test_gradients_reach_the_mask_token_and_every_parameter():
     assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
     optimizer = build_optimizer("sgd", get_param_groups(student))
     before = mask_token.detach().clone()
-    train_step(student, teacher, DinoLoss(K, NCROPS), optimizer, crops, ibot_loss=ibot_loss, ibot_weight=1.0,
-               masks=masks, **STEP)  # fmt: skip
+    train_step(
+        student, teacher, DinoLoss(K, NCROPS), optimizer, crops, terms=[IBotTerm(ibot_loss, 1.0, masks)], **STEP
+    )
     assert not before.any() and mask_token.abs().sum() > 0  # zeros at init, trained by the step
 
 
@@ -408,21 +410,19 @@ def test_accumulated_micro_batches_each_get_their_own_masks():
         dino_loss,
         optimizer,
         crops,
-        ibot_loss=ibot_loss,
-        ibot_weight=1.0,
-        masks=masks,
+        terms=[IBotTerm(ibot_loss, 1.0, masks)],
         accumulation_steps=2,
         **STEP,
     )
     assert math.isfinite(stats["ibot"].item()) and ibot_loss.center.abs().sum() > 0
     with pytest.raises(ValueError, match="micro_batches=accumulation_steps"):
-        train_step(student, teacher, dino_loss, optimizer, crops, ibot_loss=ibot_loss, masks=masks, **STEP)
+        train_step(student, teacher, dino_loss, optimizer, crops, terms=[IBotTerm(ibot_loss, 1.0, masks)], **STEP)
 
 
 def test_a_non_finite_ibot_term_skips_the_step(monkeypatch):
     student, teacher, dino_loss, ibot_loss, crops, masks = setup()
     optimizer = build_optimizer("adamw", get_param_groups(student))
-    options = dict(ibot_loss=ibot_loss, ibot_weight=1.0, masks=masks, **STEP)
+    options = dict(terms=[IBotTerm(ibot_loss, 1.0, masks)], **STEP)
     train_step(student, teacher, dino_loss, optimizer, crops, **options)
     before = [copy.deepcopy(x.state_dict()) for x in (student, teacher, dino_loss, ibot_loss)]
     forward = IBotLoss.forward
@@ -436,19 +436,20 @@ def test_a_non_finite_ibot_term_skips_the_step(monkeypatch):
 
 def test_with_ibot_off_the_run_is_todays(tmp_path, data):
     """The defaults build no iBOT loss, no masking and no mask token or second head, and the plan gives
-    the step an iBOT weight of 0, which is the step without any iBOT argument."""
+    the trainer no iBOT term, which is the step without any term."""
     args = DinoTrainingArguments(train_dir=str(tmp_path), model_name_or_path=str(data / "model"), **TINY)
     student, _, _ = build_student_teacher(args)
     assert build_ibot_loss(args) is None and build_masking(args, student.backbone) is None
     assert not [name for name in student.state_dict() if "mask_token" in name or name.startswith("ibot_head")]
     assert student.ibot_head is None and student.patch_head is student.head
     plan = TrainingPlan.from_args(args, samples_per_epoch=16, num_processes=1, fresh_head=False)
-    assert plan.step_options(0)["ibot_weight"] == 0.0
+    assert plan.term_weights(0)["ibot"] == 0.0
+    run = SimpleNamespace(ibot_loss=build_ibot_loss(args), plan=plan, anchor=None, distillation=None)
+    assert trainer._terms_at(run, 0, plan.term_weights(0), batch={}) == []
     student, teacher, dino_loss, _, crops, _ = setup()
     plain = [copy.deepcopy(x) for x in (student, teacher, dino_loss)]
     stats = train_step(
-        student, teacher, dino_loss, build_optimizer("adamw", get_param_groups(student)), crops,
-        ibot_loss=None, ibot_weight=0.0, masks=None, **STEP,
+        student, teacher, dino_loss, build_optimizer("adamw", get_param_groups(student)), crops, terms=[], **STEP,
     )  # fmt: skip
     plain_stats = train_step(*plain, build_optimizer("adamw", get_param_groups(plain[0])), crops, **STEP)
     assert stats.keys() == plain_stats.keys() and "ibot" not in stats and "total_loss" not in stats
@@ -470,7 +471,7 @@ def test_with_ibot_on_the_networks_have_a_mask_token_and_the_plan_passes_the_wei
     masks = build_masking(args, student.backbone)
     assert masks == BlockMasking(grid=(4, 4), ratio_min_max=(0.1, 0.5), sample_probability=0.5, micro_batches=1)
     plan = TrainingPlan.from_args(args, samples_per_epoch=16, num_processes=1, fresh_head=False)
-    assert plan.step_options(0)["ibot_weight"] == 1.0
+    assert plan.term_weights(0)["ibot"] == 1.0
 
 
 # ---- refusals ----------------------------------------------------------------------------------------

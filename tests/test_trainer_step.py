@@ -20,22 +20,23 @@ from dino_hf.training.plan import TrainingPlan
 from dino_hf.training.run_log import log_line
 from dino_hf.training.step import train_step
 from dino_hf.training.teacher import build_teacher
+from dino_hf.training.terms import AnchorTerm, IBotTerm, KoLeoTerm
 
 K, B, NCROPS = 64, 2, 4
 STEP = dict(lr=0.01, weight_decay=0.04, momentum=0.9, teacher_temp=0.04, clip_grad=3.0)
-# The DINOv2 stabilisers, each on its own: DinoLoss options and train_step options.
+# The DINOv2 stabilisers, each on its own: DinoLoss options and the weights of the terms added to the step
+# (`dino_hf.training.terms`, built in the test).
 STABILISERS = {
     "paper": ({}, {}),
     "sinkhorn_knopp": ({"centering": "sinkhorn_knopp"}, {}),
-    "koleo": ({}, {"koleo_weight": 0.1}),
-    # Anchoring to the start (the anchor, built from the student in the test, joins these options).
-    "anchor": ({}, {"gram_weight": 1.0, "anchor_cosine_weight": 1.0}),
+    "koleo": ({}, {"koleo": 0.1}),
+    # Anchoring to the start (the anchor built from the student).
+    "anchor": ({}, {"gram": 1.0, "anchor_cos": 1.0}),
     # DINOv3's EMA Gram teacher at twice the resolution, refreshed from the teacher before every step.
-    "gram_ema": ({}, {"gram_weight": 1.0}),
-    # iBOT's masked-patch loss, with its patch center and with Sinkhorn-Knopp (the loss and the masks,
-    # on a DinoModel with a mask token, join these options in the test).
-    "ibot": ({}, {"ibot_weight": 1.0}),
-    "ibot_sinkhorn_knopp": ({"centering": "sinkhorn_knopp"}, {"ibot_weight": 1.0}),
+    "gram_ema": ({}, {"gram": 1.0}),
+    # iBOT's masked-patch loss, with its patch center and with Sinkhorn-Knopp (on a DinoModel with a mask token).
+    "ibot": ({}, {"ibot": 1.0}),
+    "ibot_sinkhorn_knopp": ({"centering": "sinkhorn_knopp"}, {"ibot": 1.0}),
 }
 
 
@@ -269,19 +270,21 @@ def _has_bool_mask(index) -> bool:
 @pytest.mark.parametrize("through_accelerator", [False, True])
 def test_a_steady_state_step_reads_nothing_back(optimizer_name, through_accelerator, stabiliser):
     accelerate = pytest.importorskip("accelerate")
-    loss_options, step_options = STABILISERS[stabiliser]
-    ibot = "ibot_weight" in step_options
+    loss_options, weights = STABILISERS[stabiliser]
+    ibot = "ibot" in weights
     # micro-batches of 2: KoLeo needs 2
     student, teacher, dino_loss, crops = setup(batch=4, mask_token=ibot, **loss_options)
+    terms = [KoLeoTerm(weights["koleo"])] if "koleo" in weights else []
     if stabiliser == "anchor":
-        step_options = {**step_options, "anchor": Anchor(student.backbone, gram=True, cosine=True, remove_neg=True)}
+        anchor = Anchor(student.backbone, gram=True, cosine=True, remove_neg=True)
+        terms.append(AnchorTerm(anchor, weights["gram"], weights["anchor_cos"]))
     if ibot:  # the masks drawn as the loader draws them, for 2 micro-batches
         masks = BlockMasking((4, 4), micro_batches=2)(list(range(4)))
-        step_options = {**step_options, "ibot_loss": IBotLoss(K, **loss_options), "masks": masks}
+        terms.append(IBotTerm(IBotLoss(K, **loss_options), weights["ibot"], masks))
     gram_teacher = None
     if stabiliser == "gram_ema":
         gram_teacher = Anchor(student.backbone, gram=True, cosine=False, resolution_scale=2.0, snapshot_step=None)
-        step_options = {**step_options, "anchor": gram_teacher}
+        terms.append(AnchorTerm(gram_teacher, weights["gram"]))
     optimizer = build_optimizer(optimizer_name, get_param_groups(student), device="cpu")
     accelerator = None
     if through_accelerator:
@@ -302,7 +305,7 @@ def test_a_steady_state_step_reads_nothing_back(optimizer_name, through_accelera
                     accelerator=accelerator,
                     accumulation_steps=2,
                     **STEP,
-                    **step_options,
+                    terms=terms,
                 )
             if step:  # the first step creates the optimiser state
                 assert reads.calls == [], reads.calls
@@ -350,7 +353,7 @@ def test_a_step_with_koleo_reports_it_and_trains_the_backbone_with_it():
 
     optimizer = build_optimizer("adamw", get_param_groups(student))
     stats = train_step(
-        student, teacher, dino_loss, optimizer, crops, freeze_last_layer=False, koleo_weight=0.1, **STEP
+        student, teacher, dino_loss, optimizer, crops, freeze_last_layer=False, terms=[KoLeoTerm(0.1)], **STEP
     )
     plain_stats = train_step(
         *plain, build_optimizer("adamw", get_param_groups(plain[0])), crops, freeze_last_layer=False, **STEP
@@ -376,8 +379,11 @@ def test_a_step_with_koleo_reports_it_and_trains_the_backbone_with_it():
 def test_the_plan_passes_the_koleo_weight_to_the_step(tmp_path):
     args = DinoTrainingArguments(train_dir=str(tmp_path), koleo_weight=0.1, per_device_train_batch_size=B)
     plan = TrainingPlan.from_args(args, samples_per_epoch=100, num_processes=1, fresh_head=False)
-    assert plan.step_options(0)["koleo_weight"] == 0.1
+    assert plan.term_weights(0)["koleo"] == 0.1
     student, teacher, dino_loss, crops = setup()
     optimizer = build_optimizer("adamw", get_param_groups(student))
-    stats = train_step(student, teacher, dino_loss, optimizer, crops, **plan.schedule(0), **plan.step_options(0))
+    terms = [KoLeoTerm(plan.term_weights(0)["koleo"])]
+    stats = train_step(
+        student, teacher, dino_loss, optimizer, crops, **plan.schedule(0), **plan.step_options(0), terms=terms
+    )
     assert "koleo" in stats and math.isfinite(stats["loss"].item())

@@ -20,7 +20,6 @@ prepares the batch (mixup), computes its values from the student's projected out
 state (the queue, and which frozen model it belongs to) for the checkpoint.
 """
 
-import hashlib
 import math
 
 import torch
@@ -29,6 +28,8 @@ from accelerate import Accelerator
 from torch import nn
 
 from ..models.normalization import Normalization, normalization_of
+from .fingerprint import weights_sha256
+from .terms import StudentOutputs, Term
 
 # LightlyTrain's temperature of both terms.
 TEMPERATURE = 0.07
@@ -49,22 +50,6 @@ def queue_size_for(num_images: int | None) -> int:
         if num_images <= limit:
             return size
     return LARGEST_QUEUE
-
-
-def weights_sha256(module: nn.Module) -> str:
-    """A hash of `module`'s weights (names, shapes, dtypes and bytes, in name order): which frozen model a
-    checkpoint was trained against, without copying it into the checkpoint."""
-    return tensors_sha256(module.state_dict())
-
-
-def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
-    """The hash of `weights_sha256` over named tensors (a LoRA run's frozen base weights)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(tensors.items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def queue_kl(teacher: torch.Tensor, student: torch.Tensor, queue: torch.Tensor, temperature: float = TEMPERATURE):
@@ -209,8 +194,9 @@ class FeatureQueue(nn.Module):
         self._position = int(self.position)  # once, at resume
 
 
-class Distillation:
-    """The distillation term of the step: the frozen model, the queue, the weights and options.
+class Distillation(Term):
+    """The distillation term of the step (`dino_hf.training.terms`): the frozen model, the queue, the weights
+    and options. Its values are those of the first crop, the view that both networks see.
 
     Args:
         frozen: the `FrozenModel`.
@@ -248,13 +234,21 @@ class Distillation:
         self.queue.to(device)
         return self
 
-    def prepare(self, view: torch.Tensor) -> torch.Tensor:
-        """The view both networks see: mixed with a shuffled copy of the batch when `mixup` is on."""
+    def student_options(self) -> dict:
+        return {"project": True}
+
+    def prepare(self, crops: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The view both networks see, the first crop: mixed with a shuffled copy of the batch when `mixup` is
+        on (one share ~ U(0, 1) for the batch)."""
         if not self.mixup:
-            return view
+            return crops
+        view = crops[0]
         share = torch.rand((), device=view.device)
         shuffled = view[torch.randperm(len(view), device=view.device)]
-        return share * view + (1 - share) * shuffled
+        return [share * view + (1 - share) * shuffled, *crops[1:]]
+
+    def values(self, outputs: StudentOutputs) -> dict[str, torch.Tensor]:
+        return self(outputs.crops[0], *outputs.projected, outputs.accelerator)
 
     def __call__(
         self,
@@ -293,6 +287,4 @@ __all__ = [
     "queue_kl",
     "queue_size_for",
     "similarity_kl",
-    "tensors_sha256",
-    "weights_sha256",
 ]

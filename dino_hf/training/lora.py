@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..models.configuration_dino import DinoConfig
-from .distillation import tensors_sha256
+from .fingerprint import tensors_sha256
 from .layer_decay import backbone_layout
 
 # The query and value projections of each family (ExPLoRA's LoRA targets), by `config.model_type`;

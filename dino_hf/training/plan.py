@@ -77,10 +77,9 @@ class TrainingPlan:
         )
 
     def schedule(self, step: int) -> dict[str, float]:
-        """The schedules' values at `step`: lr, weight decay, teacher momentum and temperature, the
-        Gram loss weight when Gram anchoring is on (0 before the first snapshot of an EMA Gram
-        teacher, `GramSnapshots`), and the backbone's lr factor when the backbone
-        has a schedule of its own (a head warm-up or a backbone warm-up)."""
+        """The schedules' values at `step`: lr, weight decay, teacher momentum and temperature, and the
+        backbone's lr factor when the backbone has a schedule of its own (a head warm-up or a backbone
+        warm-up). The added terms' weights are `term_weights`."""
         args = self.args
         values = {
             "lr": learning_rate_at(step, self.total_steps, self.peak_lr, args.min_lr, self.lr_warmup_steps),
@@ -90,10 +89,6 @@ class TrainingPlan:
                 step, self.temp_warmup_steps, args.warmup_teacher_temp, args.teacher_temp
             ),
         }
-        if args.gram_loss_weight:
-            values["gram_weight"] = gram_weight_at(
-                step, args.gram_warmup_steps, args.gram_loss_weight, start_step=args.gram_start_step
-            )
         if self.head_warmup_steps or self.backbone_warmup_steps:
             values["backbone_lr_factor"] = backbone_lr_factor_at(
                 step, self.head_warmup_steps, self.backbone_warmup_steps
@@ -107,11 +102,23 @@ class TrainingPlan:
             "freeze_last_layer": step < self.freeze_last_layer_steps,
             "accumulation_steps": self.args.gradient_accumulation_steps,
             "freeze_backbone": step < self.head_warmup_steps,
-            "koleo_weight": self.args.koleo_weight,
-            "anchor_cosine_weight": self.args.anchor_cosine_weight,
-            "ibot_weight": self.args.ibot_loss_weight,
             # The diagnostics are only read when the step after this one is logged.
             "diagnostics": (step + 1) % self.args.logging_steps == 0 or step + 1 == self.last_step,
+        }
+
+    def term_weights(self, step: int) -> dict[str, float]:
+        """The weights at `step` of the terms added to the DINO loss, by the names they log: KoLeo, the anchor's
+        Gram loss (its warm-up from `--gram_start_step`; 0 before the first snapshot of an EMA Gram teacher,
+        `GramSnapshots`) and cosine term, and iBOT."""
+        args = self.args
+        gram = 0.0
+        if args.gram_loss_weight:
+            gram = gram_weight_at(step, args.gram_warmup_steps, args.gram_loss_weight, start_step=args.gram_start_step)
+        return {
+            "koleo": args.koleo_weight,
+            "gram": gram,
+            "anchor_cos": args.anchor_cosine_weight,
+            "ibot": args.ibot_loss_weight,
         }
 
     def epoch(self, step: int) -> float:

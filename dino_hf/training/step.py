@@ -12,58 +12,39 @@ change, and `nonfinite` says so.
 """
 
 import contextlib
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from accelerate import Accelerator
 from torch import nn
 
-from ..data.masks import PatchMasks
 from ..models.heads import DinoHead
-from .anchor import COSINE, GRAM, Anchor
-from .distillation import GLOBAL, LOCAL, Distillation
-from .ibot import IBOT, IBotLoss
-from .loss import DinoLoss, collapse_diagnostics, koleo_loss
+from .loss import DinoLoss, collapse_diagnostics
 from .optimization import clip_gradients_, step_unless_
 from .teacher import ema_update_
+from .terms import StudentOutputs, Term
 
 NONFINITE_HINTS = (
     "likely causes: fp16 overflow (the reference's known NaN on ViT-S/8 and small data: use "
     "--mixed_precision bf16 or no), a teacher temperature above 0.07, a learning rate too high for the "
     "batch, or non-finite input images"
 )
-# The terms a step may add to the DINO loss, in the order they are added; each is logged and checked
-# for non-finite values.
-REGULARISERS = (IBOT, "koleo", GRAM, COSINE)
-DISTILLATION_TERMS = (GLOBAL, LOCAL)
-
-
-class IBotStep(NamedTuple):
-    """iBOT in a step: its loss (with the patch center), this step's weight, and the masks (of the
-    batch, or of one micro-batch)."""
-
-    loss: IBotLoss
-    weight: float
-    masks: PatchMasks
 
 
 class _StepContext(NamedTuple):
-    """What the forward and backward of every micro-batch of a step use: the models, the DINO loss, this
-    step's teacher temperature, the accelerator, the added terms' weights (`_regulariser_weights`), the
-    anchor, whether to compute the diagnostics, and iBOT (`IBotStep`, its masks those of the batch or of
-    one micro-batch; or None)."""
+    """What the forward and backward of every micro-batch of a step use: the models, the DINO loss and its
+    weight, this step's teacher temperature, the accelerator, whether to compute the diagnostics, and the
+    added terms (`dino_hf.training.terms`: those of the batch, or of one micro-batch)."""
 
     student: nn.Module
     teacher: nn.Module
     dino_loss: DinoLoss
     teacher_temp: float
     accelerator: Accelerator | None
-    weights: dict[str, float]
-    anchor: Anchor | None
     diagnostics: bool
-    ibot: IBotStep | None
-    dino_weight: float = 1.0
-    distillation: Distillation | None = None
+    terms: tuple[Term, ...]
+    dino_weight: float
 
 
 def train_step(
@@ -83,16 +64,9 @@ def train_step(
     accumulation_steps: int = 1,
     freeze_backbone: bool = False,
     backbone_lr_factor: float = 1.0,
-    koleo_weight: float = 0.0,
-    anchor: Anchor | None = None,
-    gram_weight: float = 0.0,
-    anchor_cosine_weight: float = 0.0,
     diagnostics: bool = True,
-    ibot_loss: IBotLoss | None = None,
-    ibot_weight: float = 0.0,
-    masks: PatchMasks | None = None,
+    terms: Sequence[Term] = (),
     dino_weight: float = 1.0,
-    distillation: Distillation | None = None,
 ) -> dict[str, torch.Tensor]:
     """One DINO step, in the reference's order: (1) lr (x each group's `lr_scale`, x `backbone_lr_factor`
     on the backbone's groups) and weight decay on the regularised groups; (2) per micro-batch, the teacher
@@ -111,15 +85,11 @@ def train_step(
             head's last-layer gradients; `freeze_backbone`: train the head alone (head warm-up).
         accelerator: autocast, backward, gradient sync on the last micro-batch only, unwrapping for the
             EMA. `accumulation_steps`: micro-batches of B / steps images, then one optimiser step.
-        diagnostics: compute the `collapse_diagnostics`. koleo_weight: DINOv2's KoLeo term's weight.
-        anchor, gram_weight, anchor_cosine_weight: the Gram teacher (`dino_hf.training.anchor`) and the
-            weights of its `gram` and `anchor_cos` terms (a weight of 0 still reports the term).
-        ibot_loss, ibot_weight, masks: iBOT's loss with its patch center, its weight, and the batch's
-            block masks for `accumulation_steps` micro-batches (the student's global crops are masked).
+        diagnostics: compute the `collapse_diagnostics`.
+        terms: the terms added to the DINO loss, in the order they are added (`dino_hf.training.terms`:
+            iBOT, KoLeo, the anchor's; `dino_hf.training.distillation.Distillation`), each with its weights.
         dino_weight: the DINO loss's weight; 0 leaves out the teacher's forward, the head and the center
             (a distillation run), and the crops may then be the one view `[view (B, 3, G, G)]`.
-        distillation: the term of feature distillation from a frozen model (`dino_hf.training.distillation`),
-            on the first crop, with the student's `distill_projector`; its terms' weights are its own.
 
     Returns:
         0-dim tensors on the device, averaged over micro-batches and processes: `loss` (the DINO loss),
@@ -128,19 +98,21 @@ def train_step(
         `collapse_diagnostics` (with DINO), `nonfinite` (1.0: skipped). Without DINO (`dino_weight` 0),
         `loss` is the objective.
     """
-    weights = _regulariser_weights(koleo_weight, anchor, gram_weight, anchor_cosine_weight)
-    ibot = _ibot_step(ibot_loss, ibot_weight, masks, accumulation_steps)
-    if distillation is not None:
-        crops = [distillation.prepare(crops[0]), *crops[1:]]
+    for term in terms:
+        crops = term.prepare(crops)
     _set_schedule(optimizer, lr, weight_decay, backbone_lr_factor)
     context = _StepContext(
-        student, teacher, dino_loss, teacher_temp, accelerator, weights, anchor, diagnostics, ibot, dino_weight,
-        distillation,
-    )  # fmt: skip
-    totals, teacher_output, teacher_patch_output = _forward_backward_batch(context, crops, accumulation_steps)
-    skip = _nonfinite(totals)
+        student, teacher, dino_loss, teacher_temp, accelerator, diagnostics, tuple(terms), dino_weight
+    )
+    totals, teacher_output = _forward_backward_batch(context, crops, accumulation_steps)
+    skip = _nonfinite(totals, terms)
     if dino_weight:
-        _update_centers(dino_loss, ibot, teacher_output, teacher_patch_output, skip)
+        # The center moves once per optimisation step, after the loss, with the mean over the whole batch
+        # (every micro-batch was scored against the same center, as with 1 x B); not after a non-finite loss.
+        dino_loss.update_center(teacher_output, keep=skip)
+    for term in terms:
+        term.after_step(skip)
+    if dino_weight:
         _add_total_loss(totals, context)
     _prepare_gradients(student, optimizer, accelerator, clip_grad, freeze_last_layer, freeze_backbone)
     _optimise_and_follow(student, teacher, optimizer, accelerator, momentum, skip)
@@ -150,66 +122,18 @@ def train_step(
 
 def _add_total_loss(totals: dict[str, torch.Tensor], context: _StepContext) -> None:
     """`total_loss`, the objective of a DINO step, when terms are added to the DINO loss or it is weighted."""
-    added = {**context.weights, **({IBOT: context.ibot.weight} if context.ibot is not None else {})}
-    added.update(context.distillation.weights if context.distillation is not None else {})
+    added = [(name, weight) for term in context.terms for name, weight in term.weights.items()]
     if added or context.dino_weight != 1.0:
         loss = totals["loss"] if context.dino_weight == 1.0 else context.dino_weight * totals["loss"]
-        totals["total_loss"] = loss + sum(weight * totals[name] for name, weight in added.items())
+        totals["total_loss"] = loss + sum(weight * totals[name] for name, weight in added)
 
 
-def _update_centers(dino_loss, ibot, teacher_output, teacher_patch_output, skip: torch.Tensor) -> None:
-    """The center moves once per optimisation step, after the loss, with the mean over the whole batch
-    (every micro-batch was scored against the same center, as with 1 x B); not after a non-finite loss.
-    iBOT's patch center likewise, over the masked patches of the whole batch."""
-    dino_loss.update_center(teacher_output, keep=skip)
-    if ibot is not None:
-        ibot.loss.update_center(teacher_patch_output, ibot.masks.weights.flatten(), keep=skip)
-
-
-def _regulariser_weights(koleo_weight: float, anchor: Anchor | None, gram_weight: float, cosine_weight: float):
-    """The weight of each term the step adds to the DINO loss, by name (`REGULARISERS`): KoLeo when its
-    weight is not 0, the anchor's terms whenever there is an anchor."""
-    weights = {"koleo": koleo_weight} if koleo_weight else {}
-    for name, weight in ((GRAM, gram_weight), (COSINE, cosine_weight)):
-        if anchor is not None and name in anchor.term_names:
-            weights[name] = weight
-        elif weight:
-            raise ValueError(
-                f"a {name} weight of {weight} needs an anchor built with that term "
-                "(dino_hf.training.anchor.build_anchor, --gram_loss_weight / --anchor_cosine_weight)"
-            )
-    return weights
-
-
-def _ibot_step(
-    ibot_loss: IBotLoss | None, weight: float, masks: PatchMasks | None, accumulation_steps: int
-) -> IBotStep | None:
-    """iBOT's part of the step, its inputs checked; None without an iBOT loss."""
-    if ibot_loss is None:
-        if weight or masks is not None:
-            raise ValueError(
-                "masks or an iBOT weight were given without an iBOT loss: pass ibot_loss "
-                "(dino_hf.training.ibot.build_ibot_loss, --ibot_loss_weight > 0)"
-            )
-        return None
-    if masks is None:
-        raise ValueError("an iBOT loss needs the batch's masks: pass masks=batch['masks'] (drawn by the loader)")
-    if len(masks.indices) != accumulation_steps:
-        raise ValueError(
-            f"the masks were drawn for {len(masks.indices)} micro-batches and the step makes {accumulation_steps}; "
-            "build the loader's BlockMasking with micro_batches=accumulation_steps"
-        )
-    return IBotStep(ibot_loss, weight, masks)
-
-
-def _nonfinite(totals: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Whether this step's loss (or a term added to it: iBOT, KoLeo, the anchor's, distillation's) is not
-    finite, as a bool tensor on the device; the terms are means over the processes, so every process
-    decides the same."""
+def _nonfinite(totals: dict[str, torch.Tensor], terms: Sequence[Term]) -> torch.Tensor:
+    """Whether this step's loss (or a term added to it) is not finite, as a bool tensor on the device; the
+    terms are means over the processes, so every process decides the same."""
     skip = ~torch.isfinite(totals["loss"])
-    for name in (*REGULARISERS, *DISTILLATION_TERMS):
-        if name in totals:
-            skip = skip | ~torch.isfinite(totals[name])
+    for name in (name for term in terms for name in term.weights):
+        skip = skip | ~torch.isfinite(totals[name])
     return skip
 
 
@@ -237,8 +161,8 @@ def _prepare_gradients(student, optimizer, accelerator, clip_grad, freeze_last_l
 
 def _forward_backward_batch(context: _StepContext, crops, accumulation_steps: int):
     """Forward and backward of the batch in `accumulation_steps` micro-batches (gradients synced on the
-    last one only); returns the statistics averaged over them, the teacher output of the batch and,
-    with iBOT, the teacher's patch outputs of all micro-batches `(accumulation_steps * M, K)` (else None)."""
+    last one only), each with its terms (`Term.micro_batches`); returns the statistics averaged over them
+    and the teacher output of the batch (None without DINO)."""
     batch = crops[0].shape[0]
     if batch % accumulation_steps:
         raise ValueError(
@@ -246,28 +170,21 @@ def _forward_backward_batch(context: _StepContext, crops, accumulation_steps: in
             f"use a batch that is a multiple of {accumulation_steps}"
         )
     micro_batches = list(zip(*(crop.chunk(accumulation_steps) for crop in crops)))
-    ibot, accelerator = context.ibot, context.accelerator
-    micro_contexts = [context] * accumulation_steps
-    if ibot is not None:  # each micro-batch with its own masks
-        micro_contexts = [context._replace(ibot=ibot._replace(masks=masks)) for masks in ibot.masks.micro_batches()]
-    teacher_outputs, teacher_patch_outputs, totals = [], [], {}
-    if not context.dino_weight:
-        teacher_outputs = None
+    micro_terms = list(zip(*(term.micro_batches(accumulation_steps) for term in context.terms)))
+    accelerator = context.accelerator
+    teacher_outputs, totals = [], {}
     for index, micro in enumerate(micro_batches):
         last = index == len(micro_batches) - 1
         sync = contextlib.nullcontext() if last or accelerator is None else accelerator.no_sync(context.student)
+        terms = micro_terms[index] if micro_terms else ()
         with sync:
-            stats, teacher_output, teacher_patch_output = _forward_backward(
-                micro_contexts[index], list(micro), 1.0 / accumulation_steps
+            stats, teacher_output = _forward_backward(
+                context._replace(terms=terms), list(micro), 1.0 / accumulation_steps
             )
-        if teacher_outputs is not None:
-            teacher_outputs.append(teacher_output)
-            teacher_patch_outputs.append(teacher_patch_output)
+        teacher_outputs.append(teacher_output)
         for key, value in stats.items():
             totals[key] = totals[key] + value / accumulation_steps if key in totals else value / accumulation_steps
-    if teacher_outputs is None:
-        return totals, None, None
-    return totals, torch.cat(teacher_outputs), None if ibot is None else torch.cat(teacher_patch_outputs)
+    return totals, torch.cat(teacher_outputs) if context.dino_weight else None
 
 
 def _set_schedule(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float, backbone_lr_factor: float) -> None:
@@ -292,111 +209,90 @@ def _unwrap(model: nn.Module, accelerator: Accelerator | None) -> nn.Module:
 
 def _forward_backward(context: _StepContext, crops, scale: float):
     """Forward, loss and backward (of the objective x `scale`) of one micro-batch; returns its statistics
-    (0-dim tensors), the teacher output `(2 * B, K)` and, with iBOT, the teacher's patch outputs `(M, K)`
-    at the micro-batch's masked patches (else None; both None without DINO). `context.ibot` holds this
-    micro-batch's masks."""
+    (0-dim tensors) and the teacher output `(2 * B, K)` (None without DINO)."""
     accelerator = context.accelerator
     # Mixed precision covers the forwards and the loss, as the reference's autocast block.
     with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
         if context.dino_weight:
-            objective, stats, teacher_output, teacher_patch_output = _dino_objective(context, crops)
+            objective, stats, teacher_output = _dino_objective(context, crops)
         else:
-            objective, stats, teacher_output, teacher_patch_output = _distillation_objective(context, crops)
+            objective, stats, teacher_output = _terms_objective(context, crops)
     if accelerator is not None:
         accelerator.backward(objective * scale)
     else:
         (objective * scale).backward()
-    return stats, teacher_output, teacher_patch_output
+    return stats, teacher_output
 
 
 def _dino_objective(context: _StepContext, crops):
-    """The DINO loss (x `dino_weight`) with its added terms, their statistics (`loss` the DINO loss), and the
-    teacher's outputs."""
-    student, teacher, dino_loss, teacher_temp, accelerator, weights, anchor, diagnostics, ibot = context[:9]
-    distillation = context.distillation
+    """The DINO loss (x `dino_weight`) with the terms added to it, the statistics (`loss` the DINO loss), and
+    the teacher's output."""
+    student, teacher, dino_loss, teacher_temp, accelerator = context[:5]
+    teacher_options = _options(term.teacher_options() for term in context.terms)
+    with torch.no_grad():  # (2 * B, K): the global crops; with iBOT also (M, K) at the masked patches
+        teacher_output = teacher(crops[:2], **teacher_options)
+    teacher_patch_logits = None
+    if teacher_options:
+        teacher_output, teacher_patch_logits = teacher_output
+    outputs = _student_outputs(context, crops, heads=True)
+    logits, outputs = outputs[0], outputs[1]._replace(teacher_patch_logits=teacher_patch_logits)
+    terms = dino_loss.terms(logits, teacher_output, teacher_temp)
     stats = {}
-    with torch.no_grad():
-        if ibot is None:
-            teacher_output, teacher_patch_output = teacher(crops[:2]), None  # (2 * B, K): the global crops
-        else:  # and (M, K) at the masked patches, of the whole crops
-            teacher_output, teacher_patch_output = teacher(crops[:2], patch_indices=ibot.masks.indices[0])
-    gram = anchor is not None and anchor.gram
-    if weights or ibot is not None or distillation is not None:
-        # (ncrops * B, K); (ncrops * B, D), for the Gram loss the first group's (2 * B, P, C), for iBOT
-        # (M, K) at the masked patches and for distillation the first crop's projected outputs, each or None
-        student_output, features, patch_tokens, student_patch_output, projected = _student_outputs(
-            student, crops, bool(weights), gram, ibot, distillation is not None
-        )
-    else:
-        student_output = student(crops)  # (ncrops * B, K)
-    terms = dino_loss.terms(student_output, teacher_output, teacher_temp)
-    if diagnostics:
+    if context.diagnostics:
         stats.update(collapse_diagnostics(terms, dino_loss.center if dino_loss.uses_center else None))
     objective = terms.loss if context.dino_weight == 1.0 else context.dino_weight * terms.loss
-    if ibot is not None:
-        value = ibot.loss(
-            student_patch_output, teacher_patch_output, ibot.masks.weights[0], teacher_temp, 2 * len(crops[0])
-        )
-        objective = objective + ibot.weight * value
-        stats[IBOT] = _mean_over_processes(value, accelerator)
-    if weights:
-        global_features = features[: 2 * len(crops[0])]  # (2 * B, D), as DINOv2's CLS tokens
-        regularisers = _regularisers(weights, anchor, crops, global_features, patch_tokens)
-        for name, value in regularisers.items():
-            objective = objective + weights[name] * value
-            stats[name] = _mean_over_processes(value, accelerator)
-    if distillation is not None:
-        objective = objective + _distillation_terms(context, crops[0], projected, stats)
+    objective = _add_terms(objective, context, outputs, stats)
     stats = {"loss": _mean_over_processes(terms.loss, accelerator), **stats}
-    return objective, stats, teacher_output.detach(), teacher_patch_output
+    return objective, stats, teacher_output.detach()
 
 
-def _distillation_objective(context: _StepContext, crops):
-    """Distillation alone (no DINO loss): the student's backbone and projectors on the first crop, no head,
-    no teacher; `loss` is the objective."""
-    projected = context.student(crops[:1], heads=False, project=True)  # (B, D_t), (B, P, D_t)
+def _terms_objective(context: _StepContext, crops):
+    """The added terms alone (no DINO loss, as a distillation run): the student without its head on the first
+    crop, no teacher; `loss` is the objective."""
+    _, outputs = _student_outputs(context, crops[:1], heads=False)
     stats = {}
-    objective = _distillation_terms(context, crops[0], projected, stats)
-    return objective, {"loss": _mean_over_processes(objective, context.accelerator), **stats}, None, None
+    objective = _add_terms(0.0, context, outputs, stats)
+    return objective, {"loss": _mean_over_processes(objective, context.accelerator), **stats}, None
 
 
-def _distillation_terms(context: _StepContext, view: torch.Tensor, projected, stats: dict) -> torch.Tensor:
-    """The weighted sum of the distillation's terms of `view`; each term's value goes into `stats`."""
-    distillation = context.distillation
-    values = distillation(view, *projected, context.accelerator)
-    for name, value in values.items():
-        stats[name] = _mean_over_processes(value, context.accelerator)
-    return sum(distillation.weights[name] * value for name, value in values.items())
+def _add_terms(objective, context: _StepContext, outputs: StudentOutputs, stats: dict):
+    """`objective` plus each term's values times their weights, in the terms' order; each value, averaged over
+    the processes, goes into `stats`."""
+    for term in context.terms:
+        for name, value in term.values(outputs).items():
+            objective = objective + term.weights[name] * value
+            stats[name] = _mean_over_processes(value, context.accelerator)
+    return objective
 
 
-def _student_outputs(
-    student, crops, features: bool, patch_tokens: bool, ibot: IBotStep | None, project: bool = False
-) -> tuple:
-    """The student's logits of all crops and, each when asked (else None), its backbone features, the
-    first group's patch tokens, with iBOT the patch head's logits `(M, K)` at the masked patches of the
-    masked global crops, and the projected features and patch tokens of the first crop (a pair, for
-    distillation). One backbone call per crop size serves them all."""
-    options = {"return_features": features, "return_patch_tokens": patch_tokens, "project": project}
-    if ibot is not None:
-        options.update(bool_masked_pos=ibot.masks.crop_masks(), patch_indices=ibot.masks.indices[0])
-    outputs = list(student(crops, **options))
-    logits = outputs.pop(0)
-    asked = (features, patch_tokens, ibot is not None)
-    taken = [outputs.pop(0) if wanted else None for wanted in asked]
-    return (logits, *taken, tuple(outputs) if project else None)
+def _options(requests) -> dict:
+    """The forward options that the terms ask for, merged: a flag is on when any term asks for it."""
+    merged = {}
+    for request in requests:
+        for key, value in request.items():
+            merged[key] = (merged.get(key, False) or value) if isinstance(value, bool) else value
+    return {key: value for key, value in merged.items() if value is not False}
 
 
-def _regularisers(weights, anchor, crops, global_features, patch_tokens) -> dict[str, torch.Tensor]:
-    """The terms named in `weights`, before weighting: KoLeo of each global crop's features, summed over
-    the 2 crops, and the anchor's terms of the 2 global crops (`patch_tokens`: the student's, first
-    group of crops, of which the global crops are the first 2 * B rows)."""
-    values = {}
-    if "koleo" in weights:
-        values["koleo"] = sum(koleo_loss(crop_features) for crop_features in global_features.chunk(2))
-    if anchor is not None:
-        global_patch_tokens = patch_tokens[: len(global_features)] if patch_tokens is not None else None
-        values.update(anchor.terms(torch.cat(crops[:2]), global_features, global_patch_tokens))
-    return values
+# Where the student's outputs go, in the order `MultiCropWrapper.forward` returns them after the logits.
+_STUDENT_FIELDS = (("return_features", "features"), ("return_patch_tokens", "patch_tokens"))
+
+
+def _student_outputs(context: _StepContext, crops, heads: bool) -> tuple:
+    """The student's logits of all crops (None without `heads`) and what the terms asked for, as
+    `StudentOutputs`. One backbone call per crop size serves them all."""
+    options = _options(term.student_options() for term in context.terms)
+    outputs = StudentOutputs(crops, context.teacher_temp, context.accelerator)
+    if not options:
+        return context.student(crops), outputs  # (ncrops * B, K)
+    returned = list(context.student(crops, heads=heads, **options))
+    logits = returned.pop(0) if heads else None
+    taken = {field: returned.pop(0) for option, field in _STUDENT_FIELDS if options.get(option)}
+    if "patch_indices" in options:
+        taken["patch_logits"] = returned.pop(0)  # (M, K)
+    if options.get("project"):
+        taken["projected"] = tuple(returned)  # (B, D_t), (B, P, D_t)
+    return logits, outputs._replace(**taken)
 
 
 def _mean_over_processes(loss: torch.Tensor, accelerator: Accelerator | None) -> torch.Tensor:

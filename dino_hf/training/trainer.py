@@ -55,6 +55,7 @@ from .sharding import load_whole_optimizer_state_dict, load_whole_state_dict, sh
 from .speed import apply_speed_options
 from .state import RunState
 from .step import NONFINITE_HINTS, train_step
+from .terms import AnchorTerm, IBotTerm, KoLeoTerm, Term
 
 logger = logging.getLogger(__name__)
 
@@ -593,6 +594,22 @@ def _anchor_at(run: Run, step: int) -> Anchor | None:
     return run.anchor if step >= snapshots.start else None
 
 
+def _terms_at(run: Run, step: int, weights: dict[str, float], batch: dict) -> list[Term]:
+    """The terms added to the DINO loss at `step`, in the order they are added: iBOT (with the batch's
+    masks), KoLeo, the anchor's terms (none before an EMA Gram teacher's first snapshot), distillation."""
+    terms = []
+    if run.ibot_loss is not None:
+        terms.append(IBotTerm(run.ibot_loss, weights["ibot"], batch["masks"]))
+    if weights["koleo"]:
+        terms.append(KoLeoTerm(weights["koleo"]))
+    anchor = _anchor_at(run, step)
+    if anchor is not None:
+        terms.append(AnchorTerm(anchor, weights["gram"], weights["anchor_cos"]))
+    if run.distillation is not None:
+        terms.append(run.distillation)
+    return terms
+
+
 def train_loop(run: Run, signals: PreemptionSignals) -> str | None:
     """Steps until the plan's last step; returns the signal that stopped the run early, if one did."""
     args, accelerator, plan, state = run.args, run.accelerator, run.plan, run.state
@@ -613,7 +630,7 @@ def train_loop(run: Run, signals: PreemptionSignals) -> str | None:
         state.stream_retries += batch.get("stream_retries", 0)
         if run.sample_log is not None:
             run.sample_log.write(step, batch["ids"])
-        schedule = plan.schedule(step)
+        schedule, weights = plan.schedule(step), plan.term_weights(step)
         metrics = train_step(
             run.student,
             run.teacher,
@@ -622,11 +639,8 @@ def train_loop(run: Run, signals: PreemptionSignals) -> str | None:
             crops,
             **schedule,
             accelerator=accelerator,
-            anchor=_anchor_at(run, step),
-            ibot_loss=run.ibot_loss,
-            masks=batch.get("masks"),
+            terms=_terms_at(run, step, weights, batch),
             dino_weight=args.dino_loss_weight,
-            distillation=run.distillation,
             **plan.step_options(step),
         )
         run.nonfinite.add(step, metrics)
@@ -636,7 +650,8 @@ def train_loop(run: Run, signals: PreemptionSignals) -> str | None:
         last = step == plan.last_step
         checkpoint_due = not last and step % plan.checkpoint_every == 0
         if step % args.logging_steps == 0 or last:
-            _log(run, step, metrics, schedule, window, progress)
+            logged = {**schedule, **({"gram_weight": weights["gram"]} if args.gram_loss_weight else {})}
+            _log(run, step, metrics, logged, window, progress)
         elif checkpoint_due:
             _check_nonfinite(run)
         if args.eval_steps and step % args.eval_steps == 0 and run.eval_sources is not None:
