@@ -71,3 +71,4 @@ def test_the_step_receives_crops_in_the_starts_normalisation(half_start, monkeyp
     export = half_start / "out" / ("student_backbone" if distil else "teacher_backbone")
     exported = tf.AutoImageProcessor.from_pretrained(export)
     assert list(exported.image_mean) == [0.5] * 3 and list(exported.image_std) == [0.5] * 3
+    assert "normalised with mean (0.5, 0.5, 0.5) and std (0.5, 0.5, 0.5)" in (export / "README.md").read_text()

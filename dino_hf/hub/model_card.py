@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 from ..convert.export import is_timm_model
 from ..models.backbones import DinoModelBackbone, TimmBackbone
 from ..models.modeling_dino import DinoModel
+from ..models.normalization import IMAGENET, Normalization, normalization_of
 from ..models.references import is_hub_id
 from ..models.transformers_backbone import FAMILIES, TransformersBackbone
 
@@ -106,6 +107,7 @@ def render_model_card(
     """
     if base_model is None and isinstance(model, TransformersBackbone):
         base_model = model.source
+    normalization = normalization_of(model)
     model = model.model if isinstance(model, (TimmBackbone, DinoModelBackbone, TransformersBackbone)) else model
     description = _describe(model, model_id)
     description["image_size"] = image_size or description["image_size"]
@@ -141,8 +143,17 @@ def render_model_card(
         distilled_from=distilled_from,
         ema_student=ema_student,
         trained_parameters=trained_parameters,
+        normalization=_normalization_text(normalization),
         **description,
     )
+
+
+def _normalization_text(normalization: Normalization) -> str:
+    """How the card names the input's normalisation."""
+    if normalization == IMAGENET:
+        return "ImageNet mean and std"
+    mean, std = (", ".join(f"{value:g}" for value in values) for values in normalization)
+    return f"normalised with mean ({mean}) and std ({std})"
 
 
 def _eval_result(figure: EvalFigure) -> EvalResult:
