@@ -4,6 +4,7 @@ as its own class; the checkpoint holds no frozen weight; a resume with another f
 frozen model that is not a vision backbone are refused."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -11,7 +12,8 @@ import pytest
 import timm
 import torch
 import transformers as tf
-from runs import pretrain_main, reset_accelerate, run_cli, saved
+from processes import accelerate_launch
+from runs import SCRIPT, pretrain_main, reset_accelerate, run_cli, saved
 from safetensors import safe_open
 
 VIT_SIZES = dict(hidden_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8)
@@ -170,3 +172,22 @@ def test_distillation_options_need_a_frozen_model_and_fit_together(data, tmp_pat
         status = main(["--train_dir", str(data / "images"), "--output_dir", str(tmp_path / "o"), *argv])
         assert status == 2, argv
         assert message in capsys.readouterr().err, argv
+
+
+@pytest.mark.slow
+def test_two_processes_distil_with_one_queue_of_both_batches(data, frozen_models, tmp_path):
+    """DDP on two CPU processes: each queue receives the global features of both processes' images (a gather),
+    so the checkpoint's queue, written by the main process, holds the whole batches."""
+    output_dir = tmp_path / "out"
+    # 2 steps of 2 x 4 images: 16 features, the queue of a 16-image epoch (16) filled exactly once.
+    argv = _arguments(data, output_dir, frozen_models / "dinov2", backbone="timm:resnet10t", num_train_epochs=1)
+    argv += ["--checkpointing_steps", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    completed = subprocess.run(
+        [*accelerate_launch(2), str(SCRIPT), *argv], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    queue = saved(output_dir / "checkpoints" / "checkpoint-2", "distillation")
+    assert queue["features"].shape == (16, 48) and queue["features"].abs().sum(-1).gt(0).all()
+    assert int(queue["position"]) == 0
+    assert (output_dir / "student_backbone" / "config.json").is_file()
