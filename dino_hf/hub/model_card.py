@@ -126,16 +126,13 @@ def render_model_card(
         eval_results=eval_results or None,
         model_name=title if eval_results else None,
     )
-    progress = ", ".join(
-        part for part in (f"{steps:,} steps" if steps else "", f"{epochs:g} epochs" if epochs else "") if part
-    )
     return ModelCard.from_template(
         card_data,
         template_path=str(model_card_template_path()),
         title=title,
         model_id=model_id,
         datasets=list(datasets),
-        progress=progress,
+        progress=_progress(steps, epochs),
         hardware=hardware,
         recipe_rows=_table_rows(training_args),
         evaluation=list(evaluation),
@@ -145,6 +142,13 @@ def render_model_card(
         trained_parameters=trained_parameters,
         normalization=_normalization_text(normalization),
         **description,
+    )
+
+
+def _progress(steps: int | None, epochs: float | None) -> str:
+    """How long the model was trained, e.g. "1,000 steps, 12 epochs" ("" when unknown)."""
+    return ", ".join(
+        part for part in (f"{steps:,} steps" if steps else "", f"{epochs:g} epochs" if epochs else "") if part
     )
 
 
