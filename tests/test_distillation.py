@@ -233,3 +233,15 @@ def test_every_trainable_student_parameter_gets_a_gradient_from_distillation(tmp
     missing = [n for n, p in student.named_parameters() if p.requires_grad and p.grad is None]
     # DinoModel's mask token only enters with iBOT's masked patches.
     assert missing in ([], ["backbone.model.embeddings.mask_token"]), missing
+
+
+def test_the_evaluations_find_a_distillation_runs_student(tmp_path):
+    from dino_hf.evaluation.feature_models import _model_folder
+
+    export = tmp_path / "run" / "checkpoints" / "checkpoint-8" / "student_backbone"
+    export.mkdir(parents=True)
+    (export / "config.json").write_text("{}")
+    assert _model_folder(export.parent) == export  # a checkpoint
+    assert _model_folder(tmp_path / "run" / "checkpoints") == export  # its latest checkpoint
+    (tmp_path / "run" / "student_backbone").mkdir()
+    assert _model_folder(tmp_path / "run") == tmp_path / "run" / "student_backbone"  # a run's output folder

@@ -170,8 +170,9 @@ def load_feature_model(
         spec: a folder written by `DinoModel.save_pretrained` or its Hub id; a transformers ViT folder
             or Hub id (converted to `DinoModel` with LayerNorm eps 1e-6, see `convert.dino_from_vit`);
             `"timm:NAME"` (timm's pretrained weights) or a timm folder (`config.json` with
-            `architecture`); a training checkpoint `checkpoint-<step>/` (its `teacher_backbone/`) or a
-            training output folder (its latest checkpoint); or a model instance (`DinoModel`, timm
+            `architecture`); a training checkpoint `checkpoint-<step>/` (its `teacher_backbone/`, or
+            `student_backbone/` for a distillation run) or a training output folder (its latest checkpoint); or
+            a model instance (`DinoModel`, timm
             model, or a backbone of `build_backbone`).
         image_size: crop size of the transform; by default the model's own (`native_image_size`).
 
@@ -276,26 +277,35 @@ def native_image_size(model: nn.Module, folder: Path | None = None) -> tuple[int
     return 224, "the default: the model names no size"
 
 
+# The export a training folder or checkpoint holds: a DINO run's teacher, a distillation run's student.
+_EXPORTS = ("teacher_backbone", "student_backbone")
+
+
 def _model_folder(spec: "str | os.PathLike") -> Path:
-    """Local folder holding the model's config.json: a checkpoint's teacher, a run's latest checkpoint,
-    or a Hub snapshot."""
+    """Local folder holding the model's config.json: a checkpoint's export (its teacher, or its student
+    for a distillation run), a run's latest checkpoint's, or a Hub snapshot."""
     folder = Path(spec)
     if not folder.is_dir():
         if not is_hub_id(str(spec)):
             raise ValueError(f"{spec} is neither a folder nor a Hub id 'org/name'; check the path")
         return Path(snapshot_download(str(spec)))
-    if (folder / "teacher_backbone").is_dir():
-        return folder / "teacher_backbone"
+    if (export := _export_in(folder)) is not None:
+        return export
     if not (folder / "config.json").is_file():
         steps = {int(match[1]): path for path in folder.iterdir() if (match := _CHECKPOINT_NAME.match(path.name))}
         checkpoints = [steps[step] for step in sorted(steps)]
-        if checkpoints and (checkpoints[-1] / "teacher_backbone").is_dir():
-            return checkpoints[-1] / "teacher_backbone"
+        if checkpoints and (export := _export_in(checkpoints[-1])) is not None:
+            return export
         raise ValueError(
-            f"{folder} has no config.json, no teacher_backbone/ and no checkpoint-<step>/teacher_backbone/; "
-            "pass a model folder, a training checkpoint folder or a training output folder"
+            f"{folder} has no config.json, no teacher_backbone/ or student_backbone/ and no checkpoint-<step>/ "
+            "holding one; pass a model folder, a training checkpoint folder or a training output folder"
         )
     return folder
+
+
+def _export_in(folder: Path) -> Path | None:
+    """The export inside a training output or checkpoint folder, if it holds one."""
+    return next((folder / name for name in _EXPORTS if (folder / name).is_dir()), None)
 
 
 def eval_transform(image_size: int = 224, normalization: Normalization = IMAGENET) -> transforms.Compose:
