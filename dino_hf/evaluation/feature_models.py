@@ -30,8 +30,8 @@ from ..models.normalization import (
     IMAGENET,
     PROCESSOR_FILE,
     Normalization,
-    normalization_of,
     processor_normalization,
+    recorded_normalization,
     timm_normalization,
 )
 from ..models.references import TIMM_PREFIX, is_hub_id, is_timm_folder
@@ -230,13 +230,13 @@ def model_normalization(model: nn.Module, folder: Path | None = None) -> tuple[N
     A model read from a folder: for a timm folder its `pretrained_cfg` (what timm and transformers'
     `TimmWrapperModel` read), for the others its image processor (`preprocessor_config.json`: a
     transformers checkpoint's own, an export's, which carries its training normalisation). A model
-    instance: what `build_backbone` recorded on it (`dino_hf.models.normalization.normalization_of`). In
+    instance: what `build_backbone` recorded on it (`dino_hf.models.normalization.recorded_normalization`). In
     every case ImageNet's when the model names none.
     """
     default = IMAGENET, "ImageNet's: the model names no mean and std"
     if folder is None:  # an instance, or timm:NAME as build_backbone built it
-        recorded = getattr(model, "image_mean", None) is not None and getattr(model, "image_std", None) is not None
-        return (normalization_of(model), "those of the weights it was built from") if recorded else default
+        recorded = recorded_normalization(model)
+        return (recorded, "those of the weights it was built from") if recorded is not None else default
     if is_timm_folder(folder):
         cfg = getattr(model, "pretrained_cfg", None) or {}
         return (timm_normalization(model), "timm's pretrained_cfg") if "mean" in cfg and "std" in cfg else default

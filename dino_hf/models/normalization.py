@@ -83,12 +83,17 @@ def set_normalization_(backbone: nn.Module, normalization: Normalization) -> nn.
     return backbone
 
 
-def normalization_of(backbone: nn.Module) -> Normalization:
-    """The normalisation recorded on `backbone` (ImageNet's for a module that has none)."""
+def recorded_normalization(backbone: nn.Module) -> Normalization | None:
+    """The normalisation recorded on `backbone` by `set_normalization_`, None when it has none."""
     mean, std = getattr(backbone, "image_mean", None), getattr(backbone, "image_std", None)
     if mean is None or std is None:
-        return IMAGENET
+        return None
     return Normalization(tuple(mean), tuple(std))
+
+
+def normalization_of(backbone: nn.Module) -> Normalization:
+    """The normalisation recorded on `backbone` (ImageNet's for a module that has none)."""
+    return recorded_normalization(backbone) or IMAGENET
 
 
 __all__ = [
@@ -96,6 +101,7 @@ __all__ = [
     "Normalization",
     "normalization_of",
     "processor_normalization",
+    "recorded_normalization",
     "saved_normalization",
     "set_normalization_",
     "timm_normalization",

@@ -267,7 +267,7 @@ class Distillation(Term):
             self.queue.push_(F.normalize(gathered.float(), dim=-1))
             values[GLOBAL] = queue_kl(features, student_features, self.queue.features)
         if LOCAL in self.weights:
-            student_patches = to_grid(student_patches, square_grid(patches, f"{self.frozen.name}"))
+            student_patches = to_grid(student_patches, square_grid(patches, self.frozen.name))
             score = similarity_kl if self.local_loss == "similarity" else cosine_regression
             values[LOCAL] = score(patches, student_patches)
         return values

@@ -78,10 +78,9 @@ class CheckpointWriter:
         self.exported_name = "teacher" if distillation is None else "student"
         self.output_dir = Path(args.output_dir)
         self.checkpoints_dir = self.output_dir / "checkpoints"
-        export_name = "teacher_backbone" if distillation is None else "student_backbone"
-        self.export_dir = self.output_dir / export_name
+        self.export_dir = self.output_dir / f"{self.exported_name}_backbone"
         # The network of the best k-NN measured so far (`dino_hf.training.guard`), beside the last one.
-        self.best_export_dir = self.output_dir / f"{export_name}_best"
+        self.best_export_dir = self.output_dir / f"{self.exported_name}_backbone_best"
         self.last: Path | None = None
         self.lora = setup_of(accelerator.unwrap_model(student))
         self.adapter_pusher = None
