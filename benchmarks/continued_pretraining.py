@@ -6,29 +6,36 @@ without the safeguards of `configs/continue_pretraining.yaml`. Offline, on the C
    the small-data benchmark's textures by default; `benchmarks/small_data.py`). They are made once and
    reused (`--root`).
 2. Each is continued with DINO on another generated set, the "domain" (`--domain`: by default the demo's
-   set of shape-and-texture classes, `dino_hf.data.demo`, where DINO learns in CPU minutes),
-   for the same number of steps under:
+   set of shape-and-texture classes, `dino_hf.data.demo`, where DINO learns in CPU minutes, with 150
+   validation images per class, `--domain_eval_per_class`: 1200 images, a standard error of about 1.2
+   points on a k-NN near 20 %), for the same number of steps, once per `--seeds`, under:
    - (a) the paper's recipe without safeguards: the fresh DINO head and the backbone train together
      from the first step, one learning rate for every layer, nothing to hold the student near its start;
    - (b) `configs/continue_pretraining.yaml`: head warm-up with the backbone frozen, then the backbone's
-     own learning-rate warm-up, layer-wise decay, a lower patch-embedding rate, Gram anchoring to the
-     start and the k-NN guard (the best export kept, the run stopped when the k-NN falls);
+     own learning-rate warm-up (each 20 % of the run), layer-wise decay, a lower patch-embedding rate,
+     Gram anchoring to the start and the k-NN guard (the best export kept, the run stopped when the k-NN
+     falls; `--stop_if_knn_drops 100` measures the run as it would go without an evaluation set);
    - (c) the frozen start: the released checkpoint itself, no training;
    - (d) `configs/continue_pretraining_lora.yaml` (ViT starts only): (b) trained through LoRA, ExPLoRA's
      recipe (rank 64 on Q and V, the last block and the norms unfrozen, the frozen weights held once).
 3. It prints, side by side, the weighted k-NN top-1 (k = 20) on the domain's and the release set's
    validation splits at the start, at the best step (by the domain k-NN that the run measures every
-   `--eval_steps`) and at the end, and the backbone parameters each run trains.
+   `--eval_steps`) and at the end, the backbone parameters each run trains, and how far each part of the
+   backbone moved from the start (||W - W0|| / ||W0||). With several seeds, a summary of each recipe's
+   change from the start, seed by seed.
 
     python benchmarks/continued_pretraining.py
-    python benchmarks/continued_pretraining.py --starts vit --max_steps 60
+    python benchmarks/continued_pretraining.py --starts vit --max_steps 280 --eval_steps 40 \
+        --stop_if_knn_drops 100 --recipes a,b,d --seeds 0,1
 
 Flags it does not know go to both recipes' training arguments, after its own, so they override them
 (e.g. `--learning_rate`). Run it with `OMP_NUM_THREADS=1` on a shared machine.
 """
 
 import argparse
+import math
 import os
+import re
 import time
 from pathlib import Path
 
@@ -41,6 +48,7 @@ from dino_hf.data.demo import default_demo_root, make_demo_dataset
 from dino_hf.models.backbones import TimmBackbone, TransformersBackbone, build_backbone
 from dino_hf.models.transformers_backbone import FAMILIES
 from dino_hf.training.arguments import parse_training_args
+from dino_hf.training.layer_decay import freeze_blocks_
 from dino_hf.training.networks import build_student_teacher
 from dino_hf.training.trainer import backbone_knn, train
 
@@ -81,24 +89,21 @@ BUDGET = cpu_budget(local_crops_number=2, logging_steps=10) + [
 ]  # fmt: skip
 RECIPES = {
     "(a) DINO, no safeguards": [],
-    # The config's step counts, scaled to the benchmark's runs.
-    "(b) continue_pretraining.yaml": [
-        "--config",
-        "configs/continue_pretraining.yaml",
-        "--head_warmup_steps",
-        "20",
-        "--backbone_warmup_steps",
-        "20",
-    ],  # fmt: skip
-    "(d) continue_pretraining_lora.yaml": [
-        "--config",
-        "configs/continue_pretraining_lora.yaml",
-        "--head_warmup_steps",
-        "20",
-        "--backbone_warmup_steps",
-        "20",
-    ],  # fmt: skip
+    # The configs' warm-ups are scaled to the benchmark's runs (`warmups`).
+    "(b) continue_pretraining.yaml": ["--config", "configs/continue_pretraining.yaml"],
+    "(d) continue_pretraining_lora.yaml": ["--config", "configs/continue_pretraining_lora.yaml"],
 }
+WARMUP_SHARE = 0.2  # of the run, for the head's warm-up and again for the backbone's
+
+
+def warmups(recipe: list[str], max_steps: int) -> list[str]:
+    """The head's and the backbone's warm-ups of a config recipe, each WARMUP_SHARE of the run."""
+    if "--config" not in recipe:
+        return []
+    steps = str(max(1, round(WARMUP_SHARE * max_steps)))
+    return ["--head_warmup_steps", steps, "--backbone_warmup_steps", steps]
+
+
 # LoRA adapts a ViT's attention: (d) runs for these starts only.
 LORA_STARTS = ("vit",)
 
@@ -169,6 +174,7 @@ def continue_run(start: Path, recipe: list[str], domain: Path, release: Path, ou
         + extra
     )
     student, _, _ = build_student_teacher(args)  # what the run trains: counted on a build of its own
+    freeze_blocks_(student, args.freeze_blocks)
     named = dict(student.backbone.model.named_parameters())
     trained = sum(p.numel() for p in named.values() if p.requires_grad)
     weights = sum(p.numel() for name, p in named.items() if ".lora_" not in name)
@@ -188,7 +194,27 @@ def continue_run(start: Path, recipe: list[str], domain: Path, release: Path, ou
     }
     if result.knn_stop:
         print(f"stopped by the k-NN guard: {result.knn_stop}")
+    moved = movement(start, result.export_dir)
+    print("moved from the start (||W - W0|| / ||W0||, %): " + ", ".join(f"{k} {v:.2f}" for k, v in moved.items()))
     return row
+
+
+def movement(start: Path, export: Path) -> dict[str, float]:
+    """How far each part of the backbone moved from `start` to `export`: ||W - W0|| / ||W0|| over the
+    part's weights (the embeddings, each block, the final norm), in %."""
+    before = build_backbone(str(start), drop_path_rate=0.0).model.state_dict()
+    after = build_backbone(str(export), drop_path_rate=0.0).model.state_dict()
+    parts: dict[str, list[float]] = {}
+    for name, weight in before.items():
+        if not weight.is_floating_point():
+            continue
+        index = re.search(r"\.(?:layer|blocks|layers)\.(\d+)\.", f".{name}")
+        part = f"block {index.group(1)}" if index else ("embeddings" if "embed" in name else "rest")
+        change = (after[name].float() - weight.float()).square().sum().item()
+        total = parts.setdefault(part, [0.0, 0.0])
+        total[0] += change
+        total[1] += weight.float().square().sum().item()
+    return {part: 100 * math.sqrt(change / max(norm, 1e-12)) for part, (change, norm) in parts.items()}
 
 
 def _cell(value) -> str:
@@ -228,6 +254,14 @@ def main():
     parser.add_argument("--eval_steps", type=int, default=25, help="k-NN of the teacher every this many steps")
     parser.add_argument("--root", default=os.path.join(default_demo_root(), "small_data"), help="where sets are made")
     parser.add_argument("--output_dir", default="outputs/continued_pretraining", help="one folder per run")
+    parser.add_argument("--recipes", default="a,b,d", help="comma-separated letters of the recipes to run (c always)")
+    parser.add_argument("--seeds", default="0", help="comma-separated training seeds: each recipe runs once per seed")
+    parser.add_argument(
+        "--domain_eval_per_class",
+        type=int,
+        default=150,
+        help="validation images per class of the demo domain (150: a standard error of about 1 point on the k-NN)",
+    )
     parser.add_argument(
         "--anchor_variants", action="store_true", help="also run the recipe without an anchor and with the cosine one"
     )
@@ -237,7 +271,13 @@ def main():
     print(hardware())
     began = time.perf_counter()
     names = (args.release, args.domain)
-    release, domain = (Path(make_demo_dataset()) if name == "demo" else make_set(name, args.root) for name in names)
+    release, domain = (
+        Path(make_demo_dataset(eval_per_class=args.domain_eval_per_class))
+        if name == "demo"
+        else make_set(name, args.root)
+        for name in names
+    )
+    seeds = [int(seed) for seed in args.seeds.split(",")]
     rows = []
     for start in [name.strip() for name in args.starts.split(",") if name.strip()]:
         made = time.perf_counter()
@@ -253,15 +293,44 @@ def main():
             base = RECIPES["(b) continue_pretraining.yaml"]
             recipes.update({name: base + flags for name, flags in ANCHOR_VARIANTS.items()})
         for recipe, flags in recipes.items():
-            if recipe.startswith("(d)") and start not in LORA_STARTS:
+            letter = recipe[1]
+            if letter not in args.recipes.split(",") or (letter == "d" and start not in LORA_STARTS):
                 continue
-            output_dir = Path(args.output_dir) / f"{start}_{len(rows)}"
-            row = continue_run(folder, flags, domain, release, output_dir, extra)
-            rows.append({"start": STARTS[start], "recipe": recipe, **row, "release start": frozen["release start"]})
-            print(table(rows[-1:]))
+            for seed in seeds:
+                output_dir = Path(args.output_dir) / f"{start}_{len(rows)}"
+                run_flags = flags + warmups(flags, args.max_steps) + ["--seed", str(seed)]
+                row = continue_run(folder, run_flags, domain, release, output_dir, extra)
+                row.update({"start": STARTS[start], "recipe": recipe, "seed": seed})
+                rows.append({**row, "release start": frozen["release start"]})
+                print(table(rows[-1:]))
     print(f"\nk-NN top-1 (%) at k = 20 on the validation splits; {hardware()}")
     print(f"{(time.perf_counter() - began) / 60:.1f} min in all\n")
     print(table(rows))
+    if len(seeds) > 1:
+        print(f"\nOver the seeds {args.seeds}:\n")
+        print(seed_summary(rows))
+
+
+def seed_summary(rows: list[dict]) -> str:
+    """Per start and recipe over its seeds: the mean domain k-NN at the end, the end minus the start of each
+    seed, and the mean release-set k-NN at the end."""
+    runs: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if "seed" in row:
+            runs.setdefault((row["start"], row["recipe"]), []).append(row)
+    lines = [
+        "| start | recipe | domain start | domain end (mean) | end - start, each seed | release end (mean) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (start, recipe), group in runs.items():
+        ends = [row["domain end"] for row in group]
+        changes = ", ".join(f"{row['domain end'] - row['domain start']:+.1f}" for row in group)
+        releases = [row["release end"] for row in group]
+        lines.append(
+            f"| {start} | {recipe} | {group[0]['domain start']:.1f} | {sum(ends) / len(ends):.1f} | {changes} "
+            f"| {sum(releases) / len(releases):.1f} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

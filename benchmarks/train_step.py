@@ -50,6 +50,7 @@ them), and it prints the trainable parameters of the backbone:
 
     python benchmarks/train_step.py --lora --steps 1 --repeats 1            # CPU: ViT-B/16 and ViT-L/16
     python benchmarks/train_step.py --lora --models vit_base_patch16        # one of them
+    python benchmarks/train_step.py --lora --steps 1 --repeats 1 --cpu_bf16 # CPU in bf16, as the configs
 
 Per-step overhead (Python, launches, host synchronisation) shows with a tiny model on small crops,
 where the arithmetic is negligible; steps/s is then the figure:
@@ -120,14 +121,14 @@ def ibot_term(args, student, device) -> IBotTerm:
     return IBotTerm(IBotLoss(args.out_dim).to(device), 1.0, masks.to(device))
 
 
-def _on_accelerator(student, optimizer, device):
-    """On a GPU, the student and optimiser prepared by an Accelerator in bf16 (and that accelerator); on the
-    CPU, as they are (no accelerator)."""
-    if device.type != "cuda":
+def _on_accelerator(student, optimizer, device, cpu_bf16: bool = False):
+    """On a GPU, or on the CPU with `cpu_bf16`, the student and optimiser prepared by an Accelerator in bf16
+    (and that accelerator); otherwise on the CPU, as they are (fp32, no accelerator)."""
+    if device.type != "cuda" and not cpu_bf16:
         return student, optimizer, None
     from accelerate import Accelerator
 
-    accelerator = Accelerator(mixed_precision="bf16")
+    accelerator = Accelerator(mixed_precision="bf16", cpu=device.type != "cuda")
     student, optimizer = accelerator.prepare(student, optimizer)
     return student, optimizer, accelerator
 
@@ -147,7 +148,7 @@ def ours(args, device, variant: str = "ours"):
         terms.append(AnchorTerm(anchor, gram_weight=1.0, cosine_weight=float(cosine)))
     apply_speed_options(student, teacher, torch_compile=args.torch_compile)
     optimizer = build_optimizer("adamw", get_param_groups(student), device=device)
-    student, optimizer, accelerator = _on_accelerator(student, optimizer, device)
+    student, optimizer, accelerator = _on_accelerator(student, optimizer, device, args.cpu_bf16)
 
     def step():
         options = dict(freeze_last_layer=False, accelerator=accelerator, terms=terms, **SCHEDULE)
@@ -175,7 +176,7 @@ def continued(args, device, lora: bool):
     sizes = [args.global_size] * 2 + [args.local_size] * args.local_crops
     crops = [torch.randn(args.batch, 3, size, size, device=device, generator=generator) for size in sizes]
     optimizer = build_optimizer("adamw", get_param_groups(student), device=device)
-    student, optimizer, accelerator = _on_accelerator(student, optimizer, device)
+    student, optimizer, accelerator = _on_accelerator(student, optimizer, device, args.cpu_bf16)
 
     def step():
         options = dict(freeze_last_layer=False, accelerator=accelerator, terms=[AnchorTerm(anchor, 1.0)], **SCHEDULE)
@@ -198,7 +199,7 @@ def distilled(args, device):
     generator = torch.Generator(device).manual_seed(0)
     view = torch.randn(args.batch, 3, args.global_size, args.global_size, device=device, generator=generator)
     optimizer = build_optimizer("adamw", get_param_groups(student), device=device)
-    student, optimizer, accelerator = _on_accelerator(student, optimizer, device)
+    student, optimizer, accelerator = _on_accelerator(student, optimizer, device, args.cpu_bf16)
     dino_loss = DinoLoss(1, 2).to(device)  # unused without the DINO loss
     options = dict(freeze_last_layer=False, accelerator=accelerator, dino_weight=0.0, terms=[distillation])
 
@@ -354,6 +355,12 @@ def main():
         "to the same step training the whole backbone, for each of --models",
     )
     parser.add_argument(
+        "--cpu_bf16",
+        action="store_true",
+        help="on the CPU, bf16 autocast through Accelerate as on a GPU (the configs' mixed_precision: bf16; for CPUs "
+        "with native bf16, see benchmarks/cpu_mixed_precision.py)",
+    )
+    parser.add_argument(
         "--models",
         nargs="+",
         default=["vit_base_patch16", "vit_large_patch16"],
@@ -413,7 +420,7 @@ def _columns(args) -> list[tuple[str, str]]:
 def _compare(args, cuda: bool, columns: list[tuple[str, str]], argv: list[str]) -> None:
     """Runs each column's worker `args.repeats` times and prints the table."""
     hardware = torch.cuda.get_device_name() if cuda else f"CPU, {args.threads} thread(s)"
-    precision = "bf16 autocast" if cuda else "fp32"
+    precision = "bf16 autocast" if cuda or args.cpu_bf16 else "fp32"
     if args.distill:
         args.model = f"{DISTILL_FROZEN} frozen model into a ResNet-18 (one view) vs DINO's step of the ResNet-18"
     print(
