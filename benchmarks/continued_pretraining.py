@@ -35,7 +35,6 @@ Flags it does not know go to both recipes' training arguments, after its own, so
 import argparse
 import math
 import os
-import re
 import time
 from pathlib import Path
 
@@ -48,7 +47,7 @@ from dino_hf.data.demo import default_demo_root, make_demo_dataset
 from dino_hf.models.backbones import TimmBackbone, TransformersBackbone, build_backbone
 from dino_hf.models.transformers_backbone import FAMILIES
 from dino_hf.training.arguments import parse_training_args
-from dino_hf.training.layer_decay import freeze_blocks_
+from dino_hf.training.layer_decay import backbone_layout, freeze_blocks_
 from dino_hf.training.networks import build_student_teacher
 from dino_hf.training.trainer import backbone_knn, train
 
@@ -201,19 +200,19 @@ def continue_run(start: Path, recipe: list[str], domain: Path, release: Path, ou
 
 def movement(start: Path, export: Path) -> dict[str, float]:
     """How far each part of the backbone moved from `start` to `export`: ||W - W0|| / ||W0|| over the
-    part's weights (the embeddings, each block, the final norm), in %."""
-    before = build_backbone(str(start), drop_path_rate=0.0).model.state_dict()
-    after = build_backbone(str(export), drop_path_rate=0.0).model.state_dict()
+    part's parameters, in %. The parts are `--freeze_blocks`'s units (`backbone_layout`): the embeddings,
+    each block (a CNN's stages), and what comes after them."""
+    model = build_backbone(str(start), drop_path_rate=0.0).model
+    after = dict(build_backbone(str(export), drop_path_rate=0.0).model.named_parameters())
+    layout = backbone_layout(model)
+    singular = layout.unit_name.rstrip("s")
     parts: dict[str, list[float]] = {}
-    for name, weight in before.items():
-        if not weight.is_floating_point():
-            continue
-        index = re.search(r"\.(?:layer|blocks|layers)\.(\d+)\.", f".{name}")
-        part = f"block {index.group(1)}" if index else ("embeddings" if "embed" in name else "rest")
-        change = (after[name].float() - weight.float()).square().sum().item()
+    for name, weight in model.named_parameters():
+        unit = layout.places[name].unit
+        part = "embeddings" if unit == 0 else "rest" if unit > layout.num_units else f"{singular} {unit - 1}"
         total = parts.setdefault(part, [0.0, 0.0])
-        total[0] += change
-        total[1] += weight.float().square().sum().item()
+        total[0] += (after[name] - weight).detach().square().sum().item()
+        total[1] += weight.detach().square().sum().item()
     return {part: 100 * math.sqrt(change / max(norm, 1e-12)) for part, (change, norm) in parts.items()}
 
 
@@ -260,7 +259,7 @@ def main():
         "--domain_eval_per_class",
         type=int,
         default=150,
-        help="validation images per class of the demo domain (150: a standard error of about 1 point on the k-NN)",
+        help="validation images per class of the demo domain (150: a standard error of about 1.2 points on the k-NN)",
     )
     parser.add_argument(
         "--anchor_variants", action="store_true", help="also run the recipe without an anchor and with the cosine one"
@@ -278,6 +277,7 @@ def main():
         for name in names
     )
     seeds = [int(seed) for seed in args.seeds.split(",")]
+    letters = args.recipes.split(",")
     rows = []
     for start in [name.strip() for name in args.starts.split(",") if name.strip()]:
         made = time.perf_counter()
@@ -294,7 +294,7 @@ def main():
             recipes.update({name: base + flags for name, flags in ANCHOR_VARIANTS.items()})
         for recipe, flags in recipes.items():
             letter = recipe[1]
-            if letter not in args.recipes.split(",") or (letter == "d" and start not in LORA_STARTS):
+            if letter not in letters or (letter == "d" and start not in LORA_STARTS):
                 continue
             for seed in seeds:
                 output_dir = Path(args.output_dir) / f"{start}_{len(rows)}"
