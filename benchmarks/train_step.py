@@ -42,7 +42,8 @@ of the distillation step (its forward alone, timed apart):
 
 With `--lora`, a continued-pretraining step with the Gram anchor to the start (weight 1) trained through
 LoRA (`--lora_rank 64 --unfreeze_last_blocks 1`, ExPLoRA's recipe, `configs/continue_pretraining_lora.yaml`:
-student, teacher and anchor share the frozen base weights) against the same step training the whole backbone
+student, teacher and anchor share the frozen base weights, held in bf16 under bf16 autocast as the trainer
+holds them) against the same step training the whole backbone
 (student, teacher, anchor and AdamW's moments each a copy of the weights), for ViT-B/16 and ViT-L/16 (DinoModel
 presets; random weights: the cost of a step does not depend on them). Its memory row is the whole run's: the
 peak GPU memory from before the networks are built (CPU: the rise of the peak RSS over the process's before
@@ -79,7 +80,7 @@ from dino_hf.models.normalization import normalization_of
 from dino_hf.training.anchor import Anchor
 from dino_hf.training.distillation import Distillation, FrozenModel
 from dino_hf.training.ibot import IBotLoss
-from dino_hf.training.lora import add_lora_, shared_parameters
+from dino_hf.training.lora import add_lora_, hold_base_in_, shared_parameters
 from dino_hf.training.loss import DinoLoss
 from dino_hf.training.optimization import build_optimizer, get_param_groups
 from dino_hf.training.speed import apply_speed_options
@@ -168,6 +169,8 @@ def continued(args, device, lora: bool):
     backbone = build_backbone(args.model, drop_path_rate=0.1)
     if lora:
         add_lora_(backbone, rank=LORA_RANK, base=args.model, unfreeze_last_blocks=LORA_UNFROZEN)
+        if device.type == "cuda" or args.cpu_bf16:  # under bf16 the trainer holds the base in bf16
+            hold_base_in_(backbone, torch.bfloat16)
     student = MultiCropWrapper(backbone, DinoHead(backbone.num_features, args.out_dim)).to(device)
     teacher = build_teacher(student, shared_parameters(backbone) if lora else None)
     anchor = Anchor(student.backbone, gram=True, cosine=False).to(device)

@@ -22,8 +22,8 @@ from dino_hf.models.configuration_dino import DinoConfig
 from dino_hf.models.modeling_dino import DinoModel
 from dino_hf.training.anchor import build_anchor
 from dino_hf.training.arguments import DinoTrainingArguments
-from dino_hf.training.lora import add_lora_, merged_backbone, save_adapter
-from dino_hf.training.networks import build_student_teacher
+from dino_hf.training.lora import add_lora_, merged_backbone, save_adapter, with_base_of
+from dino_hf.training.networks import build_student_teacher, lora_base_dtype, student_backbone
 from dino_hf.training.optimization import build_optimizer, get_param_groups
 from dino_hf.training.teacher import ema_update_
 
@@ -183,6 +183,30 @@ def _perturbed_backbone(folder, tmp_path):
     return teacher.backbone
 
 
+def _peft_difference(merged, adapter, start: str, feature: str = "pooler_output") -> tuple[float, float]:
+    """In a process without dino_hf, in fp32: the largest difference between the features of the `merged` export
+    and of the `adapter` applied by peft to `start`, and between the export's and the start's."""
+    script = f"""
+import sys, torch
+from transformers import AutoModel
+from peft import PeftModel
+merged = AutoModel.from_pretrained({str(merged)!r}).eval()
+adapted = PeftModel.from_pretrained(AutoModel.from_pretrained({start!r}), {str(adapter)!r}).eval()
+start = AutoModel.from_pretrained({start!r}).eval()
+assert type(merged).__name__ == type(start).__name__
+assert {{p.dtype for p in merged.parameters()}} == {{torch.float32}}
+assert "dino_hf" not in sys.modules
+x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    a, b, c = (m(pixel_values=x).{feature} for m in (merged, adapted, start))
+print(float((a - b).abs().max()), float((a - c).abs().max()))
+"""
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=ENV)
+    assert completed.returncode == 0, completed.stderr
+    difference, moved = map(float, completed.stdout.split()[-2:])
+    return difference, moved
+
+
 @pytest.mark.parametrize("family", ["dinov2", "dinov3_vit", "vit"])
 def test_the_merged_export_equals_the_adapter_applied_by_peft_without_dino_hf(folders, tmp_path, family):
     backbone = _perturbed_backbone(folders[family], tmp_path)
@@ -193,24 +217,7 @@ def test_the_merged_export_equals_the_adapter_applied_by_peft_without_dino_hf(fo
         if name in base_weights:
             assert torch.equal(param, base_weights[name]), name
     feature = "last_hidden_state[:, 0]" if family == "vit" else "pooler_output"
-    script = f"""
-import sys, torch
-from transformers import AutoModel
-from peft import PeftModel
-merged = AutoModel.from_pretrained({str(tmp_path / "merged")!r}).eval()
-adapter = {str(tmp_path / "adapter")!r}
-adapted = PeftModel.from_pretrained(AutoModel.from_pretrained({folders[family]!r}), adapter).eval()
-start = AutoModel.from_pretrained({folders[family]!r}).eval()
-assert type(merged).__name__ == type(start).__name__
-assert "dino_hf" not in sys.modules
-x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-with torch.no_grad():
-    a, b, c = (m(pixel_values=x).{feature} for m in (merged, adapted, start))
-print(float((a - b).abs().max()), float((a - c).abs().max()))
-"""
-    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=ENV)
-    assert completed.returncode == 0, completed.stderr
-    difference, moved = map(float, completed.stdout.split()[-2:])
+    difference, moved = _peft_difference(tmp_path / "merged", tmp_path / "adapter", folders[family], feature)
     assert difference < 1e-5
     assert moved > 1e-3  # the adapter changed the features: the comparison is not between two starts
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
@@ -271,6 +278,144 @@ def test_checkpoints_hold_no_base_weight_resume_exactly_and_refuse_another_base(
     completed = run_cli(*argv)
     assert completed.returncode == 2, completed.stderr
     assert "other weights" in completed.stderr and "sha256" in completed.stderr
+
+
+def _perturbed_trainable_(network: nn.Module, seed: int) -> None:
+    """Move every trainable parameter of `network` by seeded noise (B starts at zero: A would get no gradient)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in network.parameters():
+            if param.requires_grad:
+                param.add_(0.1 * torch.randn(param.shape, generator=generator))
+
+
+@pytest.mark.parametrize("family", ["dinov2", "dinov3_vit", "vit"])
+def test_a_base_held_in_bf16_computes_the_same_step_bit_for_bit_under_bf16_autocast(folders, tmp_path, family):
+    args = _lora_args(folders[family], tmp_path, gram_loss_weight=1.0)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    results = []
+    for base_dtype in (None, torch.bfloat16):
+        torch.manual_seed(1)
+        student, teacher, _ = build_student_teacher(args, base_dtype=base_dtype)
+        anchor = build_anchor(args, student.backbone)
+        _perturbed_trainable_(student, 2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            features, tokens = student.backbone.forward_tokens(x)
+            _, anchor_tokens = anchor(x)
+            teacher_output = teacher(x)
+            loss = features.float().square().mean() + (tokens.float() - anchor_tokens.float()).square().mean()
+        loss.backward()
+        grads = {name: p.grad for name, p in student.backbone.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), teacher_output, grads))
+    (loss, teacher_output, grads), (held_loss, held_teacher_output, held_grads) = results
+    assert torch.equal(held_loss, loss) and torch.equal(held_teacher_output, teacher_output)
+    assert held_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        assert torch.equal(held_grads[name], grad), name
+
+    # What is held in bf16: the frozen Linear layers' weights, shared by the three networks; nothing else.
+    layers = nn.Linear
+    layer_params = {
+        f"{n}.{p}"
+        for n, m in student.backbone.model.named_modules()
+        if isinstance(m, layers)
+        for p, _ in m.named_parameters(recurse=False)
+    }
+    anchor_params = dict(anchor.backbone.model.named_parameters())
+    for name, param in teacher.backbone.model.named_parameters():
+        student_param = dict(student.backbone.model.named_parameters())[name]
+        held = name in layer_params and not student_param.requires_grad
+        assert param.dtype == (torch.bfloat16 if held else torch.float32), name
+        if held:
+            assert param.data_ptr() == student_param.data_ptr()
+            assert anchor_params[name.replace(".base_layer.", ".")].data_ptr() == param.data_ptr(), name
+    assert student.backbone.lora_setup.base_dtype == torch.bfloat16
+
+
+def test_the_base_is_held_in_the_dtype_of_mixed_precision_when_the_start_can_be_read_again(folders, tmp_path):
+    args = _lora_args(folders["dinov2"], tmp_path)
+    assert lora_base_dtype(args, "bf16") == torch.bfloat16 and lora_base_dtype(args, "fp16") == torch.float16
+    assert lora_base_dtype(args, "no") is None and lora_base_dtype(args, "fp8") is None
+    full = _lora_args(folders["dinov2"], tmp_path, lora_rank=0, unfreeze_last_blocks=0)
+    assert lora_base_dtype(full, "bf16") is None
+    # Random weights (a preset) cannot be read again for the export: they stay as built.
+    preset = _lora_args(None, tmp_path, model_name_or_path="vit_tiny_patch16", global_crops_size=32)
+    assert lora_base_dtype(preset, "bf16") is None
+
+
+def test_the_full_precision_copy_is_the_run_in_fp32_and_refuses_a_start_that_changed(folders, tmp_path):
+    args = _lora_args(folders["dinov2"], tmp_path)
+    torch.manual_seed(1)
+    _, reference, _ = build_student_teacher(args)
+    torch.manual_seed(1)
+    _, teacher, _ = build_student_teacher(args, base_dtype=torch.bfloat16)
+    for network in (reference, teacher):
+        _perturbed_trainable_(network, 2)  # the teacher's own tensors (its EMA), the same in both
+        network.requires_grad_(False)
+    start, _ = student_backbone(args)
+    copied = with_base_of(teacher, start)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(copied.backbone(x), reference.backbone(x))
+    assert {p.dtype for p in copied.parameters()} == {torch.float32}
+    assert {p.dtype for p in teacher.parameters()} == {torch.float32, torch.bfloat16}  # left as it was
+    shared = {p.data_ptr() for p in teacher.parameters() if p.dtype == torch.float32}
+    assert shared <= {p.data_ptr() for p in copied.parameters()}  # the trained tensors are not copied
+    with pytest.raises(ValueError, match="merge the adapters into its copy"):
+        merged_backbone(teacher.backbone)
+    merged_backbone(copied.backbone)
+
+    other = _saved(tf.Dinov2Model(tf.Dinov2Config(**VIT_SIZES, mlp_ratio=2)), tmp_path / "other")
+    changed, _ = student_backbone(_lora_args(other, tmp_path))
+    with pytest.raises(ValueError, match="no longer holds the weights this run started from"):
+        with_base_of(teacher, changed)
+
+
+@pytest.mark.slow
+def test_a_bf16_run_holds_its_base_in_bf16_resumes_exactly_and_exports_in_full_precision(
+    data, labelled_images, folders, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr("dino_hf.training.plan.cpu_has_bf16", lambda: True)  # bf16 autocast on any CPU
+    options = dict(
+        model_name_or_path=folders["dinov2"],
+        train_dir=str(data / "images"),
+        lora_rank=2,
+        unfreeze_last_blocks=1,
+        gram_loss_weight=1.0,
+        learning_rate=0.05,
+        warmup_epochs=0,
+        head_warmup_steps=0,
+        mixed_precision="bf16",
+        eval_train_dir=str(labelled_images),
+        eval_steps=2,
+    )
+    straight = train_in_process(**options, output_dir=str(tmp_path / "straight"), max_train_steps=4)
+    assert f"sharing the frozen {folders['dinov2']} (held in bfloat16)" in capsys.readouterr().out
+    # The k-NN saw the start and each teacher in full precision (a bf16 base under fp32 inputs would not run).
+    assert straight.knn_start and straight.knn and straight.knn_best_step is not None
+
+    resumed_dir = tmp_path / "resumed"
+    train_in_process(**options, output_dir=str(resumed_dir), max_train_steps=2)
+    resumed = train_in_process(
+        **options, output_dir=str(resumed_dir), max_train_steps=4, resume_from_checkpoint="latest"
+    )
+    for part in ("student", "teacher", "gram_teacher"):
+        got = load_file(resumed.checkpoint / f"{part}.safetensors")
+        want = load_file(straight.checkpoint / f"{part}.safetensors")
+        assert got.keys() == want.keys() and not any(".base_layer." in key for key in want)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)
+
+    # The export merges the adapters into the start read again in fp32: peft's adapter on the fp32 start agrees
+    # (the best is the start here: the k-NN of the two colours is 100 % throughout, and a tie keeps the earlier).
+    for export, adapter in (
+        ("teacher_backbone", "teacher_adapter"),
+        ("teacher_backbone_best", "teacher_adapter_best"),
+    ):
+        difference, moved = _peft_difference(
+            straight.output_dir / export, straight.output_dir / adapter, folders["dinov2"]
+        )
+        assert difference < 1e-5, export
+        assert (moved > 1e-4) == (export == "teacher_backbone"), (export, moved)
 
 
 def test_the_lora_config_is_the_continued_pretraining_config_with_explora_choices():

@@ -13,6 +13,10 @@ attention of most blocks, the last block(s) trained fully, and every norm layer.
   (`shared_parameters` as the copy's memo), and the EMA skips those pairs (`teacher.ema_update_`).
 - Checkpoints hold the tensors that are not the base (`own_state`), and `checkpoints.LORA_FILE` names the
   base and the hash of its weights (`LoraSetup.sha256`): a resume with another base is refused (`check_base`).
+- Under bf16 or fp16 mixed precision the frozen weights of the Linear layers are held in that dtype
+  (`hold_base_in_`): autocast computes those layers in it anyway, and would otherwise cast each frozen weight
+  again at every forward and keep the cast for the backward. The k-NN and the export see the base in full
+  precision, read again from the start and checked against its hash (`with_base_of`).
 - `merged_backbone` is the export: adapters merged (W + alpha / r x B A) into the input's own class;
   `save_adapter` writes the same weights as a peft adapter folder (the unfrozen blocks and the norms as
   `modules_to_save`), which `PeftModel.from_pretrained(start, folder)` applies to the start.
@@ -58,13 +62,15 @@ _ADAPTER_PREFIX = "base_model.model."
 @dataclass
 class LoraSetup:
     """What a LoRA run adapts: peft's config of the adapter as it is saved (`modules_to_save`: the unfrozen
-    blocks' and the norms' modules), the base's name and weight hash, and the names of the backbone's trained
-    parameters that are not LoRA factors (`trained`)."""
+    blocks' and the norms' modules), the base's name and weight hash (of its weights as loaded), the names of
+    the backbone's trained parameters that are not LoRA factors (`trained`), and the dtype the frozen weights
+    of its Linear layers are held in (`base_dtype`, None: as loaded; `hold_base_in_`)."""
 
     config: LoraConfig
     base: str
     sha256: str
     trained: tuple[str, ...]
+    base_dtype: torch.dtype | None = None
 
     def describe(self, model: nn.Module) -> str:
         """Which parameters train, for the log and the model card."""
@@ -252,9 +258,65 @@ def remove_adapters_(model: nn.Module, merge: bool) -> nn.Module:
 
 def merged_backbone(backbone: nn.Module) -> nn.Module:
     """A copy of `backbone` (the teacher's) with its adapters merged, in the input's own class: it shares every
-    tensor with `backbone` but the merged weights, new ones."""
+    tensor with `backbone` but the merged weights, new ones.
+
+    Raises:
+        ValueError: the base is held in low precision (`hold_base_in_`): merge into `with_base_of`'s copy.
+    """
+    if setup_of(backbone).base_dtype is not None:
+        raise ValueError(
+            f"the frozen base of this backbone is held in {setup_of(backbone).base_dtype}; merge the adapters into "
+            "its copy with the base in full precision (with_base_of)"
+        )
     copied = copy.deepcopy(backbone, memo={id(param): param for param in backbone.parameters()})
     remove_adapters_(copied.model, merge=True)
+    return copied
+
+
+def hold_base_in_(backbone: nn.Module, dtype: torch.dtype) -> int:
+    """Hold the frozen weights and biases of the Linear layers of `backbone.model` (a LoRA backbone,
+    `add_lora_`) in `dtype`, in place: the `Parameter` objects stay (a teacher or anchor sharing them shares
+    the cast ones), their storage becomes `dtype`'s. Under autocast in `dtype` those layers compute with
+    exactly these values. The other frozen tensors stay as they are: the position embeddings and layer
+    scales, which autocast does not cast, and the patch embedding, whose dtype some families give their
+    input (DINOv3 computes its RoPE in it). Returns the number of values cast."""
+    setup = setup_of(backbone)
+    cast = 0
+    for module in backbone.model.modules():
+        if isinstance(module, nn.Linear):
+            for param in module.parameters(recurse=False):
+                if not param.requires_grad and param.is_floating_point():
+                    param.data = param.data.to(dtype)
+                    cast += param.numel()
+    setup.base_dtype = dtype
+    return cast
+
+
+def with_base_of(network: nn.Module, start: nn.Module) -> nn.Module:
+    """A copy of `network` (a teacher `MultiCropWrapper`, or a backbone) whose base weights held in low precision
+    (`hold_base_in_`) are those of `start` (the run's start built again as loaded, `add_lora_` applied alike:
+    the same names), on `network`'s device; its other tensors are `network`'s own, shared. For the k-NN and the
+    export of a run that holds its base in low precision.
+
+    Raises:
+        ValueError: `start`'s weights are not those the run started from (another sha256).
+    """
+    backbone = getattr(network, "backbone", network)
+    setup, reloaded = setup_of(backbone), setup_of(start)
+    if reloaded.sha256 != setup.sha256:
+        raise ValueError(
+            f"{setup.base!r} no longer holds the weights this run started from (sha256 {setup.sha256[:12]}..., now "
+            f"{reloaded.sha256[:12]}...): the k-NN and the export read its frozen weights again in full precision. "
+            "Put the start back as it was, or resume from the last checkpoint with the same start"
+        )
+    frozen = {name: param for name, param in start.model.named_parameters() if not param.requires_grad}
+    memo = {id(param): param for param in network.parameters()}
+    for name, param in backbone.model.named_parameters():
+        if name in frozen and param.dtype != frozen[name].dtype:
+            memo[id(param)] = nn.Parameter(frozen[name].detach().to(param.device), requires_grad=False)
+    copied = copy.deepcopy(network, memo=memo)
+    copied_backbone = getattr(copied, "backbone", copied)
+    copied_backbone.lora_setup = dataclasses.replace(setup, base_dtype=None)
     return copied
 
 
@@ -308,6 +370,7 @@ __all__ = [
     "base_pointers",
     "check_base",
     "default_targets",
+    "hold_base_in_",
     "load_own_state",
     "merged_backbone",
     "own_state",
@@ -315,4 +378,5 @@ __all__ = [
     "save_adapter",
     "setup_of",
     "shared_parameters",
+    "with_base_of",
 ]

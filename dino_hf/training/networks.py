@@ -2,6 +2,7 @@
 
 import os
 
+import torch
 from torch import nn
 
 from ..convert.conversions import dino_from_reference
@@ -14,12 +15,12 @@ from ..models.multicrop_wrapper import MultiCropWrapper
 from ..models.references import TIMM_PREFIX
 from ..models.transformers_backbone import TransformersBackbone
 from .arguments import DinoTrainingArguments, check_crop_sizes, dino_on, lora_on, model_spec, preset_overrides
-from .lora import add_lora_, shared_parameters
+from .lora import add_lora_, hold_base_in_, shared_parameters
 from .teacher import build_teacher
 
 
 def build_student_teacher(
-    args: DinoTrainingArguments, distill_dim: int | None = None
+    args: DinoTrainingArguments, distill_dim: int | None = None, base_dtype: torch.dtype | None = None
 ) -> tuple[MultiCropWrapper, MultiCropWrapper, bool]:
     """Student = backbone + DINO head, teacher = its copy without stochastic depth.
 
@@ -33,7 +34,7 @@ def build_student_teacher(
     the features. Presets and timm names start from random weights: no warm-up.
 
     With `--lora_rank`, the backbone gets LoRA factors (`dino_hf.training.lora.add_lora_`) and the teacher
-    shares its frozen base weights.
+    shares its frozen base weights, held in `base_dtype` when it is given (`lora_base_dtype`).
 
     With iBOT on (`--ibot_loss_weight`), the backbone has a trained mask token, and with
     `--ibot_separate_head` the student has a second head of the same shape for the patch tokens
@@ -43,30 +44,12 @@ def build_student_teacher(
         ValueError: the crop sizes are not multiples of the backbone's patch size; iBOT on a backbone
             without a mask token (a timm model, a CNN); LoRA on a backbone that is not a ViT.
     """
-    spec = model_spec(args)
+    backbone, head_state = student_backbone(args)
     mask_token = args.ibot_loss_weight > 0
-    # A timm model named by --model_name_or_path comes with its trained weights; by --backbone, without.
-    from_timm_weights = args.model_name_or_path is not None and spec.startswith(TIMM_PREFIX)
-    backbone, head_state = _named_backbone(
-        spec,
-        drop_path_rate=args.drop_path_rate,
-        image_size=args.global_crops_size,
-        timm_weights=from_timm_weights,
-        mask_token=mask_token,
-        **preset_overrides(args),
-    )
     pretrained = has_trained_weights(args)
     _check_input_sizes(args, backbone)
-    if lora_on(args):
-        add_lora_(
-            backbone,
-            rank=args.lora_rank,
-            base=spec,
-            alpha=args.lora_alpha,
-            dropout=args.lora_dropout,
-            target_modules=args.lora_target_modules,
-            unfreeze_last_blocks=args.unfreeze_last_blocks,
-        )
+    if base_dtype is not None:
+        hold_base_in_(backbone, base_dtype)
     if not dino_on(args):
         student = MultiCropWrapper(backbone, nn.Identity(), distill_projector=_projector(args, backbone, distill_dim))
         return student, build_teacher(student), False
@@ -78,6 +61,44 @@ def build_student_teacher(
     # With LoRA the teacher holds the student's frozen base weights themselves (`lora.shared_parameters`).
     shared = shared_parameters(backbone) if lora_on(args) else None
     return student, build_teacher(student, shared), pretrained and head_state is None
+
+
+def student_backbone(args: DinoTrainingArguments) -> tuple[nn.Module, dict | None]:
+    """The student's backbone as the run starts it, with its LoRA factors under `--lora_rank`, and the weights
+    of a reference checkpoint's head (else None). Built again, it is the start of a LoRA run in full precision
+    (`lora.with_base_of`)."""
+    spec = model_spec(args)
+    # A timm model named by --model_name_or_path comes with its trained weights; by --backbone, without.
+    from_timm_weights = args.model_name_or_path is not None and spec.startswith(TIMM_PREFIX)
+    backbone, head_state = _named_backbone(
+        spec,
+        drop_path_rate=args.drop_path_rate,
+        image_size=args.global_crops_size,
+        timm_weights=from_timm_weights,
+        mask_token=args.ibot_loss_weight > 0,
+        **preset_overrides(args),
+    )
+    if lora_on(args):
+        add_lora_(
+            backbone,
+            rank=args.lora_rank,
+            base=spec,
+            alpha=args.lora_alpha,
+            dropout=args.lora_dropout,
+            target_modules=args.lora_target_modules,
+            unfreeze_last_blocks=args.unfreeze_last_blocks,
+        )
+    return backbone, head_state
+
+
+def lora_base_dtype(args: DinoTrainingArguments, mixed_precision: str) -> torch.dtype | None:
+    """The dtype a LoRA run holds its frozen base in (`lora.hold_base_in_`): under bf16 or fp16 mixed precision
+    (the Accelerator's `mixed_precision`), that dtype, which autocast computes the Linear layers in,
+    when the start has trained weights that can be read again in full precision for the k-NN and the export;
+    else None (as loaded: without LoRA, in fp32, or from random weights)."""
+    if not lora_on(args) or not has_trained_weights(args):
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
 
 
 def build_frozen_backbone(args: DinoTrainingArguments) -> nn.Module:
@@ -158,4 +179,10 @@ def _patch_size(backbone: nn.Module) -> int | None:
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
-__all__ = ["build_frozen_backbone", "build_student_teacher", "has_trained_weights"]
+__all__ = [
+    "build_frozen_backbone",
+    "build_student_teacher",
+    "has_trained_weights",
+    "lora_base_dtype",
+    "student_backbone",
+]

@@ -11,6 +11,7 @@ import dataclasses
 import shutil
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 from torch import nn
 
@@ -21,9 +22,9 @@ from . import checkpoints
 from .arguments import DinoTrainingArguments
 from .collectives import on_every_process
 from .guard import figure_name, guarded_figure
-from .lora import base_pointers, merged_backbone, own_state, save_adapter, setup_of
+from .lora import base_pointers, merged_backbone, own_state, save_adapter, setup_of, with_base_of
 from .loss import DinoLoss
-from .networks import has_trained_weights
+from .networks import has_trained_weights, student_backbone
 from .plan import TrainingPlan
 from .sharding import whole_optimizer_state_dict, whole_state_dict
 from .state import RunState
@@ -91,13 +92,30 @@ class CheckpointWriter:
 
     def gathered_teacher(self, weights: dict | None = None) -> nn.Module:
         """The teacher as one module on the main process (a collective under FSDP, where the gathered
-        `weights` are loaded into the whole copy; they are gathered here when not given)."""
+        `weights` are loaded into the whole copy; they are gathered here when not given). A LoRA run that holds
+        its base in low precision gives the main process a copy with the base in full precision
+        (`full_precision`)."""
         if not self.accelerator.is_fsdp2:
-            return self.teacher
+            return self.full_precision(self.teacher) if self.accelerator.is_main_process else self.teacher
         weights = whole_state_dict(self.teacher) if weights is None else weights
         if self.accelerator.is_main_process:
             self.whole_teacher.load_state_dict(weights)
         return self.whole_teacher
+
+    def network_at_start(self) -> nn.Module:
+        """The exported network before the first step, on the main process; no collective (under FSDP the whole
+        copy still holds the start)."""
+        return self.full_precision(self.whole_teacher)
+
+    def full_precision(self, network: nn.Module) -> nn.Module:
+        """`network` as the k-NN and the export take it: itself, or for a LoRA run that holds its frozen base in
+        low precision (`lora.hold_base_in_`), a copy with the base read again from the start in full precision
+        (`lora.with_base_of`; the global random state is left as it was)."""
+        if self.lora is None or self.lora.base_dtype is None:
+            return network
+        with torch.random.fork_rng(devices=[]):
+            start, _ = student_backbone(self.args)
+        return with_base_of(network, start)
 
     def exported(self, weights: dict | None = None) -> nn.Module:
         """The network the run exports and evaluates, as one module on the main process: the teacher, or

@@ -43,7 +43,7 @@ from .init_checkpoint import init_checkpoint_folder, load_start
 from .layer_decay import freeze_blocks_
 from .lora import base_pointers, check_base, load_own_state, setup_of
 from .loss import DinoLoss
-from .networks import build_frozen_backbone, build_student_teacher, has_trained_weights
+from .networks import build_frozen_backbone, build_student_teacher, has_trained_weights, lora_base_dtype
 from .optimization import build_optimizer, get_param_groups
 from .output_folder import removed_if_refused
 from .plan import TrainingPlan, run_mixed_precision
@@ -224,7 +224,8 @@ def _build_networks(args: DinoTrainingArguments, accelerator: Accelerator) -> tu
     backbone of the model distilled from (None without distillation)."""
     frozen_backbone = build_frozen_backbone(args) if distilling(args) else None
     distill_dim = frozen_backbone.num_features if frozen_backbone is not None else None
-    student, teacher, fresh_head = build_student_teacher(args, distill_dim)
+    base_dtype = lora_base_dtype(args, accelerator.mixed_precision)
+    student, teacher, fresh_head = build_student_teacher(args, distill_dim, base_dtype)
     dino_loss, ibot_loss = _build_losses(args)
     if args.init_from_checkpoint:  # before anything copies the networks (the anchor)
         _start_from_checkpoint(args, accelerator, student, teacher, dino_loss, ibot_loss)
@@ -243,8 +244,9 @@ def _networks_line(args: DinoTrainingArguments, student: nn.Module, frozen_backb
     name = type(student.backbone.model).__name__
     lora = setup_of(student)
     if lora is not None:
+        held = f" (held in {str(lora.base_dtype).removeprefix('torch.')})" if lora.base_dtype is not None else ""
         return (
-            f"networks: {name} student and teacher sharing the frozen {lora.base}, head of "
+            f"networks: {name} student and teacher sharing the frozen {lora.base}{held}, head of "
             f"{args.out_dim} prototypes; {lora.describe(student.backbone.model)}"
         )
     if frozen_backbone is None:
@@ -445,12 +447,13 @@ def resume(run: Run) -> None:
         _load_checkpoint(run, folder)
         accelerator.print(f"resumed from {folder} at step {run.state.global_step}")
     elif run.eval_sources is not None and accelerator.is_main_process:
-        run.state.knn_start = _knn(run, run.writer.whole_teacher)
+        start = run.writer.network_at_start()
+        run.state.knn_start = _knn(run, start)
         accelerator.print(
             f"k-NN of the {start_name(args)} {run.writer.exported_name} at {_knn_size(args)} px: "
             f"{knn_line(run.state.knn_start)}"
         )
-        _judge(run, run.writer.whole_teacher, run.state.knn_start, 0)
+        _judge(run, start, run.state.knn_start, 0)
     run.nonfinite = NonFiniteTally(run.state.nonfinite_skipped, accelerator.device)
 
 
