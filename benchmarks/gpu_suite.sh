@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The GPU measurements of dino_hf in one command (under 8 minutes on an H200):
+# The GPU measurements of dino_hf in one command (under 9 minutes on an H200):
 #   end-to-end pretraining from JPEG files with GPU and with CPU augmentation, batched multi-crop,
 #   the training step at batch 128 and 256 (eager and compiled) against the reference-style step,
-#   the step with iBOT and with iBOT + Gram against DINO alone,
+#   the step with iBOT and with iBOT + Gram against DINO alone, the ViT-L/16 LoRA step against the full one,
 #   the small-model (overhead-bound) run, and the CUDA tests.
 # Each part runs under its own `timeout`; a part that fails or times out is reported and the suite
 # goes on. The figures are collected in a markdown table, printed at the end and written to
@@ -68,6 +68,8 @@ part train_step_distill_b128 80 "images/s|seconds/step|ratio|memory|share" \
   python3 benchmarks/train_step.py --batch 128 --repeats 1 --distill
 part train_step_b128_compiled 150 "images/s|seconds/step|ratio|memory|compile|recompil" \
   python3 benchmarks/train_step.py --batch 128 --repeats 1 --torch_compile
+part train_step_lora_vitl 90 "seconds/step|ratio|memory|trainable" \
+  python3 benchmarks/train_step.py --lora --models vit_large_patch16 --batch 4 --warmup 2 --steps 5 --repeats 1
 part small_model 90 "images/s|steps/s|ratio|waiting" \
   python3 benchmarks/end_to_end.py --model vit_tiny_patch8 --global_size 64 --local_size 32 --batch 256 \
     --out_dim 4096 --workers "$workers" --steps 40 --warmup 10

@@ -307,7 +307,7 @@ def with_base_of(network: nn.Module, start: nn.Module) -> nn.Module:
         raise ValueError(
             f"{setup.base!r} no longer holds the weights this run started from (sha256 {setup.sha256[:12]}..., now "
             f"{reloaded.sha256[:12]}...): the k-NN and the export read its frozen weights again in full precision. "
-            "Put the start back as it was, or resume from the last checkpoint with the same start"
+            "Put the start back as it was, then continue with --resume_from_checkpoint latest"
         )
     frozen = {name: param for name, param in start.model.named_parameters() if not param.requires_grad}
     memo = {id(param): param for param in network.parameters()}
