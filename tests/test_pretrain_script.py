@@ -369,6 +369,16 @@ def processes_under(pid: int) -> set[int]:
     return tree
 
 
+def assert_processes(process: subprocess.Popen, count: int, timeout: float = 30) -> None:
+    """At least `count` processes in the tree of `process`, seen together once within `timeout` seconds (a
+    loader worker is restarted at each epoch's start: a single count could fall on that moment)."""
+    deadline, seen = time.monotonic() + timeout, 0
+    while seen < count and time.monotonic() < deadline:
+        seen = len(processes_under(process.pid))
+        time.sleep(0.05)
+    assert seen >= count, f"{seen} processes under {process.pid}, expected {count}"
+
+
 def stopped_at(stdout: str, signal_name: str) -> int:
     """The step of the "Stopped by ..." line (there must be exactly one)."""
     stops = [line for line in stdout.splitlines() if line.startswith(f"Stopped by {signal_name} after step ")]
@@ -385,7 +395,7 @@ def test_a_signal_to_the_whole_job_checkpoints_exits_cleanly_and_resumes(data, r
     out = tmp_path / "out"
     process = start(data, out, "--dataloader_num_workers", "1", start_new_session=True)
     wait_for(out / "checkpoints" / "checkpoint-2", process)
-    assert len(processes_under(process.pid)) >= 2  # the trainer and its loader worker, one process group
+    assert_processes(process, 2)  # the trainer and its loader worker, one process group
     os.killpg(process.pid, signum)
     stdout, stderr = process.communicate(timeout=240)
     assert process.returncode == 0, stderr[-3000:]
@@ -424,11 +434,7 @@ def test_sigterm_to_the_whole_job_of_a_two_process_launch_checkpoints_and_resume
         start_new_session=True,
     )
     wait_for(out / "checkpoints" / "checkpoint-2", process)
-    # The launcher, 2 processes and their loader workers (a worker is restarted at each epoch's start).
-    deadline = time.monotonic() + 30
-    while len(processes_under(process.pid)) < 5 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert len(processes_under(process.pid)) >= 5
+    assert_processes(process, 5)  # the launcher, 2 processes and their loader workers
     os.killpg(process.pid, signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=240)
     # The launcher itself (torchrun) reports the signal it got; its processes stopped cleanly.
