@@ -7,6 +7,7 @@ torchdata `StatefulDataLoader`, so that the stream position is part of the train
 stop a run (`STOP_SIGNALS`) to the main process.
 """
 
+import contextlib
 import functools
 import logging
 import os
@@ -101,6 +102,26 @@ def ignore_stop_signals(worker_id: int, main_process: int) -> None:
     threading.Thread(target=_take_stop_signals, args=(main_process,), name="stop-signals", daemon=True).start()
 
 
+@contextlib.contextmanager
+def starting_workers():
+    """Hold STOP_SIGNALS back from the calling thread while a loader starts its workers (`iter(loader)`).
+
+    A worker forked meanwhile inherits the block, so a signal sent to the whole job while the worker
+    starts waits for `ignore_stop_signals` to take it, rather than ending the worker before that runs (the
+    loader would then fail, and the run with it, without a checkpoint). A signal that reaches the main
+    process meanwhile is handled once the block ends, or at once by another of its threads. Only the main
+    thread, and where `ignore_stop_signals` takes the signals (`sigwaitinfo`); elsewhere, nothing changes.
+    """
+    if not hasattr(signal, "sigwaitinfo") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _take_stop_signals(main_process: int) -> None:
     while True:
         received = signal.sigwaitinfo(STOP_SIGNALS)
@@ -177,4 +198,5 @@ __all__ = [
     "build_multicrop_dataloader",
     "collate_multicrop",
     "ignore_stop_signals",
+    "starting_workers",
 ]

@@ -5,6 +5,8 @@ import contextlib
 
 import torch
 
+from ..data.loader import starting_workers
+
 
 class EndlessBatches:
     """The batches of a resumable loader, pass after pass; each pass over the stream is one data
@@ -25,18 +27,23 @@ class EndlessBatches:
 
     def __next__(self) -> dict:
         if self._batches is None:
-            self._batches = iter(self.loader)
+            self._batches = self._start_pass()
         try:
             return next(self._batches)
         except StopIteration:
             pass  # the pass is over (a resumed one may have had nothing left): start the next data epoch
         self.epoch += 1
         self.loader.dataset.set_epoch(self.epoch)
-        self._batches = iter(self.loader)
+        self._batches = self._start_pass()
         try:
             return next(self._batches)
         except StopIteration:
             raise ValueError("the training stream gave no complete batch; use a smaller batch or more data") from None
+
+    def _start_pass(self):
+        """The loader's iterator; its workers start with the stop signals left to them (`starting_workers`)."""
+        with starting_workers():
+            return iter(self.loader)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "loader": self.loader.state_dict()}
