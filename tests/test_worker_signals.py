@@ -37,7 +37,7 @@ def test_a_worker_started_while_the_signals_are_held_outlives_a_signal_to_the_jo
     assert exposed.exitcode == -signal.SIGTERM  # the window: a worker signalled before its init ends
 
     held = _start_worker(hold=True)
-    held.join(3)
+    held.join(1.5)
     assert held.is_alive()  # the signal waited for its init, which leaves it to the main process
     os.kill(held.pid, signal.SIGTERM)  # from its main process: how the loader ends a worker that hangs
     held.join(10)
