@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers as tf
 import yaml
-from runs import ENV, REPO, TINY, pretrain_arguments, run_cli, train_in_process
+from runs import ENV, REPO, TINY, pretrain_arguments, run_cli, saved, train_in_process
 from safetensors.torch import load_file
 from tiny import TINY_VIT
 from torch import nn
@@ -239,9 +239,9 @@ def test_options_that_do_not_go_with_lora_are_refused(folders, tmp_path, option,
         _lora_args(folders["dinov2"], tmp_path, **option)
 
 
-@pytest.mark.slow
-def test_checkpoints_hold_no_base_weight_resume_exactly_and_refuse_another_base(data, folders, tmp_path):
-    options = dict(
+def _run_options(data, folders, **more) -> dict:
+    """A LoRA run of the Dinov2 start on the `data` images, with the Gram anchor to the start."""
+    return dict(
         model_name_or_path=folders["dinov2"],
         train_dir=str(data / "images"),
         lora_rank=2,
@@ -250,7 +250,30 @@ def test_checkpoints_hold_no_base_weight_resume_exactly_and_refuse_another_base(
         learning_rate=0.05,
         warmup_epochs=0,
         head_warmup_steps=0,
+        **more,
     )
+
+
+def _resumed_run(options: dict, output_dir, straight, parts: tuple[str, ...]):
+    """2 steps, then a resume to 4 in `output_dir`; each of `parts` of its checkpoint equals the 4-step
+    `straight` run's, bit for bit. Returns the keys of the compared tensors, by part."""
+    train_in_process(**options, output_dir=str(output_dir), max_train_steps=2)
+    resumed = train_in_process(
+        **options, output_dir=str(output_dir), max_train_steps=4, resume_from_checkpoint="latest"
+    )
+    keys = {}
+    for part in parts:
+        got, want = saved(resumed.checkpoint, part), saved(straight.checkpoint, part)
+        assert got.keys() == want.keys()
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)
+        keys[part] = set(want)
+    return keys
+
+
+@pytest.mark.slow
+def test_checkpoints_hold_no_base_weight_resume_exactly_and_refuse_another_base(data, folders, tmp_path):
+    options = _run_options(data, folders)
     straight = train_in_process(**options, output_dir=str(tmp_path / "straight"), max_train_steps=4)
     final = straight.checkpoint
     student = load_file(final / "student.safetensors")
@@ -261,15 +284,7 @@ def test_checkpoints_hold_no_base_weight_resume_exactly_and_refuse_another_base(
     assert all(value.abs().sum() > 0 for value in lora_b)  # the factors trained
 
     resumed_dir = tmp_path / "resumed"
-    train_in_process(**options, output_dir=str(resumed_dir), max_train_steps=2)
-    resumed = train_in_process(
-        **options, output_dir=str(resumed_dir), max_train_steps=4, resume_from_checkpoint="latest"
-    )
-    for part in ("student", "teacher"):
-        got, want = load_file(resumed.checkpoint / f"{part}.safetensors"), load_file(final / f"{part}.safetensors")
-        assert got.keys() == want.keys()
-        for key in want:
-            torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)
+    _resumed_run(options, resumed_dir, straight, ("student", "teacher"))
 
     other = _saved(tf.Dinov2Model(tf.Dinov2Config(**VIT_SIZES, mlp_ratio=2)), tmp_path / "other")
     argv = pretrain_arguments(data, resumed_dir, "--resume_from_checkpoint", "latest", "--max_train_steps", "6")
@@ -375,35 +390,15 @@ def test_a_bf16_run_holds_its_base_in_bf16_resumes_exactly_and_exports_in_full_p
     data, labelled_images, folders, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.setattr("dino_hf.training.plan.cpu_has_bf16", lambda: True)  # bf16 autocast on any CPU
-    options = dict(
-        model_name_or_path=folders["dinov2"],
-        train_dir=str(data / "images"),
-        lora_rank=2,
-        unfreeze_last_blocks=1,
-        gram_loss_weight=1.0,
-        learning_rate=0.05,
-        warmup_epochs=0,
-        head_warmup_steps=0,
-        mixed_precision="bf16",
-        eval_train_dir=str(labelled_images),
-        eval_steps=2,
-    )
+    options = _run_options(data, folders, mixed_precision="bf16", eval_train_dir=str(labelled_images), eval_steps=2)
     straight = train_in_process(**options, output_dir=str(tmp_path / "straight"), max_train_steps=4)
     assert f"sharing the frozen {folders['dinov2']} (held in bfloat16)" in capsys.readouterr().out
     # The k-NN saw the start and each teacher in full precision (a bf16 base under fp32 inputs would not run).
     assert straight.knn_start and straight.knn and straight.knn_best_step is not None
 
-    resumed_dir = tmp_path / "resumed"
-    train_in_process(**options, output_dir=str(resumed_dir), max_train_steps=2)
-    resumed = train_in_process(
-        **options, output_dir=str(resumed_dir), max_train_steps=4, resume_from_checkpoint="latest"
-    )
-    for part in ("student", "teacher", "gram_teacher"):
-        got = load_file(resumed.checkpoint / f"{part}.safetensors")
-        want = load_file(straight.checkpoint / f"{part}.safetensors")
-        assert got.keys() == want.keys() and not any(".base_layer." in key for key in want)
-        for key in want:
-            torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)
+    keys = _resumed_run(options, tmp_path / "resumed", straight, ("student", "teacher", "gram_teacher"))
+    for part, names in keys.items():
+        assert not any(".base_layer." in key for key in names), part
 
     # The export merges the adapters into the start read again in fp32: peft's adapter on the fp32 start agrees
     # (the best is the start here: the k-NN of the two colours is 100 % throughout, and a tie keeps the earlier).

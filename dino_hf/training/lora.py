@@ -263,33 +263,30 @@ def merged_backbone(backbone: nn.Module) -> nn.Module:
     Raises:
         ValueError: the base is held in low precision (`hold_base_in_`): merge into `with_base_of`'s copy.
     """
-    if setup_of(backbone).base_dtype is not None:
+    held = setup_of(backbone).base_dtype
+    if held is not None:
         raise ValueError(
-            f"the frozen base of this backbone is held in {setup_of(backbone).base_dtype}; merge the adapters into "
-            "its copy with the base in full precision (with_base_of)"
+            f"the frozen base of this backbone is held in {held}; merge the adapters into its copy with the base in "
+            "full precision (with_base_of)"
         )
     copied = copy.deepcopy(backbone, memo={id(param): param for param in backbone.parameters()})
     remove_adapters_(copied.model, merge=True)
     return copied
 
 
-def hold_base_in_(backbone: nn.Module, dtype: torch.dtype) -> int:
+def hold_base_in_(backbone: nn.Module, dtype: torch.dtype) -> None:
     """Hold the frozen weights and biases of the Linear layers of `backbone.model` (a LoRA backbone,
     `add_lora_`) in `dtype`, in place: the `Parameter` objects stay (a teacher or anchor sharing them shares
     the cast ones), their storage becomes `dtype`'s. Under autocast in `dtype` those layers compute with
     exactly these values. The other frozen tensors stay as they are: the position embeddings and layer
     scales, which autocast does not cast, and the patch embedding, whose dtype some families give their
-    input (DINOv3 computes its RoPE in it). Returns the number of values cast."""
-    setup = setup_of(backbone)
-    cast = 0
+    input (DINOv3 computes its RoPE in it)."""
     for module in backbone.model.modules():
         if isinstance(module, nn.Linear):
             for param in module.parameters(recurse=False):
-                if not param.requires_grad and param.is_floating_point():
+                if not param.requires_grad:
                     param.data = param.data.to(dtype)
-                    cast += param.numel()
-    setup.base_dtype = dtype
-    return cast
+    setup_of(backbone).base_dtype = dtype
 
 
 def with_base_of(network: nn.Module, start: nn.Module) -> nn.Module:

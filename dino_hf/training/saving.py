@@ -131,14 +131,17 @@ class CheckpointWriter:
             self.whole_teacher.load_state_dict(state)
         return self.whole_teacher
 
-    def save(self, step: int, state: RunState, teacher_state: dict | None = None) -> Path:
+    def save(
+        self, step: int, state: RunState, teacher_state: dict | None = None, exported: nn.Module | None = None
+    ) -> Path:
         """Checkpoint of `step` (every process calls it). `teacher_state`: the teacher's whole weights
-        when they were gathered already. Pushes the export to the Hub when a pusher is set."""
+        when they were gathered already; `exported`: the network of `exported()` at this step, when the caller
+        has it already. Pushes the export to the Hub when a pusher is set."""
         accelerator = self.accelerator
         staging = checkpoints.staging_dir(self.checkpoints_dir, step)
         final = self.checkpoints_dir / f"checkpoint-{step}"
         weights = self._whole_weights(teacher_state)
-        export_network = self.exported(weights)
+        export_network = self.exported(weights) if exported is None else exported
 
         def fresh_staging() -> None:  # a killed earlier attempt may have left files of its own there
             shutil.rmtree(staging, ignore_errors=True)

@@ -856,7 +856,7 @@ def _final_save(run: Run) -> TrainResult:
         accelerator.print(
             f"k-NN of the trained {writer.exported_name} at {_knn_size(run.args)} px: {knn_line(state.knn)}"
         )
-    final = writer.save(state.global_step, _synced(run), final_state)
+    final = writer.save(state.global_step, _synced(run), final_state, final_teacher)
     result = TrainResult(
         writer.output_dir,
         writer.export_dir,
