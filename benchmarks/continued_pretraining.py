@@ -45,9 +45,10 @@ from small_data import IMAGE_SIZE, METRIC, fit_labels, hardware, make_set
 
 from dino_hf.data.demo import default_demo_root, make_demo_dataset
 from dino_hf.models.backbones import TimmBackbone, TransformersBackbone, build_backbone
+from dino_hf.models.layout import backbone_layout
 from dino_hf.models.transformers_backbone import FAMILIES
 from dino_hf.training.arguments import parse_training_args
-from dino_hf.training.layer_decay import backbone_layout, freeze_blocks_
+from dino_hf.training.layer_decay import freeze_blocks_
 from dino_hf.training.networks import build_student_teacher
 from dino_hf.training.trainer import backbone_knn, train
 

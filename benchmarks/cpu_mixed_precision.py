@@ -28,7 +28,7 @@ import torch
 from dino_hf.models.backbones import build_backbone
 from dino_hf.models.heads import DinoHead
 from dino_hf.models.multicrop_wrapper import MultiCropWrapper
-from dino_hf.training.loss import DinoLoss
+from dino_hf.objectives.dino import DinoLoss
 from dino_hf.training.optimization import build_optimizer, get_param_groups
 from dino_hf.training.step import train_step
 from dino_hf.training.teacher import build_teacher

@@ -19,7 +19,7 @@ memory held before the first step. Images are source images (10 crops each) per 
     python benchmarks/train_step.py --batch 128      # GPU (bf16): defaults batch 128, 5 + 20 steps
 
 With `--anchor`, the comparison is our step with anchoring to the start on (the Gram loss at weight 1
-and the cosine term at weight 1 against a frozen copy of the backbone, `dino_hf.training.anchor`)
+and the cosine term at weight 1 against a frozen copy of the backbone, `dino_hf.objectives.anchor`)
 against our step without it, side by side, with the anchor's weights in MiB (the extra memory it
 holds beside the student and the teacher):
 
@@ -75,18 +75,17 @@ from dino_hf.data.masks import BlockMasking
 from dino_hf.models.backbones import build_backbone
 from dino_hf.models.distill_projector import DistillProjector
 from dino_hf.models.heads import DinoHead
+from dino_hf.models.lora import add_lora_, hold_base_in_, shared_parameters
 from dino_hf.models.multicrop_wrapper import MultiCropWrapper
 from dino_hf.models.normalization import normalization_of
-from dino_hf.training.anchor import Anchor
-from dino_hf.training.distillation import Distillation, FrozenModel
-from dino_hf.training.ibot import IBotLoss
-from dino_hf.training.lora import add_lora_, hold_base_in_, shared_parameters
-from dino_hf.training.loss import DinoLoss
+from dino_hf.objectives.anchor import Anchor, AnchorTerm
+from dino_hf.objectives.dino import DinoLoss
+from dino_hf.objectives.distillation import Distillation, FrozenModel
+from dino_hf.objectives.ibot import IBotLoss, IBotTerm
 from dino_hf.training.optimization import build_optimizer, get_param_groups
 from dino_hf.training.speed import apply_speed_options
 from dino_hf.training.step import train_step
 from dino_hf.training.teacher import build_teacher
-from dino_hf.training.terms import AnchorTerm, IBotTerm
 
 SCHEDULE = dict(lr=5e-4, weight_decay=0.04, momentum=0.996, teacher_temp=0.04, clip_grad=3.0)
 

@@ -23,10 +23,10 @@ from pathlib import Path
 from accelerate import PartialState
 
 from dino_hf.convert.export import loading_snippet
+from dino_hf.evaluation.knn import figure_name, guarded_figure
+from dino_hf.run_files.checkpoints import CheckpointError
 from dino_hf.training.arguments import parse_training_args
-from dino_hf.training.checkpoints import CheckpointError
 from dino_hf.training.console import LOG_FILE_NAME, RunConsole, quiet_transformers_progress
-from dino_hf.training.guard import figure_name, guarded_figure
 from dino_hf.training.plan import head_only
 from dino_hf.training.trainer import NonFiniteLossError, train
 

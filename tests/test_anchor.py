@@ -18,23 +18,17 @@ from dino_hf import DinoConfig, DinoModel
 from dino_hf.models.backbones import build_backbone
 from dino_hf.models.heads import DinoHead
 from dino_hf.models.multicrop_wrapper import MultiCropWrapper
-from dino_hf.training import checkpoints, trainer
-from dino_hf.training.anchor import (
-    SNAPSHOT_STEP,
-    Anchor,
-    anchor_cosine_loss,
-    build_anchor,
-    gram_loss,
-    gram_weight_at,
-)
+from dino_hf.objectives.anchor import SNAPSHOT_STEP, Anchor, AnchorTerm, anchor_cosine_loss, gram_loss, gram_weight_at
+from dino_hf.objectives.dino import DinoLoss
+from dino_hf.run_files import checkpoints
+from dino_hf.training import trainer
 from dino_hf.training.arguments import DinoTrainingArguments
-from dino_hf.training.loss import DinoLoss
+from dino_hf.training.objectives import build_anchor
 from dino_hf.training.optimization import build_optimizer, get_param_groups
 from dino_hf.training.plan import TrainingPlan
 from dino_hf.training.run_log import log_line
 from dino_hf.training.step import train_step
 from dino_hf.training.teacher import build_teacher
-from dino_hf.training.terms import AnchorTerm
 
 K, B, NCROPS = 64, 2, 4
 STEP = dict(lr=0.01, weight_decay=0.04, momentum=0.9, teacher_temp=0.04, clip_grad=3.0, freeze_last_layer=False)

@@ -13,8 +13,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from dino_hf.training import checkpoints as checkpointing
-from dino_hf.training.checkpoints import (
+from dino_hf.run_files import checkpoints as checkpointing
+from dino_hf.run_files.checkpoints import (
     CheckpointError,
     check_checkpoint,
     finalize,
@@ -129,7 +129,7 @@ def test_damaged_newest_checkpoint_is_named_and_the_previous_used(tmp_path, capl
     damage(newest)
     with pytest.raises(CheckpointError, match=named):
         check_checkpoint(newest)
-    with caplog.at_level(logging.WARNING, logger="dino_hf.training.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="dino_hf.run_files.checkpoints"):
         chosen = find_resume_checkpoint(output_dir, "latest")
     assert chosen == output_dir / "checkpoints" / "checkpoint-2"
     assert "checkpoint-4" in caplog.text and named in caplog.text

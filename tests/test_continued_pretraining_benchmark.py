@@ -11,7 +11,7 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import continued_pretraining as benchmark  # noqa: E402
 
-from dino_hf.training.arguments import parse_training_args  # noqa: E402
+from dino_hf.training.arguments import parse_training_args
 
 
 def _parsed(recipe: str, steps: int, image_dir: str) -> dict:

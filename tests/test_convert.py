@@ -26,8 +26,8 @@ from dino_hf.convert.conversions import (
 )
 from dino_hf.convert.export import save_as_timm, save_as_vit, to_timm_model, to_vit_model
 from dino_hf.convert.timm_weights import dino_to_timm_state_dict, timm_to_dino_state_dict
-from dino_hf.convert.weight_files import load_checkpoint_file
 from dino_hf.models.heads import DinoHead
+from dino_hf.models.weight_files import load_checkpoint_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5

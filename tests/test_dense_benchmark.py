@@ -12,9 +12,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import dense  # noqa: E402
 
-from dino_hf import DinoConfig, DinoModel  # noqa: E402
-from dino_hf.data.segmentation import make_segmentation_set  # noqa: E402
-from dino_hf.training.arguments import parse_training_args  # noqa: E402
+from dino_hf import DinoConfig, DinoModel
+from dino_hf.data.segmentation import make_segmentation_set
+from dino_hf.training.arguments import parse_training_args
 
 LOSSES = ("ibot_loss_weight", "gram_loss_weight", "gram_teacher", "gram_start_step", "gram_update_steps")
 LOSSES += ("gram_max_updates",)

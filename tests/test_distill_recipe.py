@@ -12,8 +12,8 @@ import transformers as tf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import distillation as benchmark  # noqa: E402
 
-from dino_hf.training.arguments import parse_training_args  # noqa: E402
-from dino_hf.training.plan import TrainingPlan  # noqa: E402
+from dino_hf.training.arguments import parse_training_args
+from dino_hf.training.plan import TrainingPlan
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "distill.yaml")
 

@@ -16,7 +16,8 @@ from dino_hf.models.configuration_dino import DinoConfig
 from dino_hf.models.distill_projector import DistillProjector
 from dino_hf.models.multicrop_wrapper import MultiCropWrapper
 from dino_hf.models.normalization import IMAGENET, Normalization
-from dino_hf.training.distillation import (
+from dino_hf.objectives.dino import DinoLoss
+from dino_hf.objectives.distillation import (
     Distillation,
     FeatureQueue,
     FrozenModel,
@@ -26,7 +27,6 @@ from dino_hf.training.distillation import (
     similarity_kl,
     to_grid,
 )
-from dino_hf.training.loss import DinoLoss
 from dino_hf.training.optimization import build_optimizer, get_param_groups
 from dino_hf.training.step import train_step
 from dino_hf.training.teacher import build_teacher

@@ -23,24 +23,19 @@ from torch.nn import functional as F
 from dino_hf.models.backbones import build_backbone
 from dino_hf.models.heads import DinoHead
 from dino_hf.models.multicrop_wrapper import MultiCropWrapper
-from dino_hf.training import checkpoints, trainer
-from dino_hf.training.anchor import (
-    SNAPSHOT_STEP,
-    Anchor,
-    GramSnapshots,
-    build_anchor,
-    resize_token_map,
-    token_grid,
-)
+from dino_hf.objectives.anchor import SNAPSHOT_STEP, Anchor, AnchorTerm, GramSnapshots, resize_token_map, token_grid
+from dino_hf.objectives.dino import DinoLoss
+from dino_hf.run_files import checkpoints
+from dino_hf.run_files.whole_weights import whole_state_dict
+from dino_hf.training import trainer
 from dino_hf.training.arguments import DinoTrainingArguments
-from dino_hf.training.loss import DinoLoss
 from dino_hf.training.networks import build_student_teacher
+from dino_hf.training.objectives import build_anchor
 from dino_hf.training.optimization import build_optimizer, get_param_groups
 from dino_hf.training.plan import TrainingPlan
-from dino_hf.training.sharding import shard_like, whole_state_dict
+from dino_hf.training.sharding import shard_like
 from dino_hf.training.step import train_step
 from dino_hf.training.teacher import build_teacher
-from dino_hf.training.terms import AnchorTerm
 
 K, B, NCROPS = 64, 2, 4
 EMA = dict(gram_loss_weight=1.0, gram_teacher="ema", gram_start_step=2, gram_update_steps=2, gram_max_updates=1)
@@ -263,7 +258,9 @@ def test_the_gram_teacher_sees_the_crops_scaled_and_its_map_resized_to_the_stude
     resized = F.interpolate(token_map, size=(student_side, student_side), mode="bicubic", align_corners=False)
     expected = resized.flatten(2).transpose(1, 2)  # (2B, h * w, C)
     gram = anchor.terms(global_crops, features, patch_tokens)["gram"]
-    assert gram.item() == pytest.approx(gram_by_hand(patch_tokens, expected), rel=1e-5) and gram.item() > 0
+    # The loss is a mean of squared differences of float32 cosines about 4e-3 apart: float32 rounding of the
+    # cosines alone moves it by up to about 5e-5 of itself.
+    assert gram.item() == pytest.approx(gram_by_hand(patch_tokens, expected), rel=2e-4) and gram.item() > 0
     # At scale 1 the same anchor's term is the plain one, of the crops as they are: another number.
     plain = Anchor(student.backbone, gram=True, cosine=False)
     plain.load_state_dict(anchor.state_dict())

@@ -28,18 +28,18 @@ from dino_hf.models.backbones import build_backbone
 from dino_hf.models.configuration_dino import DinoConfig
 from dino_hf.models.heads import DinoHead
 from dino_hf.models.multicrop_wrapper import MultiCropWrapper
+from dino_hf.objectives.dino import DinoLoss
+from dino_hf.objectives.ibot import IBotLoss, IBotTerm
 from dino_hf.training import trainer
 from dino_hf.training.arguments import DinoTrainingArguments
 from dino_hf.training.batches import DeviceBatches, EndlessBatches
-from dino_hf.training.ibot import IBotLoss, build_ibot_loss, build_masking
-from dino_hf.training.loss import DinoLoss
 from dino_hf.training.networks import build_student_teacher
+from dino_hf.training.objectives import build_ibot_loss, build_masking
 from dino_hf.training.optimization import build_optimizer, get_param_groups
 from dino_hf.training.plan import TrainingPlan
 from dino_hf.training.speed import compile_units
 from dino_hf.training.step import train_step
 from dino_hf.training.teacher import build_teacher
-from dino_hf.training.terms import IBotTerm
 
 K, NCROPS = 16, 4
 STEP = dict(lr=0.01, weight_decay=0.04, momentum=0.9, teacher_temp=0.04, clip_grad=3.0, freeze_last_layer=False)

@@ -14,8 +14,8 @@ import torch
 from runs import TINY, cli_arguments, run_cli, saved, train_in_process, trainer_state
 from safetensors.torch import load_file, save_file
 
+from dino_hf.run_files.init_checkpoint import ARCHITECTURE_FIELDS
 from dino_hf.training.arguments import DinoTrainingArguments
-from dino_hf.training.init_checkpoint import ARCHITECTURE_FIELDS
 
 # The run's settings without the model and head ones: those come from the checkpoint.
 DATA_AND_SCHEDULE = {name: value for name, value in TINY.items() if name not in ARCHITECTURE_FIELDS}

@@ -16,9 +16,10 @@ from runs import TINY, cli_arguments, run_cli, saved, train_in_process, trainer_
 from safetensors.torch import load_file, save_file
 
 from dino_hf import DinoModel
+from dino_hf.evaluation.knn import figure_name, guarded_figure
+from dino_hf.run_files.state import RunState
 from dino_hf.training.arguments import DinoTrainingArguments
-from dino_hf.training.guard import Verdict, figure_name, guarded_figure, has_dropped, is_new_best, observe
-from dino_hf.training.state import RunState
+from dino_hf.training.guard import Verdict, has_dropped, is_new_best, observe
 from dino_hf.training.trainer import start_name
 
 PATCH_EMBEDDING = "backbone.model.embeddings.patch_embeddings.projection"

@@ -22,14 +22,15 @@ from torch import nn
 from dino_hf import DinoConfig, DinoModel
 from dino_hf.models.backbones import DinoModelBackbone, TimmBackbone
 from dino_hf.models.heads import DinoHead
+from dino_hf.models.layout import RULES, backbone_layout
 from dino_hf.models.multicrop_wrapper import MultiCropWrapper
 from dino_hf.models.transformers_backbone import FAMILIES
+from dino_hf.objectives.dino import DinoLoss
+from dino_hf.run_files.whole_weights import load_whole_optimizer_state_dict, whole_optimizer_state_dict
 from dino_hf.training.arguments import DinoTrainingArguments
-from dino_hf.training.layer_decay import RULES, backbone_layout, freeze_blocks_
-from dino_hf.training.loss import DinoLoss
+from dino_hf.training.layer_decay import freeze_blocks_
 from dino_hf.training.optimization import build_optimizer, get_param_groups
 from dino_hf.training.plan import TrainingPlan
-from dino_hf.training.sharding import load_whole_optimizer_state_dict, whole_optimizer_state_dict
 from dino_hf.training.step import _set_schedule, train_step
 from dino_hf.training.teacher import build_teacher
 

@@ -24,7 +24,7 @@ from dino_hf.convert.export import (
     to_timm_model,
     to_vit_model,
 )
-from dino_hf.training.layer_decay import backbone_layout
+from dino_hf.models.layout import backbone_layout
 from dino_hf.training.optimization import get_param_groups
 
 LAYERSCALE = 1e-5  # DINOv2's `layerscale`

@@ -19,11 +19,11 @@ from torch import nn
 from dino_hf.convert.export import export_backbone
 from dino_hf.models.backbones import build_backbone
 from dino_hf.models.configuration_dino import DinoConfig
+from dino_hf.models.lora import add_lora_, merged_backbone, save_adapter, with_base_of
 from dino_hf.models.modeling_dino import DinoModel
-from dino_hf.training.anchor import build_anchor
 from dino_hf.training.arguments import DinoTrainingArguments
-from dino_hf.training.lora import add_lora_, merged_backbone, save_adapter, with_base_of
 from dino_hf.training.networks import build_student_teacher, lora_base_dtype, student_backbone
+from dino_hf.training.objectives import build_anchor
 from dino_hf.training.optimization import build_optimizer, get_param_groups
 from dino_hf.training.teacher import ema_update_
 

@@ -6,7 +6,8 @@ import torch
 from processes import run_in_processes
 from torch.nn import functional as F
 
-from dino_hf.training.loss import DinoLoss, collapse_diagnostics, koleo_loss, sinkhorn_knopp
+from dino_hf.objectives.dino import DinoLoss, collapse_diagnostics, sinkhorn_knopp
+from dino_hf.objectives.koleo import koleo_loss
 
 K = 64
 B = 3

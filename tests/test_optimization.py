@@ -9,7 +9,7 @@ from dino_hf import DinoConfig, DinoModel
 from dino_hf.models.backbones import DinoModelBackbone
 from dino_hf.models.heads import DinoHead
 from dino_hf.models.multicrop_wrapper import MultiCropWrapper
-from dino_hf.training.loss import DinoLoss
+from dino_hf.objectives.dino import DinoLoss
 from dino_hf.training.optimization import LARS, build_optimizer, clip_gradients_, get_param_groups
 from dino_hf.training.step import train_step
 from dino_hf.training.teacher import build_teacher

@@ -19,7 +19,7 @@ import pytest
 from processes import accelerate_launch
 from runs import pretrain_arguments
 
-from dino_hf.training.checkpoints import check_checkpoint, list_checkpoints
+from dino_hf.run_files.checkpoints import check_checkpoint, list_checkpoints
 from dino_hf.training.console import LOG_FILE_NAME
 
 pytestmark = pytest.mark.slow

@@ -23,7 +23,7 @@ from runs import pretrain_arguments
 from safetensors.torch import load_file
 
 from dino_hf import DinoModel
-from dino_hf.training.checkpoints import check_checkpoint, list_checkpoints
+from dino_hf.run_files.checkpoints import check_checkpoint, list_checkpoints
 
 pytestmark = pytest.mark.slow
 

@@ -20,16 +20,16 @@ from dino_hf import DinoConfig
 from dino_hf.models.backbones import build_backbone
 from dino_hf.models.heads import DinoHead
 from dino_hf.models.multicrop_wrapper import MultiCropWrapper
-from dino_hf.training.loss import DinoLoss
-from dino_hf.training.optimization import build_optimizer, get_param_groups
-from dino_hf.training.sharding import (
+from dino_hf.objectives.dino import DinoLoss
+from dino_hf.run_files.whole_weights import (
     is_sharded,
     load_whole_optimizer_state_dict,
     load_whole_state_dict,
-    shard_like,
     whole_optimizer_state_dict,
     whole_state_dict,
 )
+from dino_hf.training.optimization import build_optimizer, get_param_groups
+from dino_hf.training.sharding import shard_like
 from dino_hf.training.step import train_step
 from dino_hf.training.teacher import build_teacher
 

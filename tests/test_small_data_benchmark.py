@@ -8,7 +8,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import small_data  # noqa: E402
 
-from dino_hf.training.arguments import parse_training_args  # noqa: E402
+from dino_hf.training.arguments import parse_training_args
 
 
 @pytest.fixture

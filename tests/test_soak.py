@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from test_pretrain_script import ENV, SCRIPT, arguments, assert_same_teacher, read_ids, teacher
 
-from dino_hf.training.checkpoints import check_checkpoint, list_checkpoints
+from dino_hf.run_files.checkpoints import check_checkpoint, list_checkpoints
 
 STEPS = 24
 LONG = ["--num_train_epochs", "6", "--checkpointing_steps", "3"]  # 4 steps per epoch, after TINY's flags

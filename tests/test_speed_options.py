@@ -11,7 +11,7 @@ from dino_hf.models.backbones import build_backbone
 from dino_hf.models.configuration_dino import DinoConfig
 from dino_hf.models.heads import DinoHead
 from dino_hf.models.multicrop_wrapper import MultiCropWrapper
-from dino_hf.training.loss import DinoLoss
+from dino_hf.objectives.dino import DinoLoss
 from dino_hf.training.optimization import build_optimizer, get_param_groups, optimizer_kernel_options
 from dino_hf.training.speed import apply_speed_options, compile_units
 from dino_hf.training.step import train_step

@@ -26,10 +26,10 @@ from dino_hf.convert.export import save_as_timm
 from dino_hf.models.backbones import TimmBackbone, build_backbone
 from dino_hf.models.heads import DinoHead
 from dino_hf.models.multicrop_wrapper import MultiCropWrapper
-from dino_hf.training import checkpoints as checkpointing
+from dino_hf.objectives.dino import DinoLoss
+from dino_hf.run_files import checkpoints as checkpointing
 from dino_hf.training import trainer
 from dino_hf.training.arguments import DinoTrainingArguments
-from dino_hf.training.loss import DinoLoss
 from dino_hf.training.networks import build_student_teacher
 from dino_hf.training.optimization import build_optimizer, get_param_groups
 from dino_hf.training.step import train_step

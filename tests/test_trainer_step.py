@@ -11,21 +11,21 @@ from dino_hf.models.backbones import build_backbone
 from dino_hf.models.configuration_dino import DinoConfig
 from dino_hf.models.heads import DinoHead
 from dino_hf.models.multicrop_wrapper import MultiCropWrapper
-from dino_hf.training.anchor import Anchor
+from dino_hf.objectives.anchor import Anchor, AnchorTerm
+from dino_hf.objectives.dino import DinoLoss, sinkhorn_knopp
+from dino_hf.objectives.ibot import IBotLoss, IBotTerm
+from dino_hf.objectives.koleo import KoLeoTerm, koleo_loss
 from dino_hf.training.arguments import DinoTrainingArguments
-from dino_hf.training.ibot import IBotLoss
-from dino_hf.training.loss import DinoLoss, koleo_loss, sinkhorn_knopp
 from dino_hf.training.optimization import build_optimizer, get_param_groups
 from dino_hf.training.plan import TrainingPlan
 from dino_hf.training.run_log import log_line
 from dino_hf.training.step import train_step
 from dino_hf.training.teacher import build_teacher
-from dino_hf.training.terms import AnchorTerm, IBotTerm, KoLeoTerm
 
 K, B, NCROPS = 64, 2, 4
 STEP = dict(lr=0.01, weight_decay=0.04, momentum=0.9, teacher_temp=0.04, clip_grad=3.0)
 # The DINOv2 stabilisers, each on its own: DinoLoss options and the weights of the terms added to the step
-# (`dino_hf.training.terms`, built in the test).
+# (`dino_hf.objectives.term`, built in the test).
 STABILISERS = {
     "paper": ({}, {}),
     "sinkhorn_knopp": ({"centering": "sinkhorn_knopp"}, {}),

@@ -15,7 +15,7 @@
 `convert_checkpoint` reads any of these and writes a `DinoModel` folder, or a transformers ViT or timm
 folder (`dino_hf.convert.export`), in one call.
 
-Weights files are read with `load_checkpoint_file` (`dino_hf.convert.weight_files`), which never unpickles code.
+Weights files are read with `load_checkpoint_file` (`dino_hf.models.weight_files`), which never unpickles code.
 """
 
 import json
@@ -28,21 +28,15 @@ from typing import NamedTuple
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, Dinov2WithRegistersModel, PreTrainedModel, ViTModel
+from transformers import AutoConfig, Dinov2WithRegistersModel, PreTrainedModel, ViTConfig, ViTModel
 
 from ..models.configuration_dino import PRESETS, DinoConfig
 from ..models.heads import DinoHead
 from ..models.modeling_dino import DinoModel
 from ..models.weight_check import load_checked
-from .export import (
-    DINOV2_BLOCK_NAMES,
-    as_plain_vit,
-    dinov2_block_key,
-    save_as_timm,
-    save_as_vit,
-)
+from ..models.weight_files import load_checkpoint_file
+from .export import DINOV2_BLOCK_NAMES, as_plain_vit, dinov2_block_key, save_as_timm, save_as_vit
 from .timm_weights import DINO_LAYER_NORM_EPS, dino_key_to_timm, timm_to_dino_state_dict
-from .weight_files import load_checkpoint_file
 
 HEAD_WEIGHTS_NAME = "dino_head.safetensors"
 HEAD_CONFIG_NAME = "dino_head_config.json"
@@ -95,7 +89,8 @@ def _tensors(state_dict: dict, source: str) -> dict[str, torch.Tensor]:
 def _infer_config(state_dict: dict[str, torch.Tensor], source: str, **fields) -> DinoConfig:
     """DinoConfig from the tensor shapes; `fields` (heads, image size, drop_path_rate, ...) override.
 
-    Heads default to hidden_size // 64, as in all of DINO's ViTs. LayerNorm eps is 1e-6.
+    Heads default to hidden_size // 64, as in all of DINO's ViTs. LayerNorm eps is DINO's 1e-6 unless
+    `fields` give another (`dino_from_vit(keep_layer_norm_eps=True)` gives the ViT config's).
     """
 
     def shape(key: str) -> tuple[int, ...]:
@@ -182,15 +177,32 @@ def _build_dino(
 # Import
 
 
-def dino_from_vit(source: "ViTModel | dict | str | Path", **config_overrides) -> DinoModel:
+def dino_from_vit(
+    source: "ViTModel | dict | str | Path", keep_layer_norm_eps: bool = False, **config_overrides
+) -> DinoModel:
     """DinoModel from a transformers `ViTModel`, its folder (config.json + weights), a weights file or a
     state dict (keys as `ViTModel`, or prefixed `vit.` as in `ViTForImageClassification`; `pooler.*` is
     dropped).
 
-    LayerNorm eps is set to 1e-6: the facebook/dino-* configs say 1e-12, but the weights were trained
-    with 1e-6 (docs/formats.md#layernorm-epsilon). `config_overrides` go to `DinoConfig`
-    (e.g. `num_attention_heads` for a bare state dict whose width is not a multiple of 64).
+    LayerNorm eps (docs/formats.md#layernorm-epsilon):
+    - `keep_layer_norm_eps=True` keeps the ViT config's own (transformers' default 1e-12 where it names
+      none), so the DinoModel gives the features stock `ViTModel` gives (within 1e-5 in fp32; with 1e-6
+      a 1e-12 ViT's differ by about 1e-3). The evaluations convert this way (`load_feature_model`):
+      a Google ViT (1e-12) keeps its 1e-12, and facebook/dino-* give stock transformers' features.
+      Refused for a weights file or state dict, which has no config: pass the folder or `layer_norm_eps`.
+    - by default it is DINO's 1e-6 (`DINO_LAYER_NORM_EPS`), whatever the config says. This is what
+      `convert_checkpoint --from vit` does, for the weights it is documented for (facebook/dino-*):
+      their configs say 1e-12, transformers' ViT default, but the reference trained them with 1e-6, so
+      the DinoModel computes what the reference network does and continues its training as it was.
+      For another ViT (a Google one, 1e-12) pass `keep_layer_norm_eps=True`.
+    `config_overrides` go to `DinoConfig` (e.g. `num_attention_heads` for a bare state dict whose width
+    is not a multiple of 64, or `layer_norm_eps` to set the eps outright, without keep_layer_norm_eps).
     """
+    if keep_layer_norm_eps and "layer_norm_eps" in config_overrides:
+        raise ValueError(
+            f"keep_layer_norm_eps=True and layer_norm_eps={config_overrides['layer_norm_eps']} both set the "
+            "LayerNorm eps; pass one of them"
+        )
     vit_config = None
     if isinstance(source, nn.Module):
         # transformers v5 renames the weights in memory (layers.{i}.attention.q_proj, ...); its on-disk
@@ -225,6 +237,14 @@ def dino_from_vit(source: "ViTModel | dict | str | Path", **config_overrides) ->
             num_attention_heads=vit_config["num_attention_heads"],
             image_size=image_size,
             hidden_act=vit_config.get("hidden_act", "gelu"),
+        )
+        if keep_layer_norm_eps:
+            # What ViTModel.from_pretrained reads: the config's value, else ViTConfig's default (1e-12).
+            fields["layer_norm_eps"] = float(vit_config.get("layer_norm_eps", ViTConfig().layer_norm_eps))
+    elif keep_layer_norm_eps:
+        raise ValueError(
+            f"{name} has no config.json to keep the LayerNorm eps of (keep_layer_norm_eps=True); pass the ViT "
+            "folder (config.json + weights) or the model, or give the eps as layer_norm_eps=..."
         )
     fields.update(config_overrides)
     state_dict = {

@@ -168,7 +168,8 @@ def load_feature_model(
 
     Args:
         spec: a folder written by `DinoModel.save_pretrained` or its Hub id; a transformers ViT folder
-            or Hub id (converted to `DinoModel` with LayerNorm eps 1e-6, see `convert.dino_from_vit`);
+            or Hub id (converted to `DinoModel` keeping its config's LayerNorm eps, so that its features
+            are stock transformers' `ViTModel`'s: `convert.dino_from_vit(keep_layer_norm_eps=True)`);
             `"timm:NAME"` (timm's pretrained weights) or a timm folder (`config.json` with
             `architecture`); a training checkpoint `checkpoint-<step>/` (its `teacher_backbone/`, or
             `student_backbone/` for a distillation run) or a training output folder (its latest checkpoint); or
@@ -196,7 +197,7 @@ def load_feature_model(
         elif config.get("model_type") == "dino_vit":
             model = DinoModel.from_pretrained(folder, drop_path_rate=0.0)
         elif config.get("model_type") == "vit":
-            model = dino_from_vit(folder)
+            model = dino_from_vit(folder, keep_layer_norm_eps=True)  # stock ViTModel's features
         elif config.get("model_type") in FAMILIES:
             model = load_transformers_backbone(str(folder))
         else:

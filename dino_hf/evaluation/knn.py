@@ -17,6 +17,25 @@ KNN_KS = (10, 20, 100, 200)
 KNN_TEMPERATURE = 0.07
 
 
+# The figure that the k-NN guard of a run (`dino_hf.training.guard`) follows when the memory bank has
+# 20 images or more (the paper's k).
+GUARDED_FIGURE = "knn_top1@20"
+
+
+def guarded_figure(knn: dict) -> str | None:
+    """The key of the figure the guard follows in `knn`: `knn_top1@20`, else the first top-1 figure
+    (a memory bank of fewer than 20 images); None when `knn` has no top-1 figure."""
+    if GUARDED_FIGURE in knn:
+        return GUARDED_FIGURE
+    return next((key for key in knn if key.startswith("knn_top1@")), None)
+
+
+def figure_name(key: str) -> str:
+    """`knn_top1@20` -> `k-NN top-1 (k=20)`."""
+    kind, k = key.removeprefix("knn_").split("@")
+    return f"k-NN {kind.replace('top', 'top-')} (k={k})"
+
+
 def nearest_neighbours(train_features, train_labels, test_features, k: int, chunk_size: int, device):
     """Per chunk of test features: similarities of the k nearest train features (c, k), sorted
     descending, and their labels (c, k). Features are L2-normalised here, so cosine = dot product."""
@@ -83,4 +102,13 @@ def knn_evaluate(
     return metrics
 
 
-__all__ = ["KNN_KS", "KNN_TEMPERATURE", "knn_evaluate", "knn_votes", "nearest_neighbours"]
+__all__ = [
+    "GUARDED_FIGURE",
+    "KNN_KS",
+    "KNN_TEMPERATURE",
+    "figure_name",
+    "guarded_figure",
+    "knn_evaluate",
+    "knn_votes",
+    "nearest_neighbours",
+]

@@ -1,6 +1,6 @@
 """The student's projectors of feature distillation: its widths to the frozen model's.
 
-A student distilled from a frozen foundation model (`dino_hf.training.distillation`) has other widths
+A student distilled from a frozen foundation model (`dino_hf.objectives.distillation`) has other widths
 than the model it learns from: a ResNet-18 pools 512 channels where a DINOv2 ViT-S gives 384. One
 projector maps the pooled feature, another each patch token (a CNN's last feature map, flattened), to
 the frozen model's width, as LightlyTrain's distillation does. Both train with the student and are

@@ -22,7 +22,7 @@ from torch import nn
 from transformers.core_model_loading import revert_weight_conversion
 from transformers.utils import cached_file
 
-from ..convert.weight_files import load_checkpoint_file
+from .weight_files import load_checkpoint_file
 
 logger = logging.getLogger(__name__)
 

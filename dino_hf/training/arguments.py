@@ -27,9 +27,9 @@ from ..models.backbones import MASKED_PATCH_MODELS
 from ..models.configuration_dino import PRESETS, DinoConfig
 from ..models.references import TIMM_PREFIX, is_external_timm_name, is_hub_id
 from ..models.transformers_backbone import FAMILIES, MASKABLE, accepted_models_text, check_vision_config
-from .checkpoints import checkpoint_holding, is_checkpoint, named_checkpoint
-from .init_checkpoint import take_architecture
-from .loss import CENTERINGS
+from ..objectives.dino import CENTERINGS
+from ..run_files.checkpoints import checkpoint_holding, is_checkpoint, named_checkpoint
+from ..run_files.init_checkpoint import take_architecture
 from .optimization import OPTIMIZERS
 
 SECRET_FIELDS = ("hub_token",)

@@ -10,24 +10,8 @@ when the run is to stop: the k-NN is POINTS or more below its best.
 
 from dataclasses import dataclass
 
-from .state import RunState
-
-# The figure the guard follows when the memory bank has 20 images or more (the paper's k).
-GUARDED_FIGURE = "knn_top1@20"
-
-
-def guarded_figure(knn: dict) -> str | None:
-    """The key of the figure the guard follows in `knn`: `knn_top1@20`, else the first top-1 figure
-    (a memory bank of fewer than 20 images); None when `knn` has no top-1 figure."""
-    if GUARDED_FIGURE in knn:
-        return GUARDED_FIGURE
-    return next((key for key in knn if key.startswith("knn_top1@")), None)
-
-
-def figure_name(key: str) -> str:
-    """`knn_top1@20` -> `k-NN top-1 (k=20)`."""
-    kind, k = key.removeprefix("knn_").split("@")
-    return f"k-NN {kind.replace('top', 'top-')} (k={k})"
+from ..evaluation.knn import figure_name, guarded_figure
+from ..run_files.state import RunState
 
 
 def is_new_best(value: float, best: float | None) -> bool:
@@ -67,4 +51,4 @@ def observe(state: RunState, knn: dict, step: int, stop_if_drops: float | None) 
     return Verdict()
 
 
-__all__ = ["GUARDED_FIGURE", "Verdict", "figure_name", "guarded_figure", "has_dropped", "is_new_best", "observe"]
+__all__ = ["Verdict", "has_dropped", "is_new_best", "observe"]

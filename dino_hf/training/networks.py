@@ -6,16 +6,16 @@ import torch
 from torch import nn
 
 from ..convert.conversions import dino_from_reference
-from ..convert.weight_files import load_checkpoint_file
 from ..models.backbones import TimmBackbone, build_backbone
 from ..models.configuration_dino import PRESETS
 from ..models.distill_projector import DistillProjector
 from ..models.heads import DinoHead
+from ..models.lora import add_lora_, hold_base_in_, shared_parameters
 from ..models.multicrop_wrapper import MultiCropWrapper
 from ..models.references import TIMM_PREFIX
 from ..models.transformers_backbone import TransformersBackbone
+from ..models.weight_files import load_checkpoint_file
 from .arguments import DinoTrainingArguments, check_crop_sizes, dino_on, lora_on, model_spec, preset_overrides
-from .lora import add_lora_, hold_base_in_, shared_parameters
 from .teacher import build_teacher
 
 
@@ -33,7 +33,7 @@ def build_student_teacher(
     alone for `head_warmup_steps` before the backbone joins, so that a random head does not wreck
     the features. Presets and timm names start from random weights: no warm-up.
 
-    With `--lora_rank`, the backbone gets LoRA factors (`dino_hf.training.lora.add_lora_`) and the teacher
+    With `--lora_rank`, the backbone gets LoRA factors (`dino_hf.models.lora.add_lora_`) and the teacher
     shares its frozen base weights, held in `base_dtype` when it is given (`lora_base_dtype`).
 
     With iBOT on (`--ibot_loss_weight`), the backbone has a trained mask token, and with

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import torch
 from accelerate.utils import parse_flag_from_env
 
-from .anchor import GramSnapshots, gram_weight_at
+from ..objectives.anchor import GramSnapshots, gram_weight_at
 from .arguments import DinoTrainingArguments, model_spec
 from .networks import has_trained_weights
+from .objectives import gram_snapshots
 from .schedules import (
     backbone_lr_factor_at,
     learning_rate_at,
@@ -73,7 +74,7 @@ class TrainingPlan:
             head_warmup_steps=head_warmup_steps,
             backbone_warmup_steps=backbone_warmup_steps,
             checkpoint_every=iterations if args.checkpoint_every_epoch else int(args.checkpointing_steps),
-            gram_snapshots=GramSnapshots.from_args(args),
+            gram_snapshots=gram_snapshots(args),
         )
 
     def schedule(self, step: int) -> dict[str, float]:

@@ -20,10 +20,10 @@ from accelerate import Accelerator
 from torch import nn
 
 from ..models.heads import DinoHead
-from .loss import DinoLoss, collapse_diagnostics
+from ..objectives.dino import DinoLoss, collapse_diagnostics
+from ..objectives.term import StudentOutputs, Term
 from .optimization import clip_gradients_, step_unless_
 from .teacher import ema_update_
-from .terms import StudentOutputs, Term
 
 NONFINITE_HINTS = (
     "likely causes: fp16 overflow (the reference's known NaN on ViT-S/8 and small data: use "
@@ -35,7 +35,7 @@ NONFINITE_HINTS = (
 class _StepContext(NamedTuple):
     """What the forward and backward of every micro-batch of a step use: the models, the DINO loss and its
     weight, this step's teacher temperature, the accelerator, whether to compute the diagnostics, and the
-    added terms (`dino_hf.training.terms`: those of the batch, or of one micro-batch)."""
+    added terms (`dino_hf.objectives.term`: those of the batch, or of one micro-batch)."""
 
     student: nn.Module
     teacher: nn.Module
@@ -86,8 +86,8 @@ def train_step(
         accelerator: autocast, backward, gradient sync on the last micro-batch only, unwrapping for the
             EMA. `accumulation_steps`: micro-batches of B / steps images, then one optimiser step.
         diagnostics: compute the `collapse_diagnostics`.
-        terms: the terms added to the DINO loss, in the order they are added (`dino_hf.training.terms`:
-            iBOT, KoLeo, the anchor's; `dino_hf.training.distillation.Distillation`), each with its weights.
+        terms: the terms added to the DINO loss, in the order they are added (`dino_hf.objectives.term`:
+            iBOT, KoLeo, the anchor's; `dino_hf.objectives.distillation.Distillation`), each with its weights.
         dino_weight: the DINO loss's weight; 0 leaves out the teacher's forward, the head and the center
             (a distillation run), and the crops may then be the one view `[view (B, 3, G, G)]`.
 

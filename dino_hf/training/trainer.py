@@ -2,7 +2,7 @@
 
 `train(args)` reads top to bottom as the accelerate examples do: accelerator -> networks -> data ->
 step plan -> optimiser and devices -> resume -> loop -> final save. Each step of the loop is
-`dino_hf.training.step.train_step`; checkpoints and exports are `dino_hf.training.saving`'s.
+`dino_hf.training.step.train_step`; checkpoints and exports are `dino_hf.run_files.writer`'s.
 
 The loop reads nothing back from the device between logging steps: the loss, the diagnostics and the
 count of steps skipped on a non-finite loss stay tensors until a logging step (or a checkpoint) reads
@@ -29,33 +29,42 @@ from ..data.masks import BlockMasking
 from ..data.sources import load_image_stream
 from ..evaluation.features import knn_accuracy
 from ..hub.push import HubPusher
+from ..models.lora import base_pointers, check_base, load_own_state, setup_of
 from ..models.normalization import Normalization, normalization_of
-from . import checkpoints
-from .anchor import SNAPSHOT_STEP, Anchor, build_anchor
+from ..objectives.anchor import SNAPSHOT_STEP, Anchor, AnchorTerm
+from ..objectives.dino import DinoLoss
+from ..objectives.distillation import Distillation, FrozenModel, queue_size_for
+from ..objectives.ibot import IBotLoss, IBotTerm
+from ..objectives.koleo import KoLeoTerm
+from ..objectives.term import Term
+from ..run_files import checkpoints
+from ..run_files.collectives import on_any_process
+from ..run_files.init_checkpoint import init_checkpoint_folder, load_start
+from ..run_files.output_folder import removed_if_refused
+from ..run_files.state import RunState
+from ..run_files.whole_weights import load_whole_optimizer_state_dict, load_whole_state_dict, whole_state_dict
+from ..run_files.writer import CheckpointWriter
 from .arguments import DinoTrainingArguments, dino_on, distilling, model_spec
 from .batches import DeviceBatches, EndlessBatches
-from .collectives import on_any_process
 from .console import progress_bar
-from .distillation import Distillation, FrozenModel, queue_size_for
 from .guard import observe
-from .ibot import IBotLoss, build_ibot_loss, build_masking
-from .init_checkpoint import init_checkpoint_folder, load_start
 from .layer_decay import freeze_blocks_
-from .lora import base_pointers, check_base, load_own_state, setup_of
-from .loss import DinoLoss
-from .networks import build_frozen_backbone, build_student_teacher, has_trained_weights, lora_base_dtype
+from .networks import (
+    build_frozen_backbone,
+    build_student_teacher,
+    has_trained_weights,
+    lora_base_dtype,
+    student_backbone,
+)
+from .objectives import build_anchor, build_ibot_loss, build_masking
 from .optimization import build_optimizer, get_param_groups
-from .output_folder import removed_if_refused
 from .plan import TrainingPlan, run_mixed_precision
 from .preemption import PreemptionSignals
 from .run_log import SampleLog, knn_line, log_line
 from .run_sources import dataset_size, describe_source, knn_sources, train_source
-from .saving import CheckpointWriter
-from .sharding import load_whole_optimizer_state_dict, load_whole_state_dict, shard_like, whole_state_dict
+from .sharding import shard_like
 from .speed import apply_speed_options
-from .state import RunState
 from .step import NONFINITE_HINTS, train_step
-from .terms import AnchorTerm, IBotTerm, KoLeoTerm, Term
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +193,9 @@ def prepare_run(args: DinoTrainingArguments) -> Run:
     writer = CheckpointWriter(
         accelerator,
         args,
-        plan,
+        epoch_of=plan.epoch,
+        rebuild_start=lambda: student_backbone(args)[0],
+        base_model=_base_model(args, distillation),
         student=student,
         teacher=teacher,
         whole_teacher=whole_teacher,
@@ -217,6 +228,12 @@ def prepare_run(args: DinoTrainingArguments) -> Run:
     if args.report_to != "none":
         accelerator.init_trackers("dino_hf", config=args.to_dict())
     return run
+
+
+def _base_model(args: DinoTrainingArguments, distillation: Distillation | None) -> str | None:
+    """The weights a distilled student started from: `--model_name_or_path` when it names trained weights;
+    else (None) the card reads a transformers backbone's own source."""
+    return args.model_name_or_path if distillation is not None and has_trained_weights(args) else None
 
 
 def _build_networks(args: DinoTrainingArguments, accelerator: Accelerator) -> tuple:

@@ -33,9 +33,9 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 from torch import nn
 
-from ..models.configuration_dino import DinoConfig
+from .configuration_dino import DinoConfig
 from .fingerprint import tensors_sha256
-from .layer_decay import backbone_layout
+from .layout import backbone_layout
 
 # The query and value projections of each family (ExPLoRA's LoRA targets), by `config.model_type`;
 # transformers v5 names them q_proj / v_proj in every ViT family, DinoModel as the ViT of transformers v4.

@@ -7,7 +7,7 @@ crop and a student crop of a different view. Centring and sharpening together av
 
 Two stabilisers of DINOv2 (Oquab et al. 2023, Sec. 4) are here as options, both off by default:
 Sinkhorn-Knopp centering of the teacher (`DinoLoss(centering="sinkhorn_knopp")`, `sinkhorn_knopp`)
-and the KoLeo regulariser of the student's features (`koleo_loss`).
+and the KoLeo regulariser of the student's features (`dino_hf.objectives.koleo`).
 """
 
 import functools
@@ -21,7 +21,7 @@ CENTERINGS = ("center", "sinkhorn_knopp")
 
 
 class CenteredLoss(nn.Module):
-    """What the DINO loss and iBOT's patch loss (`dino_hf.training.ibot.IBotLoss`) share: the student
+    """What the DINO loss and iBOT's patch loss (`dino_hf.objectives.ibot.IBotLoss`) share: the student
     temperature and the teacher's centering, either a running center (a persistent buffer
     `center (1, K)`, starting at zero, moved by an EMA after the loss) or Sinkhorn-Knopp normalisation
     (`sinkhorn_knopp`, `sinkhorn_iterations` iterations; the center is then neither used nor updated).
@@ -257,40 +257,6 @@ def _no_floor(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """The Kozachenko-Leonenko entropy regulariser (Sablayrolles et al. 2019, "Spreading vectors for
-    similarity search"; DINOv2 Sec. 4, `dinov2/loss/koleo_loss.py: KoLeoLoss`).
-
-    With x_i the L2-normalised features and d_i = min_{j != i} ||x_i - x_j|| the distance to the
-    nearest other feature of the batch, the loss is `-mean_i log(d_i + eps)`: it pushes each feature
-    away from its nearest neighbour, spreading the batch over the sphere. Computed in float32 (float64
-    for float64 features) with autocast off, as DINOv2 does; the nearest neighbours are chosen without
-    gradient, the distances carry it.
-
-    Args:
-        features (`torch.Tensor` of shape `(B, D)`): the student's backbone features of one crop
-            (DINOv2: the CLS token of one global crop), B >= 2.
-        eps (`float`, defaults to 1e-8): keeps the normalisation and the log finite.
-
-    Returns:
-        The scalar loss (0-dim tensor).
-    """
-    if features.ndim != 2 or len(features) < 2:
-        raise ValueError(
-            f"koleo_loss needs features (B, D) of at least 2 images to find nearest neighbours, got "
-            f"{tuple(features.shape)}; use a per-device batch of 2 or more images"
-        )
-    dtype = torch.promote_types(features.dtype, torch.float32)
-    with torch.autocast(device_type=features.device.type, enabled=False):
-        x = F.normalize(features.to(dtype), p=2, dim=-1, eps=eps)  # (B, D)
-        with torch.no_grad():
-            dots = x @ x.t()  # (B, B): for unit vectors ||x_i - x_j||^2 = 2 - 2 x_i.x_j
-            dots.fill_diagonal_(-2.0)  # below every dot product of unit vectors: no image is its own neighbour
-            nearest = dots.argmax(dim=1)  # (B,)
-        distances = (x - x.index_select(0, nearest)).norm(dim=-1)  # (B,)
-        return -torch.log(distances + eps).mean()
-
-
 class LossTerms(NamedTuple):
     """What `DinoLoss.terms` computes: `loss` (scalar), `teacher_probs (2, B, K)` (the centred,
     sharpened teacher distributions, or the Sinkhorn-Knopp ones; no gradient) and
@@ -348,7 +314,6 @@ __all__ = [
     "DinoLoss",
     "LossTerms",
     "collapse_diagnostics",
-    "koleo_loss",
     "sinkhorn_knopp",
     "sum_over_processes_",
 ]

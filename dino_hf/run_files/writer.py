@@ -1,6 +1,6 @@
 """Writing a run's checkpoints and its teacher export, on one process or many.
 
-`CheckpointWriter.save(step, state)` is the whole protocol of `dino_hf.training.checkpoints`: a fresh
+`CheckpointWriter.save(step, state)` is the whole protocol of `dino_hf.run_files.checkpoints`: a fresh
 staging folder, each process's own state (RNG, data position), the shared state written by the main
 process (whole weights gathered from the shards under FSDP, the optimiser, the center, the run state,
 the resolved arguments and the teacher export with its model card), then the rename into place. An
@@ -9,6 +9,7 @@ error on any process is raised on every process as `CheckpointError`, the previo
 
 import dataclasses
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -16,18 +17,14 @@ from accelerate import Accelerator
 from torch import nn
 
 from ..convert.export import export_backbone
+from ..evaluation.knn import figure_name, guarded_figure
 from ..hub.model_card import EvalFigure, render_model_card
 from ..hub.push import HubPusher
+from ..models.lora import base_pointers, merged_backbone, own_state, save_adapter, setup_of, with_base_of
 from . import checkpoints
-from .arguments import DinoTrainingArguments
 from .collectives import on_every_process
-from .guard import figure_name, guarded_figure
-from .lora import base_pointers, merged_backbone, own_state, save_adapter, setup_of, with_base_of
-from .loss import DinoLoss
-from .networks import has_trained_weights, student_backbone
-from .plan import TrainingPlan
-from .sharding import whole_optimizer_state_dict, whole_state_dict
 from .state import RunState
+from .whole_weights import whole_optimizer_state_dict, whole_state_dict
 
 DEMO_DATASET = "dino_hf demo shapes"
 
@@ -36,9 +33,14 @@ class CheckpointWriter:
     """Checkpoints and exports of one run. `last` is the newest checkpoint written (or resumed from);
     `export_dir` is where the last teacher is exported, `best_export_dir` the teacher of the best k-NN.
 
+    `args`: the run's settings (`DinoTrainingArguments`); `epoch_of(step)`: the epoch a step ends in (the
+    plan's); `rebuild_start()`: the student's backbone as the run started, built again (a LoRA run that holds its
+    base in low precision reads it in full precision from there); `base_model`: the weights a distilled student
+    started from, for its model card (None: a transformers backbone's card reads its own source).
+
     `whole_teacher`: under FSDP, a whole copy of the teacher on the main process, made before the
     teacher was sharded, that gathered weights are loaded into for the k-NN and the export; otherwise
-    the teacher itself. `anchor`: the run's Gram teacher (`dino_hf.training.anchor`: the frozen starting
+    the teacher itself. `anchor`: the run's Gram teacher (`dino_hf.objectives.anchor`: the frozen starting
     backbone or the EMA teacher's last snapshot), whole on every process, saved with each checkpoint;
     None when anchoring is off. `ibot_loss`: the run's iBOT loss (its patch center), saved with each
     checkpoint; None when iBOT is off. `distillation`: the run's distillation term (its queue and frozen
@@ -47,7 +49,7 @@ class CheckpointWriter:
     A distillation run exports the student (`student_backbone`, `student_backbone_best`), or with
     `--distill_ema_student` its EMA, which the teacher network holds; a DINO run exports the teacher.
 
-    A LoRA run (`dino_hf.training.lora`) writes no frozen base weight into its checkpoints, only the name and
+    A LoRA run (`dino_hf.models.lora`) writes no frozen base weight into its checkpoints, only the name and
     hash of the base; it exports the teacher with its adapters merged (`teacher_backbone`) and as a peft
     adapter (`teacher_adapter`, pushed to the repository `<hub_model_id>-adapter` with `--push_adapter`).
     """
@@ -55,13 +57,15 @@ class CheckpointWriter:
     def __init__(
         self,
         accelerator: Accelerator,
-        args: DinoTrainingArguments,
-        plan: TrainingPlan,
+        args,
         *,
+        epoch_of: Callable[[int], float],
+        rebuild_start: Callable[[], nn.Module],
+        base_model: str | None,
         student: nn.Module,
         teacher: nn.Module,
         whole_teacher: nn.Module,
-        dino_loss: DinoLoss,
+        dino_loss: nn.Module,
         optimizer,
         batches,
         pusher: HubPusher | None,
@@ -69,7 +73,8 @@ class CheckpointWriter:
         ibot_loss: nn.Module | None = None,
         distillation=None,
     ):
-        self.accelerator, self.args, self.plan = accelerator, args, plan
+        self.accelerator, self.args, self.epoch_of = accelerator, args, epoch_of
+        self.rebuild_start, self.base_model = rebuild_start, base_model
         self.student, self.teacher, self.whole_teacher = student, teacher, whole_teacher
         self.dino_loss, self.optimizer, self.batches, self.pusher = dino_loss, optimizer, batches, pusher
         self.anchor = anchor
@@ -114,7 +119,7 @@ class CheckpointWriter:
         if self.lora is None or self.lora.base_dtype is None:
             return network
         with torch.random.fork_rng(devices=[]):
-            start, _ = student_backbone(self.args)
+            start = self.rebuild_start()
         return with_base_of(network, start)
 
     def exported(self, weights: dict | None = None) -> nn.Module:
@@ -271,20 +276,14 @@ class CheckpointWriter:
             training_args=args.to_dict(),
             datasets=datasets,
             steps=step,
-            epochs=round(self.plan.epoch(step), 2),
+            epochs=round(self.epoch_of(step), 2),
             evaluation=figures,
             image_size=args.global_crops_size,
-            base_model=self._base_model(),
+            base_model=self.base_model,
             distilled_from=args.distill_from,
             ema_student=args.distill_ema_student,
             trained_parameters=trained,
         )
-
-    def _base_model(self) -> str | None:
-        """The weights a distilled student started from: `--model_name_or_path` when it names trained weights;
-        else (None) the card reads a transformers backbone's own source."""
-        spec = self.args.model_name_or_path
-        return spec if self.distillation is not None and has_trained_weights(self.args) else None
 
 
 def adapter_name(export_name: str) -> str:

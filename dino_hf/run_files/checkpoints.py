@@ -15,16 +15,16 @@ and `data_state_<rank>.pt` (one per process: its RNG states and its position in 
 configuration, without secrets), `teacher_backbone/` (the exported model folder) and
 `manifest.json`; with anchoring on, also `gram_teacher.safetensors` (the Gram teacher: the frozen
 starting backbone or the EMA teacher's last snapshot, with the step it was taken at, `snapshot_step`;
-`dino_hf.training.anchor`; optional, so checkpoints without it load); with iBOT on, also
-`ibot_loss.safetensors` (the patch center, `dino_hf.training.ibot`; optional likewise); with
+`dino_hf.objectives.anchor`; optional, so checkpoints without it load); with iBOT on, also
+`ibot_loss.safetensors` (the patch center, `dino_hf.objectives.ibot`; optional likewise); with
 distillation, `distillation.safetensors` (the queue of the global term, and in its metadata the name and
-weight hash of the frozen model, never its weights; `dino_hf.training.distillation`); with LoRA,
+weight hash of the frozen model, never its weights; `dino_hf.objectives.distillation`); with LoRA,
 `lora_base.json` (the base's name and weight hash; the weight files then hold no frozen base weight, and
 the checkpoint's exports are the merged `teacher_backbone/` and the peft adapter `teacher_adapter/`;
-`dino_hf.training.lora`). Weights and
+`dino_hf.models.lora`). Weights and
 optimiser state are whole (gathered from the shards under FSDP, `dino_hf.training.sharding`), so a
 checkpoint resumes with any number of processes and under FSDP or not. What goes into the files is gathered by
-`dino_hf.training.saving`; the data position by `dino_hf.training.batches.EndlessBatches`.
+`dino_hf.run_files.writer`; the data position by `dino_hf.training.batches.EndlessBatches`.
 """
 
 import errno
@@ -53,14 +53,14 @@ REQUIRED_FILES = (
     "training_args.json",
 )
 MANIFEST = "manifest.json"
-# The anchor's weights and snapshot step (`dino_hf.training.anchor.Anchor`), written only by runs with
+# The anchor's weights and snapshot step (`dino_hf.objectives.anchor.Anchor`), written only by runs with
 # anchoring on.
 ANCHOR_FILE = "gram_teacher.safetensors"
-# iBOT's loss state, the patch center (`dino_hf.training.ibot.IBotLoss`), written only by runs with iBOT on.
+# iBOT's loss state, the patch center (`dino_hf.objectives.ibot.IBotLoss`), written only by runs with iBOT on.
 IBOT_FILE = "ibot_loss.safetensors"
 # Distillation's state, the queue, with the frozen model's name and hash as metadata (distillation runs only).
 DISTILL_FILE = "distillation.safetensors"
-# A LoRA run's base: its name and the sha256 of its frozen weights (`dino_hf.training.lora`), which the
+# A LoRA run's base: its name and the sha256 of its frozen weights (`dino_hf.models.lora`), which the
 # checkpoint's weight files leave out.
 LORA_FILE = "lora_base.json"
 # What a failed write raises (a full disk, a read-only folder, a file size limit): OSError from open

@@ -19,12 +19,11 @@ the padding weighted 0), so that every step has the same shapes and reads nothin
 """
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
-from ..data.masks import BlockMasking
-from .arguments import DinoTrainingArguments
-from .loss import CENTERINGS, CenteredLoss, sinkhorn_knopp, sum_over_processes_
+from ..data.masks import PatchMasks
+from .dino import CENTERINGS, CenteredLoss, sinkhorn_knopp, sum_over_processes_
+from .term import StudentOutputs, Term
 
 # The name of the term in a step's metrics.
 IBOT = "ibot"
@@ -120,35 +119,53 @@ class IBotLoss(CenteredLoss):
         self._move_center_(batch_center, count == 0 if keep is None else keep | (count == 0))
 
 
-def build_ibot_loss(args: DinoTrainingArguments) -> IBotLoss | None:
-    """The run's iBOT loss (on the DINO loss's temperatures, center momentum and centering), or None
-    when `--ibot_loss_weight` is 0."""
-    if not args.ibot_loss_weight:
-        return None
-    return IBotLoss(
-        args.out_dim,
-        student_temp=args.student_temp,
-        center_momentum=args.center_momentum,
-        centering=args.centering,
-        sinkhorn_iterations=args.sinkhorn_iterations,
-    )
+class IBotTerm(Term):
+    """iBOT's masked-patch loss: the student sees the global crops masked, the teacher whole; the patch head's
+    outputs at the masked patches are scored as DINO scores the CLS token, against the patch center, which
+    moves once per step with the teacher's outputs of every micro-batch.
+
+    Args:
+        loss: `IBotLoss` (its patch center). weight: this step's weight.
+        masks: the batch's block masks (`PatchMasks`, drawn by the loader for the step's micro-batches), or
+            one micro-batch's.
+    """
+
+    def __init__(self, loss: IBotLoss, weight: float, masks: PatchMasks, _teacher_outputs: list | None = None):
+        self.loss, self.masks = loss, masks
+        self.weights = {IBOT: weight}
+        self._teacher_outputs = [] if _teacher_outputs is None else _teacher_outputs
+
+    def student_options(self) -> dict:
+        return {"bool_masked_pos": self.masks.crop_masks(), "patch_indices": self.masks.indices[0]}
+
+    def teacher_options(self) -> dict:
+        return {"patch_indices": self.masks.indices[0]}
+
+    def micro_batches(self, count: int) -> list["Term"]:
+        if len(self.masks.indices) != count:
+            raise ValueError(
+                f"the masks were drawn for {len(self.masks.indices)} micro-batches and the step makes {count}; "
+                "build the loader's BlockMasking with micro_batches=accumulation_steps"
+            )
+        shared = self._teacher_outputs  # every micro-batch's teacher outputs feed the one center update
+        shared.clear()
+        return [IBotTerm(self.loss, self.weights[IBOT], masks, shared) for masks in self.masks.micro_batches()]
+
+    def values(self, outputs: StudentOutputs) -> dict[str, torch.Tensor]:
+        self._teacher_outputs.append(outputs.teacher_patch_logits)
+        value = self.loss(
+            outputs.patch_logits,
+            outputs.teacher_patch_logits,
+            self.masks.weights[0],
+            outputs.teacher_temp,
+            2 * len(outputs.crops[0]),
+        )
+        return {IBOT: value}
+
+    def after_step(self, skip: torch.Tensor) -> None:
+        """The patch center, over the masked patches of the whole batch (all micro-batches)."""
+        self.loss.update_center(torch.cat(self._teacher_outputs), self.masks.weights.flatten(), keep=skip)
+        self._teacher_outputs.clear()
 
 
-def build_masking(args: DinoTrainingArguments, backbone: nn.Module) -> BlockMasking | None:
-    """How the run's batches are masked, or None when `--ibot_loss_weight` is 0. The patch grid is the
-    global crop size over the backbone's patch size; each micro-batch of `per_device_train_batch_size`
-    images is masked on its own."""
-    if not args.ibot_loss_weight:
-        return None
-    patch_size = backbone.model.config.patch_size
-    patch_size = int(patch_size[0] if isinstance(patch_size, (tuple, list)) else patch_size)
-    side = args.global_crops_size // patch_size
-    return BlockMasking(
-        grid=(side, side),
-        ratio_min_max=tuple(args.mask_ratio_min_max),
-        sample_probability=args.mask_sample_probability,
-        micro_batches=args.gradient_accumulation_steps,
-    )
-
-
-__all__ = ["IBOT", "IBotLoss", "build_ibot_loss", "build_masking"]
+__all__ = ["IBOT", "IBotLoss", "IBotTerm"]

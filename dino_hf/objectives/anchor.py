@@ -26,8 +26,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.nn import functional as F
 
-from .arguments import DinoTrainingArguments
-from .lora import remove_adapters_, setup_of, shared_parameters
+from ..models.lora import remove_adapters_, setup_of, shared_parameters
+from .term import StudentOutputs, Term
 
 # The names of the terms in a step's metrics.
 GRAM, COSINE = "gram", "anchor_cos"
@@ -145,14 +145,6 @@ class GramSnapshots:
         of those steps (a snapshot due at step `steps_done` is taken after the checkpoint), or None."""
         return self.last(steps_done - 1) if steps_done > 0 else None
 
-    @classmethod
-    def from_args(cls, args: DinoTrainingArguments) -> "GramSnapshots | None":
-        """The schedule of `--gram_teacher ema`; None for the start (taken once, before the first step)
-        or when the Gram loss is off."""
-        if args.gram_teacher != "ema" or not args.gram_loss_weight:
-            return None
-        return cls(args.gram_start_step, args.gram_update_steps, args.gram_max_updates)
-
 
 def token_grid(num_tokens: int, height: int, width: int) -> tuple[int, int]:
     """The (rows, columns) of a map of `num_tokens` patch tokens of a `height x width` image: rows /
@@ -188,7 +180,7 @@ class Anchor(nn.Module):
     Args:
         backbone (`nn.Module`): the student's backbone before the first step (a `TimmBackbone`, a
             `DinoModelBackbone`, or any module with `forward_tokens`); it is copied, but for the frozen base
-            weights of a LoRA backbone (`dino_hf.training.lora`), which the copy shares, without the adapters.
+            weights of a LoRA backbone (`dino_hf.models.lora`), which the copy shares, without the adapters.
         gram (`bool`): compute the Gram loss (`gram_loss`).
         cosine (`bool`): compute the cosine term (`anchor_cosine_loss`).
         remove_neg (`bool`, defaults to `False`): the Gram loss's `remove_neg`.
@@ -307,34 +299,28 @@ class Anchor(nn.Module):
         return terms
 
 
-def build_anchor(args: DinoTrainingArguments, backbone: nn.Module) -> Anchor | None:
-    """The run's anchor, a copy of `backbone` as it is now (before the first step), or None when
-    `--gram_loss_weight` and `--anchor_cosine_weight` are both 0. With `--gram_teacher ema` the copy
-    holds the place of the first snapshot of the EMA teacher (`GramSnapshots`).
+class AnchorTerm(Term):
+    """The anchor's terms (`Anchor.term_names`: the Gram loss `gram` and the cosine term `anchor_cos`) of the 2
+    global crops, each with its weight; a weight of 0 still reports its term."""
 
-    Raises:
-        ValueError: the Gram teacher's crops (`--gram_teacher_resolution_scale`) are a size that a
-            transformers backbone cannot take (the patch size of the other ViTs is checked with the
-            crop sizes, `arguments.check_crop_sizes`).
-    """
-    if not (args.gram_loss_weight or args.anchor_cosine_weight):
-        return None
-    anchor = Anchor(
-        backbone,
-        gram=args.gram_loss_weight > 0,
-        cosine=args.anchor_cosine_weight > 0,
-        remove_neg=args.gram_remove_neg,
-        resolution_scale=args.gram_teacher_resolution_scale,
-        snapshot_step=0 if args.gram_teacher == "start" else None,
-    )
-    check_input_size = getattr(anchor.backbone, "check_input_size", None)
-    if args.gram_teacher_resolution_scale != 1 and check_input_size is not None:
-        check_input_size(
-            args.gram_teacher_crops_size,
-            f"the Gram teacher's crop size (--global_crops_size {args.global_crops_size} x "
-            f"--gram_teacher_resolution_scale {args.gram_teacher_resolution_scale:g})",
-        )
-    return anchor
+    def __init__(self, anchor: Anchor, gram_weight: float = 0.0, cosine_weight: float = 0.0):
+        self.anchor = anchor
+        given = {"gram": gram_weight, "anchor_cos": cosine_weight}
+        for name, weight in given.items():
+            if weight and name not in anchor.term_names:
+                raise ValueError(
+                    f"the {name} weight {weight} needs an anchor built with that term "
+                    "(dino_hf.training.objectives.build_anchor, --gram_loss_weight / --anchor_cosine_weight)"
+                )
+        self.weights = {name: given[name] for name in anchor.term_names}
+
+    def student_options(self) -> dict:
+        return {"return_features": True, "return_patch_tokens": self.anchor.gram}
+
+    def values(self, outputs: StudentOutputs) -> dict[str, torch.Tensor]:
+        rows = 2 * len(outputs.crops[0])  # the global crops
+        patch_tokens = outputs.patch_tokens[:rows] if outputs.patch_tokens is not None else None
+        return self.anchor.terms(torch.cat(outputs.crops[:2]), outputs.features[:rows], patch_tokens)
 
 
 __all__ = [
@@ -342,9 +328,9 @@ __all__ = [
     "GRAM",
     "SNAPSHOT_STEP",
     "Anchor",
+    "AnchorTerm",
     "GramSnapshots",
     "anchor_cosine_loss",
-    "build_anchor",
     "gram_loss",
     "gram_weight_at",
     "resize_token_map",

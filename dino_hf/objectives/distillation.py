@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
+from ..models.fingerprint import weights_sha256
 from ..models.normalization import Normalization, normalization_of
-from .fingerprint import weights_sha256
-from .terms import StudentOutputs, Term
+from .term import StudentOutputs, Term
 
 # LightlyTrain's temperature of both terms.
 TEMPERATURE = 0.07
@@ -195,7 +195,7 @@ class FeatureQueue(nn.Module):
 
 
 class Distillation(Term):
-    """The distillation term of the step (`dino_hf.training.terms`): the frozen model, the queue, the weights
+    """The distillation term of the step (`dino_hf.objectives.term`): the frozen model, the queue, the weights
     and options. Its values are those of the first crop, the view that both networks see.
 
     Args:

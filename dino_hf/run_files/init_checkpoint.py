@@ -17,13 +17,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 from torch import nn
 
-from .checkpoints import (
-    check_checkpoint,
-    checkpoints_of_run,
-    find_resume_checkpoint,
-    is_checkpoint,
-    named_checkpoint,
-)
+from .checkpoints import check_checkpoint, checkpoints_of_run, find_resume_checkpoint, is_checkpoint, named_checkpoint
 
 # The training arguments that shape the student and the teacher: backbone and head.
 ARCHITECTURE_FIELDS = (
