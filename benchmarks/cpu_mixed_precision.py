@@ -30,7 +30,7 @@ from dino_hf.models.heads import DinoHead
 from dino_hf.models.multicrop_wrapper import MultiCropWrapper
 from dino_hf.objectives.dino import DinoLoss
 from dino_hf.training.optimization import build_optimizer, get_param_groups
-from dino_hf.training.step import train_step
+from dino_hf.training.step import StepValues, train_step
 from dino_hf.training.teacher import build_teacher
 
 MODELS = {
@@ -62,7 +62,13 @@ def worker(args) -> None:
 
     def step():
         metrics = train_step(
-            student, teacher, dino_loss, optimizer, crops, freeze_last_layer=False, accelerator=accelerator, **SCHEDULE
+            student,
+            teacher,
+            dino_loss,
+            optimizer,
+            crops,
+            StepValues(freeze_last_layer=False, **SCHEDULE),
+            accelerator=accelerator,
         )
         return metrics["loss"].item()
 

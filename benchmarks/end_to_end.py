@@ -50,7 +50,7 @@ from dino_hf.objectives.dino import DinoLoss
 from dino_hf.training.batches import DeviceBatches, EndlessBatches
 from dino_hf.training.optimization import build_optimizer, get_param_groups
 from dino_hf.training.speed import apply_speed_options
-from dino_hf.training.step import train_step
+from dino_hf.training.step import StepValues, train_step
 from dino_hf.training.teacher import build_teacher
 
 SCHEDULE = dict(lr=5e-4, weight_decay=0.04, momentum=0.996, teacher_temp=0.04, clip_grad=3.0)
@@ -116,7 +116,13 @@ def timed_run(args, models, batches, steps: int, read_every_step: bool) -> dict:
         crops, _ = next(batches)
         waited += time.perf_counter() - before
         stats = train_step(
-            student, teacher, dino_loss, optimizer, crops, freeze_last_layer=False, accelerator=accelerator, **SCHEDULE
+            student,
+            teacher,
+            dino_loss,
+            optimizer,
+            crops,
+            StepValues(freeze_last_layer=False, **SCHEDULE),
+            accelerator=accelerator,
         )
         loss = stats["loss"].item() if read_every_step else stats["loss"]
     final_loss = float(loss)

@@ -84,7 +84,7 @@ from dino_hf.objectives.distillation import Distillation, FrozenModel
 from dino_hf.objectives.ibot import IBotLoss, IBotTerm
 from dino_hf.training.optimization import build_optimizer, get_param_groups
 from dino_hf.training.speed import apply_speed_options
-from dino_hf.training.step import train_step
+from dino_hf.training.step import StepValues, train_step
 from dino_hf.training.teacher import build_teacher
 
 SCHEDULE = dict(lr=5e-4, weight_decay=0.04, momentum=0.996, teacher_temp=0.04, clip_grad=3.0)
@@ -151,8 +151,8 @@ def ours(args, device, variant: str = "ours"):
     student, optimizer, accelerator = _on_accelerator(student, optimizer, device, args.cpu_bf16)
 
     def step():
-        options = dict(freeze_last_layer=False, accelerator=accelerator, terms=terms, **SCHEDULE)
-        return train_step(student, teacher, dino_loss, optimizer, crops, **options)
+        values = StepValues(**SCHEDULE)
+        return train_step(student, teacher, dino_loss, optimizer, crops, values, accelerator=accelerator, terms=terms)
 
     anchor_bytes = 0
     if anchor is not None:
@@ -181,8 +181,8 @@ def continued(args, device, lora: bool):
     student, optimizer, accelerator = _on_accelerator(student, optimizer, device, args.cpu_bf16)
 
     def step():
-        options = dict(freeze_last_layer=False, accelerator=accelerator, terms=[AnchorTerm(anchor, 1.0)], **SCHEDULE)
-        return train_step(student, teacher, dino_loss, optimizer, crops, **options)
+        values, terms = StepValues(**SCHEDULE), [AnchorTerm(anchor, 1.0)]
+        return train_step(student, teacher, dino_loss, optimizer, crops, values, accelerator=accelerator, terms=terms)
 
     return step, sum(p.numel() for p in backbone.parameters() if p.requires_grad)
 
@@ -206,7 +206,7 @@ def distilled(args, device):
     options = dict(freeze_last_layer=False, accelerator=accelerator, dino_weight=0.0, terms=[distillation])
 
     def step():
-        return train_step(student, teacher, dino_loss, optimizer, [view], **options, **SCHEDULE)
+        return train_step(student, teacher, dino_loss, optimizer, [view], StepValues(**options, **SCHEDULE))
 
     def frozen_forward():
         with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dino_hf.training.optimization import build_optimizer, get_param_groups
-from dino_hf.training.step import train_step
+from dino_hf.training.step import StepValues, train_step
 
 
 def accelerate_launch(processes: int = 2, machines: int = 1) -> list[str]:
@@ -55,7 +55,8 @@ def assert_trains_as_one_process(distributed: dict, setup, step_options: dict):
     initial = copy.deepcopy(teacher.state_dict())
     optimizer = build_optimizer("sgd", get_param_groups(student))
     losses = [
-        train_step(student, teacher, dino_loss, optimizer, crops, **step_options)["loss"].item() for crops in batches
+        train_step(student, teacher, dino_loss, optimizer, crops, StepValues(**step_options))["loss"].item()
+        for crops in batches
     ]
     assert [float(loss) for loss in distributed["losses"]] == pytest.approx(losses, rel=1e-5)
     torch.testing.assert_close(distributed["center"], dino_loss.center, rtol=0, atol=1e-6)

@@ -27,7 +27,7 @@ from dino_hf.training.objectives import build_anchor
 from dino_hf.training.optimization import build_optimizer, get_param_groups
 from dino_hf.training.plan import TrainingPlan
 from dino_hf.training.run_log import log_line
-from dino_hf.training.step import train_step
+from dino_hf.training.step import StepValues, train_step
 from dino_hf.training.teacher import build_teacher
 
 K, B, NCROPS = 64, 2, 4
@@ -250,10 +250,10 @@ def test_steps_with_the_anchor_report_its_terms_and_leave_it_at_the_start():
     anchor = Anchor(student.backbone, gram=True, cosine=True)
     start = copy.deepcopy(anchor.state_dict())
     optimizer = build_optimizer("adamw", get_param_groups(student))
-    options = dict(terms=[AnchorTerm(anchor, gram_weight=1.0, cosine_weight=0.5)], **STEP)
+    terms = [AnchorTerm(anchor, gram_weight=1.0, cosine_weight=0.5)]
     for _ in range(3):
         student_before = copy.deepcopy(student.backbone)
-        stats = train_step(student, teacher, dino_loss, optimizer, crops, **options)
+        stats = train_step(student, teacher, dino_loss, optimizer, crops, StepValues(**STEP), terms=terms)
     # The terms of the last step, from the student as it was before it (no stochastic depth: the same forward).
     global_crops = torch.cat(crops[:2])
     with torch.no_grad():
@@ -283,9 +283,9 @@ def test_the_gram_term_trains_the_backbone_and_not_the_head():
     zero = [copy.deepcopy(x) for x in (student, teacher, dino_loss)]
     zero_anchor = copy.deepcopy(anchor)
     optimizer = build_optimizer("sgd", get_param_groups(student))
-    train_step(student, teacher, dino_loss, optimizer, crops, terms=[AnchorTerm(anchor, 1.0)], **STEP)
+    train_step(student, teacher, dino_loss, optimizer, crops, StepValues(**STEP), terms=[AnchorTerm(anchor, 1.0)])
     optimizer = build_optimizer("sgd", get_param_groups(zero[0]))
-    train_step(*zero, optimizer, crops, terms=[AnchorTerm(zero_anchor, 0.0)], **STEP)
+    train_step(*zero, optimizer, crops, StepValues(**STEP), terms=[AnchorTerm(zero_anchor, 0.0)])
     assert any(not torch.equal(p, q) for p, q in zip(student.backbone.parameters(), zero[0].backbone.parameters()))
     for p, q in zip(student.head.parameters(), zero[0].head.parameters(), strict=True):
         torch.testing.assert_close(p, q)
@@ -296,8 +296,8 @@ def test_with_both_weights_zero_the_step_is_the_plain_step(tmp_path):
     assert build_anchor(plan(tmp_path).args, student.backbone) is None  # what a run with the defaults passes
     plain = [copy.deepcopy(x) for x in (student, teacher, dino_loss)]
     optimizer = build_optimizer("adamw", get_param_groups(student))
-    stats = train_step(student, teacher, dino_loss, optimizer, crops, terms=[], **STEP)
-    plain_stats = train_step(*plain, build_optimizer("adamw", get_param_groups(plain[0])), crops, **STEP)
+    stats = train_step(student, teacher, dino_loss, optimizer, crops, StepValues(**STEP), terms=[])
+    plain_stats = train_step(*plain, build_optimizer("adamw", get_param_groups(plain[0])), crops, StepValues(**STEP))
     assert stats.keys() == plain_stats.keys()
     assert all(torch.equal(stats[key], plain_stats[key]) for key in stats)
     for module, plain_module in zip((student, teacher, dino_loss), plain):
@@ -311,8 +311,10 @@ def test_at_the_start_of_the_warm_up_the_term_is_reported_and_changes_nothing():
     move(student.backbone)  # away from the anchor: a Gram loss above 0, with a gradient
     plain = [copy.deepcopy(x) for x in (student, teacher, dino_loss)]
     optimizer = build_optimizer("adamw", get_param_groups(student))
-    stats = train_step(student, teacher, dino_loss, optimizer, crops, terms=[AnchorTerm(anchor, 0.0)], **STEP)
-    plain_stats = train_step(*plain, build_optimizer("adamw", get_param_groups(plain[0])), crops, **STEP)
+    stats = train_step(
+        student, teacher, dino_loss, optimizer, crops, StepValues(**STEP), terms=[AnchorTerm(anchor, 0.0)]
+    )
+    plain_stats = train_step(*plain, build_optimizer("adamw", get_param_groups(plain[0])), crops, StepValues(**STEP))
     assert stats["gram"].item() > 0 and "anchor_cos" not in stats
     assert torch.equal(stats["loss"], plain_stats["loss"])
     for p, q in zip(student.parameters(), plain[0].parameters(), strict=True):
@@ -324,7 +326,9 @@ def test_a_weight_without_its_term_is_refused():
     optimizer = build_optimizer("adamw", get_param_groups(student))
     cosine_only = Anchor(student.backbone, gram=False, cosine=True)
     with pytest.raises(ValueError, match="the gram weight 1.0 needs an anchor built with that term"):
-        train_step(student, teacher, dino_loss, optimizer, crops, terms=[AnchorTerm(cosine_only, 1.0)], **STEP)
+        train_step(
+            student, teacher, dino_loss, optimizer, crops, StepValues(**STEP), terms=[AnchorTerm(cosine_only, 1.0)]
+        )
     gram_only = Anchor(student.backbone, gram=True, cosine=False)
     with pytest.raises(ValueError, match="the anchor_cos weight 0.5 needs an anchor"):
         AnchorTerm(gram_only, 1.0, cosine_weight=0.5)
@@ -339,7 +343,9 @@ def test_a_non_finite_anchor_term_skips_the_step(term):
     before = [copy.deepcopy(x.state_dict()) for x in (student, teacher, dino_loss)]
     weights = {"gram_weight" if term == "gram" else "cosine_weight": 1.0}
     optimizer = build_optimizer("adamw", get_param_groups(student))
-    stats = train_step(student, teacher, dino_loss, optimizer, crops, terms=[AnchorTerm(anchor, **weights)], **STEP)
+    stats = train_step(
+        student, teacher, dino_loss, optimizer, crops, StepValues(**STEP), terms=[AnchorTerm(anchor, **weights)]
+    )
     assert math.isfinite(stats["loss"].item()) and not math.isfinite(stats[term].item())
     assert stats["nonfinite"].item() == 1.0
     for module, saved in zip((student, teacher, dino_loss), before):
@@ -360,7 +366,9 @@ def test_with_accumulation_the_terms_are_per_micro_batch():
     expected_cos = sum(anchor_cosine_loss(features[r], anchor_features[r]).item() for r in rows) / 2
     optimizer = build_optimizer("adamw", get_param_groups(student))
     terms = [AnchorTerm(anchor, gram_weight=1.0, cosine_weight=1.0)]
-    stats = train_step(student, teacher, dino_loss, optimizer, crops, terms=terms, accumulation_steps=2, **STEP)
+    stats = train_step(
+        student, teacher, dino_loss, optimizer, crops, StepValues(**STEP), terms=terms, accumulation_steps=2
+    )
     assert stats["gram"].item() == pytest.approx(expected_gram, rel=1e-5)
     assert stats["anchor_cos"].item() == pytest.approx(expected_cos, rel=1e-5)
 

@@ -28,7 +28,7 @@ from dino_hf.objectives.distillation import (
     to_grid,
 )
 from dino_hf.training.optimization import build_optimizer, get_param_groups
-from dino_hf.training.step import train_step
+from dino_hf.training.step import StepValues, train_step
 from dino_hf.training.teacher import build_teacher
 
 STEP = dict(lr=0.01, weight_decay=0.04, momentum=0.9, teacher_temp=0.04, clip_grad=1.0, freeze_last_layer=False)
@@ -207,10 +207,9 @@ def test_a_distillation_step_trains_the_student_never_the_frozen_model_and_reads
                 DinoLoss(64, 2),
                 optimizer,
                 crops,
+                StepValues(**dino_options, **STEP),
                 accumulation_steps=2,
                 terms=[distillation],
-                **dino_options,
-                **STEP,
             )
         if step:
             assert reads.calls == [], reads.calls

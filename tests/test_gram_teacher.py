@@ -168,16 +168,7 @@ def run_steps(tmp_path, steps: int, **options):
     history = []
     for step in range(steps):
         terms = trainer._terms_at(run, step, run_plan.term_weights(step), batch={})
-        stats = train_step(
-            student,
-            teacher,
-            dino_loss,
-            optimizer,
-            crops,
-            **run_plan.schedule(step),
-            terms=terms,
-            **run_plan.step_options(step),
-        )
+        stats = train_step(student, teacher, dino_loss, optimizer, crops, run_plan.step_values(step), terms=terms)
         history.append(
             dict(
                 stats=stats,

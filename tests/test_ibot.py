@@ -38,7 +38,7 @@ from dino_hf.training.objectives import build_ibot_loss, build_masking
 from dino_hf.training.optimization import build_optimizer, get_param_groups
 from dino_hf.training.plan import TrainingPlan
 from dino_hf.training.speed import compile_units
-from dino_hf.training.step import train_step
+from dino_hf.training.step import StepValues, train_step
 from dino_hf.training.teacher import build_teacher
 
 K, NCROPS = 16, 4
@@ -336,7 +336,9 @@ def test_a_step_with_ibot_computes_both_losses_from_one_masked_forward(separate_
         expected_center = 0.9 * center + 0.1 * t[masked_rows].mean(0, keepdim=True)
 
     optimizer = build_optimizer("sgd", get_param_groups(student))
-    stats = train_step(student, teacher, dino_loss, optimizer, crops, terms=[IBotTerm(ibot_loss, 0.5, masks)], **STEP)
+    stats = train_step(
+        student, teacher, dino_loss, optimizer, crops, StepValues(**STEP), terms=[IBotTerm(ibot_loss, 0.5, masks)]
+    )
     assert stats["loss"].item() == pytest.approx(expected_dino.item(), rel=1e-5)
     assert stats["ibot"].item() == pytest.approx(expected_ibot.item(), rel=1e-5)
     assert stats["total_loss"].item() == pytest.approx(stats["loss"].item() + 0.5 * stats["ibot"].item(), rel=1e-6)
@@ -361,7 +363,13 @@ def test_gradients_reach_the_mask_token_and_every_parameter():
     optimizer = build_optimizer("sgd", get_param_groups(student))
     before = mask_token.detach().clone()
     train_step(
-        student, teacher, DinoLoss(K, NCROPS), optimizer, crops, terms=[IBotTerm(ibot_loss, 1.0, masks)], **STEP
+        student,
+        teacher,
+        DinoLoss(K, NCROPS),
+        optimizer,
+        crops,
+        StepValues(**STEP),
+        terms=[IBotTerm(ibot_loss, 1.0, masks)],
     )
     assert not before.any() and mask_token.abs().sum() > 0  # zeros at init, trained by the step
 
@@ -410,24 +418,26 @@ def test_accumulated_micro_batches_each_get_their_own_masks():
         dino_loss,
         optimizer,
         crops,
+        StepValues(**STEP),
         terms=[IBotTerm(ibot_loss, 1.0, masks)],
         accumulation_steps=2,
-        **STEP,
     )
     assert math.isfinite(stats["ibot"].item()) and ibot_loss.center.abs().sum() > 0
     with pytest.raises(ValueError, match="micro_batches=accumulation_steps"):
-        train_step(student, teacher, dino_loss, optimizer, crops, terms=[IBotTerm(ibot_loss, 1.0, masks)], **STEP)
+        train_step(
+            student, teacher, dino_loss, optimizer, crops, StepValues(**STEP), terms=[IBotTerm(ibot_loss, 1.0, masks)]
+        )
 
 
 def test_a_non_finite_ibot_term_skips_the_step(monkeypatch):
     student, teacher, dino_loss, ibot_loss, crops, masks = setup()
     optimizer = build_optimizer("adamw", get_param_groups(student))
-    options = dict(terms=[IBotTerm(ibot_loss, 1.0, masks)], **STEP)
-    train_step(student, teacher, dino_loss, optimizer, crops, **options)
+    terms = [IBotTerm(ibot_loss, 1.0, masks)]
+    train_step(student, teacher, dino_loss, optimizer, crops, StepValues(**STEP), terms=terms)
     before = [copy.deepcopy(x.state_dict()) for x in (student, teacher, dino_loss, ibot_loss)]
     forward = IBotLoss.forward
     monkeypatch.setattr(IBotLoss, "forward", lambda self, *args: forward(self, *args) * float("nan"))
-    stats = train_step(student, teacher, dino_loss, optimizer, crops, **options)
+    stats = train_step(student, teacher, dino_loss, optimizer, crops, StepValues(**STEP), terms=terms)
     assert stats["nonfinite"].item() == 1.0 and math.isfinite(stats["loss"].item())
     for module, saved in zip((student, teacher, dino_loss, ibot_loss), before):
         for name, value in module.state_dict().items():
@@ -448,10 +458,9 @@ def test_with_ibot_off_the_run_is_todays(tmp_path, data):
     assert trainer._terms_at(run, 0, plan.term_weights(0), batch={}) == []
     student, teacher, dino_loss, _, crops, _ = setup()
     plain = [copy.deepcopy(x) for x in (student, teacher, dino_loss)]
-    stats = train_step(
-        student, teacher, dino_loss, build_optimizer("adamw", get_param_groups(student)), crops, terms=[], **STEP,
-    )  # fmt: skip
-    plain_stats = train_step(*plain, build_optimizer("adamw", get_param_groups(plain[0])), crops, **STEP)
+    optimizer = build_optimizer("adamw", get_param_groups(student))
+    stats = train_step(student, teacher, dino_loss, optimizer, crops, StepValues(**STEP), terms=[])
+    plain_stats = train_step(*plain, build_optimizer("adamw", get_param_groups(plain[0])), crops, StepValues(**STEP))
     assert stats.keys() == plain_stats.keys() and "ibot" not in stats and "total_loss" not in stats
     assert all(torch.equal(stats[key], plain_stats[key]) for key in stats)
     for module, plain_module in zip((student, teacher, dino_loss), plain):

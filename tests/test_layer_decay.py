@@ -31,7 +31,7 @@ from dino_hf.training.arguments import DinoTrainingArguments
 from dino_hf.training.layer_decay import freeze_blocks_
 from dino_hf.training.optimization import build_optimizer, get_param_groups
 from dino_hf.training.plan import TrainingPlan
-from dino_hf.training.step import _set_schedule, train_step
+from dino_hf.training.step import StepValues, _set_schedule, train_step
 from dino_hf.training.teacher import build_teacher
 
 LR, WD, DECAY, MULT = 0.01, 0.04, 0.9, 0.2
@@ -257,7 +257,7 @@ def test_frozen_blocks_stay_as_they_were_through_training_steps():
     start_teacher = copy.deepcopy(teacher.state_dict())
     optimizer = build_optimizer("adamw", get_param_groups(student, layer_decay=0.5, patch_embed_lr_mult=0.2))
     for _ in range(3):
-        train_step(student, teacher, dino_loss, optimizer, crops, **STEP)
+        train_step(student, teacher, dino_loss, optimizer, crops, StepValues(**STEP))
     for name in frozen:
         key = f"backbone.model.{name}"
         assert torch.equal(student.state_dict()[key], start_student[key]), name
@@ -284,7 +284,7 @@ def test_the_backbone_warms_up_on_its_own_after_the_head_warm_up(tmp_path):
     backbone_before = copy.deepcopy(student.backbone.state_dict())
     for step, factor in enumerate(factors):
         schedule = plan.schedule(step)
-        train_step(student, teacher, dino_loss, optimizer, crops, **schedule, **plan.step_options(step))
+        train_step(student, teacher, dino_loss, optimizer, crops, plan.step_values(step))
         lr = lr_by_parameter(optimizer)
         for p in student.backbone.parameters():
             assert lr[id(p)] == pytest.approx(schedule["lr"] * factor * scale[id(p)], rel=1e-12, abs=0)
@@ -302,7 +302,7 @@ def test_optimizer_state_with_many_groups_resumes_exactly():
     for model in (student, fresh):
         freeze_blocks_(model, 1)
     optimizer = build_optimizer("adamw", get_param_groups(student, **options))
-    train_step(student, teacher, dino_loss, optimizer, crops, **STEP)
+    train_step(student, teacher, dino_loss, optimizer, crops, StepValues(**STEP))
     saved = whole_optimizer_state_dict(student, optimizer)
     fresh.load_state_dict(student.state_dict())
     fresh_optimizer = build_optimizer("adamw", get_param_groups(fresh, **options))
@@ -313,8 +313,8 @@ def test_optimizer_state_with_many_groups_resumes_exactly():
     ]
     assert len(optimizer.param_groups) > 4
     fresh_teacher, fresh_loss = copy.deepcopy(teacher), copy.deepcopy(dino_loss)
-    train_step(student, teacher, dino_loss, optimizer, crops, **STEP)
-    train_step(fresh, fresh_teacher, fresh_loss, fresh_optimizer, crops, **STEP)
+    train_step(student, teacher, dino_loss, optimizer, crops, StepValues(**STEP))
+    train_step(fresh, fresh_teacher, fresh_loss, fresh_optimizer, crops, StepValues(**STEP))
     for (name, p), q in zip(student.named_parameters(), fresh.parameters()):
         assert torch.equal(p, q), name
 

@@ -11,7 +11,7 @@ from dino_hf.models.heads import DinoHead
 from dino_hf.models.multicrop_wrapper import MultiCropWrapper
 from dino_hf.objectives.dino import DinoLoss
 from dino_hf.training.optimization import LARS, build_optimizer, clip_gradients_, get_param_groups
-from dino_hf.training.step import train_step
+from dino_hf.training.step import StepValues, train_step
 from dino_hf.training.teacher import build_teacher
 
 
@@ -120,7 +120,7 @@ def test_default_groups_train_bit_for_bit_as_two_groups(name):
     step = dict(lr=0.01, weight_decay=0.04, momentum=0.9, teacher_temp=0.04, clip_grad=3.0, freeze_last_layer=False)
     for _ in range(3):
         for (s, t, loss), optimizer in zip(networks, optimizers):
-            train_step(s, t, loss, optimizer, crops, **step)
+            train_step(s, t, loss, optimizer, crops, StepValues(**step))
     (student, teacher, _), (other_student, other_teacher, _) = networks
     moved = "backbone.model.layernorm.weight"
     assert not torch.equal(student.state_dict()[moved], start[moved])

@@ -125,7 +125,7 @@ def test_the_backbone_warm_up_lasts_the_lr_warm_up_after_a_head_warm_up(tmp_path
     factors = [warmed.schedule(step)["backbone_lr_factor"] for step in range(40)]
     assert factors == [backbone_lr_factor_at(step, 5, 20) for step in range(40)]
     assert factors[4] == 0.0 and factors[5] == 0.0 and factors[6] == pytest.approx(1 / 19) and factors[24] == 1.0
-    assert [warmed.step_options(step)["freeze_backbone"] for step in (4, 5)] == [True, False]
+    assert [warmed.step_values(step).freeze_backbone for step in (4, 5)] == [True, False]
     explicit = plan(tmp_path, head_warmup_steps=5, backbone_warmup_steps=0)
     assert [explicit.schedule(step)["backbone_lr_factor"] for step in (4, 5)] == [0.0, 1.0]
 

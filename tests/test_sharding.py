@@ -30,7 +30,7 @@ from dino_hf.run_files.whole_weights import (
 )
 from dino_hf.training.optimization import build_optimizer, get_param_groups
 from dino_hf.training.sharding import shard_like
-from dino_hf.training.step import train_step
+from dino_hf.training.step import StepValues, train_step
 from dino_hf.training.teacher import build_teacher
 
 K = 64
@@ -74,7 +74,7 @@ def _sharded_training(rank, world_size, results):
     losses = []
     for crops in batches:
         local = [crop.chunk(world_size)[rank] for crop in crops]
-        losses.append(train_step(student, teacher, dino_loss, optimizer, local, **STEP)["loss"])
+        losses.append(train_step(student, teacher, dino_loss, optimizer, local, StepValues(**STEP))["loss"])
     losses = torch.tensor(losses)  # this process's half; the mean of the halves is the batch's loss
     torch.distributed.all_reduce(losses)
     losses = (losses / world_size).tolist()

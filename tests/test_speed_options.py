@@ -14,7 +14,7 @@ from dino_hf.models.multicrop_wrapper import MultiCropWrapper
 from dino_hf.objectives.dino import DinoLoss
 from dino_hf.training.optimization import build_optimizer, get_param_groups, optimizer_kernel_options
 from dino_hf.training.speed import apply_speed_options, compile_units
-from dino_hf.training.step import train_step
+from dino_hf.training.step import StepValues, train_step
 from dino_hf.training.teacher import build_teacher
 
 K, B, NCROPS = 64, 2, 4
@@ -43,7 +43,7 @@ def setup(backbone: str = "vit"):
 
 def one_step(models, crops, optimizer, accelerator=None):
     student, teacher, dino_loss = models
-    stats = train_step(student, teacher, dino_loss, optimizer, crops, accelerator=accelerator, **STEP)
+    stats = train_step(student, teacher, dino_loss, optimizer, crops, StepValues(**STEP), accelerator=accelerator)
     return {key: value.item() for key, value in stats.items()}
 
 

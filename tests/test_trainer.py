@@ -32,7 +32,7 @@ from dino_hf.training import trainer
 from dino_hf.training.arguments import DinoTrainingArguments
 from dino_hf.training.networks import build_student_teacher
 from dino_hf.training.optimization import build_optimizer, get_param_groups
-from dino_hf.training.step import train_step
+from dino_hf.training.step import StepValues, train_step
 from dino_hf.training.teacher import build_teacher
 from dino_hf.training.trainer import NonFiniteLossError, train
 
@@ -207,8 +207,8 @@ def test_accumulation_step_updates_the_center_once_with_the_batch_mean():
             loss,
             build_optimizer("sgd", get_param_groups(s)),
             crops,
+            StepValues(**step),
             accumulation_steps=accumulation_steps,
-            **step,
         )
         runs.append((stats["loss"].item(), loss.center.clone(), t.state_dict()))
     with torch.no_grad():
@@ -225,8 +225,8 @@ def test_accumulation_step_updates_the_center_once_with_the_batch_mean():
             DinoLoss(16, 3),
             build_optimizer("adamw", get_param_groups(student)),
             crops,
+            StepValues(**step),
             accumulation_steps=3,
-            **step,
         )
 
 
@@ -452,7 +452,14 @@ def ddp_worker(out: Path) -> None:
     for crops in batches:
         local = [crop.chunk(world)[rank] for crop in crops]  # this process's 4 images of the 8
         stats = train_step(
-            student, teacher, dino_loss, optimizer, local, accelerator=accelerator, accumulation_steps=2, **DDP_STEP
+            student,
+            teacher,
+            dino_loss,
+            optimizer,
+            local,
+            StepValues(**DDP_STEP),
+            accelerator=accelerator,
+            accumulation_steps=2,
         )  # 2 micro-batches of 2: no_sync on the first
         losses.append(stats["loss"])
     torch.save({"teacher": teacher.state_dict(), "center": dino_loss.center, "losses": losses}, out / f"rank{rank}.pt")

@@ -19,7 +19,7 @@ from dino_hf.training.arguments import DinoTrainingArguments
 from dino_hf.training.optimization import build_optimizer, get_param_groups
 from dino_hf.training.plan import TrainingPlan
 from dino_hf.training.run_log import log_line
-from dino_hf.training.step import train_step
+from dino_hf.training.step import StepValues, train_step
 from dino_hf.training.teacher import build_teacher
 
 K, B, NCROPS = 64, 2, 4
@@ -106,7 +106,9 @@ def test_one_step_equals_step_by_hand(optimizer_name, freeze_last_layer):
     last_layer_before = student.head.last_layer.weight_v.detach().clone()
 
     optimizer = build_optimizer(optimizer_name, get_param_groups(student), lr=123.0, weight_decay=5.0)
-    stats = train_step(student, teacher, dino_loss, optimizer, crops, freeze_last_layer=freeze_last_layer, **STEP)
+    stats = train_step(
+        student, teacher, dino_loss, optimizer, crops, StepValues(freeze_last_layer=freeze_last_layer, **STEP)
+    )
     hand_loss, hand_center = step_by_hand(hand_student, hand_teacher, center, crops, optimizer_name, freeze_last_layer)
 
     assert stats["loss"] == pytest.approx(hand_loss, rel=1e-6)
@@ -141,12 +143,18 @@ def test_step_through_accelerator_equals_plain_step():
         optimizer = build_optimizer("adamw", get_param_groups(student))
         student, optimizer = accelerator.prepare(student, optimizer)
         stats = train_step(
-            student, teacher, dino_loss, optimizer, crops, freeze_last_layer=False, accelerator=accelerator, **STEP
+            student,
+            teacher,
+            dino_loss,
+            optimizer,
+            crops,
+            StepValues(freeze_last_layer=False, **STEP),
+            accelerator=accelerator,
         )
     finally:
         accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)
     plain_optimizer = build_optimizer("adamw", get_param_groups(plain[0]))
-    plain_stats = train_step(*plain, plain_optimizer, crops, freeze_last_layer=False, **STEP)
+    plain_stats = train_step(*plain, plain_optimizer, crops, StepValues(freeze_last_layer=False, **STEP))
     assert stats == plain_stats
     for p, plain_p in zip(accelerator.unwrap_model(teacher).parameters(), plain[1].parameters()):
         assert torch.equal(p, plain_p)
@@ -166,11 +174,11 @@ def test_non_finite_loss_changes_nothing_and_is_decided_on_the_device(optimizer_
     center stay bit for bit, and the step says it was skipped."""
     student, teacher, dino_loss, crops = setup()
     optimizer = build_optimizer(optimizer_name, get_param_groups(student), device="cpu")  # fused kernels
-    train_step(student, teacher, dino_loss, optimizer, crops, freeze_last_layer=False, **STEP)
+    train_step(student, teacher, dino_loss, optimizer, crops, StepValues(freeze_last_layer=False, **STEP))
     before = [copy.deepcopy(x.state_dict()) for x in (student, teacher, dino_loss)]
     state_before = optimizer_state(optimizer)
     bad = [torch.full_like(crops[0], float("nan"))] + crops[1:]
-    stats = train_step(student, teacher, dino_loss, optimizer, bad, freeze_last_layer=False, **STEP)
+    stats = train_step(student, teacher, dino_loss, optimizer, bad, StepValues(freeze_last_layer=False, **STEP))
     assert stats["nonfinite"].item() == 1.0 and not math.isfinite(stats["loss"].item())
     for module, saved in zip((student, teacher, dino_loss), before):
         for name, value in module.state_dict().items():
@@ -189,14 +197,18 @@ def test_a_skipped_first_step_leaves_the_optimiser_as_new(optimizer_name):
     fresh = [copy.deepcopy(x) for x in (student, teacher, dino_loss)]
     optimizer = build_optimizer(optimizer_name, get_param_groups(student), device="cpu")  # fused kernels
     bad = [torch.full_like(crops[0], float("inf"))] + crops[1:]
-    assert train_step(student, teacher, dino_loss, optimizer, bad, freeze_last_layer=False, **STEP)["nonfinite"] == 1
-    train_step(student, teacher, dino_loss, optimizer, crops, freeze_last_layer=False, **STEP)
+    assert (
+        train_step(student, teacher, dino_loss, optimizer, bad, StepValues(freeze_last_layer=False, **STEP))[
+            "nonfinite"
+        ]
+        == 1
+    )
+    train_step(student, teacher, dino_loss, optimizer, crops, StepValues(freeze_last_layer=False, **STEP))
     train_step(
         *fresh,
         build_optimizer(optimizer_name, get_param_groups(fresh[0]), device="cpu"),
         crops,
-        freeze_last_layer=False,
-        **STEP,
+        StepValues(freeze_last_layer=False, **STEP),
     )
     for p, fresh_p in zip(student.parameters(), fresh[0].parameters()):
         assert torch.equal(p, fresh_p)
@@ -207,7 +219,7 @@ def test_param_groups_without_flag_are_refused():
     student, teacher, dino_loss, crops = setup()
     optimizer = torch.optim.AdamW(student.parameters())
     with pytest.raises(ValueError, match="get_param_groups"):
-        train_step(student, teacher, dino_loss, optimizer, crops, freeze_last_layer=False, **STEP)
+        train_step(student, teacher, dino_loss, optimizer, crops, StepValues(freeze_last_layer=False, **STEP))
 
 
 def test_bf16_step_through_accelerator_stays_finite():
@@ -219,7 +231,13 @@ def test_bf16_step_through_accelerator_stays_finite():
         optimizer = build_optimizer("adamw", get_param_groups(student))
         student, optimizer = accelerator.prepare(student, optimizer)
         stats = train_step(
-            student, teacher, dino_loss, optimizer, crops, freeze_last_layer=False, accelerator=accelerator, **STEP
+            student,
+            teacher,
+            dino_loss,
+            optimizer,
+            crops,
+            StepValues(freeze_last_layer=False, **STEP),
+            accelerator=accelerator,
         )
     finally:
         accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)
@@ -301,10 +319,9 @@ def test_a_steady_state_step_reads_nothing_back(optimizer_name, through_accelera
                     dino_loss,
                     optimizer,
                     crops,
-                    freeze_last_layer=step == 0,
+                    StepValues(freeze_last_layer=step == 0, **STEP),
                     accelerator=accelerator,
                     accumulation_steps=2,
-                    **STEP,
                     terms=terms,
                 )
             if step:  # the first step creates the optimiser state
@@ -336,7 +353,7 @@ def test_a_step_with_sinkhorn_knopp_centering():
     pairs = [(-q[i] * log_p[v]).sum(-1).mean() for i in range(2) for v in range(NCROPS) if v != i]
 
     optimizer = build_optimizer("adamw", get_param_groups(student))
-    stats = train_step(student, teacher, dino_loss, optimizer, crops, freeze_last_layer=False, **STEP)
+    stats = train_step(student, teacher, dino_loss, optimizer, crops, StepValues(freeze_last_layer=False, **STEP))
 
     assert stats["nonfinite"].item() == 0.0
     assert stats["loss"].item() == pytest.approx((sum(pairs) / len(pairs)).item(), rel=1e-6)
@@ -353,10 +370,19 @@ def test_a_step_with_koleo_reports_it_and_trains_the_backbone_with_it():
 
     optimizer = build_optimizer("adamw", get_param_groups(student))
     stats = train_step(
-        student, teacher, dino_loss, optimizer, crops, freeze_last_layer=False, terms=[KoLeoTerm(0.1)], **STEP
+        student,
+        teacher,
+        dino_loss,
+        optimizer,
+        crops,
+        StepValues(freeze_last_layer=False, **STEP),
+        terms=[KoLeoTerm(0.1)],
     )
     plain_stats = train_step(
-        *plain, build_optimizer("adamw", get_param_groups(plain[0])), crops, freeze_last_layer=False, **STEP
+        *plain,
+        build_optimizer("adamw", get_param_groups(plain[0])),
+        crops,
+        StepValues(freeze_last_layer=False, **STEP),
     )
 
     assert "koleo" not in plain_stats
@@ -383,7 +409,5 @@ def test_the_plan_passes_the_koleo_weight_to_the_step(tmp_path):
     student, teacher, dino_loss, crops = setup()
     optimizer = build_optimizer("adamw", get_param_groups(student))
     terms = [KoLeoTerm(plan.term_weights(0)["koleo"])]
-    stats = train_step(
-        student, teacher, dino_loss, optimizer, crops, **plan.schedule(0), **plan.step_options(0), terms=terms
-    )
+    stats = train_step(student, teacher, dino_loss, optimizer, crops, plan.step_values(0), terms=terms)
     assert "koleo" in stats and math.isfinite(stats["loss"].item())

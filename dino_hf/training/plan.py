@@ -24,6 +24,7 @@ from .schedules import (
     teacher_temperature_at,
     weight_decay_at,
 )
+from .step import StepValues
 
 
 @dataclass(frozen=True)
@@ -96,16 +97,17 @@ class TrainingPlan:
             )
         return values
 
-    def step_options(self, step: int) -> dict:
-        """What `train_step` takes at `step` besides the schedules."""
-        return {
-            "clip_grad": self.args.clip_grad,
-            "freeze_last_layer": step < self.freeze_last_layer_steps,
-            "accumulation_steps": self.args.gradient_accumulation_steps,
-            "freeze_backbone": step < self.head_warmup_steps,
+    def step_values(self, step: int) -> StepValues:
+        """What `train_step` takes at `step`: the schedules' values and this step's options."""
+        return StepValues(
+            **self.schedule(step),
+            clip_grad=self.args.clip_grad,
+            freeze_last_layer=step < self.freeze_last_layer_steps,
+            freeze_backbone=step < self.head_warmup_steps,
+            dino_weight=self.args.dino_loss_weight,
             # The diagnostics are only read when the step after this one is logged.
-            "diagnostics": (step + 1) % self.args.logging_steps == 0 or step + 1 == self.last_step,
-        }
+            diagnostics=(step + 1) % self.args.logging_steps == 0 or step + 1 == self.last_step,
+        )
 
     def term_weights(self, step: int) -> dict[str, float]:
         """The weights at `step` of the terms added to the DINO loss, by the names they log: KoLeo, the anchor's

@@ -13,6 +13,7 @@ change, and `nonfinite` says so.
 
 import contextlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -47,26 +48,38 @@ class _StepContext(NamedTuple):
     dino_weight: float
 
 
+@dataclass(frozen=True)
+class StepValues:
+    """This step's values, from the run's plan (`TrainingPlan.step_values`): the schedules' lr, weight decay,
+    teacher momentum and temperature (paper Sec. 3 and Appendix; `dino_hf.training.schedules`), the
+    per-parameter clipping limit (3.0; 0 is off), whether the head's last layer is frozen (the first epoch) or
+    the backbone (a head warm-up), the backbone's lr factor, the DINO loss's weight (0 in a distillation run:
+    no teacher forward, head or center, and the crops may be the one view `[view (B, 3, G, G)]`), and whether
+    to compute the `collapse_diagnostics` (read when the step is logged)."""
+
+    lr: float
+    weight_decay: float
+    momentum: float
+    teacher_temp: float
+    clip_grad: float = 3.0
+    freeze_last_layer: bool = False
+    freeze_backbone: bool = False
+    backbone_lr_factor: float = 1.0
+    dino_weight: float = 1.0
+    diagnostics: bool = True
+
+
 def train_step(
     student: nn.Module,
     teacher: nn.Module,
     dino_loss: DinoLoss,
     optimizer: torch.optim.Optimizer,
     crops: list[torch.Tensor],
+    values: StepValues,
     *,
-    lr: float,
-    weight_decay: float,
-    momentum: float,
-    teacher_temp: float,
-    clip_grad: float,
-    freeze_last_layer: bool,
     accelerator: Accelerator | None = None,
     accumulation_steps: int = 1,
-    freeze_backbone: bool = False,
-    backbone_lr_factor: float = 1.0,
-    diagnostics: bool = True,
     terms: Sequence[Term] = (),
-    dino_weight: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """One DINO step, in the reference's order: (1) lr (x each group's `lr_scale`, x `backbone_lr_factor`
     on the backbone's groups) and weight decay on the regularised groups; (2) per micro-batch, the teacher
@@ -80,16 +93,11 @@ def train_step(
             from `build_teacher(student)`); `dino_loss` holds the center; `optimizer` is built on
             `get_param_groups(student)` (its groups carry `regularized`, `lr_scale` and `backbone`).
         crops: `[global 1 (B, 3, G, G), global 2 (B, 3, G, G), local (B, 3, L, L) ...]` on the device.
-        lr, weight_decay, momentum, teacher_temp, backbone_lr_factor: this step's schedule values.
-        clip_grad: per-parameter gradient norm limit (3.0; 0 is off). `freeze_last_layer`: drop the
-            head's last-layer gradients; `freeze_backbone`: train the head alone (head warm-up).
+        values: this step's `StepValues`.
         accelerator: autocast, backward, gradient sync on the last micro-batch only, unwrapping for the
             EMA. `accumulation_steps`: micro-batches of B / steps images, then one optimiser step.
-        diagnostics: compute the `collapse_diagnostics`.
-        terms: the terms added to the DINO loss, in the order they are added (`dino_hf.objectives.term`:
-            iBOT, KoLeo, the anchor's; `dino_hf.objectives.distillation.Distillation`), each with its weights.
-        dino_weight: the DINO loss's weight; 0 leaves out the teacher's forward, the head and the center
-            (a distillation run), and the crops may then be the one view `[view (B, 3, G, G)]`.
+        terms: the terms added to the DINO loss, in the order they are added (`dino_hf.objectives`: iBOT,
+            KoLeo, the anchor's, distillation), each with its weights.
 
     Returns:
         0-dim tensors on the device, averaged over micro-batches and processes: `loss` (the DINO loss),
@@ -100,22 +108,29 @@ def train_step(
     """
     for term in terms:
         crops = term.prepare(crops)
-    _set_schedule(optimizer, lr, weight_decay, backbone_lr_factor)
+    _set_schedule(optimizer, values.lr, values.weight_decay, values.backbone_lr_factor)
     context = _StepContext(
-        student, teacher, dino_loss, teacher_temp, accelerator, diagnostics, tuple(terms), dino_weight
+        student,
+        teacher,
+        dino_loss,
+        values.teacher_temp,
+        accelerator,
+        values.diagnostics,
+        tuple(terms),
+        values.dino_weight,
     )
     totals, teacher_output = _forward_backward_batch(context, crops, accumulation_steps)
     skip = _nonfinite(totals, terms)
-    if dino_weight:
+    if values.dino_weight:
         # The center moves once per optimisation step, after the loss, with the mean over the whole batch
         # (every micro-batch was scored against the same center, as with 1 x B); not after a non-finite loss.
         dino_loss.update_center(teacher_output, keep=skip)
     for term in terms:
         term.after_step(skip)
-    if dino_weight:
+    if values.dino_weight:
         _add_total_loss(totals, context)
-    _prepare_gradients(student, optimizer, accelerator, clip_grad, freeze_last_layer, freeze_backbone)
-    _optimise_and_follow(student, teacher, optimizer, accelerator, momentum, skip)
+    _prepare_gradients(student, optimizer, accelerator, values)
+    _optimise_and_follow(student, teacher, optimizer, accelerator, values.momentum, skip)
     totals["nonfinite"] = skip.float()
     return totals
 
@@ -145,16 +160,16 @@ def _optimise_and_follow(student, teacher, optimizer, accelerator, momentum: flo
     ema_update_(_unwrap(teacher, accelerator), _unwrap(student, accelerator), momentum)
 
 
-def _prepare_gradients(student, optimizer, accelerator, clip_grad, freeze_last_layer, freeze_backbone) -> None:
+def _prepare_gradients(student, optimizer, accelerator, values: StepValues) -> None:
     """Unscaled (fp16), clipped per parameter, and dropped where a part is frozen this step."""
     if accelerator is not None:
         accelerator.unscale_gradients(optimizer)
-    clip_gradients_(student, clip_grad)
-    if freeze_last_layer:
+    clip_gradients_(student, values.clip_grad)
+    if values.freeze_last_layer:
         for module in student.modules():
             if isinstance(module, DinoHead):
                 module.cancel_last_layer_gradients_()
-    if freeze_backbone:
+    if values.freeze_backbone:
         for p in _unwrap(student, accelerator).backbone.parameters():
             p.grad = None  # the optimiser skips parameters without a gradient
 

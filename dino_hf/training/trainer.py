@@ -650,18 +650,17 @@ def train_loop(run: Run, signals: PreemptionSignals) -> str | None:
         state.stream_retries += batch.get("stream_retries", 0)
         if run.sample_log is not None:
             run.sample_log.write(step, batch["ids"])
-        schedule, weights = plan.schedule(step), plan.term_weights(step)
+        values, weights = plan.step_values(step), plan.term_weights(step)
         metrics = train_step(
             run.student,
             run.teacher,
             run.dino_loss,
             run.optimizer,
             crops,
-            **schedule,
+            values,
             accelerator=accelerator,
+            accumulation_steps=args.gradient_accumulation_steps,
             terms=_terms_at(run, step, weights, batch),
-            dino_weight=args.dino_loss_weight,
-            **plan.step_options(step),
         )
         run.nonfinite.add(step, metrics)
         state.global_step = step = step + 1
@@ -670,7 +669,7 @@ def train_loop(run: Run, signals: PreemptionSignals) -> str | None:
         last = step == plan.last_step
         checkpoint_due = not last and step % plan.checkpoint_every == 0
         if step % args.logging_steps == 0 or last:
-            logged = {**schedule, **({"gram_weight": weights["gram"]} if args.gram_loss_weight else {})}
+            logged = {**plan.schedule(step - 1), **({"gram_weight": weights["gram"]} if args.gram_loss_weight else {})}
             _log(run, step, metrics, logged, window, progress)
         elif checkpoint_due:
             _check_nonfinite(run)
