@@ -23,11 +23,12 @@ _LAZY = {
     "build_backbone": "models.backbones",
     "MultiCropTransform": "augment.multicrop",
     "load_image_stream": "data.sources",
-    "DinoLoss": "training.loss",
+    "DinoLoss": "objectives.dino",
     "build_teacher": "training.teacher",
     "DinoTrainingArguments": "training.arguments",
     "train": "training.trainer",
     "train_step": "training.step",
+    "StepValues": "training.step",
     "load_feature_model": "evaluation.feature_models",
     "knn_evaluate": "evaluation.knn",
 }

@@ -1,4 +1,4 @@
-"""Anchoring to the start (dino_hf/training/anchor.py): DINOv3's Gram loss and the cosine term against
+"""Anchoring to the start (dino_hf/objectives/anchor.py): DINOv3's Gram loss and the cosine term against
 formulas written out here, the frozen anchor in the training step, the backbones' patch tokens, and the
 anchor's weights through a checkpoint and a resume of scripts/pretrain.py."""
 

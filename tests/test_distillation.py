@@ -1,4 +1,4 @@
-"""Distillation from a frozen model (dino_hf/training/distillation.py): the terms against independent
+"""Distillation from a frozen model (dino_hf/objectives/distillation.py): the terms against independent
 formulas, the queue, the grids, the frozen model's normalisation and immutability, and the step."""
 
 import math

@@ -1,4 +1,4 @@
-"""DINOv3's Gram teachers beyond the start (dino_hf/training/anchor.py): the EMA Gram teacher's snapshot
+"""DINOv3's Gram teachers beyond the start (dino_hf/objectives/anchor.py): the EMA Gram teacher's snapshot
 schedule, the snapshot itself (also from a sharded teacher), the trainer taking it at the scheduled steps
 and not moving it in between while the EMA teacher moves, the Gram loss off before the first snapshot,
 the high-resolution Gram teacher against torch's interpolation written out here, the settings refused

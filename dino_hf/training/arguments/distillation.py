@@ -1,0 +1,171 @@
+"""The distillation settings of a run (a frozen model taught to the student), and their checks."""
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from ...models.configuration_dino import PRESETS
+from ...models.references import TIMM_PREFIX, is_hub_id
+from ...models.transformers_backbone import accepted_models_text, check_vision_config
+from .checks import fail
+from .model import check_timm_name
+
+if TYPE_CHECKING:
+    from .training_arguments import DinoTrainingArguments
+
+
+@dataclass
+class DistillationArguments:
+    """Distillation from a frozen model (docs/distillation.md)."""
+
+    distill_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "Distil this frozen model into the student: anything --model_name_or_path takes (a transformers "
+            "vision folder or Hub id, timm:NAME with its trained weights, a timm or DinoModel folder, an export of "
+            "dino_hf). It is never trained nor saved in checkpoints (its name and weight hash are). Unset: off."
+        },
+    )
+    dino_loss_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "Weight of the DINO loss. 0 (the distillation recipe) trains the student on the distillation "
+            "terms alone: no EMA teacher forward, no head, one view per image."
+        },
+    )
+    distill_global_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the global term: KL of the softmax over a queue of the frozen model's features."},
+    )
+    distill_local_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the local term on the patch tokens (--distill_local_loss); 0 turns it off."},
+    )
+    distill_local_loss: Literal["similarity", "cosine"] = field(
+        default="similarity",
+        metadata={
+            "help": "similarity: KL of each image's patch-to-patch similarity rows (LightlyTrain); cosine: direct "
+            "regression of the frozen model's patch features (0.9 cosine + 0.1 smooth-L1, AM-RADIO style)."
+        },
+    )
+    distill_projector: Literal["linear", "mlp"] = field(
+        default="linear",
+        metadata={
+            "help": "The student's projectors to the frozen model's width: linear, or mlp (Linear, LayerNorm, "
+            "GELU, Linear). Dropped at export."
+        },
+    )
+    distill_queue_size: int | None = field(
+        default=None,
+        metadata={"help": "Features in the global term's queue. Unset: by the dataset size (16 to 8192)."},
+    )
+    distill_mixup: bool = field(
+        default=False,
+        metadata={"help": "Mix each batch's views with a shuffled copy, one U(0, 1) weight per batch (LightlyTrain)."},
+    )
+    distill_teacher_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Resize the view for the frozen model to this side, e.g. 196 for a patch-14 model beside a "
+            "patch-16 student at 224, so that the patch grids match 1:1. Unset: the view's own size."
+        },
+    )
+    distill_ema_student: bool = field(
+        default=False,
+        metadata={
+            "help": "Export an EMA of the student (momentum from --momentum_teacher to 1), as DINOv2 and DINOv3's "
+            "distillations do, instead of the student itself."
+        },
+    )
+
+
+# The distillation options and their defaults: set without --distill_from, they would do nothing.
+_DISTILL_DEFAULTS = {
+    "distill_global_weight": 1.0,
+    "distill_local_weight": 1.0,
+    "distill_local_loss": "similarity",
+    "distill_projector": "linear",
+    "distill_queue_size": None,
+    "distill_mixup": False,
+    "distill_teacher_size": None,
+    "distill_ema_student": False,
+}
+
+
+def distilling(args: "DinoTrainingArguments") -> bool:
+    """Whether the run distils a frozen model (`--distill_from`)."""
+    return args.distill_from is not None
+
+
+def dino_on(args: "DinoTrainingArguments") -> bool:
+    """Whether the run trains with the DINO loss (and so its head, teacher forward and center)."""
+    return args.dino_loss_weight > 0
+
+
+def check_distillation(args: "DinoTrainingArguments") -> None:
+    """The distillation options only with `--distill_from`, and what a run without DINO cannot take."""
+    if args.dino_loss_weight < 0:
+        fail("dino_loss_weight", args.dino_loss_weight, "a weight >= 0")
+    if not distilling(args):
+        changed = [name for name, default in _DISTILL_DEFAULTS.items() if getattr(args, name) != default]
+        if changed:
+            fail(
+                changed[0],
+                getattr(args, changed[0]),
+                "leave it unset, or name the model to distil with --distill_from",
+            )
+        if not dino_on(args):
+            fail("dino_loss_weight", 0, "a weight > 0: with no --distill_from the DINO loss is the objective")
+        return
+    for name in ("distill_global_weight", "distill_local_weight"):
+        if getattr(args, name) < 0:
+            fail(name, getattr(args, name), "a weight >= 0")
+    if not (args.distill_global_weight or args.distill_local_weight or dino_on(args)):
+        fail("distill_global_weight", 0, "a weight > 0 for at least one term of the objective")
+    if args.distill_queue_size is not None and args.distill_queue_size < 1:
+        fail("distill_queue_size", args.distill_queue_size, "a number of features >= 1, or unset (by dataset size)")
+    if args.distill_teacher_size is not None and args.distill_teacher_size < 1:
+        fail("distill_teacher_size", args.distill_teacher_size, "a side in pixels, e.g. 224, or unset")
+    _check_distill_source(args.distill_from)
+    if dino_on(args):
+        if args.distill_mixup:
+            fail("distill_mixup", True, "mixup mixes the distillation view alone: use it with --dino_loss_weight 0")
+        return
+    without_dino = {
+        "local_crops_number": "the local crops feed the DINO loss alone; set --local_crops_number 0",
+        "ibot_loss_weight": "iBOT needs the DINO teacher; set --dino_loss_weight > 0 or --ibot_loss_weight 0",
+        "koleo_weight": "KoLeo regularises the DINO run's features; set --dino_loss_weight > 0 or --koleo_weight 0",
+        "gram_loss_weight": "Gram anchoring is part of a DINO run; set --dino_loss_weight > 0 or --gram_loss_weight 0",
+        "anchor_cosine_weight": "the anchor is part of a DINO run; set --dino_loss_weight > 0 or 0 here",
+    }
+    for name, fix in without_dino.items():
+        if getattr(args, name):
+            fail(name, getattr(args, name), f"0 with --dino_loss_weight 0 ({fix})")
+    if args.augment_on == "gpu":
+        fail("augment_on", "gpu", "cpu with --dino_loss_weight 0: the one-view distillation crops are made per image")
+
+
+def _check_distill_source(spec: str) -> None:
+    """`--distill_from` names a model as `--model_name_or_path` would (a vision model is checked once built)."""
+    if spec.startswith(TIMM_PREFIX):
+        check_timm_name("distill_from", spec)
+    elif os.path.isdir(spec):
+        config_file = Path(spec) / "config.json"
+        if not config_file.is_file():
+            fail("distill_from", spec, f"{accepted_models_text()} (this folder has no config.json)")
+        config = json.loads(config_file.read_text())
+        if "architecture" not in config:
+            try:
+                check_vision_config(config, spec)
+            except ValueError as error:
+                raise ValueError(f"--distill_from: {error}") from None
+    elif os.path.isfile(spec):
+        if not spec.endswith((".pth", ".pt", ".safetensors")):
+            fail("distill_from", spec, "a reference DINO checkpoint file ending in .pth, .pt or .safetensors")
+    elif spec not in PRESETS and not is_hub_id(spec):
+        fail("distill_from", spec, "an existing model folder or checkpoint file, timm:NAME, or a Hub id org/name")
+
+
+__all__ = ["DistillationArguments", "check_distillation", "dino_on", "distilling"]
