@@ -32,6 +32,29 @@ def is_hub_id(name: str, *, allow_bare_name: bool = False) -> bool:
     )
 
 
+def missing_local_path(name: str) -> bool:
+    """Whether `name` reads as a local path that does not exist: it starts with `/`, `./`, `../` or `~`, or
+    its first part is an existing folder here (`models/nope` where `models/` exists), and nothing is there."""
+    name = str(name)
+    if os.path.exists(os.path.expanduser(name)):
+        return False
+    first = name.split("/", 1)[0]
+    return name.startswith(("/", "./", "../", "~")) or ("/" in name and bool(first) and os.path.isdir(first))
+
+
+def unreachable_model_message(flag: str, name: str, error: BaseException) -> str:
+    """One line for a model that could not be read from the Hub (no connection, offline mode, no such
+    repository), saying what to do."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    where = "offline (HF_HUB_OFFLINE is set) and it is not in the local cache" if offline else f"it failed: {reason}"
+    return (
+        f"{flag} {name}: no local folder of that name, and reading it from the Hugging Face Hub did not work "
+        f"({where}). Check the path or the id; to work offline, download it once where the Hub is reachable "
+        f"(`hf download {name.removeprefix(TIMM_PREFIX)} --local-dir DIR`) and pass DIR"
+    )
+
+
 def is_timm_folder(folder: str | os.PathLike) -> bool:
     """Whether `folder` holds a model saved by timm (`config.json` with an `architecture`)."""
     config_file = Path(folder) / "config.json"
@@ -43,4 +66,12 @@ def is_external_timm_name(name: str) -> bool:
     return name.startswith(TIMM_EXTERNAL_PREFIXES)
 
 
-__all__ = ["TIMM_EXTERNAL_PREFIXES", "TIMM_PREFIX", "is_external_timm_name", "is_hub_id", "is_timm_folder"]
+__all__ = [
+    "TIMM_EXTERNAL_PREFIXES",
+    "TIMM_PREFIX",
+    "is_external_timm_name",
+    "is_hub_id",
+    "is_timm_folder",
+    "missing_local_path",
+    "unreachable_model_message",
+]

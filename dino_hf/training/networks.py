@@ -12,7 +12,7 @@ from ..models.distill_projector import DistillProjector
 from ..models.heads import DinoHead
 from ..models.lora import add_lora_, hold_base_in_, shared_parameters
 from ..models.multicrop_wrapper import MultiCropWrapper
-from ..models.references import TIMM_PREFIX
+from ..models.references import TIMM_PREFIX, unreachable_model_message
 from ..models.transformers_backbone import TransformersBackbone
 from ..models.weight_files import load_checkpoint_file
 from .arguments import DinoTrainingArguments, check_crop_sizes, dino_on, lora_on, model_spec, preset_overrides
@@ -72,6 +72,7 @@ def student_backbone(args: DinoTrainingArguments) -> tuple[nn.Module, dict | Non
     from_timm_weights = args.model_name_or_path is not None and spec.startswith(TIMM_PREFIX)
     backbone, head_state = _named_backbone(
         spec,
+        flag="--backbone" if args.backbone else "--model_name_or_path",
         drop_path_rate=args.drop_path_rate,
         image_size=args.global_crops_size,
         timm_weights=from_timm_weights,
@@ -109,18 +110,51 @@ def build_frozen_backbone(args: DinoTrainingArguments) -> nn.Module:
         ValueError: the name is not a vision backbone that dino_hf reads (exit status 2 from the script).
     """
     size = args.distill_teacher_size or args.global_crops_size
-    backbone, _ = _named_backbone(args.distill_from, drop_path_rate=0.0, image_size=size, timm_weights=True)
+    backbone, _ = _named_backbone(
+        args.distill_from, flag="--distill_from", drop_path_rate=0.0, image_size=size, timm_weights=True
+    )
+    _check_frozen_input_size(args, backbone, size)
     return backbone.eval().requires_grad_(False)
 
 
-def _named_backbone(spec: str, *, timm_weights: bool, mask_token: bool = False, **kwargs) -> tuple[nn.Module, dict]:
+def _check_frozen_input_size(args: DinoTrainingArguments, backbone: nn.Module, size: int) -> None:
+    """The frozen model takes the view at `size` as the student's crops are checked: a ViT a multiple of its
+    patch size (else it drops the edge pixels and its patch grid no longer covers the student's view), a
+    transformers CNN or Swin a size its strides and windows allow."""
+    if args.distill_teacher_size:
+        name = "--distill_teacher_size"
+    else:
+        name = f"the frozen model's input size (--global_crops_size {size}; set --distill_teacher_size)"
+    if isinstance(backbone, TransformersBackbone):
+        backbone.check_input_size(size, name)
+        return
+    patch = _patch_size(backbone)
+    if patch and size % patch:
+        below = size - size % patch
+        sizes = f"{below} or {below + patch}" if below else str(patch)
+        raise ValueError(
+            f"{name} {size} is not a multiple of the frozen model's patch size {patch} ({args.distill_from}): it "
+            "would drop the edge pixels and its patch grid would not cover the student's view; use "
+            f"--distill_teacher_size {sizes}"
+        )
+
+
+def _named_backbone(
+    spec: str, *, flag: str, timm_weights: bool, mask_token: bool = False, **kwargs
+) -> tuple[nn.Module, dict]:
     """The backbone `spec` names and, for a reference DINO checkpoint file, its head's weights (else None).
-    `timm_weights`: a `timm:NAME` comes with timm's trained weights."""
+    `timm_weights`: a `timm:NAME` comes with timm's trained weights. A Hub id or timm weights that cannot be read
+    (no connection, offline, no such repository) are a ValueError in one line that names `flag`."""
     if spec.endswith((".pth", ".pt", ".safetensors")) and os.path.isfile(spec):
         imported = dino_from_reference(load_checkpoint_file(spec), drop_path_rate=kwargs["drop_path_rate"])
         return build_backbone(imported.model, mask_token=mask_token), imported.head_state_dict
     pretrained = timm_weights and spec.startswith(TIMM_PREFIX)
-    return build_backbone(spec, pretrained=pretrained, mask_token=mask_token, **kwargs), None
+    try:
+        return build_backbone(spec, pretrained=pretrained, mask_token=mask_token, **kwargs), None
+    except OSError as error:  # the Hub's and transformers' errors for a repository that cannot be read
+        if os.path.exists(spec) or (spec.startswith(TIMM_PREFIX) and not pretrained):
+            raise
+        raise ValueError(unreachable_model_message(flag, spec, error)) from None
 
 
 def _projector(args: DinoTrainingArguments, backbone: nn.Module, distill_dim: int | None) -> nn.Module | None:

@@ -478,6 +478,12 @@ def _load_checkpoint(run: Run, folder: Path) -> None:
     accelerator = run.accelerator
     saved = checkpoints.load_checkpoint(folder, accelerator.process_index)
     student = accelerator.unwrap_model(run.student)
+    if run.distillation is None and saved["distillation"] is not None:
+        raise ValueError(
+            f"{folder} was trained distilling {saved['distillation'][1].get('distill_from')!r}, and this run has no "
+            "--distill_from; resume with the settings of the run that wrote it (its training_args.json in the "
+            "checkpoint, e.g. --config configs/distill.yaml --distill_from ...)"
+        )
     lora = setup_of(student)
     check_base(saved["lora_base"], lora, folder)
     if lora is not None:  # the checkpoint holds what is not the base, which this run has built already

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from ...models.configuration_dino import PRESETS
-from ...models.references import TIMM_PREFIX, is_hub_id
+from ...models.references import TIMM_PREFIX, is_hub_id, missing_local_path
 from ...models.transformers_backbone import accepted_models_text, check_vision_config
 from .checks import fail
 from .model import check_timm_name
@@ -164,7 +164,16 @@ def _check_distill_source(spec: str) -> None:
     elif os.path.isfile(spec):
         if not spec.endswith((".pth", ".pt", ".safetensors")):
             fail("distill_from", spec, "a reference DINO checkpoint file ending in .pth, .pt or .safetensors")
-    elif spec not in PRESETS and not is_hub_id(spec):
+    elif spec in PRESETS:
+        fail(
+            "distill_from",
+            spec,
+            "a model with trained weights (a folder, a Hub id, timm:NAME or a checkpoint file); a DinoModel preset "
+            "has random weights, and a student learns nothing from them",
+        )
+    elif missing_local_path(spec):
+        fail("distill_from", spec, "an existing model folder or checkpoint file: nothing is at that path")
+    elif not is_hub_id(spec):
         fail("distill_from", spec, "an existing model folder or checkpoint file, timm:NAME, or a Hub id org/name")
 
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import timm
 
 from ...models.configuration_dino import PRESETS, DinoConfig
-from ...models.references import TIMM_PREFIX, is_external_timm_name, is_hub_id
+from ...models.references import TIMM_PREFIX, is_external_timm_name, is_hub_id, missing_local_path
 from ...models.transformers_backbone import FAMILIES, accepted_models_text, check_vision_config
 from ...run_files.checkpoints import checkpoint_holding, is_checkpoint
 from .checks import check_ranges, fail
@@ -186,6 +186,8 @@ def check_model(args: "DinoTrainingArguments") -> None:
         _refuse_checkpoint_parts(spec)
         if not spec.endswith((".pth", ".pt", ".safetensors")):
             fail("model_name_or_path", spec, "a reference DINO checkpoint file ending in .pth, .pt or .safetensors")
+    elif missing_local_path(spec):
+        fail("model_name_or_path", spec, "an existing folder or checkpoint file: nothing is at that path")
     elif not is_hub_id(spec):
         fail(
             "model_name_or_path",
