@@ -3,6 +3,7 @@ frozen model at an input size it cannot take, a DinoModel preset (random weights
 local path that is not there, a Hub id or timm weights that cannot be read, and a resume of a distillation
 checkpoint without `--distill_from`."""
 
+import re
 import subprocess
 import sys
 
@@ -129,12 +130,23 @@ def test_a_model_that_cannot_be_read_from_the_hub_is_one_line(name, settings, da
 
 
 @pytest.mark.slow
-def test_resuming_a_distillation_checkpoint_without_its_frozen_model_says_what_it_was(data, frozen, tmp_path):
+def test_resuming_a_distillation_checkpoint_without_its_frozen_model_says_what_it_was(data, frozen, tmp_path, capsys):
     main = pretrain_main()
     try:
         assert main(arguments(data, tmp_path / "run", frozen / "vit8")) == 0
     finally:
         reset_accelerate()
+    out = capsys.readouterr().out
+    assert (
+        f"distillation: the frozen {frozen / 'vit8'} sees the view at 32 px in no precision; distill_global (queue "
+        "KL over 16 features, weight 1), distill_local (patch-similarity KL, weight 1); mixup off; exports the "
+        "student as student_backbone"
+    ) in out
+    assert "frozen for the whole run" not in out
+    # The console line of a distillation step shows its two terms, and no EMA teacher's momentum or temperature.
+    lines = [line for line in out.splitlines() if line.startswith("step 2 epoch")]
+    assert len(lines) == 1 and re.search(r" loss=\S+ distill_global=\S+ distill_local=\S+ lr=", lines[0]), lines
+    assert "momentum" not in lines[0] and "teacher_temp" not in lines[0]
     # The same command without the distillation settings (a forgotten config): a DINO run on the checkpoint.
     forgotten = arguments(data, tmp_path / "run", None, dino_loss_weight=None, resume_from_checkpoint="latest")
     completed = run_cli(*forgotten)

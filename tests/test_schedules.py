@@ -136,3 +136,15 @@ def test_without_a_head_warm_up_the_schedules_are_the_papers(tmp_path):
         assert set(unchanged.schedule(3)) == {"lr", "weight_decay", "momentum", "teacher_temp"}
     own = plan(tmp_path, backbone_warmup_steps=4)  # asked for: the backbone warms up from step 0
     assert [own.schedule(step)["backbone_lr_factor"] for step in range(5)] == [0.0, 1 / 3, 2 / 3, 1.0, 1.0]
+
+
+def test_a_logging_step_shows_the_schedules_the_run_has(tmp_path):
+    dino = plan(tmp_path)
+    distil = plan(tmp_path, distill_from="timm:resnet10t", dino_loss_weight=0, local_crops_number=0)
+    ema_student = plan(
+        tmp_path, distill_from="timm:resnet10t", dino_loss_weight=0, local_crops_number=0, distill_ema_student=True
+    )
+    assert set(dino.logged_schedule(3)) == {"lr", "weight_decay", "momentum", "teacher_temp"}
+    assert set(distil.logged_schedule(3)) == {"lr", "weight_decay"}
+    assert set(ema_student.logged_schedule(3)) == {"lr", "weight_decay", "momentum"}
+    assert distil.logged_schedule(3)["lr"] == distil.schedule(3)["lr"]

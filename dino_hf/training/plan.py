@@ -13,7 +13,7 @@ import torch
 from accelerate.utils import parse_flag_from_env
 
 from ..objectives.anchor import GramSnapshots, gram_weight_at
-from .arguments import DinoTrainingArguments, model_spec
+from .arguments import DinoTrainingArguments, dino_on, model_spec
 from .networks import has_trained_weights
 from .objectives import gram_snapshots
 from .schedules import (
@@ -97,6 +97,17 @@ class TrainingPlan:
             )
         return values
 
+    def logged_schedule(self, step: int) -> dict[str, float]:
+        """The schedules' values at `step` that mean something in this run, as a logging step shows them: the
+        teacher temperature only with the DINO loss, the teacher momentum only with an EMA network (the DINO
+        teacher, or the EMA student of a distillation run)."""
+        values = self.schedule(step)
+        if not dino_on(self.args):
+            del values["teacher_temp"]
+            if not self.args.distill_ema_student:
+                del values["momentum"]
+        return values
+
     def step_values(self, step: int) -> StepValues:
         """What `train_step` takes at `step`: the schedules' values and this step's options."""
         return StepValues(
@@ -170,7 +181,7 @@ class TrainingPlan:
                 f"whole run of {steps} steps: the lr rises to the end and never decays; set --warmup_epochs "
                 f"{epochs} (a tenth of the run) or train longer"
             )
-        if self.freeze_last_layer_steps >= steps:
+        if self.freeze_last_layer_steps >= steps and dino_on(args):
             notes.append(
                 f"the head's last layer is frozen for the whole run (--freeze_last_layer {args.freeze_last_layer} "
                 f"epochs: {self.freeze_last_layer_steps} steps of {steps}); lower --freeze_last_layer"
@@ -179,6 +190,8 @@ class TrainingPlan:
 
     def _temperature_notes(self) -> list[str]:
         args = self.args
+        if not dino_on(args):  # no teacher temperature without the DINO loss
+            return []
         # The default starting temperature (0.04) is no one's setting: it goes unused whenever a recipe sets
         # --teacher_temp without a warm-up.
         default = next(f.default for f in dataclasses.fields(args) if f.name == "warmup_teacher_temp")

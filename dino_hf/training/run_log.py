@@ -5,6 +5,8 @@ import os
 
 _LOGGED = (
     "loss",
+    "distill_global",
+    "distill_local",
     "ibot",
     "total_loss",
     "koleo",

@@ -33,7 +33,7 @@ from ..models.lora import base_pointers, check_base, load_own_state, setup_of
 from ..models.normalization import Normalization, normalization_of
 from ..objectives.anchor import SNAPSHOT_STEP, Anchor, AnchorTerm
 from ..objectives.dino import DinoLoss
-from ..objectives.distillation import Distillation, FrozenModel, queue_size_for
+from ..objectives.distillation import GLOBAL, LOCAL, Distillation, FrozenModel, queue_size_for
 from ..objectives.ibot import IBotLoss, IBotTerm
 from ..objectives.koleo import KoLeoTerm
 from ..objectives.term import Term
@@ -187,6 +187,7 @@ def prepare_run(args: DinoTrainingArguments) -> Run:
     if frozen_backbone is not None:
         distillation = _build_distillation(args, frozen_backbone, normalization, samples_per_epoch)
         distillation.to(accelerator.device)
+        accelerator.print(_distillation_line(args, distillation, accelerator.mixed_precision))
     pusher = None
     if args.push_to_hub and accelerator.is_main_process:
         pusher = HubPusher(args.hub_model_id, token=args.hub_token, private=args.hub_private_repo)
@@ -285,6 +286,24 @@ def _build_distillation(
         local_weight=args.distill_local_weight,
         local_loss=args.distill_local_loss,
         mixup=args.distill_mixup,
+    )
+
+
+def _distillation_line(args: DinoTrainingArguments, distillation: Distillation, precision: str) -> str:
+    """What a distillation run scores and exports, in one line."""
+    frozen = distillation.frozen
+    size = args.distill_teacher_size or args.global_crops_size
+    terms = []
+    if GLOBAL in distillation.weights:
+        queue, weight = len(distillation.queue.features), distillation.weights[GLOBAL]
+        terms.append(f"{GLOBAL} (queue KL over {queue} features, weight {weight:g})")
+    if LOCAL in distillation.weights:
+        kind = "patch-similarity KL" if distillation.local_loss == "similarity" else "patch cosine regression"
+        terms.append(f"{LOCAL} ({kind}, weight {distillation.weights[LOCAL]:g})")
+    exported = "an EMA of the student (--distill_ema_student)" if args.distill_ema_student else "the student"
+    return (
+        f"distillation: the frozen {frozen.name} sees the view at {size} px in {precision or 'no'} precision; "
+        f"{', '.join(terms)}; mixup {'on' if distillation.mixup else 'off'}; exports {exported} as student_backbone"
     )
 
 
@@ -675,7 +694,10 @@ def train_loop(run: Run, signals: PreemptionSignals) -> str | None:
         last = step == plan.last_step
         checkpoint_due = not last and step % plan.checkpoint_every == 0
         if step % args.logging_steps == 0 or last:
-            logged = {**plan.schedule(step - 1), **({"gram_weight": weights["gram"]} if args.gram_loss_weight else {})}
+            logged = {
+                **plan.logged_schedule(step - 1),
+                **({"gram_weight": weights["gram"]} if args.gram_loss_weight else {}),
+            }
             _log(run, step, metrics, logged, window, progress)
         elif checkpoint_due:
             _check_nonfinite(run)
