@@ -36,7 +36,10 @@ With `--distill`, a distillation step (`--distill_from`, `configs/distill.yaml`'
 queue KL and the local patch-similarity KL, no DINO loss) of a ViT-S/16 frozen model into a ResNet-18
 student on one 224 px view, against the DINO multi-crop step of the same student (2 x 224 + 8 x 96), batch
 8 (random weights: the cost of a step does not depend on them); it also prints the frozen model's share
-of the distillation step (its forward alone, timed apart):
+of the distillation step (its forward alone, timed apart). A third column is the distillation step as runs
+made it before they held only what they use: with an EMA copy of the student updated every step and a DINO
+center of 65,536 prototypes, both written into every checkpoint; the rows give the whole run's peak memory and
+the bytes of a checkpoint's weight files:
 
     python benchmarks/train_step.py --distill
 
@@ -187,32 +190,38 @@ def continued(args, device, lora: bool):
     return step, sum(p.numel() for p in backbone.parameters() if p.requires_grad)
 
 
-def distilled(args, device):
+def distilled(args, device, ema_copy: bool = False):
     """A function doing one distillation step (no DINO loss) of the frozen ViT-S/16 into the ResNet-18 on one
-    view, and one doing the frozen model's forward alone."""
+    view, one doing the frozen model's forward alone, and the bytes of a checkpoint's weight files (the
+    student, the queue; with `ema_copy`, as before, also an EMA copy of the student and a DINO center of
+    65,536)."""
     torch.manual_seed(0)
     frozen_backbone = build_backbone(DISTILL_FROZEN, drop_path_rate=0.0)
     backbone = build_backbone(DISTILL_STUDENT, drop_path_rate=0.0)
     projector = DistillProjector(backbone.num_features, backbone.model.num_features, frozen_backbone.num_features)
     student = MultiCropWrapper(backbone, torch.nn.Identity(), distill_projector=projector).to(device)
-    teacher = build_teacher(student)
+    teacher = build_teacher(student) if ema_copy else None
+    dino_loss = DinoLoss(65536, 2).to(device) if ema_copy else None
     frozen = FrozenModel(frozen_backbone, DISTILL_FROZEN, normalization_of(backbone))
     distillation = Distillation(frozen, 1024).to(device)
     generator = torch.Generator(device).manual_seed(0)
     view = torch.randn(args.batch, 3, args.global_size, args.global_size, device=device, generator=generator)
     optimizer = build_optimizer("adamw", get_param_groups(student), device=device)
     student, optimizer, accelerator = _on_accelerator(student, optimizer, device, args.cpu_bf16)
-    dino_loss = DinoLoss(1, 2).to(device)  # unused without the DINO loss
-    options = dict(freeze_last_layer=False, accelerator=accelerator, dino_weight=0.0, terms=[distillation])
+    values = StepValues(dino_weight=0.0, **SCHEDULE)
+    saved = [student, distillation.queue] + ([teacher, dino_loss] if ema_copy else [])
+    checkpoint_bytes = sum(t.numel() * t.element_size() for part in saved for t in part.state_dict().values())
 
     def step():
-        return train_step(student, teacher, dino_loss, optimizer, [view], StepValues(**options, **SCHEDULE))
+        return train_step(
+            student, teacher, dino_loss, optimizer, [view], values, accelerator=accelerator, terms=[distillation]
+        )
 
     def frozen_forward():
         with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
             return frozen(view)
 
-    return step, frozen_forward
+    return step, frozen_forward, checkpoint_bytes
 
 
 def baseline(args, device):
@@ -264,7 +273,7 @@ def worker(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    frozen_forward, anchor_bytes, trainable = None, 0, 0
+    frozen_forward, anchor_bytes, trainable, checkpoint_bytes = None, 0, 0, 0
     rss_at_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -272,8 +281,8 @@ def worker(args):
         step, trainable = continued(args, device, lora=args.worker == "lora")
     elif args.worker == "baseline":
         step, anchor_bytes = baseline(args, device)
-    elif args.worker == "distill":
-        step, frozen_forward = distilled(args, device)
+    elif args.worker in ("distill", "distill_ema_copy"):
+        step, frozen_forward, checkpoint_bytes = distilled(args, device, ema_copy=args.worker == "distill_ema_copy")
     elif args.worker == "dino_student":
         args.model = DISTILL_STUDENT
         step, anchor_bytes = ours(args, device)
@@ -303,6 +312,7 @@ def worker(args):
                 "frozen_share": frozen_seconds / seconds,
                 "total_mib": total,
                 "trainable_millions": trainable / 1e6,
+                "checkpoint_mib": checkpoint_bytes / 2**20,
             }
         )
     )
@@ -376,7 +386,18 @@ def main():
     )
     parser.add_argument(
         "--worker",
-        choices=["ours", "anchored", "ibot", "ibot_gram", "baseline", "distill", "dino_student", "lora", "full"],
+        choices=[
+            "ours",
+            "anchored",
+            "ibot",
+            "ibot_gram",
+            "baseline",
+            "distill",
+            "distill_ema_copy",
+            "dino_student",
+            "lora",
+            "full",
+        ],
         help=argparse.SUPPRESS,
     )
     args = parser.parse_args()
@@ -415,7 +436,7 @@ def _columns(args) -> list[tuple[str, str]]:
     if args.ibot:
         return [("ibot", "+ iBOT"), ("ibot_gram", "+ iBOT + Gram"), ("ours", "DINO alone")]
     if args.distill:
-        return [("distill", "distillation"), ("dino_student", "DINO")]
+        return [("distill", "distillation"), ("dino_student", "DINO"), ("distill_ema_copy", "+ EMA copy")]
     return [("ours", "dino_hf"), ("baseline", "baseline")]
 
 
@@ -456,7 +477,12 @@ def _compare(args, cuda: bool, columns: list[tuple[str, str]], argv: list[str]) 
     if args.anchor:
         rows.append(("anchor weights (MiB)", "anchor_mib", "{:.1f}"))
     if args.distill:
-        rows.append(("frozen model's share of the step", "frozen_share", "{:.2f}"))
+        whole = "peak GPU memory of the run (MiB)" if cuda else "peak RSS rise of the run (MiB)"
+        rows += [
+            ("frozen model's share of the step", "frozen_share", "{:.2f}"),
+            (whole, "total_mib", "{:.0f}"),
+            ("checkpoint weight files (MiB)", "checkpoint_mib", "{:.1f}"),
+        ]
     if args.lora:
         whole = "peak GPU memory of the run (MiB)" if cuda else "peak RSS rise of the run (MiB)"
         rows += [(whole, "total_mib", "{:.0f}"), ("trainable backbone parameters (M)", "trainable_millions", "{:.2f}")]

@@ -86,15 +86,13 @@ def test_each_kind_of_frozen_model_distils_into_a_cnn_and_a_transformers_student
         card = (export / "README.md").read_text()
         assert f"distilled from the frozen `{frozen_models / frozen}`" in card
         checkpoint = tmp_path / name / "checkpoints" / "checkpoint-8"
-        for part in ("student", "teacher"):  # the student's backbone and projectors; no DINO head, no frozen weight
-            assert {key.split(".")[0] for key in saved(checkpoint, part)} == {"backbone", "distill_projector"}
+        # The student's backbone and projectors; no DINO head, no frozen weight, no EMA copy.
+        assert {key.split(".")[0] for key in saved(checkpoint, "student")} == {"backbone", "distill_projector"}
         with safe_open(checkpoint / "distillation.safetensors", framework="pt") as file:
             assert set(file.keys()) == {"features", "position"}
             assert file.metadata()["distill_from"] == str(frozen_models / frozen)
         weight_files = {path.name for path in checkpoint.glob("*.safetensors")}
-        assert weight_files == {"student.safetensors", "teacher.safetensors", "dino_loss.safetensors"} | {
-            "distillation.safetensors"
-        }
+        assert weight_files == {"student.safetensors", "distillation.safetensors"}
     # Loaded without dino_hf, each as its own class: timm for the CNN, transformers ViTModel for the ViT.
     script = (
         "import sys, json, timm, torch\n"

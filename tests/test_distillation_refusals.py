@@ -12,6 +12,7 @@ import timm
 import torch
 import transformers as tf
 from runs import ENV, SCRIPT, pretrain_main, reset_accelerate, run_cli
+from safetensors.torch import load_file
 
 VIT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32)
 # Distillation alone into a timm CNN, one view, 4 steps of 4 images.
@@ -136,6 +137,27 @@ def test_resuming_a_distillation_checkpoint_without_its_frozen_model_says_what_i
         assert main(arguments(data, tmp_path / "run", frozen / "vit8")) == 0
     finally:
         reset_accelerate()
+    # The checkpoint holds the student with its projectors, the optimiser, the queue and the run's state: no EMA
+    # copy of the student, no DINO center.
+    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-4"
+    sizes = {path.name: path.stat().st_size for path in checkpoint.iterdir() if path.is_file()}
+    assert set(sizes) == {
+        "student.safetensors",
+        "optimizer.pt",
+        "distillation.safetensors",
+        "trainer_state.json",
+        "training_args.json",
+        "rng_state_0.pt",
+        "data_state_0.pt",
+        "manifest.json",
+    }
+    student = load_file(checkpoint / "student.safetensors")
+    assert {key.split(".")[0] for key in student} == {"backbone", "distill_projector"}
+    student_bytes = sum(t.numel() * t.element_size() for t in student.values())
+    assert student_bytes < sizes["student.safetensors"] < student_bytes + 64 * 1024  # the tensors and a header
+    queue = load_file(checkpoint / "distillation.safetensors")
+    assert set(queue) == {"features", "position"} and queue["features"].shape == (16, 32)
+    assert [path.name for path in checkpoint.iterdir() if path.is_dir()] == ["student_backbone"]
     out = capsys.readouterr().out
     assert (
         f"distillation: the frozen {frozen / 'vit8'} sees the view at 32 px in no precision; distill_global (queue "

@@ -8,9 +8,10 @@ take. The last file written is `manifest.json`, the size of every other file; `c
 compares the folder with it (a missing or truncated file is named) and reads each state file, and
 `find_resume_checkpoint` falls back to the previous checkpoint when the newest is damaged.
 
-Files: `student.safetensors`, `teacher.safetensors`, `dino_loss.safetensors` (the center),
-`optimizer.pt` (its state keyed by parameter name), `scaler.pt` (fp16 only), `rng_state_<rank>.pt`
-and `data_state_<rank>.pt` (one per process: its RNG states and its position in the data stream),
+Files: `student.safetensors`, `teacher.safetensors` (the EMA network: the DINO teacher, or the EMA student
+of a distillation run; a distillation run without one writes none), `dino_loss.safetensors` (the center;
+only with the DINO loss), `optimizer.pt` (its state keyed by parameter name), `scaler.pt` (fp16 only),
+`rng_state_<rank>.pt` and `data_state_<rank>.pt` (one per process: its RNG states and its position in the data stream),
 `trainer_state.json` (step, counters, `num_processes`), `training_args.json` (the resolved
 configuration, without secrets), `teacher_backbone/` (the exported model folder) and
 `manifest.json`; with anchoring on, also `gram_teacher.safetensors` (the Gram teacher: the frozen
@@ -44,14 +45,10 @@ from safetensors.torch import load_file, save_file
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-REQUIRED_FILES = (
-    "student.safetensors",
-    "teacher.safetensors",
-    "dino_loss.safetensors",
-    "optimizer.pt",
-    "trainer_state.json",
-    "training_args.json",
-)
+REQUIRED_FILES = ("student.safetensors", "optimizer.pt", "trainer_state.json", "training_args.json")
+# The EMA network and the DINO loss's center, written by the runs that have them (not a distillation run without
+# the DINO loss and without an EMA student).
+TEACHER_FILE, DINO_LOSS_FILE = "teacher.safetensors", "dino_loss.safetensors"
 MANIFEST = "manifest.json"
 # The anchor's weights and snapshot step (`dino_hf.objectives.anchor.Anchor`), written only by runs with
 # anchoring on.
@@ -168,8 +165,8 @@ def write_shared_state(
     folder: Path,
     *,
     student_state: dict,
-    teacher_state: dict,
-    loss_state: dict,
+    teacher_state: dict | None,
+    loss_state: dict | None,
     optimizer_state: dict,
     scaler_state: dict | None,
     trainer_state: dict,
@@ -179,14 +176,17 @@ def write_shared_state(
     distill_state: tuple[dict, dict] | None = None,
     lora_base: dict | None = None,
 ) -> None:
-    """Write the state that all processes share (called on the main process only); `anchor_state`: the
+    """Write the state that all processes share (called on the main process only); `teacher_state` and
+    `loss_state`: the EMA network's weights and the DINO loss's center, when the run has them; `anchor_state`: the
     anchor's weights, when the run has one; `ibot_state`: the iBOT loss's (its patch center), likewise;
     `distill_state`: distillation's tensors and the metadata that names its frozen model; `lora_base`: the
     name and hash of a LoRA run's base (its weights are then left out of the weight files)."""
     folder.mkdir(parents=True, exist_ok=True)
     save_file(_contiguous(student_state), folder / "student.safetensors")
-    save_file(_contiguous(teacher_state), folder / "teacher.safetensors")
-    save_file(_contiguous(loss_state), folder / "dino_loss.safetensors")
+    if teacher_state is not None:
+        save_file(_contiguous(teacher_state), folder / TEACHER_FILE)
+    if loss_state is not None:
+        save_file(_contiguous(loss_state), folder / DINO_LOSS_FILE)
     torch.save(optimizer_state, folder / "optimizer.pt")
     if scaler_state is not None:
         torch.save(scaler_state, folder / "scaler.pt")
@@ -260,8 +260,10 @@ def check_checkpoint(folder: Path) -> None:
             raise CheckpointError(f"{path} is missing")
         if path.stat().st_size != size:
             raise CheckpointError(f"{path} has {path.stat().st_size} bytes, {size} were written: it is damaged")
-    weight_files = ["student.safetensors", "teacher.safetensors", "dino_loss.safetensors"]
-    weight_files += [name for name in (ANCHOR_FILE, IBOT_FILE, DISTILL_FILE) if name in sizes]
+    weight_files = ["student.safetensors"]
+    weight_files += [
+        name for name in (TEACHER_FILE, DINO_LOSS_FILE, ANCHOR_FILE, IBOT_FILE, DISTILL_FILE) if name in sizes
+    ]
     for name in weight_files:
         try:
             with safe_open(folder / name, framework="pt") as handle:
@@ -414,8 +416,8 @@ def load_checkpoint(folder: Path, rank: int) -> dict:
     """Everything `write_*` wrote, as tensors and plain values (the caller puts them in place)."""
     state = {
         "student": load_file(folder / "student.safetensors"),
-        "teacher": load_file(folder / "teacher.safetensors"),
-        "dino_loss": load_file(folder / "dino_loss.safetensors"),
+        "teacher": load_file(folder / TEACHER_FILE) if (folder / TEACHER_FILE).is_file() else None,
+        "dino_loss": load_file(folder / DINO_LOSS_FILE) if (folder / DINO_LOSS_FILE).is_file() else None,
         "optimizer": torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True),
         "trainer_state": json.loads((folder / "trainer_state.json").read_text()),
         "scaler": None,
@@ -437,9 +439,11 @@ def load_checkpoint(folder: Path, rank: int) -> dict:
 
 __all__ = [
     "ANCHOR_FILE",
+    "DINO_LOSS_FILE",
     "DISTILL_FILE",
     "IBOT_FILE",
     "LORA_FILE",
+    "TEACHER_FILE",
     "CheckpointError",
     "WRITE_ERRORS",
     "check_checkpoint",

@@ -116,17 +116,23 @@ def _mismatch(part: str, expected: dict, found: dict) -> str | None:
     return f"{part}: {'; '.join(problems)}"
 
 
-def load_start(folder: Path, student: nn.Module, teacher: nn.Module, dino_loss: nn.Module) -> None:
+def load_start(folder: Path, student: nn.Module, teacher: nn.Module | None, dino_loss: nn.Module | None) -> None:
     """Load the student, the teacher and the DINO loss state (center) of the checkpoint `folder` into
-    the freshly built networks, every tensor of each.
+    the freshly built networks, every tensor of each (a run without an EMA network or without the DINO loss
+    has None for it, and takes nothing of the checkpoint's).
 
     Raises:
         ValueError: a tensor of either side has no counterpart of the same name and shape (the counts and
             the first names of each part are given).
     """
-    parts = {"student": student, "teacher": teacher, "dino_loss": dino_loss}
-    saved = {part: load_file(folder / f"{part}.safetensors") for part in parts}
-    problems = [_mismatch(part, module.state_dict(), saved[part]) for part, module in parts.items()]
+    parts = {
+        part: module
+        for part, module in {"student": student, "teacher": teacher, "dino_loss": dino_loss}.items()
+        if module is not None
+    }
+    missing = [f"it has no {part}.safetensors" for part in parts if not (folder / f"{part}.safetensors").is_file()]
+    saved = {part: load_file(folder / f"{part}.safetensors") for part in parts if not missing}
+    problems = missing or [_mismatch(part, module.state_dict(), saved[part]) for part, module in parts.items()]
     problems = [problem for problem in problems if problem is not None]
     if problems:
         raise ValueError(

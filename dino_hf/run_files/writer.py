@@ -38,7 +38,8 @@ class CheckpointWriter:
     base in low precision reads it in full precision from there); `base_model`: the weights a distilled student
     started from, for its model card (None: a transformers backbone's card reads its own source).
 
-    `whole_teacher`: under FSDP, a whole copy of the teacher on the main process, made before the
+    `teacher`: the EMA network, None in a distillation run without one. `whole_teacher`: under FSDP, a whole
+    copy of the teacher (of the student, without a teacher) on the main process, made before the
     teacher was sharded, that gathered weights are loaded into for the k-NN and the export; otherwise
     the teacher itself. `anchor`: the run's Gram teacher (`dino_hf.objectives.anchor`: the frozen starting
     backbone or the EMA teacher's last snapshot), whole on every process, saved with each checkpoint;
@@ -158,7 +159,7 @@ class CheckpointWriter:
                 staging,
                 student_state=weights["student"],
                 teacher_state=weights["teacher"],
-                loss_state=self.dino_loss.state_dict(),
+                loss_state=self.dino_loss.state_dict() if self.dino_loss is not None else None,
                 optimizer_state=weights["optimizer"],
                 scaler_state=accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                 trainer_state=state.to_dict(),
@@ -211,9 +212,11 @@ class CheckpointWriter:
                 "teacher": own_state(self.teacher, base),
                 "optimizer": whole_optimizer_state_dict(student, self.optimizer),
             }
+        if self.teacher is not None and teacher_state is None:
+            teacher_state = whole_state_dict(self.teacher)
         return {
             "student": whole_state_dict(student),
-            "teacher": whole_state_dict(self.teacher) if teacher_state is None else teacher_state,
+            "teacher": teacher_state,
             "optimizer": whole_optimizer_state_dict(student, self.optimizer),
         }
 

@@ -21,12 +21,13 @@ from .teacher import build_teacher
 
 def build_student_teacher(
     args: DinoTrainingArguments, distill_dim: int | None = None, base_dtype: torch.dtype | None = None
-) -> tuple[MultiCropWrapper, MultiCropWrapper, bool]:
+) -> tuple[MultiCropWrapper, MultiCropWrapper | None, bool]:
     """Student = backbone + DINO head, teacher = its copy without stochastic depth.
 
     With distillation (`distill_dim`: the width of the frozen model's features), the student also has the
     projectors to that width (`MultiCropWrapper.distill_projector`); without the DINO loss
-    (`--dino_loss_weight 0`) its head is the identity: nothing to train there, and no warm-up.
+    (`--dino_loss_weight 0`) its head is the identity: nothing to train there, and no warm-up; and the teacher
+    is None unless `--distill_ema_student` asks for the EMA of the student.
 
     Returns also whether the backbone came with trained weights but without a head (a saved
     DinoModel folder, a Hub id, a backbone-only reference file): then the fresh head is trained
@@ -52,7 +53,8 @@ def build_student_teacher(
         hold_base_in_(backbone, base_dtype)
     if not dino_on(args):
         student = MultiCropWrapper(backbone, nn.Identity(), distill_projector=_projector(args, backbone, distill_dim))
-        return student, build_teacher(student), False
+        # Without the DINO loss the EMA network is the exported EMA student, or nothing.
+        return student, build_teacher(student) if args.distill_ema_student else None, False
     head = _head(args, backbone.num_features)
     if head_state is not None:
         head.load_state_dict(head_state)

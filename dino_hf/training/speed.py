@@ -30,7 +30,7 @@ def apply_speed_options(
     Call it after `build_teacher` and before building the optimiser and `accelerator.prepare`.
 
     Args:
-        student, teacher (`MultiCropWrapper`): modified in place and returned.
+        student, teacher (`MultiCropWrapper`): modified in place and returned (the teacher may be None).
         torch_compile (`bool`, defaults to `False`): compile `compile_units` of both (each block of a
             ViT, or a CNN backbone whole, and the head) with `nn.Module.compile(dynamic=False)`: the
             modules stay where they are, so state-dict keys, checkpoints and the EMA are unchanged;
@@ -41,7 +41,7 @@ def apply_speed_options(
         channels_last (`bool`, defaults to `False`): store 4-D weights as NHWC, the layout of
             cuDNN's and oneDNN's fastest convolutions; for CNN backbones (a ViT has one conv).
     """
-    for model in (student, teacher):
+    for model in (network for network in (student, teacher) if network is not None):
         if not (hasattr(model, "backbone") and hasattr(model, "head")):
             raise TypeError(
                 f"apply_speed_options takes the MultiCropWrapper student and teacher (with .backbone and "

@@ -71,8 +71,8 @@ class StepValues:
 
 def train_step(
     student: nn.Module,
-    teacher: nn.Module,
-    dino_loss: DinoLoss,
+    teacher: nn.Module | None,
+    dino_loss: DinoLoss | None,
     optimizer: torch.optim.Optimizer,
     crops: list[torch.Tensor],
     values: StepValues,
@@ -90,7 +90,8 @@ def train_step(
 
     Args:
         student, teacher: `MultiCropWrapper`s (the student possibly `accelerator.prepare`d; the teacher
-            from `build_teacher(student)`); `dino_loss` holds the center; `optimizer` is built on
+            from `build_teacher(student)`, or None in a distillation run without an EMA network); `dino_loss`
+            holds the center (None without the DINO loss); `optimizer` is built on
             `get_param_groups(student)` (its groups carry `regularized`, `lr_scale` and `backbone`).
         crops: `[global 1 (B, 3, G, G), global 2 (B, 3, G, G), local (B, 3, L, L) ...]` on the device.
         values: this step's `StepValues`.
@@ -153,9 +154,12 @@ def _nonfinite(totals: dict[str, torch.Tensor], terms: Sequence[Term]) -> torch.
 
 
 def _optimise_and_follow(student, teacher, optimizer, accelerator, momentum: float, skip: torch.Tensor) -> None:
-    """Optimiser step and teacher EMA, both leaving everything as it was when `skip` is set."""
+    """Optimiser step and teacher EMA (none without a teacher), both leaving everything as it was when `skip` is
+    set."""
     step_unless_(optimizer, skip)
     optimizer.zero_grad(set_to_none=True)
+    if teacher is None:
+        return
     momentum = torch.where(skip, 1.0, momentum)  # 1 leaves the teacher as it is on a skipped step
     ema_update_(_unwrap(teacher, accelerator), _unwrap(student, accelerator), momentum)
 

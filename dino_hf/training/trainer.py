@@ -180,7 +180,8 @@ def prepare_run(args: DinoTrainingArguments) -> Run:
     )
 
     student, teacher, whole_teacher, optimizer = _place_networks(args, accelerator, student, teacher)
-    dino_loss.to(accelerator.device)
+    if dino_loss is not None:
+        dino_loss.to(accelerator.device)
     if ibot_loss is not None:
         ibot_loss.to(accelerator.device)
     distillation = None
@@ -307,8 +308,11 @@ def _distillation_line(args: DinoTrainingArguments, distillation: Distillation, 
     )
 
 
-def _build_losses(args: DinoTrainingArguments) -> tuple[DinoLoss, "IBotLoss | None"]:
-    """The DINO loss (with its center) and iBOT's masked-patch loss (None unless --ibot_loss_weight)."""
+def _build_losses(args: DinoTrainingArguments) -> tuple[DinoLoss | None, "IBotLoss | None"]:
+    """The DINO loss (with its center; None without it, `--dino_loss_weight 0`) and iBOT's masked-patch loss (None
+    unless --ibot_loss_weight)."""
+    if not dino_on(args):
+        return None, build_ibot_loss(args)
     dino_loss = DinoLoss(
         args.out_dim,
         2 + args.local_crops_number,
@@ -459,7 +463,14 @@ def _place_networks(args: DinoTrainingArguments, accelerator: Accelerator, stude
             "FSDP version 1 is not supported: the teacher follows the student shard by shard with FSDP2; "
             "launch with --fsdp_version 2 (or fsdp_version: 2 in the Accelerate config)"
         )
+    # A distillation run without an EMA network: under FSDP the main process loads the gathered student into a
+    # whole copy, made before the student is sharded.
+    whole_student = None
+    if teacher is None and accelerator.is_fsdp2 and accelerator.is_main_process:
+        whole_student = copy.deepcopy(student)
     student, optimizer = accelerator.prepare(student, optimizer)
+    if teacher is None:
+        return student, None, accelerator.unwrap_model(student) if whole_student is None else whole_student, optimizer
     teacher.to(accelerator.device)
     # Under FSDP the teacher is sharded like the student; the main process keeps a whole copy to load
     # the gathered weights into, for the k-NN evaluation and the export.
@@ -505,14 +516,24 @@ def _load_checkpoint(run: Run, folder: Path) -> None:
         )
     lora = setup_of(student)
     check_base(saved["lora_base"], lora, folder)
+    for part, network in (("teacher", run.teacher), ("dino_loss", run.dino_loss)):
+        if network is not None and saved[part] is None:
+            what = "EMA network" if part == "teacher" else "DINO loss"
+            raise ValueError(
+                f"{folder} has no {part}.safetensors: its run had no {what}, and this one has; resume with the "
+                "settings of the run that wrote it (its training_args.json), or start a new run from it with "
+                "--init_from_checkpoint"
+            )
     if lora is not None:  # the checkpoint holds what is not the base, which this run has built already
         base = base_pointers(student.backbone)
         load_own_state(student, saved["student"], base, "student")
         load_own_state(run.teacher, saved["teacher"], base, "teacher")
     else:
         load_whole_state_dict(student, saved["student"])
-        load_whole_state_dict(run.teacher, saved["teacher"])
-    run.dino_loss.load_state_dict(saved["dino_loss"])
+        if run.teacher is not None:
+            load_whole_state_dict(run.teacher, saved["teacher"])
+    if run.dino_loss is not None:
+        run.dino_loss.load_state_dict(saved["dino_loss"])
     if run.ibot_loss is not None:
         _load_ibot_loss(run.ibot_loss, saved["ibot_loss"], folder)
     if run.distillation is not None:
@@ -659,7 +680,8 @@ def train_loop(run: Run, signals: PreemptionSignals) -> str | None:
     """Steps until the plan's last step; returns the signal that stopped the run early, if one did."""
     args, accelerator, plan, state = run.args, run.accelerator, run.plan, run.state
     run.student.train()
-    run.teacher.train()
+    if run.teacher is not None:
+        run.teacher.train()
     progress = progress_bar(
         total=plan.last_step,
         initial=state.global_step,
@@ -890,7 +912,7 @@ def _final_save(run: Run) -> TrainResult:
     """The trained teacher's k-NN, the last checkpoint, the export and the last Hub upload."""
     accelerator, writer, state = run.accelerator, run.writer, run.state
     # The teacher's whole weights, gathered once (under FSDP) for the k-NN, the checkpoint and the export.
-    final_state = whole_state_dict(run.teacher) if accelerator.is_fsdp2 else None
+    final_state = whole_state_dict(run.teacher) if accelerator.is_fsdp2 and run.teacher is not None else None
     final_teacher = writer.exported({"teacher": final_state} if final_state is not None else None)
     if run.eval_sources is not None and accelerator.is_main_process:
         if run.knn_step != state.global_step:  # not measured at this step already
