@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import timm.models
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, hf_hub_download
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -77,7 +77,8 @@ def render_model_card(
     base_model: str | None = None,
     license: str = "apache-2.0",
     image_size: int | None = None,
-    distilled_from: str | None = None,
+    distilled_from: Sequence[str] = (),
+    title: str | None = None,
     ema_student: bool = False,
     trained_parameters: str | None = None,
 ) -> ModelCard:
@@ -97,7 +98,8 @@ def render_model_card(
         license: the license of the weights.
         image_size: the crop size of the exported preprocessing (`export_backbone(image_size=...)`);
             defaults to the size the model was built for.
-        distilled_from: the frozen model a distilled student learnt from (`--distill_from`); None for DINO.
+        distilled_from: the frozen models a distilled student learnt from (`--distill_from`); empty for DINO.
+        title: the card's title; the last part of `model_id` by default.
         ema_student: the export is the EMA of the distilled student (`--distill_ema_student`).
         trained_parameters: which parameters were trained when not all were (a LoRA run: the factors, merged
             into this export, the unfrozen blocks and the norms).
@@ -111,7 +113,7 @@ def render_model_card(
     model = model.model if isinstance(model, (TimmBackbone, DinoModelBackbone, TransformersBackbone)) else model
     description = _describe(model, model_id)
     description["image_size"] = image_size or description["image_size"]
-    title = model_id.rstrip("/").split("/")[-1]
+    title = title or model_id.rstrip("/").split("/")[-1]
     hub_datasets = [name for name in datasets if is_hub_id(name, allow_bare_name=True)]
     eval_results = [_eval_result(figure) for figure in evaluation]
     card_data = ModelCardData(
@@ -137,7 +139,7 @@ def render_model_card(
         recipe_rows=_table_rows(training_args),
         evaluation=list(evaluation),
         base_model=base_model,
-        distilled_from=distilled_from,
+        distilled_from=[{"name": name, "licence": model_licence(name)} for name in distilled_from],
         ema_student=ema_student,
         trained_parameters=trained_parameters,
         normalization=_normalization_text(normalization),
@@ -175,6 +177,25 @@ def _eval_result(figure: EvalFigure) -> EvalResult:
 
 # DinoConfig's DINOv2 options: listed on the card when they are on.
 _DINOV2_FIELDS = ("num_register_tokens", "layerscale_value", "drop_path_uniform", "use_mask_token")
+
+
+def model_licence(name_or_path: str) -> str | None:
+    """The licence a model's own card names (`license:` in the metadata of the README.md of its folder, or of its
+    Hub repository's copy in the local cache); None when there is none to read here."""
+    path = Path(str(name_or_path).removeprefix("timm:"))
+    readme = path / "README.md"
+    if not readme.is_file() and is_hub_id(str(name_or_path)):
+        try:
+            readme = Path(hf_hub_download(str(name_or_path), "README.md", local_files_only=True))
+        except Exception:  # not in the cache (offline, gated, no card): the card says where to look instead
+            return None
+    if not readme.is_file():
+        return None
+    try:
+        licence = ModelCard.load(readme).data.license
+    except Exception:  # a README without card metadata
+        return None
+    return str(licence) if licence else None
 
 
 def _describe(model: nn.Module, model_id: str) -> dict[str, Any]:

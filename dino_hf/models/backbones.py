@@ -15,6 +15,9 @@ Accepted specs:
   DINOv3, ConvNeXt, Swin; `dino_hf.models.transformers_backbone`), every weight checked.
 - a local folder saved by timm or by transformers' `TimmWrapperModel` (its `config.json` names an
   `architecture`), or `"timm:local-dir:PATH"`: that timm model with the folder's weights, checked.
+- with `frozen=True` (a model to distill from), also a folder or Hub id of an image-text model (CLIP,
+  MetaCLIP 2, SigLIP, SigLIP 2, AIMv2: its image side) or RADIO (`dino_hf.models.text_aligned`), and a timm
+  image tower of an image-text model keeps its head, the text-aligned embedding (`text_aligned`).
 
 Whatever the source, a checkpoint whose tensors do not fill the model is refused
 (`dino_hf.models.weight_check`).
@@ -37,23 +40,40 @@ from .configuration_dino import PRESETS, DinoConfig
 from .modeling_dino import DinoModel
 from .normalization import IMAGENET, Normalization, saved_normalization, set_normalization_, timm_normalization
 from .references import TIMM_PREFIX, is_external_timm_name, is_hub_id, is_timm_folder
-from .transformers_backbone import MASKABLE, TransformersBackbone, accepted_models_text, load_transformers_backbone
+from .text_aligned import TEACHER_FAMILIES, TeacherBackbone, load_teacher_backbone, timm_text_aligned
+from .transformers_backbone import (
+    MASKABLE,
+    TransformersBackbone,
+    accepted_models_text,
+    check_vision_config,
+    load_transformers_backbone,
+)
 from .weight_check import check_state_dict, load_checked, read_tensors, weight_files
 
 
 class TimmBackbone(nn.Module):
-    """A timm model built with `num_classes=0`: its forward already returns pooled features.
+    """A timm model built with `num_classes=0`: its forward already returns pooled features. A frozen teacher
+    that is the image tower of an image-text model keeps its head instead (`text_aligned`): CLIP's projection.
 
     Args:
         model (`nn.Module`): the timm model; `.num_features` is its `head_hidden_size` (the width
             of what forward returns; equal to `num_features` except for models with a pre-logits
-            layer).
+            layer), or the width of its head where it has one; `.num_patch_features` the width of its
+            patch tokens.
+        text_aligned (`bool`, defaults to `False`): what forward returns is the embedding the model's text
+            tower is aligned with (`text_aligned.timm_text_aligned`).
+        source (`str`, optional): what named it (`timm:NAME`).
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, text_aligned: bool = False, source: str | None = None):
         super().__init__()
         self.model = model
-        self.num_features = getattr(model, "head_hidden_size", None) or model.num_features
+        self.text_aligned = text_aligned
+        self.source = source
+        self.num_features = (
+            getattr(model, "num_classes", 0) or getattr(model, "head_hidden_size", None) or model.num_features
+        )
+        self.num_patch_features = model.num_features
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`pixel_values (B, 3, H, W)` -> features `(B, num_features)`."""
@@ -64,12 +84,14 @@ class TimmBackbone(nn.Module):
 
         timm's `forward` is `forward_head(forward_features(x))` and, built with `num_classes=0`, its head
         is the identity: `forward_head(..., pre_logits=True)` of the same `forward_features` gives the
-        features of `forward` bit for bit. The patch tokens are `forward_features` without its prefix
+        features of `forward` bit for bit; built with its head (a text-aligned teacher), the head's output
+        (`pre_logits=False`), which `forward` gives too. The patch tokens are `forward_features` without its prefix
         tokens (CLS, registers: `num_prefix_tokens`) for a ViT, after its final norm; for a CNN, the final
         feature map `(B, C, h, w)` (NHWC for the models whose `output_fmt` says so) as `(B, h * w, C)`.
         """
         tokens = self.model.forward_features(pixel_values)
-        features = self.model.forward_head(tokens, pre_logits=True)  # (B, num_features)
+        with_head = bool(getattr(self.model, "num_classes", 0))
+        features = self.model.forward_head(tokens, pre_logits=not with_head)  # (B, num_features)
         if tokens.ndim == 4 and getattr(self.model, "output_fmt", "NCHW") == "NHWC":
             patch_tokens = tokens.flatten(1, 2)  # (B, h * w, C)
         elif tokens.ndim == 4:
@@ -117,8 +139,9 @@ def build_backbone(
     image_size: int = 224,
     pretrained: bool = False,
     mask_token: bool = False,
+    frozen: bool = False,
     **kwargs,
-) -> TimmBackbone | DinoModelBackbone:
+) -> TimmBackbone | DinoModelBackbone | TransformersBackbone | TeacherBackbone:
     """The backbone named by `spec` (see the module docstring), as a `(B, 3, H, W) -> (B, D)` module,
     with the normalisation its inputs need as `image_mean` / `image_std` (`dino_hf.models.normalization`):
     the start's own for trained weights, ImageNet's from scratch.
@@ -137,10 +160,17 @@ def build_backbone(
             (iBOT): a DinoModel gets one at zero if it has none (`DinoModel.enable_mask_token`), a
             transformers ViT trains its own (`load_transformers_backbone(..., mask_token=True)`); a timm
             model or a CNN is refused (`MASKED_PATCH_MODELS` says what works).
+        frozen (`bool`, defaults to `False`): the model is distilled from (`--distill_from`), never trained:
+            the image side of an image-text model or RADIO is accepted (`TeacherBackbone`; refused otherwise,
+            these families are not trained here), a timm image tower of an image-text model keeps its head, the
+            text-aligned embedding (`TimmBackbone.text_aligned`), and the backbone comes in eval mode, without
+            gradients.
         **kwargs: passed to `timm.create_model`, to `DinoConfig.from_preset` or to
             `DinoModel.from_pretrained`.
     """
-    backbone = _build_backbone(spec, drop_path_rate, image_size, pretrained, mask_token, **kwargs)
+    backbone = _build_backbone(spec, drop_path_rate, image_size, pretrained, mask_token, frozen, **kwargs)
+    if frozen:
+        backbone.eval().requires_grad_(False)
     return set_normalization_(backbone, _normalization(spec, backbone, pretrained, kwargs))
 
 
@@ -149,6 +179,8 @@ def _normalization(spec, backbone: nn.Module, pretrained: bool, kwargs: dict) ->
     `pretrained_cfg`; ImageNet's for random weights and for a model given as an object."""
     if not isinstance(spec, str) or spec in PRESETS:
         return IMAGENET
+    if isinstance(backbone, TeacherBackbone):  # its processor's, read where transformers v5 saves it too
+        return backbone.normalization
     if isinstance(backbone, TimmBackbone):
         from_weights = pretrained or not spec.startswith(TIMM_PREFIX) or spec.startswith(TIMM_PREFIX + "local-dir:")
         return timm_normalization(backbone.model) if from_weights else IMAGENET
@@ -156,7 +188,7 @@ def _normalization(spec, backbone: nn.Module, pretrained: bool, kwargs: dict) ->
 
 
 def _build_backbone(
-    spec, drop_path_rate: float, image_size: int, pretrained: bool, mask_token: bool, **kwargs
+    spec, drop_path_rate: float, image_size: int, pretrained: bool, mask_token: bool, frozen: bool, **kwargs
 ) -> nn.Module:
     """`build_backbone` before the normalisation is recorded."""
     if isinstance(spec, DinoModel):
@@ -180,7 +212,9 @@ def _build_backbone(
         name = spec[len(TIMM_PREFIX) :]
         if name.startswith("local-dir:"):
             return TimmBackbone(load_timm_folder(name, drop_path_rate=drop_path_rate, **kwargs))
-        return TimmBackbone(_create_timm_model(name, drop_path_rate, image_size, pretrained, **kwargs))
+        text_aligned = frozen and timm_text_aligned(name)
+        model = _create_timm_model(name, drop_path_rate, image_size, pretrained, keep_head=text_aligned, **kwargs)
+        return TimmBackbone(model, text_aligned=text_aligned, source=spec)
     if spec in PRESETS:
         _refuse_pretrained(pretrained, f"the preset {spec!r}")
         if mask_token:
@@ -190,7 +224,7 @@ def _build_backbone(
     if os.path.isdir(spec) and is_timm_folder(spec):
         return TimmBackbone(load_timm_folder(spec, drop_path_rate=drop_path_rate, **kwargs))
     if os.path.isdir(spec) or is_hub_id(spec):
-        return _saved_transformers_model(spec, drop_path_rate, mask_token, **kwargs)
+        return _saved_transformers_model(spec, drop_path_rate, mask_token, frozen, **kwargs)
     raise ValueError(_unknown_spec_message(spec))
 
 
@@ -201,16 +235,22 @@ MASKED_PATCH_MODELS = (
 )
 
 
-def _saved_transformers_model(spec: str, drop_path_rate: float, mask_token: bool = False, **kwargs) -> nn.Module:
-    """A folder or Hub id, dispatched on its own `model_type`: a DinoModel of this project, or any
-    transformers vision backbone (`load_transformers_backbone`); every weight checked either way.
-    `mask_token`: see `build_backbone`."""
+def _saved_transformers_model(
+    spec: str, drop_path_rate: float, mask_token: bool = False, frozen: bool = False, **kwargs
+) -> nn.Module:
+    """A folder or Hub id, dispatched on its own `model_type`: a DinoModel of this project, any
+    transformers vision backbone (`load_transformers_backbone`), or, `frozen`, the image side of an image-text
+    model or RADIO (`load_teacher_backbone`); every weight checked in each case. `mask_token`: see
+    `build_backbone`."""
     try:
         config = AutoConfig.from_pretrained(spec, **_hub_options(kwargs))
     except ValueError as error:
         raise ValueError(
             f"{spec}: its config.json is not one transformers knows ({error}); expected {accepted_models_text()}"
         ) from None
+    if config.model_type in TEACHER_FAMILIES:
+        check_vision_config(config, spec, frozen=frozen)  # a student of a teacher family is refused
+        return load_teacher_backbone(spec, **kwargs)
     if config.model_type != DinoConfig.model_type:
         return load_transformers_backbone(spec, drop_path_rate=drop_path_rate, mask_token=mask_token, **kwargs)
     model = load_checked(DinoModel, spec, drop_path_rate=drop_path_rate, **kwargs)
@@ -252,12 +292,17 @@ def load_timm_folder(folder: str | os.PathLike, *, drop_path_rate: float = 0.0, 
     return model
 
 
-def _create_timm_model(name: str, drop_path_rate: float, image_size: int, pretrained: bool, **kwargs) -> nn.Module:
-    """`timm.create_model(name, num_classes=0, ...)`; fixed-size models get `dynamic_img_size=True`."""
+def _create_timm_model(
+    name: str, drop_path_rate: float, image_size: int, pretrained: bool, keep_head: bool = False, **kwargs
+) -> nn.Module:
+    """`timm.create_model(name, num_classes=0, ...)`, or with its own head (`keep_head`: the projection of a
+    text-aligned teacher); fixed-size models get `dynamic_img_size=True`."""
     is_external = is_external_timm_name(name)
     if not is_external and not timm.is_model(name):
         raise ValueError(_unknown_spec_message(TIMM_PREFIX + name))
-    options = dict(num_classes=0, drop_path_rate=drop_path_rate)
+    options = dict(drop_path_rate=drop_path_rate)
+    if not keep_head:
+        options["num_classes"] = 0
     pretrained_cfg = None if is_external else timm.models.get_pretrained_cfg(name)
     if pretrained_cfg is not None and pretrained_cfg.fixed_input_size:
         options.update(dynamic_img_size=True, img_size=image_size)
@@ -298,6 +343,7 @@ def _unknown_spec_message(spec: str) -> str:
 __all__ = [
     "MASKED_PATCH_MODELS",
     "DinoModelBackbone",
+    "TeacherBackbone",
     "TimmBackbone",
     "TransformersBackbone",
     "build_backbone",

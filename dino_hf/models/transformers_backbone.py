@@ -15,6 +15,9 @@ from random weights.
 Local crops: ViT and DeiT are called with `interpolate_pos_encoding=True`, Dinov2 interpolates its
 position embeddings by itself, DINOv3 uses RoPE, and the CNNs and Swin take any size their strides
 allow; `check_input_size` refuses a size the model cannot take before training starts.
+
+The image towers of image-text models (CLIP, MetaCLIP 2, SigLIP, SigLIP 2, AIMv2) and RADIO are read as
+frozen teachers only (`dino_hf.models.text_aligned`): `check_vision_config(..., frozen=True)` accepts them.
 """
 
 import json
@@ -29,6 +32,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_MAPPING_NAMES, MODEL_MAPPING
 
 from .configuration_dino import DinoConfig
+from .text_aligned import TEACHER_FAMILIES
 from .weight_check import checkpoint_keys, load_checked
 
 
@@ -77,21 +81,31 @@ def accepted_models_text() -> str:
     return (
         "a vision backbone: a transformers checkpoint of model type "
         f"{', '.join(sorted(FAMILIES))} (a folder or Hub id), a timm model (timm:NAME or a folder saved by timm), "
-        "a DinoModel preset, folder or Hub id, or a reference DINO checkpoint file"
+        "a DinoModel preset, folder or Hub id, or a reference DINO checkpoint file; as a frozen model to distill "
+        f"from (--distill_from), also the image side of {', '.join(sorted(TEACHER_FAMILIES))}"
     )
 
 
-def check_vision_config(config: dict | PretrainedConfig, source: str) -> str:
+def check_vision_config(config: dict | PretrainedConfig, source: str, *, frozen: bool = False) -> str:
     """The `model_type` of `config` when it is a vision backbone that dino_hf trains (one of `FAMILIES`,
-    or this project's DinoModel).
+    or this project's DinoModel), or, with `frozen` (a model to distill from), one it reads as a frozen
+    teacher (`TEACHER_FAMILIES`: image-text models and RADIO).
 
     Raises:
-        ValueError: a text, audio or multimodal model, or a vision model of a family not listed in
-            `FAMILIES`, with what is accepted.
+        ValueError: a text, audio or multimodal model, a vision model of a family not listed in
+            `FAMILIES`, or a teacher family without `frozen`, with what is accepted.
     """
     model_type = config.get("model_type") if isinstance(config, dict) else config.model_type
     if model_type in FAMILIES or model_type == DinoConfig.model_type:
         return model_type
+    if model_type in TEACHER_FAMILIES:
+        if frozen:
+            return model_type
+        raise ValueError(
+            f"{source} is a {model_type!r} model ({TEACHER_FAMILIES[model_type].name}), which dino_hf reads as a "
+            "frozen teacher, not as a backbone to train; use it with --distill_from (build_backbone(..., "
+            "frozen=True)) and train another backbone as the student"
+        )
     if model_type is None:
         raise ValueError(f"{source}: its config.json names no model_type; expected {accepted_models_text()}")
     if model_type in MODEL_FOR_IMAGE_MAPPING_NAMES:

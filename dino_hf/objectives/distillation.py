@@ -52,8 +52,14 @@ def queue_size_for(num_images: int | None) -> int:
     return LARGEST_QUEUE
 
 
-def queue_kl(teacher: torch.Tensor, student: torch.Tensor, queue: torch.Tensor, temperature: float = TEMPERATURE):
-    """KL(softmax(t Q^T / T) || softmax(s Q^T / T)) averaged over the batch.
+def queue_kl(
+    teacher: torch.Tensor,
+    student: torch.Tensor,
+    queue: torch.Tensor,
+    temperature: float = TEMPERATURE,
+    per_image: bool = False,
+):
+    """KL(softmax(t Q^T / T) || softmax(s Q^T / T)) averaged over the batch (`per_image`: each image's, `(B,)`).
 
     Args:
         teacher: `(B, D)` the frozen model's global features; student: `(B, D)` the projected student's.
@@ -65,11 +71,15 @@ def queue_kl(teacher: torch.Tensor, student: torch.Tensor, queue: torch.Tensor, 
     queue = queue.float()
     log_p_teacher = F.log_softmax(t @ queue.T / temperature, dim=-1)  # (B, N)
     log_p_student = F.log_softmax(s @ queue.T / temperature, dim=-1)  # (B, N)
-    return (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1).mean()
+    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)  # (B,)
+    return kl if per_image else kl.mean()
 
 
-def similarity_kl(teacher: torch.Tensor, student: torch.Tensor, temperature: float = TEMPERATURE) -> torch.Tensor:
-    """Row-wise KL between the patch-to-patch similarity distributions of each image.
+def similarity_kl(
+    teacher: torch.Tensor, student: torch.Tensor, temperature: float = TEMPERATURE, per_image: bool = False
+) -> torch.Tensor:
+    """Row-wise KL between the patch-to-patch similarity distributions of each image (`per_image`: the mean over
+    each image's rows, `(B,)`).
 
     Args:
         teacher, student: `(B, N, D)` patch features on the same grid (L2-normalised here).
@@ -81,15 +91,20 @@ def similarity_kl(teacher: torch.Tensor, student: torch.Tensor, temperature: flo
     s = F.normalize(student.float(), dim=-1)
     log_p_teacher = F.log_softmax(t @ t.transpose(1, 2) / temperature, dim=-1)  # (B, N, N)
     log_p_student = F.log_softmax(s @ s.transpose(1, 2) / temperature, dim=-1)  # (B, N, N)
-    return (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1).mean()
+    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)  # (B, N)
+    return kl.mean(-1) if per_image else kl.mean()
 
 
-def cosine_regression(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+def cosine_regression(teacher: torch.Tensor, student: torch.Tensor, per_image: bool = False) -> torch.Tensor:
     """AM-RADIO's patch regression: per patch 0.9 x (1 - cos(s, t)) + 0.1 x smooth-L1(s, t), mean over patches
-    and images. `teacher`, `student`: `(B, N, D)`."""
+    and images (`per_image`: over each image's patches, `(B,)`). `teacher`, `student`: `(B, N, D)`."""
     teacher, student = teacher.float(), student.float()
-    cosine = F.cosine_similarity(student, teacher, dim=-1).mean()  # over (B, N)
-    smooth_l1 = F.smooth_l1_loss(student, teacher, reduction="none").mean(-1).mean()
+    if per_image:
+        cosine = F.cosine_similarity(student, teacher, dim=-1).mean(-1)  # (B,)
+        smooth_l1 = F.smooth_l1_loss(student, teacher, reduction="none").mean(-1).mean(-1)  # (B,)
+    else:
+        cosine = F.cosine_similarity(student, teacher, dim=-1).mean()  # over (B, N)
+        smooth_l1 = F.smooth_l1_loss(student, teacher, reduction="none").mean(-1).mean()
     return COSINE_SHARE * (1 - cosine) + (1 - COSINE_SHARE) * smooth_l1
 
 
@@ -145,6 +160,10 @@ class FrozenModel(nn.Module):
         self.converts = own != student_normalization
         self.num_features = backbone.num_features
         self.sha256 = weights_sha256(backbone)
+        # An image-text model's image side: whether its global feature is the text-aligned embedding, and the
+        # folder that holds its text tower (`dino_hf.models.text_aligned`).
+        self.text_aligned = bool(getattr(backbone, "text_aligned", False))
+        self.source = getattr(backbone, "source", None) or name
 
     def train(self, mode: bool = True) -> "FrozenModel":
         """Stays in eval mode whatever the run asks (no dropout, BatchNorm with its running statistics)."""
@@ -274,6 +293,10 @@ class Distillation(Term):
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.queue.state_dict()
+
+    def metadata(self) -> dict[str, str]:
+        """What a checkpoint records of the frozen model (a resume is checked against it): its name and weight hash."""
+        return {"distill_from": self.frozen.name, "sha256": self.frozen.sha256}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.queue.load_state_dict(state)

@@ -7,6 +7,7 @@ the resolved arguments and the teacher export with its model card), then the ren
 error on any process is raised on every process as `CheckpointError`, the previous checkpoint intact.
 """
 
+import copy
 import dataclasses
 import shutil
 from collections.abc import Callable
@@ -17,16 +18,22 @@ from accelerate import Accelerator
 from torch import nn
 
 from ..convert.export import export_backbone
+from ..convert.zero_shot import export_zero_shot
 from ..evaluation.knn import figure_name, guarded_figure
 from ..hub.model_card import EvalFigure, render_model_card
 from ..hub.push import HubPusher
+from ..models.distill_projector import TeacherHeads
 from ..models.lora import base_pointers, merged_backbone, own_state, save_adapter, setup_of, with_base_of
+from ..models.normalization import normalization_of
 from . import checkpoints
 from .collectives import on_every_process
 from .state import RunState
 from .whole_weights import whole_optimizer_state_dict, whole_state_dict
 
 DEMO_DATASET = "dino_hf demo shapes"
+# Beside the student's export of a run distilled from several frozen models: its heads for each, and the
+# zero-shot classifier.
+HEADS_DIR, ZERO_SHOT_DIR = "student_heads", "student_zero_shot"
 
 
 class CheckpointWriter:
@@ -46,6 +53,7 @@ class CheckpointWriter:
     None when anchoring is off. `ibot_loss`: the run's iBOT loss (its patch center), saved with each
     checkpoint; None when iBOT is off. `distillation`: the run's distillation term (its queue and frozen
     model's name and hash go into each checkpoint, and it names the student's export); None without.
+    `zero_shot_index`: which of several frozen models' text tower the zero-shot export takes (`--distill_zero_shot`).
 
     A distillation run exports the student (`student_backbone`, `student_backbone_best`), or with
     `--distill_ema_student` its EMA, which the teacher network holds; a DINO run exports the teacher.
@@ -73,6 +81,7 @@ class CheckpointWriter:
         anchor: nn.Module | None = None,
         ibot_loss: nn.Module | None = None,
         distillation=None,
+        zero_shot_index: int | None = None,
     ):
         self.accelerator, self.args, self.epoch_of = accelerator, args, epoch_of
         self.rebuild_start, self.base_model = rebuild_start, base_model
@@ -81,6 +90,7 @@ class CheckpointWriter:
         self.anchor = anchor
         self.ibot_loss = ibot_loss
         self.distillation = distillation
+        self.zero_shot_index = zero_shot_index
         self.exports_student = distillation is not None and not args.distill_ema_student
         self.exported_name = "teacher" if distillation is None else "student"
         self.output_dir = Path(args.output_dir)
@@ -196,8 +206,7 @@ class CheckpointWriter:
         """The queue, with the frozen model's name and weight hash (what a resume is checked against)."""
         if self.distillation is None:
             return None
-        frozen = self.distillation.frozen
-        return self.distillation.state_dict(), {"distill_from": frozen.name, "sha256": frozen.sha256}
+        return self.distillation.state_dict(), self.distillation.metadata()
 
     def _whole_weights(self, teacher_state: dict | None) -> dict:
         """Whole weights for the main process to write: gathered from the shards under FSDP (every
@@ -236,8 +245,45 @@ class CheckpointWriter:
 
     def export(self, teacher: nn.Module, folder: Path, step: int, state: RunState) -> None:
         """The backbone of `teacher` (the exported network, `exported`) as a model folder with its model card
-        (main process)."""
+        (main process). A run distilled from several frozen models also exports the student's heads for each
+        (`student_heads/<teacher>/`) beside it and, with `--distill_zero_shot`, at the run's end (`folder` is
+        `export_dir`), the zero-shot classifier (`student_zero_shot/`)."""
         self._export(teacher, folder, step, state)
+        teachers = getattr(self.distillation, "teachers", None)
+        if teachers is None:
+            return
+        self._export_heads(teacher, teachers, folder.parent / HEADS_DIR)
+        if self.args.distill_zero_shot and folder == self.export_dir:
+            self._export_zero_shot(teacher, teachers, folder.parent / ZERO_SHOT_DIR)
+
+    def _export_heads(self, network: nn.Module, teachers, folder: Path) -> None:
+        """Each frozen model's summary and feature heads with the inverse of its balancing, in its own folder."""
+        for teacher, projector in zip(teachers, network.distill_projector, strict=True):
+            weight, bias = teacher.balancing.inverse_affine()
+            feature_dim, patch_dim = projector.in_dims
+            config = {
+                **teacher.describe(),
+                "kind": self.args.distill_projector,
+                "student_feature_dim": feature_dim,
+                "student_patch_dim": patch_dim,
+            }
+            TeacherHeads(copy.deepcopy(projector).cpu(), weight.cpu(), bias.cpu(), config).save(folder / teacher.name)
+
+    def _export_zero_shot(self, network: nn.Module, teachers, folder: Path) -> None:
+        """The student with its summary head for the first text-aligned frozen model whose text tower exports, and
+        that tower (`dino_hf.convert.zero_shot.export_zero_shot`)."""
+        index = self.zero_shot_index
+        teacher = teachers[index]
+        mean, std = normalization_of(network.backbone)
+        export_zero_shot(
+            network.backbone,
+            network.distill_projector[index].global_projection,
+            teacher.frozen.source,
+            folder,
+            image_size=self.args.global_crops_size,
+            image_mean=mean,
+            image_std=std,
+        )
 
     def export_best(self, teacher: nn.Module, step: int, state: RunState) -> None:
         """`teacher`, of the best k-NN measured so far (`state.knn_best`, at `step`), to `best_export_dir`;
@@ -275,15 +321,16 @@ class CheckpointWriter:
         datasets = [args.dataset_name or args.train_dir or ", ".join(args.data_files or []) or DEMO_DATASET]
         return render_model_card(
             backbone,
-            args.hub_model_id or self.output_dir.name,
-            training_args=args.to_dict(),
+            args.hub_model_id or str(self.export_dir),
+            title=(args.hub_model_id or self.output_dir.name).rstrip("/").split("/")[-1],
+            training_args=args.settings_in_effect(),
             datasets=datasets,
             steps=step,
             epochs=round(self.epoch_of(step), 2),
             evaluation=figures,
             image_size=args.global_crops_size,
             base_model=self.base_model,
-            distilled_from=args.distill_from,
+            distilled_from=list(args.distill_from or []),
             ema_student=args.distill_ema_student,
             trained_parameters=trained,
         )

@@ -8,24 +8,35 @@ from torch import nn
 from ..convert.conversions import dino_from_reference
 from ..models.backbones import TimmBackbone, build_backbone
 from ..models.configuration_dino import PRESETS
-from ..models.distill_projector import DistillProjector
+from ..models.distill_projector import DistillHeads, DistillProjector
 from ..models.heads import DinoHead
 from ..models.lora import add_lora_, hold_base_in_, shared_parameters
 from ..models.multicrop_wrapper import MultiCropWrapper
 from ..models.references import TIMM_PREFIX, unreachable_model_message
 from ..models.transformers_backbone import TransformersBackbone
 from ..models.weight_files import load_checkpoint_file
-from .arguments import DinoTrainingArguments, check_crop_sizes, dino_on, lora_on, model_spec, preset_overrides
+from .arguments import (
+    DinoTrainingArguments,
+    check_crop_sizes,
+    dino_on,
+    lora_on,
+    model_spec,
+    preset_overrides,
+    several_teachers,
+    teacher_sizes,
+)
 from .teacher import build_teacher
 
 
 def build_student_teacher(
-    args: DinoTrainingArguments, distill_dim: int | None = None, base_dtype: torch.dtype | None = None
+    args: DinoTrainingArguments, distill_targets: list[tuple] | None = None, base_dtype: torch.dtype | None = None
 ) -> tuple[MultiCropWrapper, MultiCropWrapper | None, bool]:
     """Student = backbone + DINO head, teacher = its copy without stochastic depth.
 
-    With distillation (`distill_dim`: the width of the frozen model's features), the student also has the
-    projectors to that width (`MultiCropWrapper.distill_projector`); without the DINO loss
+    With distillation (`distill_targets`: per frozen model, the widths of its global feature and of its patch
+    tokens, and whether its global feature is text-aligned), the student also has the projectors to those widths
+    (`MultiCropWrapper.distill_projector`: one `DistillProjector`, or `DistillHeads` with several frozen models or
+    their options, `several_teachers`); without the DINO loss
     (`--dino_loss_weight 0`) its head is the identity: nothing to train there, and no warm-up; and the teacher
     is None unless `--distill_ema_student` asks for the EMA of the student.
 
@@ -52,14 +63,16 @@ def build_student_teacher(
     if base_dtype is not None:
         hold_base_in_(backbone, base_dtype)
     if not dino_on(args):
-        student = MultiCropWrapper(backbone, nn.Identity(), distill_projector=_projector(args, backbone, distill_dim))
+        student = MultiCropWrapper(
+            backbone, nn.Identity(), distill_projector=_projector(args, backbone, distill_targets)
+        )
         # Without the DINO loss the EMA network is the exported EMA student, or nothing.
         return student, build_teacher(student) if args.distill_ema_student else None, False
     head = _head(args, backbone.num_features)
     if head_state is not None:
         head.load_state_dict(head_state)
     ibot_head = _head(args, backbone.num_features) if mask_token and args.ibot_separate_head else None
-    student = MultiCropWrapper(backbone, head, ibot_head, _projector(args, backbone, distill_dim))
+    student = MultiCropWrapper(backbone, head, ibot_head, _projector(args, backbone, distill_targets))
     # With LoRA the teacher holds the student's frozen base weights themselves (`lora.shared_parameters`).
     shared = shared_parameters(backbone) if lora_on(args) else None
     return student, build_teacher(student, shared), pretrained and head_state is None
@@ -104,22 +117,36 @@ def lora_base_dtype(args: DinoTrainingArguments, mixed_precision: str) -> torch.
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
 
 
-def build_frozen_backbone(args: DinoTrainingArguments) -> nn.Module:
-    """The backbone of the model that `--distill_from` names, with its trained weights (every weight checked,
-    timm:NAME with timm's), without stochastic depth, frozen and in eval mode.
+def build_frozen_backbones(args: DinoTrainingArguments) -> list[nn.Module]:
+    """The backbones of the models that `--distill_from` names, in order, with their trained weights (every weight
+    checked, timm:NAME with timm's; an image-text model's image side), without stochastic depth, frozen and in
+    eval mode.
 
     Raises:
-        ValueError: the name is not a vision backbone that dino_hf reads (exit status 2 from the script).
+        ValueError: a name that is not a vision backbone dino_hf reads, or a size it cannot take (exit status 2
+            from the script).
     """
-    size = args.distill_teacher_size or args.global_crops_size
-    backbone, _ = _named_backbone(
-        args.distill_from, flag="--distill_from", drop_path_rate=0.0, image_size=size, timm_weights=True
-    )
-    _check_frozen_input_size(args, backbone, size)
-    return backbone.eval().requires_grad_(False)
+    backbones = []
+    for spec, size in zip(args.distill_from, teacher_sizes(args), strict=True):
+        size = size or args.global_crops_size
+        backbone, _ = _named_backbone(
+            spec, flag="--distill_from", drop_path_rate=0.0, image_size=size, timm_weights=True, frozen=True
+        )
+        _check_frozen_input_size(args, spec, backbone, size)
+        backbones.append(backbone.eval().requires_grad_(False))
+    return backbones
 
 
-def _check_frozen_input_size(args: DinoTrainingArguments, backbone: nn.Module, size: int) -> None:
+@torch.no_grad()
+def frozen_widths(backbone: nn.Module, size: int) -> tuple[int, int]:
+    """The widths of a frozen backbone's global feature and of its patch tokens, from one forward of two blank
+    `size` px images (an image-text model's global feature may be narrower than its patch tokens)."""
+    parameter = next(backbone.parameters())
+    features, patch_tokens = backbone.forward_tokens(torch.zeros(2, 3, size, size, dtype=parameter.dtype))
+    return int(features.shape[-1]), int(patch_tokens.shape[-1])
+
+
+def _check_frozen_input_size(args: DinoTrainingArguments, spec: str, backbone: nn.Module, size: int) -> None:
     """The frozen model takes the view at `size` as the student's crops are checked: a ViT a multiple of its
     patch size (else it drops the edge pixels and its patch grid no longer covers the student's view), a
     transformers CNN or Swin a size its strides and windows allow."""
@@ -127,15 +154,16 @@ def _check_frozen_input_size(args: DinoTrainingArguments, backbone: nn.Module, s
         name = "--distill_teacher_size"
     else:
         name = f"the frozen model's input size (--global_crops_size {size}; set --distill_teacher_size)"
-    if isinstance(backbone, TransformersBackbone):
-        backbone.check_input_size(size, name)
+    check_input_size = getattr(backbone, "check_input_size", None)
+    if check_input_size is not None:
+        check_input_size(size, f"{name} ({spec})" if len(args.distill_from) > 1 else name)
         return
     patch = _patch_size(backbone)
     if patch and size % patch:
         below = size - size % patch
         sizes = f"{below} or {below + patch}" if below else str(patch)
         raise ValueError(
-            f"{name} {size} is not a multiple of the frozen model's patch size {patch} ({args.distill_from}): it "
+            f"{name} {size} is not a multiple of the frozen model's patch size {patch} ({spec}): it "
             "would drop the edge pixels and its patch grid would not cover the student's view; use "
             f"--distill_teacher_size {sizes}"
         )
@@ -159,11 +187,22 @@ def _named_backbone(
         raise ValueError(unreachable_model_message(flag, spec, error)) from None
 
 
-def _projector(args: DinoTrainingArguments, backbone: nn.Module, distill_dim: int | None) -> nn.Module | None:
-    """The student's distillation projectors to `distill_dim` (None without distillation)."""
-    if distill_dim is None:
+def _projector(args: DinoTrainingArguments, backbone: nn.Module, targets: list[tuple] | None) -> nn.Module | None:
+    """The student's distillation projectors to each frozen model's widths (None without distillation)."""
+    if targets is None:
         return None
-    return DistillProjector(backbone.num_features, _patch_width(backbone), distill_dim, args.distill_projector)
+    heads = [
+        DistillProjector(
+            backbone.num_features,
+            _patch_width(backbone),
+            patch_dim,
+            args.distill_projector,
+            summary_dim=summary_dim,
+            text_aligned=text_aligned and several_teachers(args),
+        )
+        for summary_dim, patch_dim, text_aligned in targets
+    ]
+    return DistillHeads(heads) if several_teachers(args) else heads[0]
 
 
 def _patch_width(backbone: nn.Module) -> int:
@@ -216,7 +255,8 @@ def _patch_size(backbone: nn.Module) -> int | None:
 
 
 __all__ = [
-    "build_frozen_backbone",
+    "build_frozen_backbones",
+    "frozen_widths",
     "build_student_teacher",
     "has_trained_weights",
     "lora_base_dtype",

@@ -10,6 +10,7 @@ them, so that on a GPU the host queues step after step.
 """
 
 import copy
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -33,9 +34,10 @@ from ..models.lora import base_pointers, check_base, load_own_state, setup_of
 from ..models.normalization import Normalization, normalization_of
 from ..objectives.anchor import SNAPSHOT_STEP, Anchor, AnchorTerm
 from ..objectives.dino import DinoLoss
-from ..objectives.distillation import GLOBAL, LOCAL, Distillation, FrozenModel, queue_size_for
+from ..objectives.distillation import Distillation
 from ..objectives.ibot import IBotLoss, IBotTerm
 from ..objectives.koleo import KoLeoTerm
+from ..objectives.multi_distillation import MultiDistillation
 from ..objectives.term import Term
 from ..run_files import checkpoints
 from ..run_files.collectives import on_any_process
@@ -44,19 +46,29 @@ from ..run_files.output_folder import removed_if_refused
 from ..run_files.state import RunState
 from ..run_files.whole_weights import load_whole_optimizer_state_dict, load_whole_state_dict, whole_state_dict
 from ..run_files.writer import CheckpointWriter
-from .arguments import DinoTrainingArguments, dino_on, distilling, model_spec
+from .arguments import DinoTrainingArguments, dino_on, distilling, model_spec, several_teachers
 from .batches import DeviceBatches, EndlessBatches
 from .console import progress_bar
 from .guard import observe
 from .layer_decay import freeze_blocks_
 from .networks import (
-    build_frozen_backbone,
+    build_frozen_backbones,
     build_student_teacher,
     has_trained_weights,
     lora_base_dtype,
     student_backbone,
 )
-from .objectives import build_anchor, build_ibot_loss, build_masking
+from .objectives import (
+    build_anchor,
+    build_distillation,
+    build_ibot_loss,
+    build_masking,
+    distill_targets,
+    distillation_line,
+    fit_balancing,
+    load_distillation,
+    zero_shot_teacher,
+)
 from .optimization import build_optimizer, get_param_groups
 from .plan import TrainingPlan, run_mixed_precision
 from .preemption import PreemptionSignals
@@ -130,7 +142,7 @@ class Run:
     knn_stop: str | None = None  # why --stop_if_knn_drops ended the run
     anchor: Anchor | None = None
     ibot_loss: IBotLoss | None = None
-    distillation: Distillation | None = None
+    distillation: Distillation | MultiDistillation | None = None
 
 
 def train(args: DinoTrainingArguments) -> TrainResult:
@@ -164,9 +176,9 @@ def prepare_run(args: DinoTrainingArguments) -> Run:
     )
     set_seed(args.seed)
     # Networks first: a backbone that cannot take the crop sizes fails before any other work.
-    student, teacher, fresh_head, dino_loss, ibot_loss, frozen_backbone = _build_networks(args, accelerator)
+    student, teacher, fresh_head, dino_loss, ibot_loss, frozen_backbones = _build_networks(args, accelerator)
     anchor = _build_anchor(args, accelerator, student)  # before the first step, and before any wrapping
-    accelerator.print(_networks_line(args, student, frozen_backbone))
+    accelerator.print(_networks_line(args, student, frozen_backbones))
 
     normalization = normalization_of(student.backbone)
     batches, samples_per_epoch, eval_sources = _build_data(
@@ -185,10 +197,10 @@ def prepare_run(args: DinoTrainingArguments) -> Run:
     if ibot_loss is not None:
         ibot_loss.to(accelerator.device)
     distillation = None
-    if frozen_backbone is not None:
-        distillation = _build_distillation(args, frozen_backbone, normalization, samples_per_epoch)
+    if frozen_backbones:
+        distillation = build_distillation(args, frozen_backbones, normalization, samples_per_epoch)
         distillation.to(accelerator.device)
-        accelerator.print(_distillation_line(args, distillation, accelerator.mixed_precision))
+        accelerator.print(distillation_line(args, distillation, accelerator.mixed_precision))
     pusher = None
     if args.push_to_hub and accelerator.is_main_process:
         pusher = HubPusher(args.hub_model_id, token=args.hub_token, private=args.hub_private_repo)
@@ -208,6 +220,7 @@ def prepare_run(args: DinoTrainingArguments) -> Run:
         anchor=anchor,
         ibot_loss=ibot_loss,
         distillation=distillation,
+        zero_shot_index=_zero_shot_index(args, distillation),
     )
     run = Run(
         args,
@@ -238,13 +251,20 @@ def _base_model(args: DinoTrainingArguments, distillation: Distillation | None) 
     return args.model_name_or_path if distillation is not None and has_trained_weights(args) else None
 
 
+def _zero_shot_index(args: DinoTrainingArguments, distillation) -> int | None:
+    """Which frozen model's text tower the zero-shot export takes (`--distill_zero_shot`), else None."""
+    if not args.distill_zero_shot:
+        return None
+    return list(distillation.teachers).index(zero_shot_teacher(list(distillation.teachers)))
+
+
 def _build_networks(args: DinoTrainingArguments, accelerator: Accelerator) -> tuple:
     """The student, teacher, whether the head is fresh on trained weights, the DINO and iBOT losses, and the
     backbone of the model distilled from (None without distillation)."""
-    frozen_backbone = build_frozen_backbone(args) if distilling(args) else None
-    distill_dim = frozen_backbone.num_features if frozen_backbone is not None else None
+    frozen_backbones = build_frozen_backbones(args) if distilling(args) else []
+    targets = distill_targets(args, frozen_backbones) if frozen_backbones else None
     base_dtype = lora_base_dtype(args, accelerator.mixed_precision)
-    student, teacher, fresh_head = build_student_teacher(args, distill_dim, base_dtype)
+    student, teacher, fresh_head = build_student_teacher(args, targets, base_dtype)
     dino_loss, ibot_loss = _build_losses(args)
     if args.init_from_checkpoint:  # before anything copies the networks (the anchor)
         _start_from_checkpoint(args, accelerator, student, teacher, dino_loss, ibot_loss)
@@ -255,10 +275,10 @@ def _build_networks(args: DinoTrainingArguments, accelerator: Accelerator) -> tu
             "consider --head_warmup_steps (e.g. one epoch of steps) to train the head alone first",
             args.model_name_or_path,
         )
-    return student, teacher, fresh_head, dino_loss, ibot_loss, frozen_backbone
+    return student, teacher, fresh_head, dino_loss, ibot_loss, frozen_backbones
 
 
-def _networks_line(args: DinoTrainingArguments, student: nn.Module, frozen_backbone: nn.Module | None) -> str:
+def _networks_line(args: DinoTrainingArguments, student: nn.Module, frozen_backbones: list[nn.Module]) -> str:
     """What the run trains, in one line."""
     name = type(student.backbone.model).__name__
     lora = setup_of(student)
@@ -268,44 +288,15 @@ def _networks_line(args: DinoTrainingArguments, student: nn.Module, frozen_backb
             f"networks: {name} student and teacher sharing the frozen {lora.base}{held}, head of "
             f"{args.out_dim} prototypes; {lora.describe(student.backbone.model)}"
         )
-    if frozen_backbone is None:
+    if not frozen_backbones:
         return f"networks: {name} student and teacher, head of {args.out_dim} prototypes"
-    frozen = f"{type(frozen_backbone.model).__name__} ({args.distill_from}, {frozen_backbone.num_features} wide)"
+    frozen = " and ".join(
+        f"{type(backbone.model).__name__} ({spec}, {backbone.num_features} wide)"
+        for spec, backbone in zip(args.distill_from, frozen_backbones)
+    )
     dino = f", DINO head of {args.out_dim} prototypes (weight {args.dino_loss_weight:g})" if dino_on(args) else ""
-    return f"networks: {name} student distilled from the frozen {frozen}, {args.distill_projector} projectors{dino}"
-
-
-def _build_distillation(
-    args: DinoTrainingArguments, frozen_backbone: nn.Module, normalization: Normalization, samples: int | None
-) -> Distillation:
-    """The distillation term: the frozen model reading the student's crops, the queue sized by the data."""
-    frozen = FrozenModel(frozen_backbone, args.distill_from, normalization, args.distill_teacher_size)
-    return Distillation(
-        frozen,
-        args.distill_queue_size or queue_size_for(samples),
-        global_weight=args.distill_global_weight,
-        local_weight=args.distill_local_weight,
-        local_loss=args.distill_local_loss,
-        mixup=args.distill_mixup,
-    )
-
-
-def _distillation_line(args: DinoTrainingArguments, distillation: Distillation, precision: str) -> str:
-    """What a distillation run scores and exports, in one line."""
-    frozen = distillation.frozen
-    size = args.distill_teacher_size or args.global_crops_size
-    terms = []
-    if GLOBAL in distillation.weights:
-        queue, weight = len(distillation.queue.features), distillation.weights[GLOBAL]
-        terms.append(f"{GLOBAL} (queue KL over {queue} features, weight {weight:g})")
-    if LOCAL in distillation.weights:
-        kind = "patch-similarity KL" if distillation.local_loss == "similarity" else "patch cosine regression"
-        terms.append(f"{LOCAL} ({kind}, weight {distillation.weights[LOCAL]:g})")
-    exported = "an EMA of the student (--distill_ema_student)" if args.distill_ema_student else "the student"
-    return (
-        f"distillation: the frozen {frozen.name} sees the view at {size} px in {precision or 'no'} precision; "
-        f"{', '.join(terms)}; mixup {'on' if distillation.mixup else 'off'}; exports {exported} as student_backbone"
-    )
+    heads = "heads per frozen model" if several_teachers(args) else "projectors"
+    return f"networks: {name} student distilled from the frozen {frozen}, {args.distill_projector} {heads}{dino}"
 
 
 def _build_losses(args: DinoTrainingArguments) -> tuple[DinoLoss | None, "IBotLoss | None"]:
@@ -501,6 +492,13 @@ def resume(run: Run) -> None:
             f"{knn_line(run.state.knn_start)}"
         )
         _judge(run, start, run.state.knn_start, 0)
+    if isinstance(run.distillation, MultiDistillation):  # a resumed run's statistics came with its checkpoint
+        read = fit_balancing(run.distillation, run.batches, args.distill_balancing_batches, accelerator)
+        if read:
+            accelerator.print(
+                f"distillation: the {args.distill_balancing} balancing of each frozen model's patch features fitted "
+                f"on {read} batches"
+            )
     run.nonfinite = NonFiniteTally(run.state.nonfinite_skipped, accelerator.device)
 
 
@@ -509,8 +507,11 @@ def _load_checkpoint(run: Run, folder: Path) -> None:
     saved = checkpoints.load_checkpoint(folder, accelerator.process_index)
     student = accelerator.unwrap_model(run.student)
     if run.distillation is None and saved["distillation"] is not None:
+        metadata = saved["distillation"][1]
+        teachers = json.loads(metadata["teachers"]) if "teachers" in metadata else [metadata]
+        names = ", ".join(repr(teacher.get("source", teacher.get("distill_from"))) for teacher in teachers)
         raise ValueError(
-            f"{folder} was trained distilling {saved['distillation'][1].get('distill_from')!r}, and this run has no "
+            f"{folder} was trained distilling {names}, and this run has no "
             "--distill_from; resume with the settings of the run that wrote it (its training_args.json in the "
             "checkpoint, e.g. --config configs/distill.yaml --distill_from ...)"
         )
@@ -537,7 +538,7 @@ def _load_checkpoint(run: Run, folder: Path) -> None:
     if run.ibot_loss is not None:
         _load_ibot_loss(run.ibot_loss, saved["ibot_loss"], folder)
     if run.distillation is not None:
-        _load_distillation(run.distillation, saved["distillation"], folder)
+        load_distillation(run.distillation, saved["distillation"], folder)
     if run.anchor is not None:
         step = saved["trainer_state"]["global_step"]
         snapshots = run.plan.gram_snapshots
@@ -606,34 +607,6 @@ def _load_anchor(
             f"after {step} steps: resume with the settings of the run that wrote it (its training_args.json), or "
             "start a new run from it with --init_from_checkpoint"
         )
-
-
-def _load_distillation(distillation: Distillation, saved: tuple[dict, dict] | None, folder: Path) -> None:
-    """The queue of the checkpoint's run, after checking that it distilled the same frozen model.
-
-    Raises:
-        ValueError: the checkpoint's run distilled another model (name or weights), or none.
-    """
-    frozen = distillation.frozen
-    if saved is None:
-        raise ValueError(
-            f"{folder} has no {checkpoints.DISTILL_FILE}: its run did not distil a frozen model, and this one distils "
-            f"{frozen.name}; resume without --distill_from, or start a new run from it with --init_from_checkpoint"
-        )
-    tensors, metadata = saved
-    if metadata.get("sha256") != frozen.sha256:
-        raise ValueError(
-            f"{folder} was trained against {metadata.get('distill_from')!r} (weights sha256 "
-            f"{str(metadata.get('sha256'))[:12]}...), and this run's --distill_from {frozen.name!r} has other weights "
-            f"(sha256 {frozen.sha256[:12]}...); resume with the model the run started with, or start a new run"
-        )
-    if tensors["features"].shape != distillation.queue.features.shape:
-        raise ValueError(
-            f"{folder} holds a queue of {tuple(tensors['features'].shape)} and this run builds "
-            f"{tuple(distillation.queue.features.shape)}; resume with the run's --distill_queue_size "
-            "(its training_args.json)"
-        )
-    distillation.load_state_dict(tensors)
 
 
 def _load_ibot_loss(ibot_loss: IBotLoss, state: dict | None, folder: Path) -> None:

@@ -2,7 +2,7 @@
 each, its fields and its checks), and `parse_training_args`, which reads them."""
 
 from .checks import fail
-from .distillation import dino_on, distilling
+from .distillation import dino_on, distilling, several_teachers, teacher_sizes, teacher_weights
 from .lora import lora_on
 from .model import DEFAULT_MODEL, check_crop_sizes, model_spec, preset_overrides
 from .parsing import parse_training_args, refuse_settings_without_effect
@@ -21,5 +21,8 @@ __all__ = [
     "parse_training_args",
     "preset_overrides",
     "refuse_settings_without_effect",
+    "several_teachers",
+    "teacher_sizes",
+    "teacher_weights",
     "validate",
 ]

@@ -20,13 +20,19 @@ if TYPE_CHECKING:
 class DistillationArguments:
     """Distillation from a frozen model (docs/distillation.md)."""
 
-    distill_from: str | None = field(
+    distill_from: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Distil this frozen model into the student: anything --model_name_or_path takes (a transformers "
-            "vision folder or Hub id, timm:NAME with its trained weights, a timm or DinoModel folder, an export of "
-            "dino_hf). It is never trained nor saved in checkpoints (its name and weight hash are). Unset: off."
+            "help": "Distil these frozen models (one or several teachers) into the student: anything "
+            "--model_name_or_path takes (a transformers vision folder or Hub id, timm:NAME with its trained weights, "
+            "a timm or DinoModel folder, an export of dino_hf), and the image side of CLIP, SigLIP, SigLIP 2, "
+            "MetaCLIP 2, AIMv2 or RADIO folders. Never trained nor saved in checkpoints (their names and weight "
+            "hashes are). Unset: off."
         },
+    )
+    distill_weights: list[float] | None = field(
+        default=None,
+        metadata={"help": "One weight per --distill_from model, multiplying its terms. Unset: 1 each."},
     )
     dino_loss_weight: float = field(
         default=1.0,
@@ -65,11 +71,46 @@ class DistillationArguments:
         default=False,
         metadata={"help": "Mix each batch's views with a shuffled copy, one U(0, 1) weight per batch (LightlyTrain)."},
     )
-    distill_teacher_size: int | None = field(
+    distill_teacher_size: list[int] | None = field(
         default=None,
         metadata={
             "help": "Resize the view for the frozen model to this side, e.g. 196 for a patch-14 model beside a "
-            "patch-16 student at 224, so that the patch grids match 1:1. Unset: the view's own size."
+            "patch-16 student at 224, so that the patch grids match 1:1; one side for every teacher, or one per "
+            "--distill_from model. Unset: the view's own size."
+        },
+    )
+    distill_global_loss: Literal["queue_kl", "cosine"] = field(
+        default="queue_kl",
+        metadata={
+            "help": "The global term: queue_kl (KL over a queue of the frozen model's features, LightlyTrain) or "
+            "cosine (1 - cosine of the summary head's output and the frozen model's global feature, RADIO)."
+        },
+    )
+    distill_balancing: Literal["none", "standardize", "phi_s"] = field(
+        default="none",
+        metadata={
+            "help": "How each frozen model's patch features are balanced before the local term: none, standardize "
+            "(per dimension) or phi_s (PHI-S: rotated so that every dimension has variance 1, RADIO). The "
+            "statistics are fitted on the first --distill_balancing_batches batches and kept in checkpoints."
+        },
+    )
+    distill_balancing_batches: int = field(
+        default=8,
+        metadata={"help": "Batches whose frozen-model features fit the balancing statistics before the first step."},
+    )
+    distill_teacher_drop: float = field(
+        default=0.0,
+        metadata={
+            "help": "Teacher dropping (UNIC): per image, the teacher with the highest loss is kept and every other "
+            "one is dropped with this probability (0.5 in UNIC); 0 keeps every teacher."
+        },
+    )
+    distill_zero_shot: bool = field(
+        default=False,
+        metadata={
+            "help": "Export OUTPUT_DIR/student_zero_shot: the student with its summary head for the first frozen "
+            "model that has a text tower (CLIP, SigLIP, SigLIP 2, MetaCLIP 2), and that model's text tower, as a "
+            "transformers dual encoder for pipeline('zero-shot-image-classification')."
         },
     )
     distill_ema_student: bool = field(
@@ -91,12 +132,44 @@ _DISTILL_DEFAULTS = {
     "distill_mixup": False,
     "distill_teacher_size": None,
     "distill_ema_student": False,
+    "distill_weights": None,
+    "distill_global_loss": "queue_kl",
+    "distill_balancing": "none",
+    "distill_balancing_batches": 8,
+    "distill_teacher_drop": 0.0,
+    "distill_zero_shot": False,
 }
 
 
 def distilling(args: "DinoTrainingArguments") -> bool:
     """Whether the run distils a frozen model (`--distill_from`)."""
     return args.distill_from is not None
+
+
+def teacher_sizes(args: "DinoTrainingArguments") -> list[int | None]:
+    """The side each `--distill_from` model sees the view at (None: the view's own size)."""
+    sizes = args.distill_teacher_size or [None]
+    return sizes * len(args.distill_from) if len(sizes) == 1 else list(sizes)
+
+
+def teacher_weights(args: "DinoTrainingArguments") -> list[float]:
+    """The weight of each `--distill_from` model (1 each unless `--distill_weights`)."""
+    return list(args.distill_weights) if args.distill_weights else [1.0] * len(args.distill_from)
+
+
+def several_teachers(args: "DinoTrainingArguments") -> bool:
+    """Whether the run takes the several-teacher objective (`dino_hf.objectives.multi_distillation`): more than
+    one frozen model, or an option only it has (the cosine global term, balancing, teacher dropping, weights,
+    the zero-shot export); one frozen model without them is the single-teacher objective of earlier runs."""
+    return len(args.distill_from) > 1 or any(
+        (
+            args.distill_global_loss != "queue_kl",
+            args.distill_balancing != "none",
+            args.distill_teacher_drop > 0,
+            args.distill_weights is not None,
+            args.distill_zero_shot,
+        )
+    )
 
 
 def dino_on(args: "DinoTrainingArguments") -> bool:
@@ -126,9 +199,7 @@ def check_distillation(args: "DinoTrainingArguments") -> None:
         fail("distill_global_weight", 0, "a weight > 0 for at least one term of the objective")
     if args.distill_queue_size is not None and args.distill_queue_size < 1:
         fail("distill_queue_size", args.distill_queue_size, "a number of features >= 1, or unset (by dataset size)")
-    if args.distill_teacher_size is not None and args.distill_teacher_size < 1:
-        fail("distill_teacher_size", args.distill_teacher_size, "a side in pixels, e.g. 224, or unset")
-    _check_distill_source(args.distill_from)
+    _check_teachers(args)
     if dino_on(args):
         if args.distill_mixup:
             fail("distill_mixup", True, "mixup mixes the distillation view alone: use it with --dino_loss_weight 0")
@@ -147,6 +218,36 @@ def check_distillation(args: "DinoTrainingArguments") -> None:
         fail("augment_on", "gpu", "cpu with --dino_loss_weight 0: the one-view distillation crops are made per image")
 
 
+def _check_teachers(args: "DinoTrainingArguments") -> None:
+    """Each frozen model named as `--model_name_or_path` would be, once, with one weight and size each."""
+    count = len(args.distill_from)
+    for spec in args.distill_from:
+        _check_distill_source(spec)
+    repeated = sorted({spec for spec in args.distill_from if args.distill_from.count(spec) > 1})
+    if repeated:
+        fail("distill_from", args.distill_from, f"each frozen model once; {repeated[0]} is named twice")
+    if args.distill_weights is not None:
+        if len(args.distill_weights) != count or any(weight < 0 for weight in args.distill_weights):
+            fail("distill_weights", args.distill_weights, f"{count} weights >= 0, one per --distill_from model")
+        if not any(args.distill_weights):
+            fail("distill_weights", args.distill_weights, "at least one weight > 0")
+    sizes = args.distill_teacher_size
+    if sizes is not None and (len(sizes) not in (1, count) or any(size < 1 for size in sizes)):
+        fail(
+            "distill_teacher_size",
+            sizes,
+            f"one side in pixels for every frozen model, or {count} (one per --distill_from model), e.g. 224",
+        )
+    if args.distill_balancing_batches < 1:
+        fail("distill_balancing_batches", args.distill_balancing_batches, "a number of batches >= 1")
+    if not 0 <= args.distill_teacher_drop < 1:
+        fail("distill_teacher_drop", args.distill_teacher_drop, "a probability in [0, 1); UNIC uses 0.5")
+    if args.distill_teacher_drop and count < 2:
+        fail("distill_teacher_drop", args.distill_teacher_drop, "0 with one frozen model (it drops among several)")
+    if several_teachers(args) and args.distill_mixup:
+        fail("distill_mixup", True, "off with several frozen models or their options (mixup is single-teacher)")
+
+
 def _check_distill_source(spec: str) -> None:
     """`--distill_from` names a model as `--model_name_or_path` would (a vision model is checked once built)."""
     if spec.startswith(TIMM_PREFIX):
@@ -158,7 +259,7 @@ def _check_distill_source(spec: str) -> None:
         config = json.loads(config_file.read_text())
         if "architecture" not in config:
             try:
-                check_vision_config(config, spec)
+                check_vision_config(config, spec, frozen=True)
             except ValueError as error:
                 raise ValueError(f"--distill_from: {error}") from None
     elif os.path.isfile(spec):

@@ -26,6 +26,21 @@ from .optimisation import OptimisationArguments, check_optimisation
 from .output import OutputArguments, check_output
 from .speed import SpeedArguments, check_speed
 
+# The DINO head's and local crops' settings, without effect in a run without the DINO loss.
+_DINO_HEAD_FIELDS = (
+    "out_dim",
+    "norm_last_layer",
+    "use_bn_in_head",
+    "head_hidden_dim",
+    "head_bottleneck_dim",
+    "head_nlayers",
+    "head_warmup_steps",
+    "freeze_last_layer",
+    "local_crops_size",
+    "local_crops_scale",
+    "local_crops_number",
+)
+
 # The groups in the order `--help` shows them, each with its checks.
 GROUPS = (
     ("model", ModelArguments, check_model),
@@ -65,6 +80,11 @@ class DinoTrainingArguments(
         self.blur_sigma = [float(x) for x in self.blur_sigma]
         self.blur_p = [float(x) for x in self.blur_p]
         self.mask_ratio_min_max = [float(x) for x in self.mask_ratio_min_max]
+        # One frozen model or one size may be given alone (a config's `distill_from: org/name`, the Python API).
+        if isinstance(self.distill_from, str):
+            self.distill_from = [self.distill_from]
+        if isinstance(self.distill_teacher_size, int):
+            self.distill_teacher_size = [self.distill_teacher_size]
         if self.init_from_checkpoint:
             take_architecture(self)  # the networks to build are the checkpoint's
         validate(self)
@@ -84,6 +104,22 @@ class DinoTrainingArguments(
         for name in SECRET_FIELDS:
             values.pop(name, None)
         return values
+
+    def settings_in_effect(self) -> dict:
+        """`to_dict()` without the settings this run leaves without effect (what a model card lists): the DINO
+        objective's and head's without the DINO loss (the teacher momentum stays for an EMA student), the
+        distillation settings without a frozen model, LoRA's without LoRA."""
+        unused = set()
+        if self.dino_loss_weight == 0:
+            unused |= {field.name for field in dataclasses.fields(ObjectiveArguments)}
+            unused |= set(_DINO_HEAD_FIELDS)
+            if not self.distill_ema_student:
+                unused.add("momentum_teacher")
+        if self.distill_from is None:
+            unused |= {field.name for field in dataclasses.fields(DistillationArguments)} - {"dino_loss_weight"}
+        if self.lora_rank == 0:
+            unused |= {field.name for field in dataclasses.fields(LoraArguments)} - {"lora_rank"}
+        return {name: value for name, value in self.to_dict().items() if name not in unused}
 
     def save(self, path: str | os.PathLike) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
