@@ -61,6 +61,9 @@ from .export import (
 # transformers' AutoModel builds from its config, as VisionTextDualEncoderModel rebuilds it on loading.
 CLIP_LAYOUT = ("clip", "metaclip_2")
 
+# Where a distillation run exports the zero-shot classifier, beside the student's export (`--distill_zero_shot`).
+ZERO_SHOT_DIR = "student_zero_shot"
+
 # What the export is checked on once written: two images of noise and two prompts.
 _PROBE_TEXTS = ("a photo of a dog.", "a diagram.")
 
@@ -331,6 +334,7 @@ def _check_export(
 
 __all__ = [
     "CLIP_LAYOUT",
+    "ZERO_SHOT_DIR",
     "export_zero_shot",
     "load_text_teacher",
     "projection_weight",

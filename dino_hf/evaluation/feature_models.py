@@ -25,6 +25,7 @@ from transformers import PreTrainedModel
 
 from ..convert.conversions import dino_from_vit
 from ..models.backbones import DinoModelBackbone, TimmBackbone, build_backbone
+from ..models.distill_projector import HEADS_DIR, TeacherHeads
 from ..models.modeling_dino import DinoModel
 from ..models.normalization import (
     IMAGENET,
@@ -159,8 +160,39 @@ class TransformersFeatureModel(FeatureModel):
             self.model.set_attn_implementation(implementation)
 
 
+class TeacherFeatureModel(FeatureModel):
+    """A student distilled from several frozen models, standing in for one of them: the student's backbone with
+    its heads for that model (`OUTPUT_DIR/student_heads/<teacher>/`, `TeacherHeads`). `forward` gives the
+    frozen model's global feature as the student predicts it, `forward_tokens` also its patch features, in the
+    frozen model's own space (the heads' output mapped back through the inverse of its balancing)."""
+
+    has_tokens = False
+
+    def __init__(self, backbone: nn.Module, heads: TeacherHeads):
+        super().__init__()
+        self.backbone, self.heads = backbone.eval(), heads.eval()
+        self.model = backbone.model
+        self.teacher = heads.config["name"]
+        self.num_features = heads.config["summary_dim"]
+        self.patch_size, self.num_prefix_tokens = None, 0
+
+    def forward_tokens(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`pixel_values (B, 3, H, W)` -> the teacher's global feature `(B, D_t)` and patch features `(B, P, C_t)`
+        on the student's patch grid."""
+        return self.heads(*self.backbone.forward_tokens(pixel_values))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.forward_tokens(pixel_values)[0]  # (B, D_t)
+
+    def last_blocks(self, pixel_values: torch.Tensor, n: int = 1) -> tuple[torch.Tensor, ...]:
+        self._require_tokens("last_blocks")
+
+    def last_selfattention(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        self._require_tokens("last_selfattention")
+
+
 def load_feature_model(
-    spec: "str | os.PathLike | nn.Module", image_size: int | None = None
+    spec: "str | os.PathLike | nn.Module", image_size: int | None = None, teacher: str | None = None
 ) -> tuple[FeatureModel, Callable[[Image.Image], torch.Tensor]]:
     """The backbone named by `spec` in eval mode (frozen when read from disk), with DINO's evaluation
     transform normalised with the model's own mean and std (`model_normalization`). A model instance is
@@ -176,6 +208,9 @@ def load_feature_model(
             a model instance (`DinoModel`, timm
             model, or a backbone of `build_backbone`).
         image_size: crop size of the transform; by default the model's own (`native_image_size`).
+        teacher: for a student distilled from several frozen models, the name of one of them (a folder of
+            `student_heads/` beside its export): the student then stands in for that model
+            (`TeacherFeatureModel`: its features in that model's space).
 
     Returns:
         `(FeatureModel, transform)` where `transform(PIL image) -> (3, S, S)` is `eval_transform`. The
@@ -208,6 +243,8 @@ def load_feature_model(
             )
         model.requires_grad_(False)  # read from disk: nothing of it is trained here
         normalization = model_normalization(model, folder)
+    if teacher is not None:
+        return _teacher_feature_model(spec, folder, teacher, image_size, normalization)
     if isinstance(model, PreTrainedModel) and model.config.model_type in FAMILIES:
         model = TransformersBackbone(model, FAMILIES[model.config.model_type])
     if isinstance(model, TransformersBackbone):
@@ -218,6 +255,35 @@ def load_feature_model(
         feature_model = TimmFeatureModel(model)
     if image_size is None:
         image_size, source = native_image_size(model, folder)
+    else:
+        source = "given"
+    feature_model.image_size, feature_model.image_size_source = image_size, source
+    feature_model.normalization, feature_model.normalization_source = normalization
+    return feature_model, eval_transform(image_size, feature_model.normalization)
+
+
+def _teacher_feature_model(spec, folder: Path | None, teacher: str, image_size: int | None, normalization):
+    """`load_feature_model(..., teacher=NAME)`: the student's backbone and its heads for NAME."""
+    heads_root = folder.parent / HEADS_DIR if folder is not None else None
+    if heads_root is None or not (heads_root / teacher / TeacherHeads.CONFIG).is_file():
+        found = (
+            sorted(path.name for path in heads_root.iterdir())
+            if heads_root is not None and heads_root.is_dir()
+            else []
+        )
+        raise ValueError(
+            f"{spec} has no heads for the frozen model {teacher!r} (a {HEADS_DIR}/{teacher}/ folder beside the "
+            f"student's export); "
+            + (
+                f"it has heads for {', '.join(found)}"
+                if found
+                else "only a run distilled from several frozen models has them"
+            )
+        )
+    backbone = build_backbone(str(folder), drop_path_rate=0.0).requires_grad_(False)
+    feature_model = TeacherFeatureModel(backbone, TeacherHeads.from_folder(heads_root / teacher))
+    if image_size is None:
+        image_size, source = native_image_size(backbone.model, folder)
     else:
         source = "given"
     feature_model.image_size, feature_model.image_size_source = image_size, source

@@ -74,6 +74,10 @@ class DistillHeads(nn.ModuleList):
         return tuple(heads(features, patch_tokens) for heads in self)
 
 
+# Where a run distilled from several frozen models exports the student's heads, beside the student's export.
+HEADS_DIR = "student_heads"
+
+
 class TeacherHeads(nn.Module):
     """A distilled student's heads for one frozen model, as exported (`OUTPUT_DIR/student_heads/<teacher>/`): the
     summary head, the feature head, and the map of the feature head's output back to the frozen model's own space
@@ -128,4 +132,4 @@ class TeacherHeads(nn.Module):
         return heads.eval()
 
 
-__all__ = ["DistillHeads", "DistillProjector", "TeacherHeads"]
+__all__ = ["HEADS_DIR", "DistillHeads", "DistillProjector", "TeacherHeads"]

@@ -18,11 +18,11 @@ from accelerate import Accelerator
 from torch import nn
 
 from ..convert.export import export_backbone
-from ..convert.zero_shot import export_zero_shot
+from ..convert.zero_shot import ZERO_SHOT_DIR, export_zero_shot
 from ..evaluation.knn import figure_name, guarded_figure
 from ..hub.model_card import EvalFigure, render_model_card
 from ..hub.push import HubPusher
-from ..models.distill_projector import TeacherHeads
+from ..models.distill_projector import HEADS_DIR, TeacherHeads
 from ..models.lora import base_pointers, merged_backbone, own_state, save_adapter, setup_of, with_base_of
 from ..models.normalization import normalization_of
 from . import checkpoints
@@ -31,9 +31,6 @@ from .state import RunState
 from .whole_weights import whole_optimizer_state_dict, whole_state_dict
 
 DEMO_DATASET = "dino_hf demo shapes"
-# Beside the student's export of a run distilled from several frozen models: its heads for each, and the
-# zero-shot classifier.
-HEADS_DIR, ZERO_SHOT_DIR = "student_heads", "student_zero_shot"
 
 
 class CheckpointWriter:

@@ -46,7 +46,9 @@ def log_line(step: int, logs: dict) -> str:
     """The console line of a logging step: the figures of `_LOGGED` it has, then each frozen model's terms of a
     several-teacher distillation (`distill_global/<teacher>`, `distill_local/<teacher>`)."""
     parts = [f"{key}={logs[key]:.4g}" for key in _LOGGED if key in logs]
-    parts += [f"{key}={value:.4g}" for key, value in logs.items() if key.startswith(("distill_global/", "distill_local/"))]
+    parts += [
+        f"{key}={value:.4g}" for key, value in logs.items() if key.startswith(("distill_global/", "distill_local/"))
+    ]
     return f"step {step} epoch {logs['epoch']:.2f} " + " ".join(parts)
 
 

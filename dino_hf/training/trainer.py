@@ -515,6 +515,8 @@ def _load_checkpoint(run: Run, folder: Path) -> None:
             "--distill_from; resume with the settings of the run that wrote it (its training_args.json in the "
             "checkpoint, e.g. --config configs/distill.yaml --distill_from ...)"
         )
+    if run.distillation is not None:  # first: other frozen models give the student other heads
+        load_distillation(run.distillation, saved["distillation"], folder)
     lora = setup_of(student)
     check_base(saved["lora_base"], lora, folder)
     for part, network in (("teacher", run.teacher), ("dino_loss", run.dino_loss)):
@@ -537,8 +539,6 @@ def _load_checkpoint(run: Run, folder: Path) -> None:
         run.dino_loss.load_state_dict(saved["dino_loss"])
     if run.ibot_loss is not None:
         _load_ibot_loss(run.ibot_loss, saved["ibot_loss"], folder)
-    if run.distillation is not None:
-        load_distillation(run.distillation, saved["distillation"], folder)
     if run.anchor is not None:
         step = saved["trainer_state"]["global_step"]
         snapshots = run.plan.gram_snapshots
