@@ -4,7 +4,7 @@ only, beside DINO from scratch on the same images and steps. Offline, on the CPU
 1. The released model: a ViT saved as a transformers `Dinov2Model` folder (6 blocks, width 256, patch 8:
    larger than the students), trained with the labels of one generated set (`--release`, seed 1: other
    images than the domain's when both are the same kind). It is made once and reused (`--root`).
-2. It is distilled with `configs/distill.yaml` (at the benchmark's budget: 64 px, batch 32, `--max_steps`)
+2. It is distilled with `configs/distill_short.yaml` (at the benchmark's budget: 64 px, batch 32, `--max_steps`)
    on the domain's training images (`--domain`, seed 0) into
    - a timm ResNet-10-T from scratch (`--backbone timm:resnet10t`),
    - a DinoModel ViT-Ti/8 with 4 blocks from scratch,
@@ -16,6 +16,12 @@ only, beside DINO from scratch on the same images and steps. Offline, on the CPU
     python benchmarks/distillation.py
     python benchmarks/distillation.py --students resnet --skip_dino --learning_rate 0.005
 
+With `--multi`, two released teachers of one set (a Dinov2Model trained with labels and a small CLIPModel
+trained on captions of them) distil into a ResNet-10-T together and each alone, with the zero-shot top-1 of
+every model that has the CLIP teacher's text tower (`benchmarks/multi_teacher.py`):
+
+    python benchmarks/distillation.py --multi
+
 Flags it does not know go to the distillation runs' training arguments, after their own, so they override
 them (e.g. `--learning_rate`). Run it with `OMP_NUM_THREADS=1` on a shared machine.
 """
@@ -25,6 +31,7 @@ import os
 import time
 from pathlib import Path
 
+import multi_teacher
 import torch
 import transformers
 from continued_pretraining import _data_flags, knn
@@ -55,8 +62,8 @@ BUDGET = [
     "--mixed_precision", "no",
     "--logging_steps", "31",
 ]  # fmt: skip
-# configs/distill.yaml's schedule is in epochs of a large set; here the warm-up is the first 10 % of the run.
-DISTIL = ["--config", str(REPO / "configs" / "distill.yaml"), "--warmup_epochs", "1.2"]
+# The short-run recipe (its warm-up the first tenth of the run, its lr the one measured for such runs).
+DISTIL = ["--config", str(REPO / "configs" / "distill_short.yaml")]
 
 
 def make_released(release: Path, root: Path, epochs: int) -> Path:
@@ -104,9 +111,17 @@ def main():
     parser.add_argument("--max_steps", type=int, default=372, help="steps of each run (DINO's too)")
     parser.add_argument("--label_epochs", type=int, default=20, help="epochs of the released model's labels")
     parser.add_argument("--skip_dino", action="store_true", help="leave out DINO from scratch")
+    parser.add_argument("--multi", action="store_true", help="the several-teacher benchmark (multi_teacher.py)")
     parser.add_argument("--root", default=os.path.join(default_demo_root(), "small_data"), help="where sets are made")
     parser.add_argument("--output_dir", default="outputs/distillation", help="one folder per run")
     args, extra = parser.parse_known_args()
+    if args.multi:
+        began = time.perf_counter()
+        print(f"# several-teacher distillation benchmark on {args.domain} {' '.join(extra)}\n{hardware()}")
+        rows = multi_teacher.run(args, extra)
+        print(f"\n{multi_teacher.describe()}\n{(time.perf_counter() - began) / 60:.1f} min in all\n")
+        print(continued_table(rows, multi_teacher.COLUMNS, first="model"))
+        return
     steps = ["--max_steps", str(args.max_steps)]
     print(
         f"# distillation benchmark: release {args.release} (seed 1), domain {args.domain} (seed 0) {' '.join(extra)}"
@@ -124,7 +139,7 @@ def main():
         flags = DISTIL + student + ["--distill_from", str(released)] + steps + extra
         row = run(flags, domain, release, Path(args.output_dir) / f"distil_{name}")
         row["of the released model"] = 100 * row["domain end"] / frozen["domain end"]
-        rows.append({"model": title, "recipe": "distilled (distill.yaml)", **row})
+        rows.append({"model": title, "recipe": "distilled (distill_short.yaml)", **row})
         print(table(rows[-1:]))
     if not args.skip_dino:
         flags = ["--config", str(REPO / "configs" / "small_data.yaml")] + steps

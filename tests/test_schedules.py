@@ -148,3 +148,21 @@ def test_a_logging_step_shows_the_schedules_the_run_has(tmp_path):
     assert set(distil.logged_schedule(3)) == {"lr", "weight_decay"}
     assert set(ema_student.logged_schedule(3)) == {"lr", "weight_decay", "momentum"}
     assert distil.logged_schedule(3)["lr"] == distil.schedule(3)["lr"]
+
+
+def test_the_warm_up_is_the_shorter_of_its_epochs_and_its_share_of_the_run(tmp_path):
+    # 40 steps, 10 per epoch: 2 warm-up epochs are 20 steps; a tenth of the run is 4.
+    assert plan(tmp_path).lr_warmup_steps == 20
+    assert plan(tmp_path, warmup_fraction=0.1).lr_warmup_steps == 4
+    assert plan(tmp_path, warmup_fraction=0.05).lr_warmup_steps == 2
+    args = DinoTrainingArguments(
+        train_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        num_train_epochs=400,
+        warmup_epochs=2,
+        warmup_fraction=0.1,
+    )
+    long = TrainingPlan.from_args(args, samples_per_epoch=40, num_processes=1, fresh_head=True)
+    assert long.lr_warmup_steps == 20  # 4000 steps: the 2 epochs are shorter than a tenth of the run
+    with pytest.raises(ValueError, match="--warmup_fraction=1.5 is not valid"):
+        plan(tmp_path, warmup_fraction=1.5)

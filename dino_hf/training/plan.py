@@ -58,6 +58,8 @@ class TrainingPlan:
         iterations = max(1, samples_per_epoch // total_batch)
         total_steps = max(2, args.max_steps or round(args.num_train_epochs * iterations))
         lr_warmup_steps = min(round(args.warmup_epochs * iterations), total_steps - 1)
+        if args.warmup_fraction is not None:  # the shorter of the epochs and the share of the run
+            lr_warmup_steps = min(lr_warmup_steps, round(args.warmup_fraction * total_steps))
         head_warmup_steps = args.head_warmup_steps if fresh_head else 0
         backbone_warmup_steps = args.backbone_warmup_steps
         if backbone_warmup_steps is None:  # the lr warm-up's length after a head warm-up, none without one

@@ -73,6 +73,13 @@ class OptimisationArguments:
     )
     min_lr: float = field(default=1e-6, metadata={"help": "Learning rate at the end of the cosine schedule."})
     warmup_epochs: float = field(default=10, metadata={"help": "Epochs of linear learning-rate warm-up from 0."})
+    warmup_fraction: float | None = field(
+        default=None,
+        metadata={
+            "help": "At most this share of the run's steps for the lr warm-up: the warm-up is the shorter of "
+            "--warmup_epochs and this (LightlyTrain: 10 epochs or 0.1 of the run). Unset: --warmup_epochs alone."
+        },
+    )
     weight_decay: float = field(default=0.04, metadata={"help": "Weight decay at step 0 (cosine schedule)."})
     weight_decay_end: float = field(default=0.4, metadata={"help": "Weight decay at the last step."})
     clip_grad: float = field(default=3.0, metadata={"help": "Per-parameter gradient norm clip; 0 turns it off."})
@@ -122,6 +129,8 @@ def check_optimisation(args: "DinoTrainingArguments") -> None:
     )
     if args.num_train_epochs <= 0:
         fail("num_train_epochs", args.num_train_epochs, "a number > 0")
+    if args.warmup_fraction is not None and not 0 <= args.warmup_fraction < 1:
+        fail("warmup_fraction", args.warmup_fraction, "a share of the run in [0, 1), e.g. 0.1, or unset")
     if args.optimizer not in OPTIMIZERS:
         fail("optimizer", args.optimizer, f"one of {', '.join(OPTIMIZERS)}")
     if args.mixed_precision not in (None, "no", "fp16", "bf16"):
