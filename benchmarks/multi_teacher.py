@@ -28,9 +28,10 @@ from small_data import IMAGE_SIZE, METRIC, _load_split, fit_labels, hardware, ma
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from torchvision.transforms import v2
 
+from dino_hf.models.backbones import build_backbone
 from dino_hf.models.transformers_backbone import FAMILIES, TransformersBackbone
 from dino_hf.training.arguments import parse_training_args
-from dino_hf.training.trainer import train
+from dino_hf.training.trainer import backbone_knn, train
 
 REPO = Path(__file__).resolve().parent.parent
 DINOV2 = dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=3, mlp_ratio=4, patch_size=8)
@@ -157,6 +158,14 @@ def _fit_captions(model, tokenizer, processor, release: Path, names: list[str], 
     model.eval()
 
 
+def teacher_knn(folder: Path, domain: Path) -> float:
+    """k-NN top-1 (%) at k = 20 of a frozen teacher's global feature on `<domain>/validation` (bank: `train`)."""
+    args = parse_training_args(_data_flags(domain) + ["--backbone", "timm:resnet10t"])  # the evaluation's settings
+    backbone = build_backbone(str(folder), drop_path_rate=0.0, frozen=True)
+    sources = ({"train_dir": str(domain / "train")}, {"train_dir": str(domain / "validation")})
+    return backbone_knn(backbone, args, sources)[METRIC]
+
+
 def zero_shot(folder: Path, domain: Path) -> float:
     """Zero-shot top-1 (%) of a CLIP-like folder on `<domain>/validation` (`scripts/eval_zero_shot.py`)."""
     import importlib.util
@@ -198,7 +207,7 @@ def run(args, extra: list[str]) -> list[dict]:
         {
             "model": "CLIPModel (4 x 128), captions",
             "recipe": "teacher (frozen)",
-            "k-NN": knn(clip, domain),
+            "k-NN": teacher_knn(clip, domain),
             "zero-shot": zero_shot(clip, domain),
         },
     ]

@@ -86,7 +86,8 @@ class MultiCropWrapper(nn.Module):
             `return_patch_tokens`, `patch_tokens (count * B, P, C)` of the `count` crops of the first
             group (2 for DINO's crops), rows in crop order; with `patch_indices`, last,
             `patch_logits (M, K)`, the patch head's outputs of those rows; with `project`, last, the
-            projected features and patch tokens of the first crop. Without `heads`, the logits are left out.
+            `distill_projector`'s output for the first crop: the pair `(B, D_t)`, `(B, P, D_t)`, or one pair per
+            frozen model (`DistillHeads`). Without `heads`, the logits are left out.
         """
         if isinstance(crops, torch.Tensor):
             crops = [crops]
@@ -118,7 +119,7 @@ class MultiCropWrapper(nn.Module):
             outputs += (patch_logits,)
         if project:
             rows = len(crops[0])  # (B, D_t), (B, P, D_t)
-            outputs += tuple(self.distill_projector(features[:rows], patch_tokens[:rows]))
+            outputs += (self.distill_projector(features[:rows], patch_tokens[:rows]),)
         return outputs if len(outputs) > 1 else outputs[0]
 
     @property

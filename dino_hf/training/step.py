@@ -304,13 +304,17 @@ def _student_outputs(context: _StepContext, crops, heads: bool) -> tuple:
     outputs = StudentOutputs(crops, context.teacher_temp, context.accelerator)
     if not options:
         return context.student(crops), outputs  # (ncrops * B, K)
-    returned = list(context.student(crops, heads=heads, **options))
+    returned = context.student(crops, heads=heads, **options)
+    fields = [heads, options.get("return_features"), options.get("return_patch_tokens")]
+    fields += ["patch_indices" in options, options.get("project")]
+    returned = list(returned) if sum(map(bool, fields)) > 1 else [returned]  # the wrapper returns one output bare
     logits = returned.pop(0) if heads else None
     taken = {field: returned.pop(0) for option, field in _STUDENT_FIELDS if options.get(option)}
     if "patch_indices" in options:
         taken["patch_logits"] = returned.pop(0)  # (M, K)
     if options.get("project"):
-        taken["projected"] = tuple(returned)  # (B, D_t), (B, P, D_t)
+        # (B, D_t), (B, P, D_t); with several frozen models (`DistillHeads`), one such pair each
+        taken["projected"] = returned.pop(0)
     return logits, outputs._replace(**taken)
 
 
