@@ -66,6 +66,8 @@ part train_step_ibot_b128 90 "images/s|seconds/step|ratio|memory" \
   python3 benchmarks/train_step.py --batch 128 --repeats 1 --ibot
 part train_step_distill_b128 80 "images/s|seconds/step|ratio|memory|share" \
   python3 benchmarks/train_step.py --batch 128 --repeats 1 --distill
+part train_step_distill_multi_b128 90 "images/s|seconds/step|ratio|memory|share|teacher" \
+  python3 benchmarks/train_step.py --batch 128 --repeats 1 --distill_multi
 part train_step_b128_compiled 150 "images/s|seconds/step|ratio|memory|compile|recompil" \
   python3 benchmarks/train_step.py --batch 128 --repeats 1 --torch_compile
 part train_step_lora_vitl 90 "seconds/step|ratio|memory|trainable" \

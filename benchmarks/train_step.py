@@ -43,6 +43,12 @@ the bytes of a checkpoint's weight files:
 
     python benchmarks/train_step.py --distill
 
+With `--distill_multi`, the several-teacher step (`configs/distill_multi.yaml`'s objective) of a ViT-S/16 and a
+ViT-B/16 into the ResNet-18 beside the one-teacher step of the ViT-S/16, and the ViT-B/16's forward alone: two
+teachers should cost the one-teacher step plus the second teacher's forward:
+
+    python benchmarks/train_step.py --distill_multi
+
 With `--lora`, a continued-pretraining step with the Gram anchor to the start (weight 1) trained through
 LoRA (`--lora_rank 64 --unfreeze_last_blocks 1`, ExPLoRA's recipe, `configs/continue_pretraining_lora.yaml`:
 student, teacher and anchor share the frozen base weights, held in bf16 under bf16 autocast as the trainer
@@ -76,15 +82,18 @@ import torch
 
 from dino_hf.data.masks import BlockMasking
 from dino_hf.models.backbones import build_backbone
-from dino_hf.models.distill_projector import DistillProjector
+from dino_hf.models.distill_projector import DistillHeads, DistillProjector
 from dino_hf.models.heads import DinoHead
 from dino_hf.models.lora import add_lora_, hold_base_in_, shared_parameters
 from dino_hf.models.multicrop_wrapper import MultiCropWrapper
 from dino_hf.models.normalization import normalization_of
 from dino_hf.objectives.anchor import Anchor, AnchorTerm
+from dino_hf.objectives.balancing import build_balancing
 from dino_hf.objectives.dino import DinoLoss
 from dino_hf.objectives.distillation import Distillation, FrozenModel
 from dino_hf.objectives.ibot import IBotLoss, IBotTerm
+from dino_hf.objectives.multi_distillation import MultiDistillation, Teacher
+from dino_hf.training.networks import frozen_widths
 from dino_hf.training.optimization import build_optimizer, get_param_groups
 from dino_hf.training.speed import apply_speed_options
 from dino_hf.training.step import StepValues, train_step
@@ -97,6 +106,8 @@ SCHEDULE = dict(lr=5e-4, weight_decay=0.04, momentum=0.996, teacher_temp=0.04, c
 LORA_RANK, LORA_UNFROZEN = 64, 1
 # The --distill comparison: a ViT-S/16 frozen model, a ResNet-18 student.
 DISTILL_FROZEN, DISTILL_STUDENT = "vit_small_patch16", "timm:resnet18"
+# The --distill_multi comparison's second frozen model.
+DISTILL_SECOND = "vit_base_patch16"
 
 
 def build(args, device, mask_token: bool = False, model: str | None = None):
@@ -224,6 +235,44 @@ def distilled(args, device, ema_copy: bool = False):
     return step, frozen_forward, checkpoint_bytes
 
 
+def distilled_from_two(args, device):
+    """A function doing one step of the several-teacher objective (`configs/distill_multi.yaml`'s: summary cosine,
+    features 0.9 cosine + 0.1 smooth-L1 after PHI-S, MLP heads) of the frozen ViT-S/16 and a frozen ViT-B/16 into
+    the ResNet-18 on one view, and one doing the ViT-B/16's forward alone (what the second teacher should cost)."""
+    torch.manual_seed(0)
+    backbones = [build_backbone(spec, drop_path_rate=0.0) for spec in (DISTILL_FROZEN, DISTILL_SECOND)]
+    backbone = build_backbone(DISTILL_STUDENT, drop_path_rate=0.0)
+    widths = [frozen_widths(frozen, args.global_size) for frozen in backbones]
+    heads = DistillHeads(
+        DistillProjector(backbone.num_features, backbone.model.num_features, patch, "mlp", summary_dim=summary)
+        for summary, patch in widths
+    )
+    student = MultiCropWrapper(backbone, torch.nn.Identity(), distill_projector=heads).to(device)
+    teachers = [
+        Teacher(FrozenModel(frozen, spec, normalization_of(backbone)), spec, 1.0, build_balancing("phi_s", patch), *w)
+        for frozen, spec, w, (_, patch) in zip(backbones, (DISTILL_FROZEN, DISTILL_SECOND), widths, widths)
+    ]
+    distillation = MultiDistillation(teachers).to(device)
+    generator = torch.Generator(device).manual_seed(0)
+    view = torch.randn(args.batch, 3, args.global_size, args.global_size, device=device, generator=generator)
+    distillation.observe(view)
+    distillation.fit()
+    optimizer = build_optimizer("adamw", get_param_groups(student), device=device)
+    student, optimizer, accelerator = _on_accelerator(student, optimizer, device, args.cpu_bf16)
+    values = StepValues(dino_weight=0.0, **SCHEDULE)
+
+    def step():
+        return train_step(
+            student, None, None, optimizer, [view], values, accelerator=accelerator, terms=[distillation]
+        )
+
+    def second_forward():
+        with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
+            return teachers[1].frozen(view)
+
+    return step, second_forward
+
+
 def baseline(args, device):
     """A function doing one step as docs/recipe.md#training-step describes it, with nothing fused or grouped."""
     student, teacher, dino_loss, crops = build(args, device)
@@ -281,6 +330,8 @@ def worker(args):
         step, trainable = continued(args, device, lora=args.worker == "lora")
     elif args.worker == "baseline":
         step, anchor_bytes = baseline(args, device)
+    elif args.worker == "distill_multi":
+        step, frozen_forward = distilled_from_two(args, device)
     elif args.worker in ("distill", "distill_ema_copy"):
         step, frozen_forward, checkpoint_bytes = distilled(args, device, ema_copy=args.worker == "distill_ema_copy")
     elif args.worker == "dino_student":
@@ -361,6 +412,12 @@ def main():
         "the same student",
     )
     parser.add_argument(
+        "--distill_multi",
+        action="store_true",
+        help="compare a step distilling two frozen models (ViT-S/16 and ViT-B/16) into a ResNet-18 with the "
+        "one-teacher step (ViT-S/16 alone); the second teacher's forward is timed apart",
+    )
+    parser.add_argument(
         "--lora",
         action="store_true",
         help="compare a continued-pretraining step with the Gram anchor through LoRA (rank 64, last block unfrozen) "
@@ -394,6 +451,7 @@ def main():
             "baseline",
             "distill",
             "distill_ema_copy",
+            "distill_multi",
             "dino_student",
             "lora",
             "full",
@@ -402,7 +460,7 @@ def main():
     )
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
-    args.batch = args.batch or (8 if args.distill else 128 if cuda else 4)
+    args.batch = args.batch or (8 if args.distill or args.distill_multi else 128 if cuda else 4)
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
     args.steps = args.steps or (20 if cuda else 1)
     args.repeats = args.repeats or (1 if cuda else 2)
@@ -437,6 +495,8 @@ def _columns(args) -> list[tuple[str, str]]:
         return [("ibot", "+ iBOT"), ("ibot_gram", "+ iBOT + Gram"), ("ours", "DINO alone")]
     if args.distill:
         return [("distill", "distillation"), ("dino_student", "DINO"), ("distill_ema_copy", "+ EMA copy")]
+    if args.distill_multi:
+        return [("distill_multi", "two teachers"), ("distill", "one teacher")]
     return [("ours", "dino_hf"), ("baseline", "baseline")]
 
 
@@ -446,13 +506,16 @@ def _compare(args, cuda: bool, columns: list[tuple[str, str]], argv: list[str]) 
     precision = "bf16 autocast" if cuda or args.cpu_bf16 else "fp32"
     if args.distill:
         args.model = f"{DISTILL_FROZEN} frozen model into a ResNet-18 (one view) vs DINO's step of the ResNet-18"
+    if args.distill_multi:
+        frozen = f"{DISTILL_FROZEN} and {DISTILL_SECOND}"
+        args.model = f"{frozen} frozen models into a ResNet-18 (one view) vs {DISTILL_FROZEN} alone"
     print(
         f"{args.model}, 2 x {args.global_size} + {args.local_crops} x {args.local_size} crops, "
         f"out_dim {args.out_dim}, batch {args.batch}, "
         f"best of {args.repeats} x ({args.warmup} warm-up + {args.steps} timed steps), {hardware}; ours {precision}"
         f"{' + torch.compile' if args.torch_compile else ''}"
         f"{', with and without anchoring' if args.anchor else ''}{', with and without iBOT' if args.ibot else ''}"
-        f"{'' if args.anchor or args.ibot or args.distill or args.lora else ', baseline fp32'}"
+        f"{'' if args.anchor or args.ibot or args.distill or args.distill_multi or args.lora else ', baseline fp32'}"
     )
     results = {}
     for _ in range(args.repeats):
@@ -483,6 +546,8 @@ def _compare(args, cuda: bool, columns: list[tuple[str, str]], argv: list[str]) 
             (whole, "total_mib", "{:.0f}"),
             ("checkpoint weight files (MiB)", "checkpoint_mib", "{:.1f}"),
         ]
+    if args.distill_multi:
+        rows.append(("second teacher's forward, share of the step", "frozen_share", "{:.2f}"))
     if args.lora:
         whole = "peak GPU memory of the run (MiB)" if cuda else "peak RSS rise of the run (MiB)"
         rows += [(whole, "total_mib", "{:.0f}"), ("trainable backbone parameters (M)", "trainable_millions", "{:.2f}")]
@@ -498,6 +563,13 @@ def _compare(args, cuda: bool, columns: list[tuple[str, str]], argv: list[str]) 
         print(f"{label:38s}{cells}")
     if len(columns) > 2:
         print("ratio i: column i over the last column")
+    if args.distill_multi:
+        two, one = results["distill_multi"], results["distill"]
+        budget = one["step_seconds"] + two["frozen_share"] * two["step_seconds"]
+        print(
+            f"the one-teacher step plus the second teacher's forward: {budget:.3f} s; the two-teacher step: "
+            f"{two['step_seconds']:.3f} s ({two['step_seconds'] / budget:.2f}x)"
+        )
 
 
 if __name__ == "__main__":
