@@ -252,18 +252,27 @@ def _timm_tower(model: nn.Module, image_size: int) -> TimmWrapperModel:
 
 def load_text_teacher(teacher_folder: str | os.PathLike) -> PreTrainedModel:
     """The CLIP teacher in `teacher_folder` (float32, eval mode); a teacher whose text side a stock
-    `VisionTextDualEncoderModel` cannot hold is refused, with the reason."""
+    `VisionTextDualEncoderModel` cannot hold is refused, with the reason (`text_side_refusal`)."""
+    refusal = text_side_refusal(teacher_folder)
+    if refusal is not None:
+        raise ValueError(refusal)
+    return AutoModel.from_pretrained(teacher_folder, dtype=torch.float32).eval()
+
+
+def text_side_refusal(teacher_folder: str | os.PathLike) -> str | None:
+    """Why the text side of the teacher in `teacher_folder` cannot go into the zero-shot export, read from its
+    config alone; None when it can."""
     try:
         config = AutoConfig.from_pretrained(teacher_folder)
     except (OSError, ValueError) as error:
-        raise ValueError(
+        return (
             f"the teacher {teacher_folder} does not load as a transformers model folder with its text tower "
             f"(a timm image tower has none): {str(error).splitlines()[0]}"
-        ) from None
+        )
     text_config = getattr(config, "text_config", None)
     if config.model_type not in CLIP_LAYOUT:
         siglip = "siglip" in config.model_type
-        raise ValueError(
+        return (
             f"the teacher {teacher_folder} is a {config.model_type} model; the zero-shot export takes CLIP's text "
             "tower, text_projection and exp(logit_scale) * cosine"
             + (
@@ -274,12 +283,12 @@ def load_text_teacher(teacher_folder: str | os.PathLike) -> PreTrainedModel:
             )
         )
     if type(text_config) not in MODEL_MAPPING:
-        raise ValueError(
+        return (
             f"the teacher {teacher_folder}'s text tower ({type(text_config).__name__}) has no AutoModel entry in "
             f"this transformers, and VisionTextDualEncoderModel rebuilds its text tower through AutoModel on "
             "loading: only a CLIP teacher exports"
         )
-    return AutoModel.from_pretrained(teacher_folder, dtype=torch.float32).eval()
+    return None
 
 
 def _dual_encoder(
@@ -337,6 +346,7 @@ __all__ = [
     "ZERO_SHOT_DIR",
     "export_zero_shot",
     "load_text_teacher",
+    "text_side_refusal",
     "projection_weight",
     "student_backbone",
     "vision_tower",

@@ -8,9 +8,8 @@ import json
 from pathlib import Path
 
 from torch import nn
-from transformers import AutoConfig
 
-from ..convert.zero_shot import CLIP_LAYOUT
+from ..convert.zero_shot import text_side_refusal
 from ..data.masks import BlockMasking
 from ..models.normalization import Normalization
 from ..objectives.anchor import Anchor, GramSnapshots
@@ -192,7 +191,7 @@ def build_distillation(
     if args.distill_zero_shot and zero_shot_teacher(teachers) is None:
         raise ValueError(
             f"--distill_zero_shot exports the student with a frozen model's text tower, and none of "
-            f"{', '.join(args.distill_from)} has one it can export; name a CLIP or MetaCLIP 2 folder (the whole "
+            f"{', '.join(args.distill_from)} has one it can export; name a CLIP folder or Hub id (the whole "
             "model, image and text towers) in --distill_from, or leave --distill_zero_shot out"
         )
     return MultiDistillation(
@@ -208,15 +207,12 @@ def build_distillation(
 
 def zero_shot_teacher(teachers: list[Teacher]) -> Teacher | None:
     """The first frozen model whose global feature is aligned with a text tower that its folder holds, in a layout
-    the zero-shot export takes (`dino_hf.convert.zero_shot.CLIP_LAYOUT`)."""
+    the zero-shot export takes (`dino_hf.convert.zero_shot.text_side_refusal`)."""
     return next((teacher for teacher in teachers if teacher.text_aligned and _exports_text(teacher)), None)
 
 
 def _exports_text(teacher: Teacher) -> bool:
-    try:
-        return AutoConfig.from_pretrained(teacher.frozen.source).model_type in CLIP_LAYOUT
-    except (OSError, ValueError):  # a timm model, a file: no transformers config, no text tower
-        return False
+    return text_side_refusal(teacher.frozen.source) is None
 
 
 def distillation_line(

@@ -108,9 +108,9 @@ class DistillationArguments:
     distill_zero_shot: bool = field(
         default=False,
         metadata={
-            "help": "Export OUTPUT_DIR/student_zero_shot: the student with its summary head for the first frozen "
-            "model that has a text tower (CLIP, SigLIP, SigLIP 2, MetaCLIP 2), and that model's text tower, as a "
-            "transformers dual encoder for pipeline('zero-shot-image-classification')."
+            "help": "Export OUTPUT_DIR/student_zero_shot: the student with its summary head for the first CLIP "
+            "model among --distill_from (a folder or Hub id with its text tower), and that model's text tower, as "
+            "a transformers dual encoder for pipeline('zero-shot-image-classification')."
         },
     )
     distill_ema_student: bool = field(
