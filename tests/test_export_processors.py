@@ -11,6 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -265,3 +266,24 @@ def test_a_runs_best_and_last_teacher_exports_work_without_dino_hf(data, labelle
     half = Normalization((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     runs_exports = {name: (out / name, half) for name in ("teacher_backbone_best", "teacher_backbone")}
     check_without_dino_hf(runs_exports, tmp_path)
+
+
+@pytest.mark.parametrize("model_type", ["vit", "deit"])
+@pytest.mark.parametrize("pooler", [True, False])
+def test_a_vit_export_pools_to_the_feature_dino_hf_trained(tmp_path, model_type, pooler):
+    """`pipeline(..., pool=True)` and `pooler_output` of an exported ViT / DeiT are its CLS token after the final
+    LayerNorm (the feature the run trained), not the checkpoint's untrained dense + tanh pooler, nor the random
+    one AutoModel gives a model saved without a pooler."""
+    config_class, model_class = (tf.ViTConfig, tf.ViTModel) if model_type == "vit" else (tf.DeiTConfig, tf.DeiTModel)
+    torch.manual_seed(0)
+    model = model_class(config_class(**TINY_VIT), add_pooling_layer=pooler)
+    model.save_pretrained(tmp_path / "start")
+    backbone = build_backbone(str(tmp_path / "start"), drop_path_rate=0.0).eval()
+    export_backbone(backbone, tmp_path / "export", image_size=32)
+    image = Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype("uint8"))
+    extractor = tf.pipeline("image-feature-extraction", model=str(tmp_path / "export"))
+    pooled = torch.tensor(extractor(image, pool=True))  # (1, D)
+    pixels = tf.AutoImageProcessor.from_pretrained(tmp_path / "export")(image, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        trained = backbone(pixels)  # (1, D): the CLS token after the final LayerNorm
+    torch.testing.assert_close(pooled.reshape(trained.shape), trained, rtol=1e-5, atol=1e-5)

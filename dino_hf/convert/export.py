@@ -103,7 +103,7 @@ def export_backbone(
             model.save_pretrained(staging)
             dino_image_processor(image_size, normalization.mean, normalization.std).save_pretrained(staging)
         elif isinstance(model, PreTrainedModel):
-            model.save_pretrained(staging)
+            with_feature_pooler(model).save_pretrained(staging)
             source_image_processor(source, image_size, normalization).save_pretrained(staging)
         elif is_timm_model(model):
             _save_timm_folder(model, staging, image_size, normalization)
@@ -119,6 +119,26 @@ def export_backbone(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return output_dir
+
+
+def with_feature_pooler(model: PreTrainedModel) -> PreTrainedModel:
+    """`model` as it is exported: a ViT or DeiT gets a pooler that passes the CLS token after the final LayerNorm
+    through (an identity dense with a linear activation), so that `pooler_output`, and with it
+    `pipeline("image-feature-extraction", pool=True)`, is the global feature dino_hf trained (the checkpoint's
+    own dense + tanh pooler is never trained, and `AutoModel` gives a model saved without one a random one).
+    Other models are exported as they are."""
+    if model.config.model_type not in ("vit", "deit"):
+        return model
+    config = copy.deepcopy(model.config)
+    config.pooler_act, config.pooler_output_size = "linear", config.hidden_size
+    state = {key: tensor for key, tensor in model.state_dict().items() if not key.startswith("pooler.")}
+    state["pooler.dense.weight"] = torch.eye(config.hidden_size)  # (D, D): the CLS token passes through
+    state["pooler.dense.bias"] = torch.zeros(config.hidden_size)
+    mask_token = any(key.endswith("mask_token") for key in state)
+    with torch.device("meta"):
+        exported = type(model)(config, add_pooling_layer=True, use_mask_token=mask_token)
+    exported.load_state_dict(state, strict=True, assign=True)
+    return exported
 
 
 def source_image_processor(source: str | None, image_size: int, normalization: Normalization = IMAGENET):
