@@ -40,7 +40,7 @@ CLIP_TEXT = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num
 EMBEDDING, TEXT_LENGTH = 64, 16
 CAPTIONS = ("a photo of {}.", "this is {}.", "an image of {}.", "{}.")
 ZERO_SHOT_TEMPLATE = "a photo of {}."
-STUDENT = ["--backbone", "timm:resnet10t", "--weight_decay", "1e-6", "--weight_decay_end", "1e-6"]
+STUDENT = ["--backbone", "timm:resnet10t"]  # a BatchNorm CNN: the configs' --weight_decay_batchnorm 1e-6
 MULTI = ["--config", str(REPO / "configs" / "distill_multi.yaml")]
 # What every run shares beside the small sets' crop size: batch 32, one loader worker, fp32, no checkpoint.
 BUDGET = [

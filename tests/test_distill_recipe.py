@@ -34,8 +34,25 @@ def test_the_recipe_holds_lightlytrains_values(frozen, tmp_path):
     assert (args.distill_projector, args.global_crops_size, args.global_crops_scale) == ("linear", 224, [0.14, 1.0])
     assert (args.color_jitter, args.color_jitter_p, args.grayscale_p) == ([0.4, 0.4, 0.2, 0.1], 0.8, 0.2)
     assert max(args.blur_sigma) <= 0.1 and args.optimizer == "adamw" and args.clip_grad == 1.0
-    assert (args.weight_decay, args.weight_decay_end, args.min_lr) == (0.04, 0.04, 0.0)
-    assert (args.warmup_epochs, args.num_train_epochs, args.per_device_train_batch_size) == (10, 100, 128)
+    assert (args.weight_decay, args.weight_decay_end, args.weight_decay_batchnorm, args.min_lr) == (
+        0.04,
+        0.04,
+        1e-6,
+        0,
+    )
+    assert (args.warmup_epochs, args.warmup_fraction) == (10, 0.1)  # the shorter of 10 epochs and 10 % of the run
+    assert (args.num_train_epochs, args.per_device_train_batch_size) == (100, 128)
+    assert (args.learning_rate, args.lr_scaling) == (0.0005, "sqrt_wrt_1536")
+
+
+def test_the_several_teacher_recipe_holds_radios_objective(frozen, tmp_path):
+    config = str(Path(CONFIG).with_name("distill_multi.yaml"))
+    args = parse_training_args(["--config", config, "--train_dir", str(tmp_path), "--distill_from", str(frozen)])
+    assert (args.distill_global_loss, args.distill_local_loss, args.distill_projector) == ("cosine", "cosine", "mlp")
+    assert (args.distill_balancing, args.distill_teacher_drop, args.dino_loss_weight) == ("phi_s", 0.0, 0)
+    assert (args.backbone, args.global_crops_size, args.distill_teacher_size) == ("timm:convnext_tiny", 224, [224])
+    defaults = parse_training_args(["--config", config, "--train_dir", str(tmp_path)])
+    assert defaults.distill_from == ["facebook/dinov3-vits16-pretrain-lvd1689m", "google/siglip2-base-patch16-224"]
 
 
 @pytest.mark.parametrize("batch", [32, 128, 1536])
@@ -56,6 +73,7 @@ def test_the_benchmark_runs_the_recipe_at_its_budget(frozen, tmp_path, student):
         (domain / split / "a" / "0.png").touch()  # the benchmark counts the images for samples_per_epoch
     flags = benchmark.DISTIL + benchmark.STUDENTS[student][1] + ["--distill_from", str(frozen), "--max_steps", "372"]
     args = parse_training_args(flags + benchmark.BUDGET + benchmark._data_flags(domain))
-    assert args.distill_from == str(frozen) and args.dino_loss_weight == 0
+    assert args.distill_from == [str(frozen)] and args.dino_loss_weight == 0
+    assert (args.learning_rate, args.warmup_fraction) == (0.009, 0.1)  # the short-run recipe
     assert (args.global_crops_size, args.per_device_train_batch_size, args.max_steps) == (64, 32, 372)
     assert args.mixed_precision == "no" and args.eval_train_dir == str(domain)

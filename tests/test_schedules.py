@@ -166,3 +166,16 @@ def test_the_warm_up_is_the_shorter_of_its_epochs_and_its_share_of_the_run(tmp_p
     assert long.lr_warmup_steps == 20  # 4000 steps: the 2 epochs are shorter than a tenth of the run
     with pytest.raises(ValueError, match="--warmup_fraction=1.5 is not valid"):
         plan(tmp_path, warmup_fraction=1.5)
+
+
+def test_a_student_with_batchnorm_takes_its_own_weight_decay_and_the_plan_says_so(tmp_path):
+    args = DinoTrainingArguments(
+        train_dir=str(tmp_path), per_device_train_batch_size=4, weight_decay_batchnorm=1e-6, warmup_epochs=0
+    )
+    cnn = TrainingPlan.from_args(args, samples_per_epoch=40, num_processes=1, fresh_head=False, batchnorm=True)
+    vit = TrainingPlan.from_args(args, samples_per_epoch=40, num_processes=1, fresh_head=False, batchnorm=False)
+    assert [cnn.schedule(step)["weight_decay"] for step in (0, 50, cnn.total_steps - 1)] == [1e-6] * 3
+    assert vit.schedule(0)["weight_decay"] == pytest.approx(0.04)
+    assert vit.schedule(vit.total_steps - 1)["weight_decay"] == pytest.approx(0.4, rel=1e-2)
+    assert any("BatchNorm layers: weight decay 1e-06" in note for note in cnn.notes())
+    assert not any("BatchNorm" in note for note in vit.notes())

@@ -44,11 +44,21 @@ class TrainingPlan:
     backbone_warmup_steps: int  # the backbone's own lr warm-up, after the head warm-up
     checkpoint_every: int
     gram_snapshots: GramSnapshots | None = None  # when the EMA Gram teacher is taken (--gram_teacher ema)
+    # The weight decay at the first and the last step (--weight_decay_batchnorm for a student with BatchNorm).
+    weight_decays: tuple[float, float] | None = None
+    batchnorm: bool = False  # the student has BatchNorm layers
 
     @classmethod
     def from_args(
-        cls, args: DinoTrainingArguments, samples_per_epoch: int | None, num_processes: int, fresh_head: bool
+        cls,
+        args: DinoTrainingArguments,
+        samples_per_epoch: int | None,
+        num_processes: int,
+        fresh_head: bool,
+        batchnorm: bool = False,
     ) -> "TrainingPlan":
+        """The plan of a run of `samples_per_epoch` images an epoch on `num_processes` processes; `fresh_head`:
+        a head warm-up is due; `batchnorm`: the student has BatchNorm layers (`--weight_decay_batchnorm`)."""
         if samples_per_epoch is None:
             raise ValueError(
                 "the length of this stream is unknown: pass --samples_per_epoch (images per epoch) so that the "
@@ -78,6 +88,8 @@ class TrainingPlan:
             backbone_warmup_steps=backbone_warmup_steps,
             checkpoint_every=iterations if args.checkpoint_every_epoch else int(args.checkpointing_steps),
             gram_snapshots=gram_snapshots(args),
+            weight_decays=_weight_decays(args, batchnorm),
+            batchnorm=batchnorm,
         )
 
     def schedule(self, step: int) -> dict[str, float]:
@@ -87,7 +99,9 @@ class TrainingPlan:
         args = self.args
         values = {
             "lr": learning_rate_at(step, self.total_steps, self.peak_lr, args.min_lr, self.lr_warmup_steps),
-            "weight_decay": weight_decay_at(step, self.total_steps, args.weight_decay, args.weight_decay_end),
+            "weight_decay": weight_decay_at(
+                step, self.total_steps, *(self.weight_decays or (args.weight_decay, args.weight_decay_end))
+            ),
             "momentum": teacher_momentum_at(step, self.total_steps, args.momentum_teacher),
             "teacher_temp": teacher_temperature_at(
                 step, self.temp_warmup_steps, args.warmup_teacher_temp, args.teacher_temp
@@ -149,6 +163,11 @@ class TrainingPlan:
         this run other than its name promises (a backbone that never trains, an lr that never leaves its
         warm-up), with what to change; and the precision, where the machine changes it."""
         notes = [*self._backbone_notes(), *self._warmup_notes(), *self._temperature_notes()]
+        if self.batchnorm and self.args.weight_decay_batchnorm is not None:
+            notes.append(
+                f"the student has BatchNorm layers: weight decay {self.args.weight_decay_batchnorm:g} throughout "
+                "(--weight_decay_batchnorm, LightlyTrain's for such students) instead of --weight_decay"
+            )
         precision = precision_note(self.args)
         return notes + [precision] if precision else notes
 
@@ -212,6 +231,12 @@ class TrainingPlan:
                 "--warmup_teacher_temp_epochs"
             ]
         return []
+
+
+def _weight_decays(args: DinoTrainingArguments, batchnorm: bool) -> tuple[float, float]:
+    if batchnorm and args.weight_decay_batchnorm is not None:
+        return args.weight_decay_batchnorm, args.weight_decay_batchnorm
+    return args.weight_decay, args.weight_decay_end
 
 
 def _no_fresh_head(args: DinoTrainingArguments) -> str:

@@ -184,7 +184,8 @@ def prepare_run(args: DinoTrainingArguments) -> Run:
     batches, samples_per_epoch, eval_sources = _build_data(
         args, accelerator, build_masking(args, student.backbone), normalization
     )
-    plan = TrainingPlan.from_args(args, samples_per_epoch, accelerator.num_processes, fresh_head)
+    batchnorm = any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in student.backbone.modules())
+    plan = TrainingPlan.from_args(args, samples_per_epoch, accelerator.num_processes, fresh_head, batchnorm)
     accelerator.print(
         f"plan: {plan.last_step} of {plan.total_steps} steps of {plan.total_batch} images, "
         f"{plan.iterations_per_epoch} per epoch, peak lr {plan.peak_lr:.3g}"

@@ -82,6 +82,13 @@ class OptimisationArguments:
     )
     weight_decay: float = field(default=0.04, metadata={"help": "Weight decay at step 0 (cosine schedule)."})
     weight_decay_end: float = field(default=0.4, metadata={"help": "Weight decay at the last step."})
+    weight_decay_batchnorm: float | None = field(
+        default=None,
+        metadata={
+            "help": "Weight decay, start and end, of a student with BatchNorm layers (a ResNet): LightlyTrain "
+            "distils such CNNs at 1e-6. Unset: --weight_decay and --weight_decay_end whatever the student."
+        },
+    )
     clip_grad: float = field(default=3.0, metadata={"help": "Per-parameter gradient norm clip; 0 turns it off."})
     freeze_last_layer: float = field(
         default=1, metadata={"help": "Epochs during which the head's last layer gets no gradient."}
@@ -129,6 +136,8 @@ def check_optimisation(args: "DinoTrainingArguments") -> None:
     )
     if args.num_train_epochs <= 0:
         fail("num_train_epochs", args.num_train_epochs, "a number > 0")
+    if args.weight_decay_batchnorm is not None and args.weight_decay_batchnorm < 0:
+        fail("weight_decay_batchnorm", args.weight_decay_batchnorm, "a weight decay >= 0, e.g. 1e-6, or unset")
     if args.warmup_fraction is not None and not 0 <= args.warmup_fraction < 1:
         fail("warmup_fraction", args.warmup_fraction, "a share of the run in [0, 1), e.g. 0.1, or unset")
     if args.optimizer not in OPTIMIZERS:
