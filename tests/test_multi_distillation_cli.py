@@ -213,3 +213,25 @@ def test_what_cannot_work_is_refused_in_one_line(data, teachers, tmp_path, model
     stderr = capsys.readouterr().err
     assert status == 2 and says in stderr and len(stderr.strip().splitlines()) == 1, stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_with_an_evaluation_set_each_frozen_models_knn_is_printed_beside_the_students(
+    data, teachers, labelled_images, tmp_path, capsys
+):
+    evaluation = ["--eval_train_dir", str(labelled_images), "--eval_steps", "4"]
+    try:
+        status = pretrain_main()(
+            arguments(data, tmp_path / "run", [teachers / "dinov2", teachers / "clip"], *evaluation, max_steps=4)
+        )
+    finally:
+        reset_accelerate()
+    printed = capsys.readouterr().out
+    assert status == 0
+    lines = [line for line in printed.splitlines() if line.startswith("k-NN of the ")]
+    assert [line.split(" at ")[0] for line in lines] == [
+        "k-NN of the random-init student",
+        f"k-NN of the frozen {teachers / 'dinov2'}",
+        f"k-NN of the frozen {teachers / 'clip'}",
+        "k-NN of the trained student",
+    ]

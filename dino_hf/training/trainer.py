@@ -493,6 +493,9 @@ def resume(run: Run) -> None:
             f"{knn_line(run.state.knn_start)}"
         )
         _judge(run, start, run.state.knn_start, 0)
+        for frozen in _frozen_models(run.distillation):  # what the student is judged against
+            knn = backbone_knn(frozen.backbone, args, run.eval_sources, accelerator.device)
+            accelerator.print(f"k-NN of the frozen {frozen.name} at {_knn_size(args)} px: {knn_line(knn)}")
     if isinstance(run.distillation, MultiDistillation):  # a resumed run's statistics came with its checkpoint
         read = fit_balancing(run.distillation, run.batches, args.distill_balancing_batches, accelerator)
         if read:
@@ -820,6 +823,15 @@ def backbone_knn(backbone: nn.Module, args: DinoTrainingArguments, sources: tupl
         label_column_name=args.label_column_name,
         device=device,
     )
+
+
+def _frozen_models(distillation) -> list:
+    """The frozen models a distillation run learns from (none without distillation)."""
+    if distillation is None:
+        return []
+    if isinstance(distillation, MultiDistillation):
+        return [teacher.frozen for teacher in distillation.teachers]
+    return [distillation.frozen]
 
 
 def _knn(run: Run, teacher: nn.Module) -> dict:
