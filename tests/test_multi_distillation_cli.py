@@ -6,6 +6,7 @@ summary head against the CLIP teacher's own text tower, its heads stand in for e
 the settings that cannot work are refused in one line before anything is trained."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -14,7 +15,8 @@ import torch
 import transformers as tf
 from clip_teacher import save_clip_teacher
 from PIL import Image
-from runs import ENV, pretrain_main, reset_accelerate, run_cli
+from processes import accelerate_launch
+from runs import ENV, SCRIPT, pretrain_main, reset_accelerate, run_cli, saved
 
 from dino_hf.evaluation.feature_models import load_feature_model
 
@@ -235,3 +237,25 @@ def test_with_an_evaluation_set_each_frozen_models_knn_is_printed_beside_the_stu
         f"k-NN of the frozen {teachers / 'clip'}",
         "k-NN of the trained student",
     ]
+
+
+@pytest.mark.slow
+def test_two_processes_fit_one_balancing_on_both_processes_batches(data, teachers, tmp_path):
+    """DDP on two CPU processes: the balancing statistics are summed over both processes' batches before the fit,
+    so the checkpoint's, written by the main process, count every patch of both (2 x 2 batches of 4 images x 16
+    patches of the 32 px view)."""
+    output_dir = tmp_path / "out"
+    argv = arguments(
+        data, output_dir, [teachers / "dinov2", teachers / "clip"], backbone="timm:resnet10t", max_steps=2
+    )
+    argv += ["--checkpointing_steps", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    completed = subprocess.run(
+        [*accelerate_launch(2), str(SCRIPT), *argv], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    state = saved(output_dir / "checkpoints" / "checkpoint-2", "distillation")
+    for name in ("dinov2", "clip"):
+        assert state[f"{name}.balancing.count"].item() == 2 * 2 * 4 * 16
+        assert state[f"{name}.balancing.fitted"].item()
+    assert (output_dir / "student_heads" / "clip" / "heads.safetensors").is_file()
