@@ -27,7 +27,7 @@ from dino_hf.evaluation.knn import figure_name, guarded_figure
 from dino_hf.run_files.checkpoints import CheckpointError
 from dino_hf.training.arguments import parse_training_args
 from dino_hf.training.console import LOG_FILE_NAME, RunConsole, quiet_transformers_progress
-from dino_hf.training.plan import head_only
+from dino_hf.training.plan import head_only, unguarded
 from dino_hf.training.trainer import NonFiniteLossError, train
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -70,6 +70,12 @@ def run(argv: list[str], console: RunConsole) -> int:
     # A run whose backbone stayed frozen (a head warm-up as long as the run) is named for what it gave.
     trained = "head-only" if head_only(args, result.global_step) else "trained"
     figure = guarded_figure(result.knn)
+    if unguarded(args):
+        print(
+            f"No evaluation set: the run cannot tell whether {result.export_dir} is its start's equal or better. "
+            f"Compare the two on labelled images: python scripts/eval_knn.py --model {result.export_dir} "
+            "--train_dir TRAIN --eval_dir VAL, and the same with --model the start."
+        )
     if result.knn_start and figure:
         print(
             f"{figure_name(figure)}: {result.start} {result.exported} "

@@ -302,3 +302,26 @@ def test_plain_progress_writes_whole_lines_at_the_logging_steps(capsys):
     assert [line.split(",")[0] for line in lines] == ["DINO: 5/10 steps (50%)", "DINO: 10/10 steps (100%)"]
     assert lines[0].endswith(" left")
     assert PlainProgress(total=10, disable=True).set_postfix() is None and capsys.readouterr().err == ""
+
+
+# ---- continued pretraining without an evaluation set ----------------------------------------------------
+
+
+def test_a_run_from_trained_weights_without_an_evaluation_set_says_nothing_guards_it(data, tmp_path):
+    unguarded = DinoTrainingArguments(train_dir=str(data / "images"), model_name_or_path=str(data / "model"))
+    guarded = DinoTrainingArguments(
+        train_dir=str(data / "images"), model_name_or_path=str(data / "model"), eval_train_dir=str(labelled(tmp_path))
+    )
+    from_scratch = DinoTrainingArguments(train_dir=str(data / "images"))
+
+    def said(args) -> bool:
+        notes = TrainingPlan.from_args(args, 960, 1, fresh_head=False).notes()
+        return any(note.startswith("nothing guards the result") and "--eval_train_dir" in note for note in notes)
+
+    assert said(unguarded) and not said(guarded) and not said(from_scratch)
+
+
+def labelled(root: Path) -> Path:
+    for split in ("train", "validation"):
+        (root / "labelled" / split / "a").mkdir(parents=True)
+    return root / "labelled"

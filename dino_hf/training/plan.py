@@ -163,6 +163,13 @@ class TrainingPlan:
         this run other than its name promises (a backbone that never trains, an lr that never leaves its
         warm-up), with what to change; and the precision, where the machine changes it."""
         notes = [*self._backbone_notes(), *self._warmup_notes(), *self._temperature_notes()]
+        if unguarded(self.args):
+            notes.append(
+                "nothing guards the result: a run from trained weights can end below its start (DINOv2 issue "
+                "#204), and without an evaluation set it cannot tell; add --eval_train_dir DIR (train/ and "
+                "validation/ folders of labelled images) and --eval_steps N for the k-NN guard, which keeps the "
+                "best export"
+            )
         if self.batchnorm and self.args.weight_decay_batchnorm is not None:
             notes.append(
                 f"the student has BatchNorm layers: weight decay {self.args.weight_decay_batchnorm:g} throughout "
@@ -233,6 +240,13 @@ class TrainingPlan:
         return []
 
 
+def unguarded(args: DinoTrainingArguments) -> bool:
+    """Whether the run continues trained weights with the DINO loss and no evaluation set: nothing then tells
+    whether its export is its start's equal or better."""
+    evaluated = args.eval_dataset_name or args.eval_train_dir or args.demo
+    return has_trained_weights(args) and dino_on(args) and not evaluated and not args.init_from_checkpoint
+
+
 def _weight_decays(args: DinoTrainingArguments, batchnorm: bool) -> tuple[float, float]:
     if batchnorm and args.weight_decay_batchnorm is not None:
         return args.weight_decay_batchnorm, args.weight_decay_batchnorm
@@ -292,4 +306,4 @@ def precision_note(args: DinoTrainingArguments) -> str | None:
     return f"mixed precision {requested} asked but there is no GPU: the run computes in fp32 ({why})"
 
 
-__all__ = ["TrainingPlan", "cpu_has_bf16", "head_only", "precision_note", "run_mixed_precision"]
+__all__ = ["TrainingPlan", "cpu_has_bf16", "head_only", "precision_note", "run_mixed_precision", "unguarded"]
