@@ -32,14 +32,11 @@ import time
 from pathlib import Path
 
 import multi_teacher
-import torch
-import transformers
 from continued_pretraining import _data_flags, knn
 from continued_pretraining import table as continued_table
-from small_data import IMAGE_SIZE, METRIC, fit_labels, hardware, make_set
+from small_data import METRIC, hardware, make_labelled_dinov2, make_set
 
 from dino_hf.data.demo import default_demo_root
-from dino_hf.models.transformers_backbone import FAMILIES, TransformersBackbone
 from dino_hf.training.arguments import parse_training_args
 from dino_hf.training.trainer import train
 
@@ -69,17 +66,7 @@ DISTIL = ["--config", str(REPO / "configs" / "distill_short.yaml")]
 def make_released(release: Path, root: Path, epochs: int) -> Path:
     """The released ViT trained with the labels of `release` for `epochs`, as a Dinov2Model folder (reused
     when it exists)."""
-    folder = root / f"dinov2_vit_{release.name}_labels{epochs}"
-    if (folder / "config.json").is_file():
-        return folder
-    torch.manual_seed(0)
-    config = transformers.Dinov2Config(**RELEASED, image_size=IMAGE_SIZE)
-    backbone = TransformersBackbone(transformers.Dinov2Model(config), FAMILIES["dinov2"])
-    fit_labels(backbone, release, epochs=epochs, crop_size=IMAGE_SIZE, crop_scale=(0.4, 1.0), batch_size=32)
-    staging = folder.with_name(f".{folder.name}.{os.getpid()}")
-    backbone.model.save_pretrained(staging)
-    staging.rename(folder)
-    return folder
+    return make_labelled_dinov2(release, root / f"dinov2_vit_{release.name}_labels{epochs}", RELEASED, epochs)
 
 
 def run(flags: list[str], domain: Path, release: Path, output_dir: Path) -> dict:

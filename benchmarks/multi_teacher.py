@@ -24,12 +24,11 @@ import torch
 import torch.nn.functional as F
 import transformers
 from continued_pretraining import _data_flags, knn
-from small_data import IMAGE_SIZE, METRIC, _load_split, fit_labels, hardware, make_set
+from small_data import IMAGE_SIZE, METRIC, _load_split, hardware, make_labelled_dinov2, make_set
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from torchvision.transforms import v2
 
 from dino_hf.models.backbones import build_backbone
-from dino_hf.models.transformers_backbone import FAMILIES, TransformersBackbone
 from dino_hf.training.arguments import parse_training_args
 from dino_hf.training.trainer import backbone_knn, train
 
@@ -80,17 +79,7 @@ def word_tokenizer(words: list[str]) -> transformers.PreTrainedTokenizerFast:
 
 def make_dinov2(release: Path, root: Path, epochs: int) -> Path:
     """The Dinov2 teacher trained with the labels of `release` (made once, reused)."""
-    folder = root / f"dinov2_4x192_{release.name}_labels{epochs}"
-    if (folder / "config.json").is_file():
-        return folder
-    torch.manual_seed(0)
-    config = transformers.Dinov2Config(**DINOV2, image_size=IMAGE_SIZE)
-    backbone = TransformersBackbone(transformers.Dinov2Model(config), FAMILIES["dinov2"])
-    fit_labels(backbone, release, epochs=epochs, crop_size=IMAGE_SIZE, crop_scale=(0.4, 1.0), batch_size=32)
-    staging = folder.with_name(f".{folder.name}.{os.getpid()}")
-    backbone.model.save_pretrained(staging)
-    staging.rename(folder)
-    return folder
+    return make_labelled_dinov2(release, root / f"dinov2_4x192_{release.name}_labels{epochs}", DINOV2, epochs)
 
 
 def make_clip(release: Path, root: Path, epochs: int) -> Path:

@@ -53,6 +53,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import transformers
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 from torchvision.transforms import v2
@@ -69,6 +70,7 @@ from dino_hf.data.segmentation import (
 )
 from dino_hf.evaluation.knn import knn_evaluate
 from dino_hf.models.image_processing_dino import IMAGENET_MEAN, IMAGENET_STD
+from dino_hf.models.transformers_backbone import FAMILIES, TransformersBackbone
 from dino_hf.training.arguments import DinoTrainingArguments, parse_training_args
 from dino_hf.training.networks import build_student_teacher
 from dino_hf.training.run_sources import knn_sources
@@ -265,6 +267,21 @@ def fit_labels(
             optimizer.step()
             schedule.step()
     return backbone
+
+
+def make_labelled_dinov2(release: Path, folder: Path, shape: dict, epochs: int) -> Path:
+    """A transformers `Dinov2Model` of `shape` trained with the labels of `release` for `epochs` (`fit_labels`),
+    saved to `folder`; a folder made before is reused."""
+    if (folder / "config.json").is_file():
+        return folder
+    torch.manual_seed(0)
+    config = transformers.Dinov2Config(**shape, image_size=IMAGE_SIZE)
+    backbone = TransformersBackbone(transformers.Dinov2Model(config), FAMILIES["dinov2"])
+    fit_labels(backbone, release, epochs=epochs, crop_size=IMAGE_SIZE, crop_scale=(0.4, 1.0), batch_size=32)
+    staging = folder.with_name(f".{folder.name}.{os.getpid()}")
+    backbone.model.save_pretrained(staging)
+    staging.rename(folder)
+    return folder
 
 
 def label_reference(path: Path, args: DinoTrainingArguments, epochs: int) -> float:
