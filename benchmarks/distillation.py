@@ -95,7 +95,7 @@ def main():
     parser.add_argument("--release", default="textures", help="the set the released model learnt with labels")
     parser.add_argument("--domain", default="textures", help="the set it is distilled on (images only)")
     parser.add_argument("--students", default="resnet,vit", help=f"comma-separated: {', '.join(STUDENTS)}")
-    parser.add_argument("--max_steps", type=int, default=372, help="steps of each run (DINO's too)")
+    parser.add_argument("--max_steps", type=int, default=None, help="steps of each run (372; --multi: 1116)")
     parser.add_argument("--label_epochs", type=int, default=20, help="epochs of the released model's labels")
     parser.add_argument("--skip_dino", action="store_true", help="leave out DINO from scratch")
     parser.add_argument("--multi", action="store_true", help="the several-teacher benchmark (multi_teacher.py)")
@@ -109,7 +109,7 @@ def main():
         print(f"\n{multi_teacher.describe()}\n{(time.perf_counter() - began) / 60:.1f} min in all\n")
         print(continued_table(rows, multi_teacher.COLUMNS, first="model"))
         return
-    steps = ["--max_steps", str(args.max_steps)]
+    steps = ["--max_steps", str(args.max_steps or 372)]
     print(
         f"# distillation benchmark: release {args.release} (seed 1), domain {args.domain} (seed 0) {' '.join(extra)}"
     )
