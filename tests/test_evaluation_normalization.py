@@ -3,6 +3,7 @@ says mean = std = 0.5 (Google's ViTs) is scored on the pixels its own processor 
 (`load_feature_model`, `knn_accuracy`, the probes' and the pictures' transforms) and by the scripts."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -196,3 +197,19 @@ def test_eval_knn_says_and_uses_the_models_mean_and_std(half_vit, labelled, caps
     assert set(metrics) == {"knn_top1@1", "knn_top5@1"}
     printed = capsys.readouterr().out
     assert "normalised with mean (0.5, 0.5, 0.5), std (0.5, 0.5, 0.5) (its image processor)" in printed
+
+
+def test_a_processor_saved_by_transformers_5_gives_its_normalisation(tmp_path):
+    """A processor of several parts (an image-text model's) is saved as `processor_config.json` with the image
+    processor's settings nested in it, and no `preprocessor_config.json`; its mean and std are read as
+    `AutoImageProcessor` reads them, for training and evaluation alike."""
+    from dino_hf.models.normalization import saved_normalization
+
+    mean, std = [0.48, 0.46, 0.41], [0.27, 0.26, 0.28]
+    processor = {
+        "image_processor": {"image_processor_type": "CLIPImageProcessor", "image_mean": mean, "image_std": std}
+    }
+    (tmp_path / "processor_config.json").write_text(json.dumps(processor))
+    assert not (tmp_path / "preprocessor_config.json").exists()
+    normalization = saved_normalization(tmp_path)
+    assert list(normalization.mean) == pytest.approx(mean) and list(normalization.std) == pytest.approx(std)

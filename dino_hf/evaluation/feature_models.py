@@ -29,8 +29,8 @@ from ..models.distill_projector import HEADS_DIR, TeacherHeads
 from ..models.modeling_dino import DinoModel
 from ..models.normalization import (
     IMAGENET,
-    PROCESSOR_FILE,
     Normalization,
+    image_processor_config,
     processor_normalization,
     recorded_normalization,
     timm_normalization,
@@ -307,9 +307,9 @@ def model_normalization(model: nn.Module, folder: Path | None = None) -> tuple[N
     if is_timm_folder(folder):
         cfg = getattr(model, "pretrained_cfg", None) or {}
         return (timm_normalization(model), "timm's pretrained_cfg") if "mean" in cfg and "std" in cfg else default
-    processor_file = folder / PROCESSOR_FILE
-    if processor_file.is_file():
-        return processor_normalization(json.loads(processor_file.read_text()), str(folder)), "its image processor"
+    processor = image_processor_config(folder)
+    if processor:
+        return processor_normalization(processor, str(folder)), "its image processor"
     return default
 
 

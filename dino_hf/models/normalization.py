@@ -7,16 +7,13 @@ run from scratch, a DinoModel preset, a reference DINO checkpoint). Training cro
 evaluation scripts, the export's image processor and a distillation teacher all read them there.
 """
 
-import json
 import os
 from typing import NamedTuple
 
 from torch import nn
-from transformers.utils import cached_file
+from transformers.models.auto.image_processing_auto import get_image_processor_config
 
 from .image_processing_dino import IMAGENET_MEAN, IMAGENET_STD
-
-PROCESSOR_FILE = "preprocessor_config.json"
 
 
 class Normalization(NamedTuple):
@@ -53,20 +50,19 @@ def processor_normalization(config: dict, source: str) -> Normalization:
 
 
 def saved_normalization(name_or_path: str | os.PathLike, **hub_options) -> Normalization:
-    """The normalisation of a transformers model folder or Hub id: its image processor's, ImageNet's when
-    it has no `preprocessor_config.json` (or, offline, none in the cache)."""
-    path = os.path.join(name_or_path, PROCESSOR_FILE)
-    if not os.path.isfile(path):
-        try:
-            path = cached_file(
-                str(name_or_path), PROCESSOR_FILE, _raise_exceptions_for_missing_entries=False, **hub_options
-            )
-        except OSError:
-            path = None
-    if path is None or not os.path.isfile(path):
-        return IMAGENET
-    with open(path) as file:
-        return processor_normalization(json.load(file), str(name_or_path))
+    """The normalisation of a transformers model folder or Hub id: its image processor's (`image_processor_config`),
+    ImageNet's when it has none (or, offline, none in the cache)."""
+    return processor_normalization(image_processor_config(name_or_path, **hub_options), str(name_or_path))
+
+
+def image_processor_config(name_or_path: str | os.PathLike, **hub_options) -> dict:
+    """The settings of the image processor saved with a model, as `AutoImageProcessor` reads them: the
+    `image_processor` of `processor_config.json` (a processor saved by transformers v5), else
+    `preprocessor_config.json`; `{}` when there is none (or, offline, none in the cache)."""
+    try:
+        return get_image_processor_config(str(name_or_path), **hub_options)
+    except OSError:
+        return {}
 
 
 def timm_normalization(model: nn.Module) -> Normalization:
@@ -99,6 +95,7 @@ def normalization_of(backbone: nn.Module) -> Normalization:
 __all__ = [
     "IMAGENET",
     "Normalization",
+    "image_processor_config",
     "normalization_of",
     "processor_normalization",
     "recorded_normalization",

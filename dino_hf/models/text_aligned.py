@@ -35,7 +35,6 @@ processor defaults. timm's image towers of image-text models are `TimmBackbone`s
 """
 
 import math
-import os
 from dataclasses import dataclass
 
 import timm
@@ -59,9 +58,8 @@ from transformers import (
 from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.aimv2.modeling_aimv2 import Aimv2PreTrainedModel
-from transformers.models.auto.image_processing_auto import get_image_processor_config
 
-from .normalization import UNNORMALIZED, Normalization, processor_normalization
+from .normalization import UNNORMALIZED, Normalization, image_processor_config, processor_normalization
 from .references import is_external_timm_name
 from .weight_check import checkpoint_keys, load_checked
 
@@ -322,16 +320,6 @@ def load_teacher_backbone(name_or_path: str, **kwargs) -> TeacherBackbone:
     return backbone.eval().requires_grad_(False)
 
 
-def image_processor_config(name_or_path: str | os.PathLike, **hub_options) -> dict:
-    """The settings of the image processor saved with a model, as `AutoImageProcessor` reads them: the
-    `image_processor` of `processor_config.json` (a processor saved by transformers v5), else
-    `preprocessor_config.json`; `{}` when there is none (or, offline, none in the cache)."""
-    try:
-        return get_image_processor_config(str(name_or_path), **hub_options)
-    except OSError:
-        return {}
-
-
 def processor_image_size(processor: dict) -> int | None:
     """The side of the images an image processor's settings give the model (its crop, else its resize; for
     SigLIP 2's NaFlex, the square of `max_num_patches`); None when they name none."""
@@ -372,7 +360,6 @@ __all__ = [
     "Aimv2VisionModelWithProjection",
     "TeacherBackbone",
     "TeacherFamily",
-    "image_processor_config",
     "load_teacher_backbone",
     "naflex_inputs",
     "processor_image_size",
