@@ -34,7 +34,7 @@ from pathlib import Path
 import multi_teacher
 from continued_pretraining import _data_flags, knn
 from continued_pretraining import table as continued_table
-from small_data import METRIC, hardware, make_labelled_dinov2, make_set
+from small_data import DISTILLATION_BUDGET, METRIC, hardware, make_labelled_dinov2, make_set
 
 from dino_hf.data.demo import default_demo_root
 from dino_hf.training.arguments import parse_training_args
@@ -50,15 +50,7 @@ STUDENTS = {
 }
 # The released model's shape and label training.
 RELEASED = dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=4, mlp_ratio=4, patch_size=8)
-# What every run shares beside the small sets' crop size: batch 32, one loader worker, fp32, no checkpoint.
-BUDGET = [
-    "--per_device_train_batch_size", "32",
-    "--dataloader_num_workers", "1",
-    "--shuffle_buffer_size", "1000",
-    "--checkpointing_steps", "100000",
-    "--mixed_precision", "no",
-    "--logging_steps", "31",
-]  # fmt: skip
+BUDGET = DISTILLATION_BUDGET
 # The short-run recipe (its warm-up the first tenth of the run, its lr the one measured for such runs).
 DISTIL = ["--config", str(REPO / "configs" / "distill_short.yaml")]
 

@@ -79,6 +79,16 @@ from dino_hf.training.trainer import backbone_knn, train
 IMAGE_SIZE = 64
 K = 20  # the k reported, as the demo's README table
 METRIC = f"knn_top1@{K}"
+# What every distillation benchmark run shares beside the sets' crop size: batch 32, one loader worker, fp32, no
+# checkpoint.
+DISTILLATION_BUDGET = [
+    "--per_device_train_batch_size", "32",
+    "--dataloader_num_workers", "1",
+    "--shuffle_buffer_size", "1000",
+    "--checkpointing_steps", "100000",
+    "--mixed_precision", "no",
+    "--logging_steps", "31",
+]  # fmt: skip
 # Bump when a generator changes, so that a dataset made by the old one is not reused.
 GENERATOR_VERSION = 2
 _MARKER = "dataset_info.json"

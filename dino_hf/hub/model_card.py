@@ -114,20 +114,9 @@ def render_model_card(
     description = _describe(model, model_id)
     description["image_size"] = image_size or description["image_size"]
     title = title or model_id.rstrip("/").split("/")[-1]
-    hub_datasets = [name for name in datasets if is_hub_id(name, allow_bare_name=True)]
-    eval_results = [_eval_result(figure) for figure in evaluation]
-    card_data = ModelCardData(
-        library_name=description["library_name"],
-        pipeline_tag="image-feature-extraction",
-        license=license,
-        tags=["dino", "self-supervised", "image-feature-extraction", "vision", "dino_hf", _DINO_CITATION_ARXIV]
-        + (["distillation"] if distilled_from else []),
-        datasets=hub_datasets or None,
-        base_model=base_model if base_model and is_hub_id(base_model) else None,
-        metrics=["accuracy"] if eval_results else None,
-        eval_results=eval_results or None,
-        model_name=title if eval_results else None,
-    )
+    card_data = _card_data(description["library_name"], title, license, datasets, evaluation, base_model)
+    if distilled_from:
+        card_data.tags.append("distillation")
     return ModelCard.from_template(
         card_data,
         template_path=str(model_card_template_path()),
@@ -144,6 +133,25 @@ def render_model_card(
         trained_parameters=trained_parameters,
         normalization=_normalization_text(normalization),
         **description,
+    )
+
+
+def _card_data(
+    library_name: str, title: str, license: str, datasets: Sequence[str], evaluation: Sequence[EvalFigure], base_model
+) -> ModelCardData:
+    """The card's metadata: the Hub dataset ids among `datasets`, the figures as a `model-index`, a Hub
+    `base_model`."""
+    eval_results = [_eval_result(figure) for figure in evaluation]
+    return ModelCardData(
+        library_name=library_name,
+        pipeline_tag="image-feature-extraction",
+        license=license,
+        tags=["dino", "self-supervised", "image-feature-extraction", "vision", "dino_hf", _DINO_CITATION_ARXIV],
+        datasets=[name for name in datasets if is_hub_id(name, allow_bare_name=True)] or None,
+        base_model=base_model if base_model and is_hub_id(base_model) else None,
+        metrics=["accuracy"] if eval_results else None,
+        eval_results=eval_results or None,
+        model_name=title if eval_results else None,
     )
 
 
