@@ -61,6 +61,14 @@ class DistillProjector(nn.Module):
             self.global_projection = _projection(feature_dim, summary_dim, kind)
         self.patch_projection = _projection(patch_dim, target_dim, kind)
 
+    @property
+    def out_dims(self) -> tuple[int, int]:
+        """The widths of the frozen model's global feature and patch features that the heads map to."""
+        return tuple(
+            [module for module in projection.modules() if isinstance(module, nn.Linear)][-1].out_features
+            for projection in (self.global_projection, self.patch_projection)
+        )
+
     def forward(self, features: torch.Tensor, patch_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`features (B, D_s)`, `patch_tokens (B, P, C_s)` -> `(B, D_t)`, `(B, P, D_t)`."""
         return self.global_projection(features), self.patch_projection(patch_tokens)

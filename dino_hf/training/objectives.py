@@ -162,12 +162,17 @@ def distill_targets(args: DinoTrainingArguments, frozen_backbones: list[nn.Modul
 
 
 def build_distillation(
-    args: DinoTrainingArguments, frozen_backbones: list[nn.Module], normalization: Normalization, samples: int | None
+    args: DinoTrainingArguments,
+    frozen_backbones: list[nn.Module],
+    heads: nn.Module,
+    normalization: Normalization,
+    samples: int | None,
 ) -> Distillation | MultiDistillation:
     """The distillation term of the run: the single-teacher objective of one frozen model
     (`dino_hf.objectives.distillation`), or, with several or with their options (`several_teachers`), RADIO's
     (`dino_hf.objectives.multi_distillation`): each frozen model reading the student's view at its size and in its
-    normalisation, its weight, and the balancing of its patch features (fitted by `fit_balancing`).
+    normalisation, its weight, and the balancing of its patch features (fitted by `fit_balancing`). `heads`: the
+    student's `distill_projector`, whose widths are each frozen model's.
 
     Raises:
         ValueError: `--distill_zero_shot` without a frozen model that has a text tower.
@@ -175,16 +180,16 @@ def build_distillation(
     if not several_teachers(args):
         return _single_distillation(args, frozen_backbones[0], normalization, samples)
     teachers = []
-    targets = distill_targets(args, frozen_backbones)
-    for backbone, spec, name, weight, size, (summary_dim, patch_dim, _) in zip(
+    for backbone, spec, name, weight, size, projector in zip(
         frozen_backbones,
         args.distill_from,
         teacher_names(args.distill_from),
         teacher_weights(args),
         teacher_sizes(args),
-        targets,
+        heads,
         strict=True,
     ):
+        summary_dim, patch_dim = projector.out_dims
         frozen = FrozenModel(backbone, spec, normalization, size)
         balancing = build_balancing(args.distill_balancing, patch_dim)
         teachers.append(Teacher(frozen, name, weight, balancing, summary_dim, patch_dim))

@@ -199,7 +199,8 @@ def prepare_run(args: DinoTrainingArguments) -> Run:
         ibot_loss.to(accelerator.device)
     distillation = None
     if frozen_backbones:
-        distillation = build_distillation(args, frozen_backbones, normalization, samples_per_epoch)
+        heads = accelerator.unwrap_model(student).distill_projector
+        distillation = build_distillation(args, frozen_backbones, heads, normalization, samples_per_epoch)
         distillation.to(accelerator.device)
         accelerator.print(distillation_line(args, distillation, accelerator.mixed_precision))
     pusher = None
